@@ -1,0 +1,54 @@
+"""Build script. The Python package needs no compilation; the optional CUDA extension from csrc/
+(the "cuda" backend) is built here when a CUDA toolkit and a CUDA build of torch are present.
+
+Environment:
+  TFKERNELS_BUILD_CUDA=1   force the build (fail loudly if it cannot be done)
+  TFKERNELS_BUILD_CUDA=0   skip it (the cuda backend then JIT-compiles on first use, if it can)
+  TFKERNELS_CUDA_ARCHS     compute capabilities, default "80;90" (sm_90 builds the Hopper target)
+  MAX_JOBS                 parallel compile jobs (ninja)
+CUDA builds need torch in the build environment: `pip install --no-build-isolation -e .`
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _cuda_extension():
+    flag = os.environ.get("TFKERNELS_BUILD_CUDA")
+    if flag == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if flag == "1":
+            raise RuntimeError("TFKERNELS_BUILD_CUDA=1 but torch is not importable in the build environment; "
+                               "use pip install --no-build-isolation")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if flag == "1":
+            raise RuntimeError("TFKERNELS_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (CUDA_HOME)")
+        return [], {}
+    if flag != "1":
+        return [], {}  # default: no build at install; the cuda backend JIT-compiles on first use
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join(here, "csrc", "*.cu")) + glob.glob(os.path.join(here, "csrc", "*.cpp")))
+    if not sources:
+        raise RuntimeError("TFKERNELS_BUILD_CUDA=1 but csrc/ has no sources")
+    archs = os.environ.get("TFKERNELS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    gencode = []
+    for arch in filter(None, (a.strip() for a in archs)):
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    ext = CUDAExtension(
+        name="tfkernels._C",
+        sources=[os.path.relpath(s, here) for s in sources],
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,18 @@
+"""tfkernels: fused Transformer kernels for PyTorch.
+
+    tfkernels.attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False, *, backend=None)
+    tfkernels.softmax(x, dim=-1, *, backend=None)
+    tfkernels.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None)
+    tfkernels.rms_norm(x, normalized_shape, weight=None, eps=None, *, backend=None)
+    tfkernels.swap(model, ...) -> model
+
+backend: "triton", "cuda", "torch" or None (automatic; TFKERNELS_BACKEND sets the default).
+"""
+from ._backend import BackendUnavailableError
+from .ops import layer_norm, rms_norm, softmax
+from . import nn, reference
+
+__version__ = "0.1.0"
+
+__all__ = ["layer_norm", "rms_norm", "softmax", "nn", "reference", "BackendUnavailableError"]

@@ -1,0 +1,38 @@
+"""Configuration read from the environment, in one place.
+
+TFKERNELS_BACKEND   default backend for every op: "triton", "cuda" or "torch" (unset = automatic)
+TRITON_INTERPRET    "1" runs Triton kernels on CPU tensors (numpy underneath); the automatic
+                    backend then picks Triton for CPU tensors too (this is how CI tests kernels)
+TFKERNELS_BUILD_CUDA, TFKERNELS_CUDA_ARCHS, MAX_JOBS   read by setup.py and the JIT loader
+"""
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("triton", "cuda", "torch")
+
+
+def env_backend() -> str | None:
+    """The default backend from TFKERNELS_BACKEND (read at call time, so tests can set it)."""
+    value = os.environ.get("TFKERNELS_BACKEND", "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise ValueError(
+            f"TFKERNELS_BACKEND={value!r} is not a backend; expected one of {BACKENDS} or unset"
+        )
+    return value
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cuda_archs() -> str:
+    return os.environ.get("TFKERNELS_CUDA_ARCHS", "80;90")
+
+
+def build_cuda_flag() -> str | None:
+    """'1' forces the CUDA extension build, '0' skips it, None decides by what is installed."""
+    value = os.environ.get("TFKERNELS_BUILD_CUDA")
+    return value if value in ("0", "1") else None

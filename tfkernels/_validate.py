@@ -1,0 +1,68 @@
+"""Argument checks shared by the public functions: clear ValueError/TypeError naming the argument."""
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(t: torch.Tensor, name: str, backend: str) -> None:
+    """Kernels take fp16/bf16/fp32; the torch reference takes any floating dtype."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16 or float32), got {t.dtype}")
+    if backend != "torch" and t.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; backend {backend!r} supports float16, bfloat16 and float32 "
+            "(use backend='torch' for other dtypes)"
+        )
+
+
+def check_same_device(ref: torch.Tensor, ref_name: str, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; all tensors must be on one device")
+
+
+def normalize_shape(normalized_shape, name: str = "normalized_shape") -> tuple:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    if isinstance(normalized_shape, torch.Size) or isinstance(normalized_shape, (list, tuple)):
+        shape = tuple(int(s) for s in normalized_shape)
+        if len(shape) == 0:
+            raise ValueError(f"{name} must name at least one dimension, got {normalized_shape!r}")
+        return shape
+    raise TypeError(f"{name} must be an int or a sequence of ints, got {type(normalized_shape).__name__}")
+
+
+def check_norm_args(x, normalized_shape, weight, bias, backend: str, op: str) -> tuple:
+    check_tensor(x, "x")
+    check_float(x, "x", backend)
+    shape = normalize_shape(normalized_shape)
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"{op}: normalized_shape={list(shape)} must match the trailing dimensions of x, "
+            f"but x has shape {list(x.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        check_float(t, name, backend)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} has shape {list(t.shape)}, expected normalized_shape {list(shape)}")
+    check_same_device(x, "x", weight=weight, bias=bias)
+    return shape
+
+
+def check_dim(dim, ndim: int, name: str = "dim") -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    lo, hi = -max(ndim, 1), max(ndim, 1) - 1
+    if not lo <= dim <= hi:
+        raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions (expected [{lo}, {hi}])")
+    return dim % max(ndim, 1)

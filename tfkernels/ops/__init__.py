@@ -1,0 +1,9 @@
+"""One module per op: kernels, launchers, torch.library registration, autograd, public function.
+
+Importing this package registers every `tfkernels::` op (schemas, fake kernels, autograd).
+"""
+from .layer_norm import layer_norm
+from .rms_norm import rms_norm
+from .softmax import softmax
+
+__all__ = ["layer_norm", "rms_norm", "softmax"]

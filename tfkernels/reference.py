@@ -1,0 +1,64 @@
+"""Plain-PyTorch references: the "torch" backend, the tests' oracle and the benchmarks' eager
+baseline. Readable over fast; every function computes in the input's dtype as PyTorch does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    # Written out (not F.rms_norm) so that float64 references and torch<2.4 behave the same:
+    # y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 for low-precision inputs.
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    return y.to(x.dtype)
+
+
+def softmax(x, dim=-1):
+    return torch.softmax(x, dim=dim)
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+              dropout_mask=None):
+    """SDPA semantics written out, plus two extensions: `attn_mask` combined with `is_causal`, and
+    an explicit `dropout_mask` (keep = True) so tests can replay the kernel's dropout.
+
+    Rows whose every key is masked return zeros (SDPA's math backend returns NaN there).
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    s = (q @ k.transpose(-2, -1)) * scale
+    keep = None
+    if is_causal:
+        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)
+    denom = e.sum(-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return p @ v
