@@ -771,6 +771,8 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"attention: {name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
+    if attn_mask is not None:
+        _validate.check_tensor(attn_mask, "attn_mask")
     _validate.check_same_device(q, "q", k=k, v=v, attn_mask=attn_mask)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(f"attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
@@ -794,7 +796,6 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     if attn_mask is not None:
-        _validate.check_tensor(attn_mask, "attn_mask")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
         target = (q.shape[0], Hq, q.shape[2], k.shape[2])
