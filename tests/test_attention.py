@@ -311,8 +311,7 @@ def test_opcheck(backend):
     fwd_cases = [
         (q, k, v, None, 0.0, None, False, 0.25, backend),
         (q, k, v, bmask, 0.0, None, True, 0.25, backend),
-        (q, k, v, fmask.detach().requires_grad_(True), 0.0, None, False, 0.25, backend),
-        (q, k, v, None, 0.2, seed, True, 0.25, backend),
+        (q, k, v, fmask.detach().requires_grad_(True), 0.2, seed, False, 0.25, backend),  # + dropout
     ]
     for args in fwd_cases:
         torch.library.opcheck(ops.attention_fwd.default, args)
@@ -320,8 +319,6 @@ def test_opcheck(backend):
     dout = torch.randn_like(out)
     torch.library.opcheck(ops.attention_bwd.default,
                           (dout, q.detach(), k.detach(), v.detach(), fmask, out, lse, 0.0, None, True, 0.25, True, backend))
-    torch.library.opcheck(ops.attention_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), None, out, lse, 0.0, None, False, 0.25, False, backend))
 
 
 def _layer(q, k, v, bias, backend):
@@ -375,6 +372,7 @@ def _compare_mha(ref, ours, args, kwargs, param_names=("in_proj_weight", "out_pr
         assert_close(a, r.double(), torch.float32, "grad", scale=4.0)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, on the bool+float case
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_mha_masks(batch_first, backend):
     E, H, B, L, S = 32, 4, 2, 13, 17

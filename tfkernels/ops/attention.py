@@ -110,6 +110,25 @@ if triton is not None:
         else:
             tl.store(ptrs, x)
 
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with fp32 accumulation. UPCAST (interpreter + bf16 only): Triton 3.6's interpreter
+        computes bf16 dots wrongly, so the (already bf16-rounded) operands are widened exactly."""
+        if UPCAST:
+            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            c = tl.dot(a, b, input_precision=PRECISION)
+        return c
+
+    @triton.jit
+    def _dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b, the accumulator fed to the MMA (see _dot for UPCAST)."""
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
@@ -127,14 +146,14 @@ if triton is not None:
         MASKED_STAGE: tl.constexpr,  # blocks on the causal diagonal / ragged end: mask columns
         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kT = _load_tile(K_bh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)  # (BLOCK_D, BLOCK_N)
             # scores in base-2 units: s = (scale * log2(e)) * q.k  (fp32 accumulation)
-            s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+            s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale
             if HAS_MASK:
                 m_ptrs = Mask_bh + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
                 in_bounds = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
@@ -163,7 +182,7 @@ if triton is not None:
                 p = tl.where(keep_d, p, 0.0)
             v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                            offs_n, offs_d, Tk, D, MASKED_STAGE, not EVEN_D)  # (BLOCK_N, BLOCK_D)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            acc = _dot_acc(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
             m_i = m_new
         return acc, l_i, m_i
 
@@ -184,7 +203,7 @@ if triton is not None:
         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -215,11 +234,11 @@ if triton is not None:
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
-            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, hi1, hi2, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
-            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         if HAS_MASK:
             # every key masked: l = 0 -> output 0 and LSE = +inf (the backward's P is then 0)
             empty = l_i == 0.0
@@ -280,7 +299,7 @@ if triton is not None:
         MASKED_STAGE: tl.constexpr,  # query blocks on the causal diagonal
         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # Works on transposed tiles (keys x queries) as the tutorial does, so that dK and dV come
         # out of dots without transposing the big operands.
@@ -295,7 +314,7 @@ if triton is not None:
                 # rows past Tq get LSE = +inf, hence P = 0: no other masking needed for them
                 lse = tl.load(LSE_bh + offs_m, mask=offs_m < Tq, other=float("inf"))
                 delta = tl.load(Delta_bh + offs_m, mask=offs_m < Tq, other=0.0)
-            sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+            sT = _dot(k, qT, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
             if HAS_MASK:
                 m_ptrs = Mask_bh + offs_m[None, :] * stride_mq + offs_n[:, None] * stride_mk
                 in_bounds = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
@@ -309,7 +328,7 @@ if triton is not None:
                 pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
             do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                             offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) fp32
+            dpT = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
             if HAS_DROPOUT:
                 rng = (rng_base + offs_m[None, :]).to(tl.int64) * Tk + offs_n[:, None]
                 keep_d = tl.rand(seed, rng) >= dropout_p
@@ -317,12 +336,12 @@ if triton is not None:
                 dpT = tl.where(keep_d, dpT * rp_keep, 0.0)
             else:
                 pdT = pT
-            dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dv = _dot_acc(pdT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
             dsT = pT * (dpT - delta[None, :])  # fp32
             if MASK_GRAD:
                 tl.store(DMask_bh + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None], dsT,
                          mask=(offs_n[:, None] < Tk) & (offs_m[None, :] < Tq))
-            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+            dk = _dot_acc(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION, UPCAST)
         return dk, dv
 
     @triton.jit
@@ -343,7 +362,7 @@ if triton is not None:
         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         start_n = tl.program_id(0) * BLOCK_N
         bhk = tl.program_id(1)
@@ -381,12 +400,12 @@ if triton is not None:
                 dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
                 offs_n, offs_d, lo, mid, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-                True, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION)
+                True, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
                 offs_n, offs_d, mid, Tq, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-                False, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION)
+                False, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
         dk *= scale  # dK = scale * dS^T Q
         out_off = bhk.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
         _store_tile(DK + out_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
@@ -402,7 +421,7 @@ if triton is not None:
         qk_scale, dropout_p, rp_keep,
         MASKED_STAGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -410,7 +429,7 @@ if triton is not None:
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)  # (BLOCK_D, BLOCK_N)
             vT = _load_tile(V_bh + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)
-            s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+            s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
             if HAS_MASK:
                 m_ptrs = Mask_bh + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
                 in_bounds = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
@@ -425,12 +444,12 @@ if triton is not None:
                 if IS_CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None])
                 p = tl.where(valid, p, 0.0)
-            dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+            dp = _dot(do, vT, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
             if HAS_DROPOUT:
                 keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
                 dp = tl.where(keep_d, dp * rp_keep, 0.0)
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+            dq = _dot_acc(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)
         return dq
 
     @triton.jit
@@ -447,7 +466,7 @@ if triton is not None:
         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -484,11 +503,11 @@ if triton is not None:
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, hi1, hi2, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         dq *= scale  # dQ = scale * dS K
         _store_tile(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
                     dq.to(DQ.dtype.element_ty), offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
@@ -578,6 +597,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _upcast(q: Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and not q.is_cuda  # see _dot: interpreter-only workaround
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs every dim >= 16
 
@@ -623,7 +646,7 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
                 Hq, Tq, Tk, D, Hq // Hkv,
                 IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_DROPOUT=has_dropout,
                 EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
                 num_warps=warps, num_stages=stages)
             return o, lse
         except Exception as e:  # noqa: BLE001 — retried with the conservative config
@@ -655,7 +678,7 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D,
         BLOCK_M=16 if not q.is_cuda else 64, BLOCK_D=BD)
     common = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-                  HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec)
+                  HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
     rp_keep = 1.0 / (1.0 - dropout_p)
     err = None
     for m1, n1, m2, n2, warps, stages in _bwd_configs(q):
