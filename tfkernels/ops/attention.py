@@ -880,3 +880,37 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, be)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# quick benchmark: python -m tfkernels.ops.attention  (CUDA; the full grid lives in benchmarks/)
+# ----------------------------------------------------------------------------------------------
+
+def _bench(seq_lens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128), dtype=torch.bfloat16) -> None:
+    """TFLOP/s of forward and backward, tfkernels vs SDPA's flash backend, at B*T = 16k tokens and
+    H*D = 2048 (FLOPs 4*B*H*T^2*D forward, halved when causal; backward 2.5x forward)."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {dtype}")
+    print(f"{'D':>4} {'T':>6} {'causal':>6} | {'fwd':>7} {'bwd':>7} (tfkernels) | {'fwd':>7} {'bwd':>7} (sdpa flash)")
+    for D in head_dims:
+        for T in seq_lens:
+            B, H = max(1, 16384 // T), 2048 // D
+            q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            for causal in (False, True):
+                flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0)
+                row = []
+                for fn in (lambda: attention(q, k, v, is_causal=causal, backend="triton"),
+                           lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)):
+                    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                        out = fn()
+                        dout = torch.randn_like(out)
+                        ms_f = do_bench(fn)
+                        ms_b = do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+                    row += [flops / ms_f * 1e-9, 2.5 * flops / ms_b * 1e-9]
+                print(f"{D:>4} {T:>6} {str(causal):>6} | {row[0]:7.1f} {row[1]:7.1f}             | {row[2]:7.1f} {row[3]:7.1f}")
+
+
+if __name__ == "__main__":
+    _bench()
