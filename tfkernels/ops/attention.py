@@ -883,7 +883,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
 
 # ----------------------------------------------------------------------------------------------
-# quick benchmark: python -m tfkernels.ops.attention  (CUDA; the full grid lives in benchmarks/)
+# quick benchmark (CUDA): python -c "from tfkernels.ops.attention import _bench; _bench()"
+# (not `python -m`: that would execute this file twice and register the ops twice)
 # ----------------------------------------------------------------------------------------------
 
 def _bench(seq_lens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128), dtype=torch.bfloat16) -> None:
@@ -910,7 +911,3 @@ def _bench(seq_lens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128), d
                         ms_b = do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
                     row += [flops / ms_f * 1e-9, 2.5 * flops / ms_b * 1e-9]
                 print(f"{D:>4} {T:>6} {str(causal):>6} | {row[0]:7.1f} {row[1]:7.1f}             | {row[2]:7.1f} {row[3]:7.1f}")
-
-
-if __name__ == "__main__":
-    _bench()
