@@ -63,6 +63,9 @@ with exactly these arguments and results):
                   is_causal: bool, scale: float, mask_grad: bool) -> (dq, dk, dv, dmask)
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
+    To reproduce the Triton kernels' dropout bit for bit (tests replay it through `_dropout_mask`),
+    a CUDA implementation uses Triton's `tl.rand` with int64 offsets: 64-bit Philox (10 rounds,
+    key (seed, 0), counter (offset, 0, 0, 0)), keep = uniform(c0) >= dropout_p.
 """
 from __future__ import annotations
 
@@ -891,6 +894,7 @@ def _bench(seq_lens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128), d
     """TFLOP/s of forward and backward, tfkernels vs SDPA's flash backend, at B*T = 16k tokens and
     H*D = 2048 (FLOPs 4*B*H*T^2*D forward, halved when causal; backward 2.5x forward)."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  {dtype}")
@@ -904,7 +908,7 @@ def _bench(seq_lens=(512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128), d
                 row = []
                 for fn in (lambda: attention(q, k, v, is_causal=causal, backend="triton"),
                            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)):
-                    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         out = fn()
                         dout = torch.randn_like(out)
                         ms_f = do_bench(fn)
