@@ -79,6 +79,7 @@ class TrainConfig:
     eval_steps: int = 10
     log_interval: int = 10
     ckpt_interval: int = 0               # 0 = at the end (and on Ctrl-C) only
+    save: bool = True                    # False = no checkpoints at all (benchmarks)
     tensorboard: bool = True
     progress: bool = True
     plot: bool = True
@@ -291,7 +292,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         return {"step": step, "data": train_loader.state_dict(), "rng": ckpt_io.rng_state()}
 
     def save(snap):
-        if rank != 0:
+        if rank != 0 or not cfg.save:
             return
         ckpt_io.save_atomic({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
