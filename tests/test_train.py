@@ -14,6 +14,7 @@ import torch
 
 from tfkernels.__main__ import main
 from tfkernels.train import TrainConfig, train
+from tfkernels.train.cli import read_config_file
 from tfkernels.train.trainer import lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,8 +103,12 @@ def test_cli_config_file_sample_eval(tmp_path, data_dir, capsys):
     assert "data path not found" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(tmp_path / "nothing")]) == 2
     with pytest.raises(ValueError, match="unknown training option"):
-        from tfkernels.train.cli import read_config_file  # noqa: F401
         TrainConfig.from_dict({"max_stepz": 3})
+    yml = tmp_path / "run.yaml"
+    yml.write_text("model: gpt\nmax-steps: 100\nbatch_size: 8\n")
+    assert read_config_file(str(yml)) == {"model": "gpt", "max_steps": 100, "batch_size": 8}
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        read_config_file(str(tmp_path / "none.toml"))
 
 
 def test_ddp_two_processes_gloo(tmp_path, data_dir):
