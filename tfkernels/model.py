@@ -22,16 +22,7 @@ from torch import nn
 
 import tfkernels.nn as tfnn
 
-try:
-    from tfkernels import attention as tf_attention
-except ImportError:
-    # Temporary: only until tfkernels.attention lands on main; the lead removes this fallback at merge.
-    from tfkernels.reference import attention as _reference_attention
-
-    def tf_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                     *, backend=None):
-        return _reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
+from tfkernels import attention as tf_attention
 
 # ----------------------------------------------------------------------------- configuration
 
