@@ -56,4 +56,42 @@ cudaError_t softmax_bwd(DType dtype, const void* dy, int64_t stride_dym, int64_t
                         const void* y, int64_t stride_ym, int64_t stride_yn,
                         void* dx, int64_t M, int64_t N, cudaStream_t stream);
 
+// ---------------------------------------------------------------- attention (attention.cu)
+
+// Everything the attention kernels need; strides in elements, [0..3] = (batch, head, time, dim)
+// for q/k/v/dout/out and (batch, head, query, key) for the mask. Query head h reads K/V head
+// h / (Hq / Hkv) (GQA). Outputs are contiguous: out/dq (B, Hq, Tq, D), dk/dv (B, Hkv, Tk, D),
+// lse/delta (B, Hq, Tq) fp32, dmask (B, Hq, Tq, Tk) fp32.
+struct AttnParams {
+  DType dtype;                  // of q, k, v, dout, out, dq, dk, dv
+  const void* q; int64_t q_s[4];
+  const void* k; int64_t k_s[4];
+  const void* v; int64_t v_s[4];
+  int mask_kind;                // 0: none, 1: bool (read as uint8, 0 = masked), 2: float (added)
+  DType mask_dtype;             // for mask_kind == 2
+  const void* mask; int64_t m_s[4];
+  int B, Hq, Hkv, Tq, Tk, D;
+  bool causal;                  // top-left: query i sees keys j <= i
+  float scale;                  // softmax scale applied to q.k
+  float dropout_p;              // 0: no dropout
+  uint64_t seed;                // Philox key, as tl.rand(seed, ((b*Hq + h)*Tq + i)*Tk + j)
+  // forward outputs
+  void* out; float* lse;
+  // backward inputs / outputs
+  const void* dout; int64_t do_s[4];
+  const void* o; int64_t o_s[4];
+  float* delta;                 // (B, Hq, Tq) scratch
+  void* dq; void* dk; void* dv;
+  float* dmask;                 // nullptr unless the float mask needs its gradient (zero-filled)
+};
+
+// out = softmax(scale * q k^T + mask) v with dropout; lse = logsumexp (natural log, +inf for a
+// fully masked row, whose output is 0). Head dims up to 256.
+cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream);
+
+// dq, dk, dv (and dmask) from dout, recomputing the probabilities from lse.
+cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream);
+
+constexpr int ATTN_MAX_HEAD_DIM = 256;
+
 }  // namespace tfk

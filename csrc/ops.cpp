@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -152,6 +153,153 @@ Tensor softmax_bwd(const Tensor& dy_in, const Tensor& y) {
   return dx;
 }
 
+// ------------------------------------------------------------------------------ attention
+
+void fill_strides(int64_t (&dst)[4], const Tensor& t) {
+  for (int i = 0; i < 4; ++i) dst[i] = t.stride(i);
+}
+
+void check_4d(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "tfkernels_cuda.", op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 4, "tfkernels_cuda.", op, ": ", name, " must be 4-D (B, H, T, D), got ", t.dim(), "-D");
+}
+
+// Fills the parts of AttnParams shared by forward and backward; `mask_keep` keeps a converted
+// mask alive for the duration of the call.
+tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                            double dropout_p, const std::optional<Tensor>& seed, bool is_causal, double scale,
+                            Tensor& mask_keep, const char* op) {
+  check_4d(q, op, "q");
+  check_4d(k, op, "k");
+  check_4d(v, op, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "tfkernels_cuda.", op, ": q, k and v must share a dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(1) == Hkv &&
+                  v.size(2) == Tk,
+              "tfkernels_cuda.", op, ": q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "tfkernels_cuda.", op, ": q's heads (", Hq,
+              ") must be a multiple of k/v's heads (", Hkv, ")");
+  TORCH_CHECK(D >= 1 && D <= tfk::ATTN_MAX_HEAD_DIM, "tfkernels_cuda.", op, ": head dim must be in [1, ",
+              tfk::ATTN_MAX_HEAD_DIM, "], got ", D);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "tfkernels_cuda.", op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  tfk::AttnParams p{};
+  p.dtype = dtype_of(q, op, "q");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  fill_strides(p.q_s, q);
+  fill_strides(p.k_s, k);
+  fill_strides(p.v_s, v);
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.Tq = static_cast<int>(Tq);
+  p.Tk = static_cast<int>(Tk);
+  p.D = static_cast<int>(D);
+  p.causal = is_causal;
+  p.scale = static_cast<float>(scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.mask_kind = 0;
+  p.mask = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    Tensor m = *mask;
+    TORCH_CHECK(m.is_cuda(), "tfkernels_cuda.", op, ": mask must be a CUDA tensor");
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Tq && m.size(3) == Tk,
+                "tfkernels_cuda.", op, ": mask must be (B, Hq, Tq, Tk) = (", B, ", ", Hq, ", ", Tq, ", ", Tk,
+                ") (an expanded view is fine), got ", m.sizes());
+    if (m.scalar_type() == at::kBool) {
+      p.mask_kind = 1;
+    } else {
+      TORCH_CHECK(m.is_floating_point(), "tfkernels_cuda.", op, ": mask must be bool or floating point, got ", m.scalar_type());
+      if (m.scalar_type() != at::kFloat && m.scalar_type() != at::kHalf && m.scalar_type() != at::kBFloat16)
+        m = m.to(at::kFloat);  // e.g. float64: rare, converted (materialised)
+      p.mask_kind = 2;
+      p.mask_dtype = dtype_of(m, op, "mask");
+    }
+    mask_keep = m;
+    p.mask = m.data_ptr();
+    fill_strides(p.m_s, m);
+  }
+  p.seed = 0;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1,
+                "tfkernels_cuda.", op, ": dropout_p > 0 needs a seed tensor of one element");
+    p.seed = static_cast<uint64_t>(seed->to(at::kCPU).to(at::kLong).item<int64_t>());
+  }
+  TORCH_CHECK(Tq <= 65535 * 16 && Tk <= 65535 * 16, "tfkernels_cuda.", op, ": sequence lengths over ", 65535 * 16,
+              " are not supported");
+  return p;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double dropout_p,
+                                         const std::optional<Tensor>& seed, bool is_causal, double scale) {
+  const char* op = "attention_fwd";
+  check_4d(q, op, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor mask_keep;
+  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || p.Tk == 0) {  // no queries, or no keys: every row fully masked
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_launch(tfk::attention_fwd(p, stream()), op);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const std::optional<Tensor>& mask,
+                                                         const Tensor& out, const Tensor& lse_in, double dropout_p,
+                                                         const std::optional<Tensor>& seed, bool is_causal,
+                                                         double scale, bool mask_grad) {
+  const char* op = "attention_bwd";
+  check_4d(q, op, "q");
+  check_4d(dout_in, op, "dout");
+  check_4d(out, op, "out");
+  TORCH_CHECK(dout_in.sizes() == q.sizes() && out.sizes() == q.sizes(), "tfkernels_cuda.", op,
+              ": dout and out must have q's shape ", q.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor mask_keep;
+  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
+  const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : dout_in.to(q.scalar_type());
+  const Tensor o = out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), Tk = k.size(2);
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  const auto f32 = q.options().dtype(at::kFloat);
+  // dS is zero on the tiles the causal kernels skip, so the buffer starts at zero
+  Tensor dmask = mask_grad ? at::zeros({B, Hq, Tq, Tk}, f32) : at::empty({0}, f32);
+  if (B * Hq * Tq == 0 || Tk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  TORCH_CHECK(lse.numel() == B * Hq * Tq, "tfkernels_cuda.", op, ": lse must have B*Hq*Tq elements");
+  Tensor delta = at::empty({B, Hq, Tq}, f32);
+  p.dout = dout.data_ptr();
+  fill_strides(p.do_s, dout);
+  p.o = o.data_ptr();
+  fill_strides(p.o_s, o);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = mask_grad && p.mask_kind == 2 ? dmask.data_ptr<float>() : nullptr;
+  check_launch(tfk::attention_bwd(p, stream()), op);
+  return {dq, dk, dv, dmask};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tfkernels_cuda, m) {
@@ -161,6 +309,10 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("softmax_fwd(Tensor x) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y) -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, Tensor? seed, bool is_causal, "
+        "float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
+        "float dropout_p, Tensor? seed, bool is_causal, float scale, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tfkernels_cuda, CUDA, m) {
@@ -170,6 +322,8 @@ TORCH_LIBRARY_IMPL(tfkernels_cuda, CUDA, m) {
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("softmax_fwd", &softmax_fwd);
   m.impl("softmax_bwd", &softmax_bwd);
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
 }
 
 // Importable as a Python module (tfkernels._C from setup.py, or the JIT build); the ops register
