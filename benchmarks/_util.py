@@ -58,10 +58,15 @@ class BenchConfig:
     smoke: bool
     warmup_ms: int
     rep_ms: int
+    skip: frozenset = frozenset()  # provider names not to run (--skip)
+    deadline: float = math.inf  # time.time() after which no new shape is started (--budget)
 
     @property
     def cuda(self) -> bool:
         return self.device == "cuda"
+
+    def out_of_time(self) -> bool:
+        return time.time() > self.deadline
 
 
 # ----------------------------------------------------------------------------- environment

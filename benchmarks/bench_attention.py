@@ -181,12 +181,19 @@ def _peak_mib(p: Provider, q, k, v, dout, causal) -> float:
 def run(cfg: BenchConfig, notes: dict, log=print) -> list[dict]:
     providers = []
     for name in PROVIDERS:
+        if name in cfg.skip:
+            notes.setdefault(f"attention/{name}", "skipped: --skip")
+            continue
         try:
             providers.append(make_provider(name, cfg))
         except Unavailable as err:
             notes.setdefault(f"attention/{name}", f"skipped: {err}")
     rows = []
     for B, H, T, D, causal in sweep_configs(cfg):
+        if cfg.out_of_time():
+            notes.setdefault("attention/budget", "time budget (--budget) reached: later configs not run")
+            notes["attention/budget"] += f"; D={D} causal={causal} T={T}"
+            continue
         rows += _run_config(providers, B, H, T, D, causal, cfg, notes, log)
         _util.empty_cache(cfg)
     return rows

@@ -20,6 +20,9 @@ from ._util import BenchConfig
 
 
 def run(cfg: BenchConfig, notes: dict, log=print) -> list[dict]:
+    if cfg.out_of_time():
+        notes["e2e"] = "skipped: time budget (--budget) reached"
+        return []
     try:
         bench_train = importlib.import_module("benchmarks.bench_train")
     except ImportError as err:

@@ -182,6 +182,10 @@ def run(cfg: BenchConfig, ops, copy_gbps: float, notes: dict, log=print) -> list
     rows = []
     for op in ops:
         for N in Ns:
+            if cfg.out_of_time():
+                notes.setdefault("norms/budget", "time budget (--budget) reached: later shapes not run")
+                notes["norms/budget"] += f"; {op} N={N}"
+                continue
             rows += _run_shape(op, M, N, cfg, copy_gbps, notes, log)
             _util.empty_cache(cfg)
     return rows
@@ -212,6 +216,9 @@ def _run_shape(op, M, N, cfg, copy_gbps, notes, log) -> list[dict]:
         return r
 
     for provider in PROVIDERS:
+        if provider in cfg.skip:
+            notes.setdefault(f"{op}/{provider}", "skipped: --skip")
+            continue
         try:
             fn = make_provider(op, provider, cfg)
             y, grads = _fwd_bwd(fn, x, w, b, dy)  # also the warm-up / compile

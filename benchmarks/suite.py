@@ -36,6 +36,9 @@ def parse_args(argv):
     p.add_argument("--compare", default=None, metavar="OLD.json", help="print speedups/regressions against an earlier results.json")
     p.add_argument("--warmup", type=int, default=None, help="do_bench warm-up in ms (default 25, quick 15)")
     p.add_argument("--rep", type=int, default=None, help="do_bench repetition time in ms (default 100, quick 60)")
+    p.add_argument("--skip", default="", help="comma list of providers not to run (e.g. sdpa-math,tfkernels-cuda)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new shape after this many seconds; what ran is still written")
     args = p.parse_args(argv)
     wanted = []
     for name in (args.only.split(",") if args.only else list(ONLY)):
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
         quick=args.quick, smoke=args.smoke,
         warmup_ms=args.warmup if args.warmup is not None else (15 if args.quick or args.smoke else 25),
         rep_ms=args.rep if args.rep is not None else (60 if args.quick or args.smoke else 100),
+        skip=frozenset(s.strip() for s in args.skip.split(",") if s.strip()),
+        deadline=time.time() + args.budget if args.budget else float("inf"),
     )
     env = _util.env_info(cfg.device)
     out = Path(args.out) if args.out else (
@@ -83,7 +88,8 @@ def main(argv=None) -> int:
     log(f"dtype {dtype_name}, {'smoke' if cfg.smoke else 'quick' if cfg.quick else 'full'}, "
         f"do_bench warmup {cfg.warmup_ms} ms rep {cfg.rep_ms} ms, out {out}")
     result = {"env": env, "config": {"dtype": dtype_name, "quick": cfg.quick, "smoke": cfg.smoke, "ops": args.ops,
-                                     "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms, "device": cfg.device},
+                                     "warmup_ms": cfg.warmup_ms, "rep_ms": cfg.rep_ms, "device": cfg.device,
+                                     "skip": sorted(cfg.skip), "budget_s": args.budget},
               "notes": {}, "rows": []}
     rows, notes = [], result["notes"]
 
