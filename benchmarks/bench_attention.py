@@ -3,7 +3,7 @@
 Grid (FlashAttention's): B*T = 16,384 tokens, H*D = 2048, so B = 16384 / T and H = 2048 / D;
 T in {512, 1k, 2k, 4k, 8k, 16k}, D in {64, 128}, causal and not. --quick keeps T in {1k, 4k, 16k}
 (short, middle, long; factor 4 apart) -- 12 configurations, about 2 minutes on an H100.
---smoke runs B = 2, H = 2, D = 32, T in {64, 128} on CPU.
+--smoke runs B*T = 128, H = 2, D = 32, T in {32, 64} on CPU.
 
 FLOPs: forward 4*B*H*T*T*D (two matmuls, 2 FLOPs per multiply-add), halved when causal; backward
 2.5x forward (five matmuls, one recomputing QK^T); forward+backward 3.5x forward.
@@ -54,7 +54,7 @@ class Provider:
 def sweep_configs(cfg: BenchConfig):
     """(B, H, T, D, causal) in sweep order."""
     if cfg.smoke:
-        Ts, Ds, tokens, hidden = [64, 128], [32], 256, 64
+        Ts, Ds, tokens, hidden = [32, 64], [32], 128, 64
     else:
         Ts = [1024, 4096, 16384] if cfg.quick else [512, 1024, 2048, 4096, 8192, 16384]
         Ds, tokens, hidden = [64, 128], TOKENS, HIDDEN
@@ -253,11 +253,12 @@ def _run_config(providers, B, H, T, D, causal, cfg, notes, log) -> list[dict]:
                     except Exception as e:
                         if _unsupported(e):
                             raise
-                        if not _util.is_oom(e):
-                            raise
-                        row(p.name, "mem", "oom", err, note="out of memory")
-                        log(f"  {tag} {p.name:16s} mem     oom")
+                        status = "oom" if _util.is_oom(e) else "failed"
+                        row(p.name, "mem", status, err, note="out of memory" if status == "oom" else _util.short(e))
+                        log(f"  {tag} {p.name:16s} mem     {status}")
                         _util.empty_cache(cfg)
+                    else:
+                        log(f"  {tag} {p.name:16s} mem     {mib:8.0f} MiB")
         except Exception as e:
             if _unsupported(e):
                 notes.setdefault(f"attention/{p.name}/D={D}", f"skipped where unsupported: {_util.short(e)}")
