@@ -10,9 +10,9 @@
 backend: "triton", "cuda", "torch" or None (automatic; TFKERNELS_BACKEND sets the default).
 """
 from ._backend import BackendUnavailableError
-from .ops import layer_norm, rms_norm, softmax
+from .ops import attention, layer_norm, rms_norm, softmax
 from . import nn, reference
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "rms_norm", "softmax", "nn", "reference", "BackendUnavailableError"]
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax", "nn", "reference", "BackendUnavailableError"]

@@ -11,7 +11,6 @@ automatic choice may fall back, and warns once per (op, reason) when it does —
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 
@@ -24,8 +23,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve this call."""
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _probe_triton() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -34,6 +32,14 @@ def triton_available() -> bool:
     except Exception:  # a broken Triton install must not break the package
         return False
     return True
+
+
+# probed once at import (a plain global, so torch.compile traces resolve() without a cache wrapper)
+_TRITON_OK = _probe_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON_OK
 
 
 def cuda_ext_available(load: bool = False) -> bool:

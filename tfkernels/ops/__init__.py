@@ -2,8 +2,9 @@
 
 Importing this package registers every `tfkernels::` op (schemas, fake kernels, autograd).
 """
+from .attention import attention
 from .layer_norm import layer_norm
 from .rms_norm import rms_norm
 from .softmax import softmax
 
-__all__ = ["layer_norm", "rms_norm", "softmax"]
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]

@@ -304,18 +304,21 @@ def norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     dev = x.device
     dx = torch.empty((M, N), dtype=x.dtype, device=dev)
     has_w = weight is not None
-    empty = torch.empty(0, dtype=torch.float32, device=dev)
+
+    def empty():  # a fresh tensor each time: custom-op outputs must not alias one another
+        return torch.empty(0, dtype=torch.float32, device=dev)
+
     if M == 0 or N == 0:
         z = torch.zeros(N, dtype=torch.float32, device=dev)
-        return dx, (z if has_w else empty), (z.clone() if has_bias else empty)
+        return dx, (z if has_w else empty()), (z.clone() if has_bias else empty())
     w = weight if has_w else dx  # dummy pointer when there is no weight
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, x.element_size())
         # a few row tiles per program amortises the partial write; enough programs to fill the GPU
         num_tiles = triton.cdiv(M, block_m)
         G = max(1, min(num_tiles, 4 * _num_sms(dev)))
-        dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty
-        dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty
+        dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty()
+        dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty()
         _norm_bwd_fused[(G,)](
             dy, x, w, mean, rstd, dx, dwp if has_w else dx, dbp if has_bias else dx,
             M, N, G, triton.cdiv(num_tiles, G), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
@@ -333,13 +336,13 @@ def norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
             G = max(1, min(M, triton.cdiv(4 * _num_sms(dev), triton.cdiv(N, col_block))))
             rows_per_group = triton.cdiv(M, G)
             G = triton.cdiv(M, rows_per_group)
-            dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty
-            dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty
+            dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty()
+            dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty()
             _norm_bwd_dwdb_looped[(triton.cdiv(N, col_block), G)](
                 dy, x, mean, rstd, dwp if has_w else dx, dbp if has_bias else dx,
                 M, N, rows_per_group, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                 IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, BLOCK_M=16, BLOCK_N=col_block, num_warps=4,
             )
-    dw = dwp.sum(0) if has_w else empty  # stage two of the weight-gradient reduction
-    db = dbp.sum(0) if has_bias else empty
+    dw = dwp.sum(0) if has_w else empty()  # stage two of the weight-gradient reduction
+    db = dbp.sum(0) if has_bias else empty()
     return dx, dw, db

@@ -1,0 +1,61 @@
+"""Shared test set-up.
+
+Without a GPU, the Triton kernels run through the interpreter: TRITON_INTERPRET must be set before
+Triton's `@jit` decorators run, i.e. before tfkernels is imported, so it is set here.
+With a GPU, tests run on CUDA tensors for every available kernel backend.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import tfkernels  # noqa: E402,F401
+from tfkernels import _backend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Tolerances relative to the largest magnitude of the float64 reference: |out - ref| <= atol + rtol*max|ref|.
+# fp32 kernels accumulate in fp32 (~1e-6 relative); fp16/bf16 outputs are rounded to 11/8 mantissa bits.
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=2e-5),
+    torch.float16: dict(atol=1e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=8e-3, rtol=3e-2),
+}
+
+
+def kernel_backends():
+    """Kernel backends that can run here: triton (interpreter on CPU), and cuda when built."""
+    out = ["triton"]
+    if DEVICE == "cuda" and _backend.cuda_ext_available(load=True):
+        out.append("cuda")
+    return out
+
+
+@pytest.fixture(params=kernel_backends())
+def backend(request):
+    return request.param
+
+
+def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "", scale: float = 1.0):
+    """Compare a kernel result with a float64 reference using the dtype's tolerance."""
+    assert actual.shape == ref.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    a, r = actual.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(a).all() == torch.isfinite(r).all(), f"{name}: non-finite values differ"
+    tol = TOL[dtype]
+    err = (a - r).abs().max().item() if a.numel() else 0.0
+    bound = scale * (tol["atol"] + tol["rtol"] * (r.abs().max().item() if r.numel() else 0.0))
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} ({dtype})"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,491 @@
+"""Fused attention against a float64 reference with SDPA's semantics: forward, dQ/dK/dV and d(mask)
+with one shared random dO; causal and not, T_q < T_k and T_q > T_k, ragged lengths (1, 37, 91, 129:
+1 is the degenerate row, 37/91 are not multiples of any block, 129 is one past a power of two),
+head dims 16..256 incl. non-powers of two (40, 96, 160), GQA/MQA, every mask kind, dropout replayed
+through the kernels' own keep mask, bad input, opcheck, torch.compile; MultiheadAttention against
+torch's. CUDA-only tests apply FlashAttention's rule to fp16/bf16.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tfkernels
+from tfkernels import reference
+
+from conftest import DEVICE, assert_close
+
+attn_mod = importlib.import_module("tfkernels.ops.attention")  # the module (ops.attention is the function)
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def _check(q, k, v, backend, mask=None, is_causal=False, scale=None, enable_gqa=False, dtype=torch.float32,
+           dropout_p=0.0, dropout_mask=None, seed=None, grad_scale=2.0):
+    """Kernel vs float64 reference on the same values: out and every gradient (q, k, v, float mask)."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    mask_leaf = None
+    if mask is not None and mask.is_floating_point():
+        mask_leaf = mask.detach().requires_grad_(True)
+    m = mask_leaf if mask_leaf is not None else mask
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = tfkernels.attention(*leaves, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                              enable_gqa=enable_gqa, backend=backend)
+    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_mask = None
+    if mask is not None:
+        ref_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
+    ref = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa, dropout_mask=dropout_mask)
+    assert_close(out, ref, dtype, "out")
+    dout = torch.randn_like(out)
+    inputs = leaves + ([mask_leaf] if mask_leaf is not None else [])
+    ref_inputs = ref_leaves + ([ref_mask] if mask_leaf is not None else [])
+    grads = torch.autograd.grad(out, inputs, dout)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dout.double())
+    for name, g, r in zip(["dq", "dk", "dv", "dmask"], grads, ref_grads):
+        assert g.shape == r.shape, name
+        assert_close(g, r, dtype, name, scale=grad_scale)
+    return out
+
+
+# (B, H_q, H_kv, T_q, T_k, D, is_causal): each line covers a length, a head dim and a regime
+CASES = [
+    (1, 2, 2, 1, 1, 16, False),  # single query, single key
+    (1, 2, 2, 1, 37, 64, True),  # T_q=1 causal: the row sees key 0 only
+    (2, 2, 2, 37, 37, 40, True),  # square causal, D=40
+    (2, 1, 1, 37, 37, 40, False),
+    (1, 2, 2, 37, 91, 96, False),  # T_q < T_k
+    (1, 1, 1, 37, 91, 96, True),  # T_q < T_k causal: keys past T_q never seen
+    (1, 2, 2, 91, 37, 128, True),  # T_q > T_k causal: rows past T_k see every key
+    (1, 1, 1, 91, 37, 128, False),
+    (1, 1, 1, 129, 129, 64, True),  # one past a block multiple
+    (1, 2, 2, 129, 37, 16, False),
+    (1, 1, 1, 17, 33, 160, False),  # D=160 (BLOCK_D 256, 96 padded lanes)
+    (1, 1, 1, 20, 24, 256, True),  # the largest head dim
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}_H{}-{}_Tq{}_Tk{}_D{}{}".format(*c[:6], "_causal" if c[6] else ""))
+def test_forward_backward_fp32(case, backend):
+    B, Hq, Hkv, Tq, Tk, D, causal = case
+    torch.manual_seed(hash(case) % 2**31)
+    _check(_rand(B, Hq, Tq, D), _rand(B, Hkv, Tk, D), _rand(B, Hkv, Tk, D), backend, is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(2, 2, 2, 37, 45, 64, True), (1, 2, 1, 50, 33, 40, False)], ids=str)
+def test_low_precision(case, dtype, backend):
+    B, Hq, Hkv, Tq, Tk, D, causal = case
+    torch.manual_seed(11)
+    _check(_rand(B, Hq, Tq, D, dtype=dtype), _rand(B, Hkv, Tk, D, dtype=dtype), _rand(B, Hkv, Tk, D, dtype=dtype),
+           backend, is_causal=causal, enable_gqa=Hq != Hkv, dtype=dtype, grad_scale=4.0)
+
+
+@pytest.mark.parametrize("case", [(2, 4, 2, 37, 45, 32, True), (1, 4, 1, 33, 20, 16, False)], ids=["gqa_causal", "mqa"])
+def test_gqa(case, backend):
+    """dK/dV of a shared head sum over its group of query heads (looped in-kernel)."""
+    B, Hq, Hkv, Tq, Tk, D, causal = case
+    torch.manual_seed(12)
+    _check(_rand(B, Hq, Tq, D), _rand(B, Hkv, Tk, D), _rand(B, Hkv, Tk, D), backend, is_causal=causal, enable_gqa=True)
+
+
+def _masks(B, H, Tq, Tk):
+    g = torch.Generator().manual_seed(13)
+    lens = torch.tensor([Tk, Tk // 3])[:B]
+    return {
+        "key_padding_bool": (torch.arange(Tk)[None, :] < lens[:, None]).view(B, 1, 1, Tk),
+        "full_bool": torch.rand(B, H, Tq, Tk, generator=g) > 0.4,
+        "additive": torch.randn(1, H, Tq, Tk, generator=g) * 2,
+        "additive_2d": torch.randn(Tq, Tk, generator=g),
+        "additive_neg_inf": torch.where(torch.rand(B, 1, Tq, Tk, generator=g) > 0.3, 0.0, float("-inf")),
+    }
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+@pytest.mark.parametrize("kind", ["key_padding_bool", "full_bool", "additive", "additive_2d", "additive_neg_inf"])
+def test_masks(kind, causal, backend):
+    """Bool keeps True, float is added (and gets its gradient, summed over broadcast dims); masks
+    combine with is_causal. Shapes 29 x 41 are ragged in both directions."""
+    B, H, Tq, Tk, D = 2, 2, 29, 41, 32
+    torch.manual_seed(14)
+    mask = _masks(B, H, Tq, Tk)[kind].to(DEVICE)
+    if kind == "additive_neg_inf":  # keep every row alive so the comparison stays finite
+        mask[..., 0] = 0.0
+    _check(_rand(B, H, Tq, D), _rand(B, H, Tk, D), _rand(B, H, Tk, D), backend, mask=mask, is_causal=causal)
+
+
+def test_fully_masked_row_returns_zero(backend):
+    """A query row with every key masked returns 0 and gets 0 gradient (documented behaviour)."""
+    B, H, Tq, Tk, D = 1, 2, 21, 37, 16
+    torch.manual_seed(15)
+    mask = torch.rand(B, H, Tq, Tk, device=DEVICE) > 0.5
+    mask[:, :, 3] = False
+    mask[:, 1, 20] = False  # the last, ragged row too
+    q = _rand(B, H, Tq, D).requires_grad_(True)
+    out = _check(q, _rand(B, H, Tk, D), _rand(B, H, Tk, D), backend, mask=mask)
+    assert (out[:, :, 3] == 0).all() and (out[:, 1, 20] == 0).all()
+    # the same with an additive -inf mask, combined with causal
+    fmask = torch.zeros(B, H, Tq, Tk, device=DEVICE)
+    fmask[:, :, 5, :6] = float("-inf")  # causal leaves keys 0..5 for row 5: all gone
+    out = tfkernels.attention(_rand(B, H, Tq, D), _rand(B, H, Tk, D), _rand(B, H, Tk, D), fmask, is_causal=True,
+                              backend=backend)
+    assert (out[:, :, 5] == 0).all() and torch.isfinite(out).all()
+
+
+def test_custom_scale(backend):
+    torch.manual_seed(16)
+    _check(_rand(1, 2, 33, 48), _rand(1, 2, 40, 48), _rand(1, 2, 40, 48), backend, scale=0.37, is_causal=True)
+
+
+def test_non_contiguous_and_expanded(backend):
+    """q/k/v from a (B, T, H, D) projection (transposed views), k expanded over heads (stride 0), and
+    the stride-0 gradient that sum() produces."""
+    torch.manual_seed(17)
+    B, H, Tq, Tk, D = 2, 3, 37, 30, 40
+    q = _rand(B, Tq, H, D).transpose(1, 2)
+    k = _rand(B, 1, Tk, D).expand(B, H, Tk, D)
+    v = _rand(B, Tk, H, D).transpose(1, 2)
+    _check(q, k, v, backend, is_causal=True)
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    tfkernels.attention(qq, kk, vv, backend=backend).sum().backward()
+    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference.attention(*ref).sum().backward()
+    for a, r in zip((qq, kk, vv), ref):
+        assert_close(a.grad, r.grad, torch.float32, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+# ---------------------------------------------------------------------------------------------
+
+def test_dropout_reproducible(backend):
+    torch.manual_seed(18)
+    q, k, v = _rand(1, 2, 37, 32), _rand(1, 2, 45, 32), _rand(1, 2, 45, 32)
+    torch.manual_seed(123)
+    a = tfkernels.attention(q, k, v, dropout_p=0.3, backend=backend)
+    torch.manual_seed(123)
+    b = tfkernels.attention(q, k, v, dropout_p=0.3, backend=backend)
+    c = tfkernels.attention(q, k, v, dropout_p=0.3, backend=backend)  # the generator moved on
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, tfkernels.attention(q, k, v, backend=backend))
+
+
+def test_dropout_statistics(backend):
+    """Keep rate 1-p, and E[out] = out without dropout (mean preserved by the 1/(1-p) rescale)."""
+    p = 0.25
+    B, H, Tq, Tk, D = 2, 2, 64, 80, 16
+    keep = attn_mod._dropout_mask(987654, B, H, Tq, Tk, p, device=DEVICE)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, rate  # 5 sigma
+    # q = 0 makes P uniform; v = 1 then makes every output 1 without dropout
+    q = torch.zeros(B, H, Tq, D, device=DEVICE)
+    k, v = _rand(B, H, Tk, D), torch.ones(B, H, Tk, D, device=DEVICE)
+    torch.manual_seed(19)
+    out = tfkernels.attention(q, k, v, dropout_p=p, backend=backend)
+    mean = out.mean().item()
+    assert abs(mean - 1.0) < 0.03, mean
+    assert out.std().item() > 0.01  # it did drop something
+
+
+@pytest.mark.parametrize("case", [(1, 2, 2, 37, 45, 32, False), (1, 4, 2, 29, 37, 40, True)], ids=["plain", "gqa_causal"])
+def test_dropout_backward_replayed(case, backend):
+    """The kernels' keep mask, materialised by _dropout_mask for the seed a call draws, replayed in
+    the reference: forward and every gradient must match (the backward regenerates the mask)."""
+    if backend != "triton":
+        pytest.skip("the keep-mask helper replays the Triton kernels' RNG")
+    B, Hq, Hkv, Tq, Tk, D, causal = case
+    p = 0.3
+    torch.manual_seed(20)
+    q, k, v = _rand(B, Hq, Tq, D), _rand(B, Hkv, Tk, D), _rand(B, Hkv, Tk, D)
+    torch.manual_seed(77)
+    seed = int(attn_mod._draw_seed().item())
+    keep = attn_mod._dropout_mask(seed, B, Hq, Tq, Tk, p, device=DEVICE)
+    mask = torch.randn(1, Hq, Tq, Tk, device=DEVICE)
+    _check(q, k, v, backend, mask=mask, is_causal=causal, enable_gqa=Hq != Hkv, dropout_p=p, dropout_mask=keep,
+           seed=77)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input, backends
+# ---------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    q, k, v = _rand(2, 4, 8, 16), _rand(2, 4, 10, 16), _rand(2, 4, 10, 16)
+    return [
+        ("q", TypeError, lambda: tfkernels.attention(q.numpy() if DEVICE == "cpu" else None, k, v)),
+        ("q must be 4-D", ValueError, lambda: tfkernels.attention(q[0], k, v)),
+        ("k must be 4-D", ValueError, lambda: tfkernels.attention(q, k[0], v)),
+        ("head dims", ValueError, lambda: tfkernels.attention(q, _rand(2, 4, 10, 8), v)),
+        ("head dims", ValueError, lambda: tfkernels.attention(q, k, _rand(2, 4, 10, 8))),
+        ("k has dtype", TypeError, lambda: tfkernels.attention(q, k.half(), v)),
+        ("v has dtype", TypeError, lambda: tfkernels.attention(q, k, v.double())),
+        ("batch", ValueError, lambda: tfkernels.attention(q, _rand(1, 4, 10, 16), _rand(1, 4, 10, 16))),
+        ("same heads and length", ValueError, lambda: tfkernels.attention(q, k, _rand(2, 4, 9, 16))),
+        ("enable_gqa", ValueError, lambda: tfkernels.attention(q, _rand(2, 2, 10, 16), _rand(2, 2, 10, 16))),
+        ("multiple", ValueError, lambda: tfkernels.attention(q, _rand(2, 3, 10, 16), _rand(2, 3, 10, 16), enable_gqa=True)),
+        ("attn_mask", ValueError, lambda: tfkernels.attention(q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.bool, device=DEVICE))),
+        ("attn_mask", ValueError, lambda: tfkernels.attention(q, k, v, attn_mask=torch.ones(3, 4, 8, 10, dtype=torch.bool, device=DEVICE))),
+        ("attn_mask", ValueError, lambda: tfkernels.attention(q, k, v, attn_mask=torch.ones(1, 1, 2, 4, 8, 10, dtype=torch.bool, device=DEVICE))),
+        ("attn_mask", TypeError, lambda: tfkernels.attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.int32, device=DEVICE))),
+        ("attn_mask", TypeError, lambda: tfkernels.attention(q, k, v, attn_mask=[[True]])),
+        ("dropout_p", ValueError, lambda: tfkernels.attention(q, k, v, dropout_p=1.0)),
+        ("dropout_p", ValueError, lambda: tfkernels.attention(q, k, v, dropout_p=-0.1)),
+        ("dropout_p", TypeError, lambda: tfkernels.attention(q, k, v, dropout_p="0.1")),
+        ("scale", TypeError, lambda: tfkernels.attention(q, k, v, scale="x")),
+        ("head dim D=288", ValueError, lambda: tfkernels.attention(_rand(1, 1, 4, 288), _rand(1, 1, 4, 288), _rand(1, 1, 4, 288), backend="triton")),
+        ("backend", ValueError, lambda: tfkernels.attention(q, k, v, backend="nope")),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_cases())))
+def test_bad_input(i):
+    expected, exc, fn = _bad_cases()[i]
+    with pytest.raises(exc, match=expected):
+        fn()
+
+
+def test_bad_device():
+    if DEVICE != "cuda":
+        pytest.skip("needs two devices")
+    q = _rand(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="k is on"):
+        tfkernels.attention(q, q.cpu(), q)
+
+
+def test_torch_backend_matches_reference():
+    torch.manual_seed(21)
+    q, k, v = _rand(1, 2, 9, 16), _rand(1, 2, 11, 16), _rand(1, 2, 11, 16)
+    mask = torch.rand(9, 11, device=DEVICE) > 0.3
+    mask[:, 0] = True
+    out = tfkernels.attention(q, k, v, mask, backend="torch")
+    sdpa = F.scaled_dot_product_attention(q, k, v, mask)
+    assert_close(out, sdpa.double(), torch.float32)
+    # D over the kernel limit still works on the reference backend
+    x = _rand(1, 1, 3, 288)
+    assert tfkernels.attention(x, x, x, backend="torch").shape == x.shape
+
+
+def test_matches_sdpa(backend):
+    """Drop-in: the same numbers as torch's SDPA for the semantics both support."""
+    torch.manual_seed(22)
+    q, k, v = _rand(2, 4, 23, 32), _rand(2, 2, 31, 32), _rand(2, 2, 31, 32)
+    for kw in (dict(is_causal=True), dict(attn_mask=torch.randn(2, 1, 23, 31, device=DEVICE)), dict(scale=0.1)):
+        ours = tfkernels.attention(q, k, v, enable_gqa=True, backend=backend, **kw)
+        theirs = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        assert_close(ours, theirs.double(), torch.float32, str(kw))
+
+
+def test_empty_keys_and_queries(backend):
+    q = _rand(1, 2, 5, 16, dtype=torch.float32).requires_grad_(True)
+    k = _rand(1, 2, 0, 16).requires_grad_(True)
+    out = tfkernels.attention(q, k, k, backend=backend)
+    assert out.shape == q.shape and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+    e = _rand(1, 2, 0, 16)
+    assert tfkernels.attention(e, q.detach(), q.detach(), backend=backend).shape == e.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def test_opcheck(backend):
+    torch.manual_seed(23)
+    ops = torch.ops.tfkernels
+    B, Hq, Hkv, Tq, Tk, D = 1, 2, 1, 19, 21, 16
+    q = _rand(B, Hq, Tq, D).requires_grad_(True)
+    k = _rand(B, Hkv, Tk, D).requires_grad_(True)
+    v = _rand(B, Hkv, Tk, D).requires_grad_(True)
+    bmask = (torch.rand(B, 1, 1, Tk, device=DEVICE) > 0.3).expand(B, Hq, Tq, Tk)
+    fmask = torch.randn(1, Hq, Tq, Tk, device=DEVICE).expand(B, Hq, Tq, Tk)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    fwd_cases = [
+        (q, k, v, None, 0.0, None, False, 0.25, backend),
+        (q, k, v, bmask, 0.0, None, True, 0.25, backend),
+        (q, k, v, fmask.detach().requires_grad_(True), 0.0, None, False, 0.25, backend),
+        (q, k, v, None, 0.2, seed, True, 0.25, backend),
+    ]
+    for args in fwd_cases:
+        torch.library.opcheck(ops.attention_fwd.default, args)
+    out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), fmask, 0.0, None, True, 0.25, backend)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(ops.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), fmask, out, lse, 0.0, None, True, 0.25, True, backend))
+    torch.library.opcheck(ops.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), None, out, lse, 0.0, None, False, 0.25, False, backend))
+
+
+def _layer(q, k, v, bias, backend):
+    h = tfkernels.attention(q, k, v, attn_mask=bias, is_causal=True, enable_gqa=True, backend=backend)
+    return tfkernels.attention(h, k, v, dropout_p=0.1, enable_gqa=True, backend=backend)
+
+
+def test_torch_compile_fullgraph(backend):
+    torch.manual_seed(24)
+    torch._dynamo.reset()
+    q = _rand(1, 4, 21, 16).requires_grad_(True)
+    k = _rand(1, 2, 27, 16).requires_grad_(True)
+    v = _rand(1, 2, 27, 16).requires_grad_(True)
+    bias = torch.randn(4, 21, 27, device=DEVICE).requires_grad_(True)
+    compiled = torch.compile(_layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    y = compiled(q, k, v, bias, backend)
+    torch.manual_seed(5)
+    y_eager = _layer(q, k, v, bias, backend)
+    assert_close(y, y_eager.detach().double(), torch.float32)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, (q, k, v, bias), dy)
+    ge = torch.autograd.grad(y_eager, (q, k, v, bias), dy)
+    for a, e in zip(g, ge):
+        assert_close(a, e.double(), torch.float32, scale=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+# ---------------------------------------------------------------------------------------------
+
+def _mha_pair(seed, **kw):
+    torch.manual_seed(seed)
+    ref = torch.nn.MultiheadAttention(**kw).to(DEVICE)
+    ours = tfkernels.nn.MultiheadAttention(**kw).to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _compare_mha(ref, ours, args, kwargs, param_names=("in_proj_weight", "out_proj.weight")):
+    out_r, _ = ref(*args, need_weights=False, **kwargs)
+    out_o, w = ours(*args, need_weights=False, **kwargs)
+    assert w is None
+    assert_close(out_o, out_r.detach().double(), torch.float32, "out", scale=2.0)
+    dy = torch.randn_like(out_r)
+    pr, po = dict(ref.named_parameters()), dict(ours.named_parameters())
+    names = [n for n in param_names if n in pr]
+    gr = torch.autograd.grad(out_r, [pr[n] for n in names] + [a for a in args if a.requires_grad], dy)
+    go = torch.autograd.grad(out_o, [po[n] for n in names] + [a for a in args if a.requires_grad], dy)
+    for a, r in zip(go, gr):
+        assert_close(a, r.double(), torch.float32, "grad", scale=4.0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_masks(batch_first, backend):
+    E, H, B, L, S = 32, 4, 2, 13, 17
+    ref, ours = _mha_pair(25, embed_dim=E, num_heads=H, batch_first=batch_first)
+    ours.backend = backend
+    shape_q = (B, L, E) if batch_first else (L, B, E)
+    shape_k = (B, S, E) if batch_first else (S, B, E)
+    x = _rand(*shape_q).requires_grad_(True)
+    kv = _rand(*shape_k).requires_grad_(True)
+    kpm = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    kpm[1, 11:] = True  # True = padding (ignored), torch's convention
+    bool_mask = torch.rand(L, S, device=DEVICE) > 0.8  # True = not allowed
+    float_mask = torch.randn(B * H, L, S, device=DEVICE)
+    _compare_mha(ref, ours, (x, kv, kv), dict(key_padding_mask=kpm))
+    _compare_mha(ref, ours, (x, kv, kv), dict(attn_mask=bool_mask, key_padding_mask=kpm))
+    _compare_mha(ref, ours, (x, kv, kv), dict(attn_mask=float_mask, key_padding_mask=kpm))
+
+
+def test_mha_causal_kdim_bias(backend):
+    E, H, B, L = 24, 3, 2, 11
+    ref, ours = _mha_pair(26, embed_dim=E, num_heads=H, batch_first=True)
+    ours.backend = backend
+    x = _rand(B, L, E).requires_grad_(True)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L, device=DEVICE)
+    _compare_mha(ref, ours, (x, x, x), dict(attn_mask=causal, is_causal=True))
+    ref, ours = _mha_pair(27, embed_dim=E, num_heads=H, batch_first=True, kdim=10, vdim=14, bias=False)
+    ours.backend = backend
+    k, v = _rand(B, 7, 10), _rand(B, 7, 14)
+    _compare_mha(ref, ours, (x, k, v), {}, param_names=("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"))
+    # unbatched (L, E) input
+    ref, ours = _mha_pair(28, embed_dim=E, num_heads=H)
+    ours.backend = backend
+    _compare_mha(ref, ours, (x[0], x[0], x[0]), {})
+
+
+def test_mha_drop_in(backend):
+    """Same state_dict keys; need_weights=True and add_bias_kv take torch's path; from_torch shares
+    parameters."""
+    ref, ours = _mha_pair(29, embed_dim=16, num_heads=2, batch_first=True)
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    x = _rand(2, 5, 16)
+    out_r, w_r = ref(x, x, x)
+    out_o, w_o = ours(x, x, x)  # need_weights defaults to True: torch's implementation
+    assert torch.equal(out_r, out_o) and torch.equal(w_r, w_o)
+    wrapped = tfkernels.nn.MultiheadAttention.from_torch(ref, backend=backend)
+    assert wrapped.in_proj_weight is ref.in_proj_weight and wrapped.out_proj.weight is ref.out_proj.weight
+    assert_close(wrapped(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0].double(), torch.float32)
+    ref, ours = _mha_pair(30, embed_dim=16, num_heads=2, add_bias_kv=True, add_zero_attn=True)
+    y = _rand(5, 2, 16)
+    torch.testing.assert_close(ours(y, y, y, need_weights=False)[0], ref(y, y, y, need_weights=False)[0])
+    with pytest.raises(TypeError, match="module"):
+        tfkernels.nn.MultiheadAttention.from_torch(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: FlashAttention's accuracy rule for fp16/bf16
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [
+    (2, 8, 8, 1024, 1024, 128, True),
+    (2, 8, 8, 1024, 1024, 128, False),
+    (4, 8, 8, 512, 512, 64, True),
+    (2, 8, 2, 777, 1111, 96, False),  # GQA, ragged
+    (1, 4, 4, 300, 300, 256, True),
+    (2, 4, 4, 513, 129, 40, True),
+], ids=str)
+def test_cuda_flash_rule(case, dtype, backend):
+    """The kernel's error against an fp32 reference is at most 2x PyTorch SDPA's own error in the
+    same dtype, plus a small atol (FlashAttention's test rule), for out, dq, dk, dv."""
+    B, Hq, Hkv, Tq, Tk, D, causal = case
+    torch.manual_seed(31)
+    q = torch.randn(B, Hq, Tq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Tk, D, device="cuda", dtype=dtype, requires_grad=True)
+    gqa = Hq != Hkv
+    dout = torch.randn(B, Hq, Tq, D, device="cuda", dtype=dtype)
+    out = tfkernels.attention(q, k, v, is_causal=causal, enable_gqa=gqa, backend=backend)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    gs = torch.autograd.grad(sdpa, (q, k, v), dout)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = reference.attention(q32, k32, v32, is_causal=causal, enable_gqa=gqa)
+        gr = torch.autograd.grad(ref, (q32, k32, v32), dout.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    for name, a, s, r in zip(["out", "dq", "dk", "dv"], (out,) + g, (sdpa,) + gs, (ref,) + gr):
+        ours_err = (a.float() - r).abs().max().item()
+        torch_err = (s.float() - r).abs().max().item()
+        assert ours_err <= 2 * torch_err + 1e-3 * max(1.0, r.abs().max().item()), \
+            f"{name}: {ours_err:.3e} vs SDPA {torch_err:.3e}"
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_tf32_flag(backend):
+    """fp32 follows torch.backends.cuda.matmul.allow_tf32: IEEE when off (tight), TF32 when on."""
+    torch.manual_seed(32)
+    q, k, v = (torch.randn(1, 4, 300, 64, device="cuda") for _ in range(3))
+    ref = reference.attention(q.double(), k.double(), v.double(), is_causal=True)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ieee = tfkernels.attention(q, k, v, is_causal=True, backend=backend)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = tfkernels.attention(q, k, v, is_causal=True, backend=backend)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert (ieee.double() - ref).abs().max().item() < 1e-5
+    assert (tf32.double() - ref).abs().max().item() < 5e-3

@@ -1,0 +1,148 @@
+"""Backend selection and bad input: clear errors that name the argument."""
+import warnings
+
+import pytest
+import torch
+
+import tfkernels
+from tfkernels import _backend
+
+from conftest import DEVICE
+
+
+def test_unknown_backend_raises():
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="backend"):
+        tfkernels.softmax(x, backend="tpu")
+    with pytest.raises(TypeError, match="backend"):
+        tfkernels.softmax(x, backend=3)
+
+
+def test_env_var_sets_default(monkeypatch):
+    x = torch.randn(2, 4)
+    monkeypatch.setenv("TFKERNELS_BACKEND", "torch")
+    assert _backend.resolve(None, x, "softmax") == "torch"
+    monkeypatch.setenv("TFKERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="TFKERNELS_BACKEND"):
+        tfkernels.softmax(x)
+    # an explicit argument wins over the environment
+    monkeypatch.setenv("TFKERNELS_BACKEND", "cuda")
+    assert _backend.resolve("torch", x, "softmax") == "torch"
+
+
+def test_automatic_choice_on_cpu(monkeypatch):
+    x = torch.randn(2, 4)
+    monkeypatch.delenv("TFKERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _backend.resolve(None, x, "softmax") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.resolve(None, x, "softmax") == "triton"
+
+
+def test_cuda_backend_unavailable_raises():
+    x = torch.randn(2, 4)  # CPU tensor: the cuda backend can never serve it
+    with pytest.raises(tfkernels.BackendUnavailableError, match="cuda"):
+        tfkernels.layer_norm(x, (4,), backend="cuda")
+
+
+def test_triton_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(tfkernels.BackendUnavailableError, match="TRITON_INTERPRET"):
+        _backend.resolve("triton", torch.randn(2), "softmax")
+
+
+def test_auto_falls_back_on_compile_error_and_warns_once():
+    calls = []
+
+    class CompilationError(Exception):
+        pass
+
+    def bad_triton(*a):
+        calls.append("triton")
+        raise CompilationError("boom")
+
+    def cuda(*a):
+        calls.append("cuda")
+        return "ok"
+
+    _backend._triton_broken.discard("fake_op")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert _backend.run("fake_op", "auto", bad_triton, cuda) == "ok"
+        assert _backend.run("fake_op", "auto", bad_triton, cuda) == "ok"
+    assert calls == ["triton", "cuda", "cuda"]  # broken kernel is not retried
+    assert sum("failed to compile" in str(w.message) for w in rec) == 1
+    # an explicit triton request never falls back
+    with pytest.raises(CompilationError):
+        _backend.run("fake_op", "triton", bad_triton, cuda)
+    _backend._triton_broken.discard("fake_op")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_integer_dtype_rejected(backend):
+    xi = torch.ones(3, 4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        tfkernels.layer_norm(xi, (4,), backend=backend)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        tfkernels.rms_norm(xi, (4,), backend=backend)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        tfkernels.softmax(xi, backend=backend)
+
+
+def test_float64_needs_torch_backend(backend):
+    x = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        tfkernels.softmax(x, backend=backend)
+    assert tfkernels.softmax(x, backend="torch").dtype == torch.float64
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        tfkernels.softmax([1.0, 2.0])
+
+
+def test_weight_shape_mismatch(backend):
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="weight has shape"):
+        tfkernels.layer_norm(x, (8,), torch.ones(7, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="bias has shape"):
+        tfkernels.layer_norm(x, (8,), torch.ones(8, device=DEVICE), torch.ones(2, 4, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="weight has shape"):
+        tfkernels.rms_norm(x, (8,), torch.ones(9, device=DEVICE), backend=backend)
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        tfkernels.rms_norm(x, (8,), torch.ones(8, dtype=torch.int32, device=DEVICE), backend=backend)
+
+
+def test_normalized_shape_mismatch(backend):
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        tfkernels.layer_norm(x, (6,), backend=backend)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        tfkernels.rms_norm(x, (2, 3, 8), backend=backend)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        tfkernels.layer_norm(x, (), backend=backend)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        tfkernels.layer_norm(x, "8", backend=backend)
+
+
+def test_dim_out_of_range(backend):
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="dim=2 is out of range"):
+        tfkernels.softmax(x, 2, backend=backend)
+    with pytest.raises(ValueError, match="dim=-3 is out of range"):
+        tfkernels.softmax(x, -3, backend=backend)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        tfkernels.softmax(x, 1.0, backend=backend)
+
+
+def test_devices_differ(backend):
+    x = torch.randn(3, 8, device=DEVICE)
+    w = torch.ones(8, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta"):
+        tfkernels.layer_norm(x, (8,), w, backend=backend)
+    with pytest.raises(ValueError, match="bias is on meta"):
+        tfkernels.layer_norm(x, (8,), None, w, backend=backend)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        tfkernels.rms_norm(x, (8,), w, backend=backend)

@@ -1,0 +1,155 @@
+"""LayerNorm and RMSNorm kernels against a float64 reference: forward and every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tfkernels
+from tfkernels import reference
+from tfkernels.ops import _norm
+
+from conftest import DEVICE, DTYPES, assert_close
+
+# (1, 7): tiny row, one program; (3, 1000): non-power-of-two; (5, 4097): one past a power of two;
+# (2, 3, 257): 3-D leading shape; (1, 65536): a single row longer than MAX_FUSED_N -> looped kernels.
+SHAPES = [(1, 7), (3, 1000), (5, 4097), (2, 3, 257), (1, 65536)]
+OPS = ["layer_norm", "rms_norm"]
+
+
+def _run(op, x, shape, w, b, backend, eps=1e-5):
+    if op == "layer_norm":
+        return tfkernels.layer_norm(x, shape, w, b, eps, backend=backend)
+    return tfkernels.rms_norm(x, shape, w, eps, backend=backend)
+
+
+def _ref(op, x, shape, w, b, eps=1e-5):
+    if op == "layer_norm":
+        return F.layer_norm(x, shape, w, b, eps)
+    return reference.rms_norm(x, shape, w, eps)
+
+
+def _check(op, x, shape, affine, dtype, backend, dy=None, eps=1e-5):
+    """Run op and the float64 reference on the same values; compare y and every gradient."""
+    N = shape[-1] if len(shape) == 1 else None
+    w = torch.randn(shape, device=DEVICE, dtype=dtype) * 0.5 + 1 if affine else None
+    b = torch.randn(shape, device=DEVICE, dtype=dtype) if affine and op == "layer_norm" else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    for t in inputs:
+        t.requires_grad_(True)
+    y = _run(op, x, shape, w, b, backend, eps)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, b))
+    y64 = _ref(op, x64, shape, w64, b64, eps)
+    assert_close(y, y64, dtype, "y")
+    if dy is None:
+        dy = torch.randn_like(y)  # one shared random upstream gradient
+    grads = torch.autograd.grad(y, inputs, dy)
+    refs = torch.autograd.grad(y64, [t for t in (x64, w64, b64) if t is not None], dy.double())
+    for name, g, r in zip(["dx", "dw", "db"], grads, refs):
+        assert g.dtype == dtype
+        # dw/db sum over rows: their error grows with the number of rows summed
+        assert_close(g, r, dtype, name, scale=1.0 if name == "dx" else 4.0)
+    return y
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("op", OPS)
+def test_forward_backward(op, shape, dtype, affine, backend):
+    torch.manual_seed(hash((op, shape, str(dtype), affine)) % 2**31)
+    x = torch.randn(shape, device=DEVICE, dtype=dtype) * 2 + 0.5
+    _check(op, x, (shape[-1],), affine, dtype, backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(3, 1000), (2, 3, 257), (4, 129)], ids=str)
+def test_looped_path(op, shape, monkeypatch, backend):
+    """Rows longer than MAX_FUSED_N take the looped kernels; shrink the limit to reach them cheaply.
+    A large mean (|mean| >> std) checks the blockwise variance merge is stable."""
+    if backend != "triton":
+        pytest.skip("looped-path switch is a Triton launcher setting")
+    monkeypatch.setattr(_norm, "MAX_FUSED_N", 64)
+    monkeypatch.setattr(_norm, "LOOP_BLOCK_N", 32)
+    torch.manual_seed(1)
+    x = torch.randn(shape, device=DEVICE) + 100.0
+    _check(op, x, (shape[-1],), True, torch.float32, backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_multi_dim_normalized_shape(op, backend):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 5, 7, device=DEVICE)
+    _check(op, x, (5, 7), True, torch.float32, backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_non_contiguous_and_expanded_inputs(op, backend):
+    torch.manual_seed(3)
+    # transposed: rows are strided, columns contiguous across rows
+    x = torch.randn(300, 6, device=DEVICE).t()
+    _check(op, x, (300,), True, torch.float32, backend)
+    # a column slice of a wider tensor (row stride != N)
+    x = torch.randn(5, 400, device=DEVICE)[:, 50:350]
+    _check(op, x, (300,), True, torch.float32, backend)
+    # expanded input (stride 0 rows) and the expanded gradient of sum()
+    x = torch.randn(1, 300, device=DEVICE).expand(4, 300)
+    dy = torch.ones(1, 1, device=DEVICE).expand(4, 300)
+    _check(op, x, (300,), True, torch.float32, backend, dy=dy)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_sum_backward_expanded_grad(op, backend):
+    """y.sum().backward() hands the kernel a (M, N) gradient with strides (0, 0)."""
+    torch.manual_seed(4)
+    x = torch.randn(7, 33, device=DEVICE, requires_grad=True)
+    w = torch.randn(33, device=DEVICE, requires_grad=True)
+    _run(op, x, (33,), w, None, backend).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    _ref(op, x64, (33,), w64, None).sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "dx")
+    assert_close(w.grad, w64.grad, torch.float32, "dw")
+
+
+def test_rms_norm_default_eps(backend):
+    x = torch.randn(4, 64, device=DEVICE, dtype=torch.float16)
+    y = tfkernels.rms_norm(x, (64,), backend=backend)
+    assert_close(y, reference.rms_norm(x.double(), (64,), eps=torch.finfo(torch.float16).eps), torch.float16)
+
+
+def test_mixed_dtype_weight(backend):
+    """bf16 activations with fp32 weights (mixed precision): gradients come back in each dtype."""
+    x = torch.randn(6, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(128, device=DEVICE, requires_grad=True)
+    b = torch.randn(128, device=DEVICE, requires_grad=True)
+    y = tfkernels.layer_norm(x, (128,), w, b, backend=backend)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = F.layer_norm(x.detach().double(), (128,), w.detach().double(), b.detach().double())
+    assert_close(y, ref, torch.bfloat16)
+
+
+def test_empty_input(backend):
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    y = tfkernels.layer_norm(x, (16,), w, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16, device=DEVICE))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+def test_over_2_31_elements(op, backend):
+    """int64 offsets: a bf16 tensor past 2^31 elements; the last rows must be right."""
+    N = 8192
+    M = (2**31) // N + 16
+    x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    y = _run(op, x, (N,), None, None, backend)
+    tail = x[-16:].double()
+    assert_close(y[-16:], _ref(op, tail, (N,), None, None), torch.bfloat16)
+    del y
+    x.requires_grad_(True)
+    y = _run(op, x, (N,), None, None, backend)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    t64 = tail.requires_grad_(True)
+    (r,) = torch.autograd.grad(_ref(op, t64, (N,), None, None), t64, torch.ones_like(t64))
+    assert_close(dx[-16:], r, torch.bfloat16, scale=4.0)

@@ -1,0 +1,859 @@
+"""Fused attention: `tfkernels.attention`, SDPA's signature and semantics, FlashAttention-2 style.
+
+Math (per batch b, query head h, with h_kv = h // (H_q // H_kv) for GQA/MQA):
+
+    S = scale * Q K^T + M_add                      (T_q, T_k); M_add: float mask, -inf where a bool
+                                                   mask is False or (is_causal) j > i
+    P = softmax(S) row-wise,  LSE = logsumexp(S)   (LSE saved, fp32, natural log)
+    Pd = Z * P / (1 - p)                           Z: dropout keep mask (p = dropout_p), else Pd = P
+    O = Pd V
+
+Backward (P recomputed from Q, K and LSE; no T_q x T_k tensor is stored):
+
+    delta = rowsum(dO * O)                         (= rowsum(P * dP), the softmax VJP term)
+    dV = Pd^T dO
+    dP = Z * (dO V^T) / (1 - p)
+    dS = P * (dP - delta)                          (= d loss / d S, also the float mask's gradient)
+    dQ = scale * dS K,   dK = scale * dS^T Q       (dK, dV summed over the query heads of a group)
+
+Kernels (Triton, written like the fused-attention tutorial):
+- `_attn_fwd`: one program per (BLOCK_M query rows, b*H_q + h). Online softmax in base 2 (log2(e)
+  folded into the scale, exp2 is the hardware instruction), fp32 accumulators, P cast to V's dtype
+  for the second dot. K/V blocks are walked in two stages: blocks that need no masking (the fast
+  path: no `where`, no bounds checks) and then blocks that do (the causal diagonal and the ragged
+  last block). Causal programs never visit blocks entirely above the diagonal.
+- `_attn_bwd_preprocess`: delta.
+- `_attn_bwd_dkdv`: one program per (BLOCK_N1 key rows, b*H_kv + h_kv); loops over the group's query
+  heads and over query blocks (skipping, when causal, those entirely above the diagonal), keeps dK
+  and dV in fp32 registers. No atomics: deterministic, and GQA's sum over heads happens in-kernel.
+- `_attn_bwd_dq`: one program per (BLOCK_M2 query rows, b*H_q + h); walks K/V blocks like the forward.
+- `_dropout_mask_kernel`: materialises the keep mask Z for tests (same RNG call as the kernels).
+
+Semantics and limits:
+- q (B, H_q, T_q, D), k (B, H_kv, T_k, D), v (B, H_kv, T_k, D); any strides (incl. 0); output
+  (B, H_q, T_q, D) contiguous. D (the same for q, k, v) up to 256, any value (BLOCK_D is the next
+  power of two, padded lanes are masked). Any T_q, T_k (T_q != T_k allowed).
+- is_causal: SDPA's top-left `tril` (row i sees keys j <= i), also when T_q != T_k. It may be
+  combined with attn_mask (SDPA forbids that).
+- attn_mask: bool (True = keep) or float (added to the scores), broadcastable to (B, H_q, T_q, T_k);
+  it reaches the kernels as a stride-0 `expand` view, never materialised. A float mask that
+  requires grad gets d(mask) = dS: the dK/dV kernel then also writes dS into a (B, H_q, T_q, T_k)
+  fp32 buffer (O(T^2) memory, only in that case), which autograd sums over the broadcast dims.
+- A query row whose every key is masked returns 0 (and gets zero gradients); its saved LSE is +inf.
+  (SDPA's math backend returns NaN there.)
+- dtypes: float16, bfloat16, float32, with fp32 accumulation everywhere. fp32 inputs use TF32 dot
+  products when `torch.backends.cuda.matmul.allow_tf32` is True (read at each call), IEEE fp32
+  otherwise.
+- Dropout: counter-based Philox RNG, `tl.rand(seed, offset)` with
+  offset = ((b * H_q + h) * T_q + i) * T_k + j (int64) and keep = (uniform >= dropout_p). The seed is
+  drawn from torch's default CPU generator (`torch.randint`), so `torch.manual_seed` reproduces a
+  call; the backward regenerates Z from the seed instead of storing it.
+
+Op contract (the "cuda" backend implements the same two functions, `torch.ops.tfkernels_cuda.*`,
+with exactly these arguments and results):
+
+    attention_fwd(q, k, v, mask: Tensor?, dropout_p: float, seed: Tensor?, is_causal: bool,
+                  scale: float) -> (out, lse)
+        q (B,Hq,Tq,D), k/v (B,Hkv,Tk,D) fp16/bf16/fp32 any strides, Hq % Hkv == 0;
+        mask None or (B,Hq,Tq,Tk) with any strides (0 on broadcast dims), dtype bool or float;
+        seed None (dropout_p == 0) or int64 CPU tensor of shape (1,);
+        out (B,Hq,Tq,D) contiguous in q's dtype; lse (B,Hq,Tq) fp32 contiguous, natural log,
+        +inf for a fully masked row.
+    attention_bwd(dout, q, k, v, mask: Tensor?, out, lse, dropout_p: float, seed: Tensor?,
+                  is_causal: bool, scale: float, mask_grad: bool) -> (dq, dk, dv, dmask)
+        dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
+        dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _config, _cuda_ext, _validate, reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch and cuda backends still work
+    triton = None
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+LN2 = 0.6931471805599453  # log(x) = log2(x) * ln(2)
+
+if triton is not None:
+
+    @triton.jit
+    def _load_tile(ptrs, offs_r, offs_c, n_r, n_c, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+        """2-D tile load whose bounds checks are compiled in only where a dimension can be ragged."""
+        if CHECK_R and CHECK_C:
+            x = tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+        elif CHECK_R:
+            x = tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+        elif CHECK_C:
+            x = tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
+    def _store_tile(ptrs, x, offs_r, offs_c, n_r, n_c, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+        if CHECK_R and CHECK_C:
+            tl.store(ptrs, x, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c))
+        elif CHECK_R:
+            tl.store(ptrs, x, mask=offs_r[:, None] < n_r)
+        elif CHECK_C:
+            tl.store(ptrs, x, mask=offs_c[None, :] < n_c)
+        else:
+            tl.store(ptrs, x)
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _attn_fwd_inner(
+        acc, l_i, m_i, q,  # running state (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,), (BLOCK_M,); q tile
+        K_bh,  # pointer to K[b, h_kv], shape (Tk, D), strides (stride_kn, stride_kd)
+        V_bh,  # pointer to V[b, h_kv], shape (Tk, D), strides (stride_vn, stride_vd)
+        Mask_bh,  # pointer to mask[b, h], shape (Tq, Tk), strides (stride_mq, stride_mk)
+        seed, rng_row,  # dropout seed; rng_row (BLOCK_M,) int64 = ((b*Hq + h)*Tq + i) * Tk
+        offs_m, offs_d, lo, hi, Tq, Tk, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+        qk_scale, dropout_p,
+        MASKED_STAGE: tl.constexpr,  # blocks on the causal diagonal / ragged end: mask columns
+        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kT = _load_tile(K_bh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                            offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)  # (BLOCK_D, BLOCK_N)
+            # scores in base-2 units: s = (scale * log2(e)) * q.k  (fp32 accumulation)
+            s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+            if HAS_MASK:
+                m_ptrs = Mask_bh + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
+                in_bounds = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+                if MASK_BOOL:
+                    keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
+                    s = tl.where(keep, s, -float("inf"))
+                else:
+                    s += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            if MASKED_STAGE:
+                valid = offs_n[None, :] < Tk
+                if IS_CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
+                s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if HAS_MASK:
+                # a row masked so far has max -inf: subtract 0 instead so exp2 gives 0, not NaN
+                m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
+            acc = acc * alpha[:, None]
+            if HAS_DROPOUT:
+                keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+                p = tl.where(keep_d, p, 0.0)
+            v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                           offs_n, offs_d, Tk, D, MASKED_STAGE, not EVEN_D)  # (BLOCK_N, BLOCK_D)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd(
+        Q,  # pointer to q, shape (B, Hq, Tq, D), strides stride_q*
+        K,  # pointer to k, shape (B, Hkv, Tk, D), strides stride_k*
+        V,  # pointer to v, shape (B, Hkv, Tk, D), strides stride_v*
+        Mask,  # pointer to the mask, shape (B, Hq, Tq, Tk), strides stride_m* (0 on broadcast dims)
+        O,  # pointer to out, shape (B, Hq, Tq, D), contiguous
+        LSE,  # pointer to lse, shape (B, Hq, Tq), fp32 contiguous
+        seed, dropout_p, rp_keep, qk_scale,  # rp_keep = 1 / (1 - dropout_p)
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_mb, stride_mh, stride_mq, stride_mk,
+        Hq, Tq, Tk, D, GROUP,  # GROUP = Hq // Hkv
+        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        Q_bh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        Mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
+        rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk
+        m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        # stage 1: whole blocks that need no masking; stage 2: the causal diagonal and ragged tail.
+        # BLOCK_M % BLOCK_N == 0, so start_m * BLOCK_M is a block boundary.
+        n_full = (Tk // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            hi1 = tl.minimum(start_m * BLOCK_M, n_full)
+            hi2 = tl.minimum((start_m + 1) * BLOCK_M, Tk)
+        else:
+            hi1 = n_full
+            hi2 = Tk
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
+            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, hi1, hi2, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
+            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+        if HAS_MASK:
+            # every key masked: l = 0 -> output 0 and LSE = +inf (the backward's P is then 0)
+            empty = l_i == 0.0
+            lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+            l_i = tl.where(empty, 1.0, l_i)
+        else:
+            lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # base 2 -> natural log
+        if HAS_DROPOUT:
+            out = acc * (rp_keep / l_i)[:, None]
+        else:
+            out = acc / l_i[:, None]
+        O_bh = O + bh.to(tl.int64) * Tq * D
+        _store_tile(O_bh + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+                    offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
+        if EVEN_M:
+            tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse)
+        else:
+            tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+    # ------------------------------------------------------------------------------------------
+    # backward
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _attn_bwd_preprocess(
+        O,  # pointer to out, shape (B, Hq, Tq, D), strides stride_o*
+        DO,  # pointer to d(out), shape (B, Hq, Tq, D), strides stride_do* (may be 0)
+        Delta,  # pointer to delta = rowsum(dO * O), shape (B, Hq, Tq), fp32 contiguous
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        Hq, Tq, D,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(1)
+        b = (bh // Hq).to(tl.int64)
+        h = (bh % Hq).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        msk = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+        o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                    mask=msk, other=0.0).to(tl.float32)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=msk, other=0.0).to(tl.float32)
+        tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)  # fp32
+
+    @triton.jit
+    def _attn_bwd_dkdv_inner(
+        dk, dv, k, v,  # (BLOCK_N, BLOCK_D): fp32 accumulators and the program's K/V tiles
+        Q_bh,  # pointer to q[b, h], shape (Tq, D), strides (stride_qm, stride_qd)
+        DO_bh,  # pointer to dout[b, h], shape (Tq, D), strides (stride_dom, stride_dod)
+        LSE_bh, Delta_bh,  # pointers to lse[b, h] and delta[b, h], shape (Tq,), fp32
+        Mask_bh,  # pointer to mask[b, h], shape (Tq, Tk), strides (stride_mq, stride_mk)
+        DMask_bh,  # pointer to dmask[b, h], shape (Tq, Tk), fp32 contiguous
+        seed, rng_base,  # rng_base = (b*Hq + h) * Tq
+        offs_n, offs_d, lo, hi, Tq, Tk, D,
+        stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
+        qk_scale, dropout_p, rp_keep,
+        MASKED_STAGE: tl.constexpr,  # query blocks on the causal diagonal
+        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        # Works on transposed tiles (keys x queries) as the tutorial does, so that dK and dV come
+        # out of dots without transposing the big operands.
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            qT = _load_tile(Q_bh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
+                            offs_d, offs_m, D, Tq, not EVEN_D, not EVEN_M)  # (BLOCK_D, BLOCK_M)
+            if EVEN_M:
+                lse = tl.load(LSE_bh + offs_m)
+                delta = tl.load(Delta_bh + offs_m)
+            else:
+                # rows past Tq get LSE = +inf, hence P = 0: no other masking needed for them
+                lse = tl.load(LSE_bh + offs_m, mask=offs_m < Tq, other=float("inf"))
+                delta = tl.load(Delta_bh + offs_m, mask=offs_m < Tq, other=0.0)
+            sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+            if HAS_MASK:
+                m_ptrs = Mask_bh + offs_m[None, :] * stride_mq + offs_n[:, None] * stride_mk
+                in_bounds = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
+                if MASK_BOOL:
+                    keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
+                    sT = tl.where(keep, sT, -float("inf"))
+                else:
+                    sT += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
+            if MASKED_STAGE:
+                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                            offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) fp32
+            if HAS_DROPOUT:
+                rng = (rng_base + offs_m[None, :]).to(tl.int64) * Tk + offs_n[:, None]
+                keep_d = tl.rand(seed, rng) >= dropout_p
+                pdT = tl.where(keep_d, pT * rp_keep, 0.0)
+                dpT = tl.where(keep_d, dpT * rp_keep, 0.0)
+            else:
+                pdT = pT
+            dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])  # fp32
+            if MASK_GRAD:
+                tl.store(DMask_bh + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None], dsT,
+                         mask=(offs_n[:, None] < Tk) & (offs_m[None, :] < Tq))
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv(
+        Q, K, V, Mask,  # as in _attn_fwd
+        DO,  # pointer to dout, shape (B, Hq, Tq, D), strides stride_do*
+        LSE, Delta,  # pointers to lse and delta, shape (B, Hq, Tq), fp32 contiguous
+        DK,  # pointer to dk, shape (B, Hkv, Tk, D), contiguous
+        DV,  # pointer to dv, shape (B, Hkv, Tk, D), contiguous
+        DMask,  # pointer to dmask (= dS), shape (B, Hq, Tq, Tk), fp32 contiguous (MASK_GRAD only)
+        seed, dropout_p, rp_keep, qk_scale, scale,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_mb, stride_mh, stride_mq, stride_mk,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        Hq, Hkv, Tq, Tk, D, GROUP,
+        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        start_n = tl.program_id(0) * BLOCK_N
+        bhk = tl.program_id(1)
+        b = bhk // Hkv
+        hk = bhk % Hkv
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                       + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                       + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        if IS_CAUSAL:
+            # query rows < start_n see none of these keys; rows in [start_n, start_n + BLOCK_N) are
+            # the diagonal (masked); later rows see all of them. BLOCK_N % BLOCK_M == 0.
+            lo = start_n
+            mid = tl.minimum(start_n + BLOCK_N, Tq)
+        else:
+            lo = 0
+            mid = 0
+        for g in range(0, GROUP):  # GQA: this K/V head serves GROUP query heads; sum over them
+            h = hk * GROUP + g
+            bh = b * Hq + h
+            Q_bh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            DO_bh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+            LSE_bh = LSE + bh.to(tl.int64) * Tq
+            Delta_bh = Delta + bh.to(tl.int64) * Tq
+            Mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+            DMask_bh = DMask + bh.to(tl.int64) * Tq * Tk
+            rng_base = bh.to(tl.int64) * Tq
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                offs_n, offs_d, lo, mid, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
+                True, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                offs_n, offs_d, mid, Tq, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
+                False, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION)
+        dk *= scale  # dK = scale * dS^T Q
+        out_off = bhk.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
+        _store_tile(DK + out_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
+        _store_tile(DV + out_off, dv.to(DV.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
+
+    @triton.jit
+    def _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta,  # dq (BLOCK_M, BLOCK_D) fp32; the program's q/dout tiles; lse*log2(e), delta (BLOCK_M,)
+        K_bh, V_bh, Mask_bh,  # as in _attn_fwd_inner
+        seed, rng_row,  # rng_row (BLOCK_M,) int64 = ((b*Hq + h)*Tq + i) * Tk
+        offs_m, offs_d, lo, hi, Tq, Tk, D,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+        qk_scale, dropout_p, rp_keep,
+        MASKED_STAGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+        MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kT = _load_tile(K_bh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                            offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)  # (BLOCK_D, BLOCK_N)
+            vT = _load_tile(V_bh + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
+                            offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)
+            s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+            if HAS_MASK:
+                m_ptrs = Mask_bh + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
+                in_bounds = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+                if MASK_BOOL:
+                    keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
+                    s = tl.where(keep, s, -float("inf"))
+                else:
+                    s += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            p = tl.math.exp2(s - lse2[:, None])
+            if MASKED_STAGE:
+                valid = offs_n[None, :] < Tk
+                if IS_CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.where(valid, p, 0.0)
+            dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+            if HAS_DROPOUT:
+                keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+                dp = tl.where(keep_d, dp * rp_keep, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq(
+        Q, K, V, Mask, DO, LSE, Delta,  # as in _attn_bwd_dkdv
+        DQ,  # pointer to dq, shape (B, Hq, Tq, D), contiguous
+        seed, dropout_p, rp_keep, qk_scale, scale,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_mb, stride_mh, stride_mq, stride_mk,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        Hq, Tq, Tk, D, GROUP,
+        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                       + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
+        do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                        offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
+        if EVEN_M:
+            lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m)
+            delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m)
+        else:
+            lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+            delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        lse2 = lse * 1.4426950408889634
+        K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        Mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        n_full = (Tk // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            hi1 = tl.minimum(start_m * BLOCK_M, n_full)
+            hi2 = tl.minimum((start_m + 1) * BLOCK_M, Tk)
+        else:
+            hi1 = n_full
+            hi2 = Tk
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
+            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, hi1, hi2, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
+            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION)
+        dq *= scale  # dQ = scale * dS K
+        _store_tile(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
+                    dq.to(DQ.dtype.element_ty), offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
+
+    @triton.jit
+    def _dropout_mask_kernel(
+        Out,  # pointer to the keep mask, shape (B*H, Tq, Tk), int8 contiguous
+        seed, dropout_p, Tq, Tk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        bh = tl.program_id(2)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk  # the same int64 offsets as the kernels
+        keep = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+        tl.store(Out + rng_row[:, None] + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ----------------------------------------------------------------------------------------------
+# configs: block sizes, warps and stages per GPU generation and head dim
+# ----------------------------------------------------------------------------------------------
+# forward (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed (compute-capability major, D bucket).
+# Hopper: 128 x 128 tiles with 8 warps keep the tensor cores busy at D <= 128 (the tutorial's
+# winners); D > 128 halves BLOCK_M/BLOCK_N so Q, the accumulator and the K/V pipeline fit in
+# registers / shared memory. Ampere has less shared memory (and sm_86/89 only ~100 KB): fewer stages.
+# fp32 inputs halve BLOCK_N and use 2 stages (twice the bytes per tile).
+_FWD_CONFIGS = {
+    (9, 64): (128, 128, 8, 3),
+    (9, 128): (128, 128, 8, 3),
+    (9, 256): (64, 64, 8, 2),
+    (8, 64): (128, 64, 4, 3),
+    (8, 128): (128, 64, 8, 2),
+    (8, 256): (64, 32, 4, 2),
+}
+# backward (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): the dK/dV kernel keeps a
+# tall K/V tile (BLOCK_N1) and streams thin Q/dO tiles (BLOCK_M1); the dQ kernel the reverse — the
+# tutorial's (32, 128, 128, 32), 4 warps, 5 stages on Hopper.
+_BWD_CONFIGS = {
+    (9, 64): (32, 128, 128, 32, 4, 5),
+    (9, 128): (32, 128, 128, 32, 4, 5),
+    (9, 256): (16, 64, 64, 16, 8, 2),
+    (8, 64): (32, 128, 128, 32, 4, 3),
+    (8, 128): (32, 64, 64, 32, 4, 2),
+    (8, 256): (16, 32, 32, 16, 4, 1),
+}
+# used when the table's choice runs out of shared memory / registers (e.g. sm_86, fp32 at D=256)
+_FWD_FALLBACK = (64, 32, 4, 1)
+_BWD_FALLBACK = (16, 32, 32, 16, 4, 1)
+# the interpreter executes tiles with numpy: small tiles keep CPU tests fast
+_INTERP_FWD = (16, 16, 1, 1)
+_INTERP_BWD = (16, 16, 16, 16, 1, 1)
+
+
+def _d_bucket(D: int) -> int:
+    return 64 if D <= 64 else (128 if D <= 128 else 256)
+
+
+def _fwd_configs(q: Tensor) -> list:
+    if not q.is_cuda:
+        return [_INTERP_FWD]
+    major = max(8, min(9, torch.cuda.get_device_capability(q.device)[0]))
+    bm, bn, w, s = _FWD_CONFIGS[(major, _d_bucket(q.shape[-1]))]
+    if q.dtype == torch.float32:
+        bn, s = max(16, bn // 2), min(s, 2)
+    return [(bm, bn, w, s), _FWD_FALLBACK]
+
+
+def _bwd_configs(q: Tensor) -> list:
+    if not q.is_cuda:
+        return [_INTERP_BWD]
+    major = max(8, min(9, torch.cuda.get_device_capability(q.device)[0]))
+    m1, n1, m2, n2, w, s = _BWD_CONFIGS[(major, _d_bucket(q.shape[-1]))]
+    if q.dtype == torch.float32:
+        n1, m2, s = max(m1, n1 // 2), max(n2, m2 // 2), min(s, 2)
+    return [(m1, n1, m2, n2, w, s), _BWD_FALLBACK]
+
+
+def _out_of_resources(err: Exception) -> bool:
+    return type(err).__name__ == "OutOfResources"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows PyTorch's matmul flag; half types always run native tensor-core dots
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))  # tl.dot needs every dim >= 16
+
+
+def _mask_args(mask: Optional[Tensor], q: Tensor):
+    """(pointer tensor, strides, HAS_MASK, MASK_BOOL) for an optional (B, Hq, Tq, Tk) mask view."""
+    if mask is None:
+        return q, (0, 0, 0, 0), False, False  # q is a dummy pointer, never read
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), mask.stride(), True, True  # same bytes, loadable as u8
+    return mask, mask.stride(), True, False
+
+
+def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
+    return int(seed.item()) if dropout_p > 0.0 else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    o = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        lse.fill_(float("inf"))
+        return o, lse
+    if Tk == 0:  # no keys: every row fully masked
+        o.zero_()
+        lse.fill_(float("inf"))
+        return o, lse
+    m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
+    has_dropout = dropout_p > 0.0
+    err = None
+    for bm, bn, warps, stages in _fwd_configs(q):
+        try:
+            _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
+                q, k, v, m_ptr, o, lse,
+                _seed_value(seed, dropout_p), float(dropout_p), 1.0 / (1.0 - dropout_p), float(scale) * LOG2E,
+                *q.stride(), *k.stride(), *v.stride(), *m_str,
+                Hq, Tq, Tk, D, Hq // Hkv,
+                IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_DROPOUT=has_dropout,
+                EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
+                num_warps=warps, num_stages=stages)
+            return o, lse
+        except Exception as e:  # noqa: BLE001 — retried with the conservative config
+            if not _out_of_resources(e):
+                raise
+            err = e
+    raise err
+
+
+def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad):
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # dS is zero on the tiles the causal kernels skip, so the buffer starts at zero
+    dmask = (torch.zeros((B, Hq, Tq, Tk), dtype=torch.float32, device=q.device) if mask_grad
+             else torch.empty((0,), dtype=torch.float32, device=q.device))
+    if B * Hq * Tq == 0 or Tk == 0 or D == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
+    dm_ptr = dmask if mask_grad else q  # dummy pointer when unused
+    has_dropout = dropout_p > 0.0
+    seed_v = _seed_value(seed, dropout_p)
+    BD = _block_d(D)
+    prec = _dot_precision(q.dtype)
+    delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess[(triton.cdiv(Tq, 16 if not q.is_cuda else 64), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D,
+        BLOCK_M=16 if not q.is_cuda else 64, BLOCK_D=BD)
+    common = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+                  HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec)
+    rp_keep = 1.0 / (1.0 - dropout_p)
+    err = None
+    for m1, n1, m2, n2, warps, stages in _bwd_configs(q):
+        try:
+            _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
+                q, k, v, m_ptr, dout, lse, delta, dk, dv, dm_ptr,
+                seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
+                *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
+                Hq, Hkv, Tq, Tk, D, Hq // Hkv,
+                MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
+                BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
+            _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
+                q, k, v, m_ptr, dout, lse, delta, dq,
+                seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
+                *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
+                Hq, Tq, Tk, D, Hq // Hkv,
+                EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
+            return dq, dk, dv, dmask
+        except Exception as e:  # noqa: BLE001 — retried with the conservative config
+            if not _out_of_resources(e):
+                raise
+            err = e
+    raise err
+
+
+def _dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device="cpu") -> Tensor:
+    """The keep mask (B, H, Tq, Tk) bool that the kernels apply for `seed` (tests replay it)."""
+    out = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
+    if out.numel():
+        _dropout_mask_kernel[(triton.cdiv(Tq, 16), triton.cdiv(Tk, 16), B * H)](
+            out, int(seed), float(dropout_p), Tq, Tk, BLOCK_M=16, BLOCK_N=16)
+    return out.bool()
+
+
+def _draw_seed() -> Tensor:
+    """The dropout seed for one call, from torch's default CPU generator (torch.manual_seed)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def _cuda_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
+    return _cuda_ext.ops().attention_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale)
+
+
+def _cuda_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad):
+    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# registration and autograd
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float,
+                  seed: Optional[Tensor], is_causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """-> out (B, Hq, Tq, D) contiguous, lse (B, Hq, Tq) fp32 (see the module docstring)."""
+    return _backend.run("attention", backend, _triton_fwd, _cuda_fwd, q, k, v, mask, dropout_p, seed,
+                        is_causal, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, dropout_p, seed, is_causal, scale, backend):
+    B, Hq, Tq, D = q.shape
+    return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("tfkernels::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor,
+                  lse: Tensor, dropout_p: float, seed: Optional[Tensor], is_causal: bool, scale: float,
+                  mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, dmask ((B, Hq, Tq, Tk) fp32 when mask_grad, else empty)."""
+    return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, out, lse,
+                        dropout_p, seed, is_causal, scale, mask_grad)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad, backend):
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    dmask = (q.new_empty((B, Hq, Tq, Tk), dtype=torch.float32) if mask_grad
+             else q.new_empty((0,), dtype=torch.float32))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_p, seed, is_causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
+    ctx.args = (dropout_p, is_causal, scale, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, mask, out, lse, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale, backend = ctx.args
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale,
+                                      mask_grad, backend)
+    dmask = dmask.to(mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------------
+
+def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.check_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {list(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: {name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
+    if attn_mask is not None:
+        _validate.check_tensor(attn_mask, "attn_mask")
+    _validate.check_same_device(q, "q", k=k, v=v, attn_mask=attn_mask)
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"attention: head dims differ: q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}; "
+                         "they must be equal")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention: k {list(k.shape)} and v {list(v.shape)} must have the same heads and length")
+    if q.shape[-1] == 0:
+        raise ValueError("attention: head dim D must be at least 1")
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(f"attention: q has {Hq} heads but k/v have {Hkv}; pass enable_gqa=True for GQA/MQA")
+        if Hkv == 0 or Hq % Hkv != 0:
+            raise ValueError(f"attention: with enable_gqa, q's heads ({Hq}) must be a multiple of k/v's heads ({Hkv})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"attention: dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        target = (q.shape[0], Hq, q.shape[2], k.shape[2])
+        try:
+            ok = attn_mask.dim() <= 4 and tuple(torch.broadcast_shapes(attn_mask.shape, target)) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attention: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                             f"(B, H_q, T_q, T_k) = {list(target)}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+              backend: Optional[str] = None) -> Tensor:
+    """Scaled dot-product attention with the signature and semantics of
+    `torch.nn.functional.scaled_dot_product_attention`; FlashAttention-2 kernels in Triton.
+
+    q (B, H_q, T_q, D), k and v (B, H_kv, T_k, D) -> (B, H_q, T_q, D). H_q == H_kv, or with
+    `enable_gqa=True` H_q a multiple of H_kv (query head h uses K/V head h // (H_q // H_kv)).
+    D <= 256, the same for q, k and v. float16, bfloat16 or float32 (fp32 dots use TF32 when
+    `torch.backends.cuda.matmul.allow_tf32`).
+
+    is_causal: top-left lower-triangular mask, also for T_q != T_k (row i sees keys 0..i)::
+
+        T_q=3, T_k=5:   1 0 0 0 0
+                        1 1 0 0 0
+                        1 1 1 0 0
+
+    attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+    (B, H_q, T_q, T_k), e.g. a key-padding mask (B, 1, 1, T_k) or a bias (1, H, T_q, T_k); never
+    expanded in memory. It may be combined with is_causal (SDPA does not allow that). A float mask
+    that requires grad receives its gradient (this costs a (B, H_q, T_q, T_k) fp32 buffer).
+    A query row with every key masked returns zeros (SDPA's math backend gives NaN).
+
+    dropout_p: applied to the attention probabilities (always, as in SDPA: pass 0.0 in eval); the
+    seed comes from torch's generator, so `torch.manual_seed` makes a call reproducible.
+    scale: defaults to 1/sqrt(D).
+    backend: "triton", "cuda", "torch" or None (automatic).
+    """
+    _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    be = _backend.resolve(backend, q, "attention")
+    _validate.check_float(q, "q", be)
+    if be == "torch":
+        return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D={D} exceeds the kernels' limit of {MAX_HEAD_DIM} "
+                         "(use backend='torch')")
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        mask = mask.expand(B, Hq, Tq, Tk)  # a stride-0 view, not a copy
+    scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    seed = _draw_seed() if dropout_p > 0.0 else None
+    out, _ = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, be)
+    return out
