@@ -3,7 +3,7 @@
 Grid (FlashAttention's): B*T = 16,384 tokens, H*D = 2048, so B = 16384 / T and H = 2048 / D;
 T in {512, 1k, 2k, 4k, 8k, 16k}, D in {64, 128}, causal and not. --quick keeps T in {1k, 4k, 16k}
 (short, middle, long; factor 4 apart) -- 12 configurations, about 2 minutes on an H100.
---smoke runs B*T = 128, H = 2, D = 32, T in {32, 64} on CPU.
+--smoke runs B*T = 64, H = 2, D = 32, T in {16, 32} on CPU.
 
 FLOPs: forward 4*B*H*T*T*D (two matmuls, 2 FLOPs per multiply-add), halved when causal; backward
 2.5x forward (five matmuls, one recomputing QK^T); forward+backward 3.5x forward.
@@ -54,7 +54,7 @@ class Provider:
 def sweep_configs(cfg: BenchConfig):
     """(B, H, T, D, causal) in sweep order."""
     if cfg.smoke:
-        Ts, Ds, tokens, hidden = [32, 64], [32], 128, 64
+        Ts, Ds, tokens, hidden = [16, 32], [32], 64, 64
     else:
         Ts = [1024, 4096, 16384] if cfg.quick else [512, 1024, 2048, 4096, 8192, 16384]
         Ds, tokens, hidden = [64, 128], TOKENS, HIDDEN
