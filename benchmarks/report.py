@@ -36,7 +36,7 @@ def write_all(out: Path, result: dict) -> list[Path]:
     rows = result["rows"]
     paths = [out / "results.json", out / "results.csv", out / "summary.md"]
     with open(paths[0], "w") as f:
-        json.dump({**result, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows]}, f, indent=1)
+        json.dump({**result, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows]}, f, indent=1, default=str)
     keys = list(ENV_KEYS) + [k for k in ROW_KEYS]
     keys += sorted({k for r in rows for k in r} - set(keys))
     with open(paths[1], "w", newline="") as f:

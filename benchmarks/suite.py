@@ -25,7 +25,7 @@ ONLY = {"attention": ("attention",), "norms": ("layer_norm", "rms_norm", "softma
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=None, help="comma list of: " + ", ".join(ONLY) + " (default: all)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
