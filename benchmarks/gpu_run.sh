@@ -5,7 +5,7 @@
 #   $OUT/bench/summary.md                the markdown tables (copy into benchmarks/results/README.md)
 #   $OUT/bench/{norms,attention,attention_memory}.png
 #
-# usage: OUT=/some/dir [TFKERNELS_COMMIT=<sha>] [BUDGET=400] bash benchmarks/gpu_run.sh [extra suite args]
+# usage: OUT=/some/dir [TFKERNELS_COMMIT=<sha>] [BUDGET=330] bash benchmarks/gpu_run.sh [extra suite args]
 #   default suite args: --quick (norms N in 1k/4k/16k/64k, attention T in 1k/4k/16k); pass e.g.
 #   "--only attention" or "--dtype fp16" to narrow, or "--full" to drop --quick.
 # The copy of the tree on the GPU machine may have no .git: set TFKERNELS_COMMIT to stamp the rows.
@@ -13,8 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-400}          # seconds after which the suite starts no new shape
-HARD_LIMIT=${HARD_LIMIT:-570}  # kill switch, under the 10-minute command limit
+BUDGET=${BUDGET:-330}          # seconds after which the suite starts no new shape (e2e, last, is one block)
+HARD_LIMIT=${HARD_LIMIT:-540}  # kill switch under the 10-minute command limit; results are checkpointed after each suite
 mkdir -p "$OUT/bench"
 LOG="$OUT/log.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -93,17 +93,26 @@ def main(argv=None) -> int:
               "notes": {}, "rows": []}
     rows, notes = [], result["notes"]
 
+    def checkpoint():
+        """Write what has run so far: a run killed later (a GPU command's time limit) keeps it."""
+        log(f"   [{time.time() - t0:.0f} s]")
+        result.update(rows=report.stamp(rows, env), wall_s=time.time() - t0)
+        try:
+            report.write_all(out, result)
+        except Exception as err:  # noqa: BLE001 - the final write reports it
+            log(f"   (checkpoint write failed: {_util.short(err)})")
+
     norm_ops = [o for o in args.ops if o in bench_norms.OPS]
     if norm_ops:
         copy = _util.copy_bandwidth(cfg)
         result.update(copy_GBps=copy["copy_GBps"], copy_bytes=copy["copy_bytes"])
         log(f"\n== norms / softmax (copy bandwidth {copy['copy_GBps']:.0f} GB/s)")
         rows += _guard("norms", lambda: bench_norms.run(cfg, norm_ops, copy["copy_GBps"], notes, log), notes, log)
-        log(f"   [{time.time() - t0:.0f} s]")
+        checkpoint()
     if "attention" in args.ops:
         log("\n== attention")
         rows += _guard("attention", lambda: bench_attention.run(cfg, notes, log), notes, log)
-        log(f"   [{time.time() - t0:.0f} s]")
+        checkpoint()
     if "e2e" in args.ops:
         log("\n== end to end")
         rows += _guard("e2e", lambda: bench_e2e.run(cfg, notes, log), notes, log)
