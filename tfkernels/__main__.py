@@ -15,12 +15,30 @@ SUBCOMMANDS = [
 ]
 
 
+def _register_bench(sub) -> None:
+    """`tfkernels bench ...` forwards to the benchmark suite (`python -m benchmarks`), which lives in
+    the repository's benchmarks/ folder rather than in the installed package."""
+    p = sub.add_parser("bench", help="run the benchmark suite (from a tfkernels checkout)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def run(args) -> int:
+        try:
+            import benchmarks
+        except ImportError:
+            raise FileNotFoundError("the benchmark suite is the benchmarks/ folder of a tfkernels checkout: "
+                                    "run `tfkernels bench` from the repository root") from None
+        return benchmarks.main(args.args) or 0
+
+    p.set_defaults(func=run)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tfkernels", description="fused Transformer kernels for PyTorch: "
                                      "pretraining and tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
+    _register_bench(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
