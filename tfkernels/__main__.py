@@ -30,16 +30,21 @@ def _register_bench(sub) -> None:
         return benchmarks.main(args.args) or 0
 
     p.set_defaults(func=run)
+    return run
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tfkernels", description="fused Transformer kernels for PyTorch: "
                                      "pretraining and tools")
+    argv = sys.argv[1:] if argv is None else list(argv)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
-    _register_bench(sub)
-    args = parser.parse_args(argv)
+    parser._bench_run = _register_bench(sub)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to the suite's own parser
+        args = argparse.Namespace(command="bench", args=argv[1:], func=parser._bench_run)
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
