@@ -4,6 +4,7 @@
 Environment:
   TFKERNELS_BUILD_CUDA=1   force the build (fail loudly if it cannot be done)
   TFKERNELS_BUILD_CUDA=0   skip it (the cuda backend then JIT-compiles on first use, if it can)
+  (unset)                  build it when torch is a CUDA build and a CUDA toolkit is found, else skip
   TFKERNELS_CUDA_ARCHS     compute capabilities, default "80;90" (sm_90 builds the Hopper target)
   MAX_JOBS                 parallel compile jobs (ninja)
 CUDA builds need torch in the build environment: `pip install --no-build-isolation -e .`
@@ -30,8 +31,6 @@ def _cuda_extension():
         if flag == "1":
             raise RuntimeError("TFKERNELS_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (CUDA_HOME)")
         return [], {}
-    if flag != "1":
-        return [], {}  # default: no build at install; the cuda backend JIT-compiles on first use
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join(here, "csrc", "*.cu")) + glob.glob(os.path.join(here, "csrc", "*.cpp")))
     if not sources:
@@ -45,7 +44,7 @@ def _cuda_extension():
         sources=[os.path.relpath(s, here) for s in sources],
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode},
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,14 +1,41 @@
 """Loader for the optional CUDA C++ extension built from csrc/ (the "cuda" backend).
 
 The extension registers its kernels as `torch.ops.tfkernels_cuda.<name>`; each op file calls them
-through `ops()` with the same arguments as its Triton launcher.
+through `ops()` with the same arguments as its Triton launcher. Two ways to get it:
+
+1. prebuilt: `TFKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .` builds `tfkernels._C`;
+2. JIT: otherwise the first `is_available(load=True)` (the first call with backend="cuda", or the
+   automatic backend falling back to cuda) compiles csrc/ with `torch.utils.cpp_extension.load`
+   (ninja) into ~/.cache/tfkernels/<torch version>-<hash of sources and flags>/ and reuses that
+   build on later runs. Archs: TFKERNELS_CUDA_ARCHS when set, else the current GPU's.
+
+Nothing here raises on import of tfkernels; when the extension cannot be had, `is_available`
+returns False and `unavailable_reason()` says why (CPU-only torch, no GPU, nvcc missing, build error).
 """
 from __future__ import annotations
 
-_state = {"ops": None, "error": "the CUDA C++ extension is not built (the cuda backend is not implemented yet)"}
+import hashlib
+import os
+import threading
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_JIT_NAME = "tfkernels_cuda_jit"
+
+_lock = threading.Lock()
+_state = {"ops": None, "error": "the CUDA C++ extension is not loaded", "prebuilt_tried": False, "jit_tried": False}
 
 
 def is_available(load: bool = False) -> bool:
+    """True when torch.ops.tfkernels_cuda is registered; with load=True, JIT-compile it if needed."""
+    if _state["ops"] is not None:
+        return True
+    with _lock:
+        if _state["ops"] is None and not _state["prebuilt_tried"]:
+            _state["prebuilt_tried"] = True
+            _try(_load_prebuilt)
+        if _state["ops"] is None and load and not _state["jit_tried"]:
+            _state["jit_tried"] = True
+            _try(_load_jit)
     return _state["ops"] is not None
 
 
@@ -17,6 +44,96 @@ def unavailable_reason() -> str:
 
 
 def ops():
-    if _state["ops"] is None:
+    """torch.ops.tfkernels_cuda (loading the extension first if needed)."""
+    if _state["ops"] is None and not is_available(load=True):
         raise RuntimeError(unavailable_reason())
     return _state["ops"]
+
+
+def _try(fn) -> None:
+    try:
+        fn()
+    except Exception as err:  # never let a build problem escape into an op call or the import
+        _state["error"] = f"the CUDA C++ extension could not be loaded: {type(err).__name__}: {err}"
+
+
+def _registered():
+    import torch
+
+    ns = torch.ops.tfkernels_cuda
+    ns.softmax_fwd  # raises when the library did not register its ops
+    return ns
+
+
+def _load_prebuilt() -> None:
+    try:
+        from . import _C  # noqa: F401  (built by setup.py with TFKERNELS_BUILD_CUDA=1)
+    except ImportError as err:
+        _state["error"] = f"the CUDA C++ extension is not built (import tfkernels._C: {err})"
+        return
+    _state["ops"] = _registered()
+
+
+def _source_files() -> list[str]:
+    if not os.path.isdir(_CSRC):
+        return []
+    return sorted(os.path.join(_CSRC, f) for f in os.listdir(_CSRC) if f.endswith((".cu", ".cpp", ".h", ".cuh")))
+
+
+def _arch_flags() -> list[str]:
+    import torch
+
+    from . import _config
+
+    archs = os.environ.get("TFKERNELS_CUDA_ARCHS")
+    if archs:
+        archs = [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        archs = [f"{major}{minor}"] if major else [a for a in _config.cuda_archs().split(";") if a]
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return flags
+
+
+def _load_jit() -> None:
+    import torch
+
+    if torch.version.cuda is None:
+        _state["error"] = f"torch {torch.__version__} is a CPU-only build (the cuda backend needs a CUDA build of torch)"
+        return
+    if not torch.cuda.is_available():
+        _state["error"] = "no CUDA device is available"
+        return
+    from torch.utils import cpp_extension
+
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+    if nvcc is None or not os.path.exists(nvcc):
+        _state["error"] = ("nvcc was not found (set CUDA_HOME to a CUDA toolkit), so the CUDA C++ extension cannot be "
+                           "JIT-compiled; or build it at install: TFKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+        return
+    files = _source_files()
+    sources = [f for f in files if f.endswith((".cu", ".cpp"))]
+    if not sources:
+        _state["error"] = f"the csrc/ sources are not available (looked in {_CSRC}); install from a source checkout"
+        return
+    cuda_flags = ["-O3", "-std=c++17", "-lineinfo"] + _arch_flags()
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(os.path.basename(f).encode() + b"\0" + fh.read())
+    h.update(" ".join(cuda_flags).encode())
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    build_dir = os.path.join(cache, "tfkernels", f"{torch.__version__}-{h.hexdigest()[:16]}")
+    os.makedirs(build_dir, exist_ok=True)
+    cpp_extension.load(
+        name=_JIT_NAME,
+        sources=sources,
+        extra_include_paths=[_CSRC],
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=cuda_flags,
+        build_directory=build_dir,
+        verbose=os.environ.get("TFKERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
+    )
+    _state["ops"] = _registered()

@@ -1,0 +1,464 @@
+// Fused attention forward and backward (FlashAttention-2 style), same semantics as the Triton op
+// in tfkernels/ops/attention.py (see its module docstring for the math and the op contract).
+//
+//   S = scale * Q K^T + M_add          (-inf where a bool mask is False, causal j > i, or j >= Tk)
+//   P = softmax(S),  LSE = logsumexp(S) (fp32, natural log, +inf for a fully masked row -> O = 0)
+//   Pd = Z * P / (1 - p),  O = Pd V     Z: keep mask, Philox as Triton's tl.rand(seed, offset) with
+//                                       offset = ((b*Hq + h)*Tq + i)*Tk + j, keep = u >= p
+// Backward: delta = rowsum(dO * O); dV = Pd^T dO; dP = Z * (dO V^T) / (1 - p);
+//           dS = P * (dP - delta) (= d mask); dQ = scale * dS K; dK = scale * dS^T Q.
+//
+// Structure: blocks of BM query rows x BN = BM keys, 4 warps; tiles live in shared memory (dynamic,
+// sized at launch; BM = 64, 32 or 16, the largest that fits the device for the head dim). The
+// products run on tensor cores through wmma (16x16x16, fp32 accumulate) for fp16/bf16; fp32 uses
+// plain FMAs from shared memory (IEEE, like the Triton op without allow_tf32). The output
+// accumulator stays in shared memory in fp32 so the online-softmax rescale can address its rows.
+// Head dims 1..256 (padded to a multiple of 16 with zeros); any Tq, Tk; any input strides (0 too).
+// The backward is two kernels (dK/dV per key block, looping over the group's query heads and query
+// blocks, so GQA sums in-kernel without atomics; dQ per query block) after a delta kernel.
+#include <mma.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace tfk {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps per block
+
+// ------------------------------------------------------------------------------ dropout RNG
+
+// Triton's tl.rand(seed, offset) for an int64 offset: Philox-4x32, 10 rounds, counter
+// (lo(offset), hi(offset), 0, 0), key (lo(seed), hi(seed)); first word -> float in [0, 1).
+__device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t p0 = c0, p2 = c2;
+    c0 = __umulhi(0xCD9E8D57u, p2) ^ c1 ^ k0;
+    c2 = __umulhi(0xD2511F53u, p0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * p2;
+    c3 = 0xD2511F53u * p0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t x = static_cast<int32_t>(c0);
+  if (x < 0) x = ~x;  // -x - 1 without overflow
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// ------------------------------------------------------------------------------ score helpers
+
+__device__ __forceinline__ float load_mask_f(const void* m, int64_t off, DType dt) {
+  switch (dt) {
+    case DType::F16: return __half2float(static_cast<const __half*>(m)[off]);
+    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m)[off]);
+    default: return static_cast<const float*>(m)[off];
+  }
+}
+
+// The masked, scaled score for query i, key j of head (b, h) from the raw q.k product; -inf when
+// masked or out of bounds.
+__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk) {
+  if (i >= p.Tq || j >= p.Tk || (p.causal && j > i)) return -INFINITY;
+  float s = qk * p.scale;
+  if (p.mask_kind != 0) {
+    const int64_t off = b * p.m_s[0] + h * p.m_s[1] + static_cast<int64_t>(i) * p.m_s[2] + static_cast<int64_t>(j) * p.m_s[3];
+    if (p.mask_kind == 1) {
+      if (static_cast<const uint8_t*>(p.mask)[off] == 0) return -INFINITY;
+    } else {
+      s += load_mask_f(p.mask, off, p.mask_dtype);
+    }
+  }
+  return s;
+}
+
+// Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout.
+__device__ __forceinline__ float dropout_scale(const AttnParams& p, int b, int h, int i, int j) {
+  if (p.dropout_p <= 0.0f) return 1.0f;
+  const uint64_t off = ((static_cast<uint64_t>(b) * p.Hq + h) * p.Tq + i) * static_cast<uint64_t>(p.Tk) + j;
+  return philox_uniform(p.seed, off) >= p.dropout_p ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
+}
+
+// ------------------------------------------------------------------------------ tile loads
+
+// dst[r][d] (ld = dp) = src[(row0 + r) * s_t + d * s_d] for r < rows, zero outside (nrows, D).
+template <typename T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t s_t, int64_t s_d, int row0, int rows,
+                                          int nrows, int D, int dp) {
+  for (int idx = threadIdx.x; idx < rows * dp; idx += blockDim.x) {
+    const int r = idx / dp, d = idx - r * dp;
+    const int i = row0 + r;
+    dst[idx] = (i < nrows && d < D) ? src[static_cast<int64_t>(i) * s_t + d * s_d] : from_f<T>(0.0f);
+  }
+}
+
+// ------------------------------------------------------------------------------ shared-memory GEMM
+
+// C (M x N, fp32, ldc) = [C +] A (M x K) * B (K x N); A(i,k) = A_T ? A[k*lda + i] : A[i*lda + k],
+// B(k,j) = B_T ? B[j*ldb + k] : B[k*ldb + j]. M, N, K multiples of 16; all operands in shared memory.
+// fp16/bf16: wmma on tensor cores, one 16x16 output tile per warp at a time; fp32: FMAs.
+template <typename T, bool A_T, bool B_T>
+__device__ __forceinline__ void smem_gemm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
+                                          int M, int N, int K, bool accumulate) {
+  if constexpr (std::is_same<T, float>::value) {
+    for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+      const int i = idx / N, j = idx - i * N;
+      float s = accumulate ? C[i * ldc + j] : 0.0f;
+      for (int k = 0; k < K; ++k) {
+        const float a = A_T ? A[k * lda + i] : A[i * lda + k];
+        const float b = B_T ? B[j * ldb + k] : B[k * ldb + j];
+        s = fmaf(a, b, s);
+      }
+      C[i * ldc + j] = s;
+    }
+  } else {
+    using namespace nvcuda;
+    using LA = typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type;
+    using LB = typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int tn = N / 16, tiles = (M / 16) * tn;
+    for (int t = warp; t < tiles; t += nwarps) {
+      const int i0 = (t / tn) * 16, j0 = (t % tn) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      if (accumulate)
+        wmma::load_matrix_sync(c, C + i0 * ldc + j0, ldc, wmma::mem_row_major);
+      else
+        wmma::fill_fragment(c, 0.0f);
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+        wmma::load_matrix_sync(a, A_T ? A + k0 * lda + i0 : A + i0 * lda + k0, lda);
+        wmma::load_matrix_sync(b, B_T ? B + j0 * ldb + k0 : B + k0 * ldb + j0, ldb);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(C + i0 * ldc + j0, c, ldc, wmma::mem_row_major);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ forward
+
+template <typename T, int BM>
+size_t fwd_smem(int dp) {
+  return (3 * BM * dp + BM * BM) * sizeof(T) + (BM * BM + BM * dp + 2 * BM) * sizeof(float);
+}
+
+template <typename T, int BM>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, int dp) {
+  constexpr int BN = BM;
+  constexpr int CPL = (BN + 31) / 32;  // score columns per lane
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (BM, dp)
+  T* sK = sQ + BM * dp;                    // (BN, dp)
+  T* sV = sK + BN * dp;                    // (BN, dp)
+  T* sP = sV + BN * dp;                    // (BM, BN) dropped, unnormalised probabilities
+  float* sS = reinterpret_cast<float*>(sP + BM * BN);  // (BM, BN) raw q.k
+  float* sO = sS + BM * BN;                // (BM, dp) fp32 output accumulator
+  float* sMax = sO + BM * dp;              // (BM,) running max
+  float* sSum = sMax + BM;                 // (BM,) running sum of exp
+
+  const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int m0 = blockIdx.y * BM;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+
+  load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
+  for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) sO[idx] = 0.0f;
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    sMax[r] = -INFINITY;
+    sSum[r] = 0.0f;
+  }
+  // causal: keys past the block's last query row are masked for every row
+  const int n_end = p.causal ? min(p.Tk, m0 + BM) : p.Tk;
+  for (int n0 = 0; n0 < n_end; n0 += BN) {
+    __syncthreads();  // the previous block's products are done with sK, sV, sP
+    load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
+    load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
+    __syncthreads();
+    smem_gemm<T, false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);  // S = Q K^T
+    __syncthreads();
+    // online softmax, one warp per row: new max, rescale factor, probabilities, running sum
+    for (int r = warp; r < BM; r += nwarps) {
+      const int i = m0 + r;
+      float s[CPL];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < CPL; ++t) {
+        const int c = lane + 32 * t;
+        s[t] = c < BN ? score(p, b, h, i, n0 + c, sS[r * BN + c]) : -INFINITY;
+        mx = fmaxf(mx, s[t]);
+      }
+      mx = warp_max(mx);
+      const float m_old = sMax[r];
+      const float m_new = fmaxf(m_old, mx);
+      const float alpha = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);  // exp(-inf) = 0 on the first block
+      float lsum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < CPL; ++t) {
+        const int c = lane + 32 * t;
+        const float pr = m_new == -INFINITY ? 0.0f : expf(s[t] - m_new);
+        lsum += pr;
+        if (c < BN) sP[r * BN + c] = from_f<T>(pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i, n0 + c));
+      }
+      lsum = warp_sum(lsum);
+      for (int d = lane; d < dp; d += 32) sO[r * dp + d] *= alpha;
+      if (lane == 0) {
+        sMax[r] = m_new;
+        sSum[r] = sSum[r] * alpha + lsum;
+      }
+    }
+    __syncthreads();
+    smem_gemm<T, false, false>(sO, dp, sP, BN, sV, dp, BM, dp, BN, true);  // O += Pd V
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
+    const int r = idx / dp, d = idx - r * dp, i = m0 + r;
+    if (i < p.Tq && d < p.D) {
+      const float l = sSum[r];
+      out[static_cast<int64_t>(i) * p.D + d] = from_f<T>(l > 0.0f ? sO[idx] / l : 0.0f);
+    }
+  }
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    const int i = m0 + r;
+    if (i < p.Tq) {
+      const float l = sSum[r];
+      p.lse[static_cast<int64_t>(bh) * p.Tq + i] = l > 0.0f ? sMax[r] + logf(l) : INFINITY;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ backward
+
+// delta[bh, i] = sum_d dO * O, one warp per row.
+template <typename T>
+__global__ void attn_bwd_delta_kernel(const AttnParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
+  if (row >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t bh = row / p.Tq;
+  const int i = static_cast<int>(row - bh * p.Tq);
+  const int b = static_cast<int>(bh / p.Hq), h = static_cast<int>(bh % p.Hq);
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1] + i * p.do_s[2];
+  const T* o = static_cast<const T*>(p.o) + b * p.o_s[0] + h * p.o_s[1] + i * p.o_s[2];
+  float s = 0.0f;
+  for (int d = lane; d < p.D; d += 32) s += to_f(dout[d * p.do_s[3]]) * to_f(o[d * p.o_s[3]]);
+  s = warp_sum(s);
+  if (lane == 0) p.delta[row] = s;
+}
+
+// Shared by both backward kernels: from sS = Q K^T and sDP = dO V^T of one (BM, BN) tile, the
+// dropped probabilities Pd and dS (as T, for the next products), and dS into dmask when asked.
+template <typename T, int BM>
+__device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, int m0, int n0,
+                                            const float* sS, const float* sDP, const float* sLse,
+                                            const float* sDelta, T* sPd, T* sDS) {
+  constexpr int BN = BM;
+  for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+    const int r = idx / BN, c = idx - r * BN, i = m0 + r, j = n0 + c;
+    const float s = score(p, b, h, i, j, sS[idx]);
+    const float prob = s == -INFINITY ? 0.0f : expf(s - sLse[r]);  // lse = +inf (empty row) -> 0
+    const float z = prob == 0.0f ? 0.0f : dropout_scale(p, b, h, i, j);
+    const float ds = prob * (sDP[idx] * z - sDelta[r]);
+    if (sPd != nullptr) sPd[idx] = from_f<T>(prob * z);
+    sDS[idx] = from_f<T>(ds);
+    if (p.dmask != nullptr && i < p.Tq && j < p.Tk)
+      p.dmask[((static_cast<int64_t>(b) * p.Hq + h) * p.Tq + i) * p.Tk + j] = ds;
+  }
+}
+
+template <typename T, int BM>
+size_t dkdv_smem(int dp) {
+  return (4 * BM * dp + 2 * BM * BM) * sizeof(T) + (2 * BM * BM + 2 * BM * dp + 2 * BM) * sizeof(float);
+}
+
+// One block per (BN keys, b * Hkv + hk): dK, dV over every query head of the group and query block.
+template <typename T, int BM>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParams p, int dp) {
+  constexpr int BN = BM;
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // (BN, dp)
+  T* sV = sK + BN * dp;                    // (BN, dp)
+  T* sQ = sV + BN * dp;                    // (BM, dp)
+  T* sdO = sQ + BM * dp;                   // (BM, dp)
+  T* sPd = sdO + BM * dp;                  // (BM, BN)
+  T* sDS = sPd + BM * BN;                  // (BM, BN)
+  float* sS = reinterpret_cast<float*>(sDS + BM * BN);  // (BM, BN)
+  float* sDP = sS + BM * BN;               // (BM, BN)
+  float* sdK = sDP + BM * BN;              // (BN, dp)
+  float* sdV = sdK + BN * dp;              // (BN, dp)
+  float* sLse = sdV + BN * dp;             // (BM,)
+  float* sDelta = sLse + BM;               // (BM,)
+
+  const int bhk = blockIdx.x, b = bhk / p.Hkv, hk = bhk - b * p.Hkv, group = p.Hq / p.Hkv;
+  const int n0 = blockIdx.y * BN;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
+  load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
+  for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
+    sdK[idx] = 0.0f;
+    sdV[idx] = 0.0f;
+  }
+  // causal: query rows before n0 see none of these keys (BM == BN, so n0 starts a query block)
+  const int m_start = p.causal ? n0 : 0;
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+    const float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
+    const float* delta = p.delta + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
+    for (int m0 = m_start; m0 < p.Tq; m0 += BM) {
+      __syncthreads();  // the previous tile's products are done with sQ, sdO, sPd, sDS
+      load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
+      load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, p.Tq, p.D, dp);
+      for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+        const int i = m0 + r;
+        sLse[r] = i < p.Tq ? lse[i] : INFINITY;
+        sDelta[r] = i < p.Tq ? delta[i] : 0.0f;
+      }
+      __syncthreads();
+      smem_gemm<T, false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
+      smem_gemm<T, false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
+      __syncthreads();
+      bwd_tile_ds<T, BM>(p, b, h, m0, n0, sS, sDP, sLse, sDelta, sPd, sDS);
+      __syncthreads();
+      smem_gemm<T, true, false>(sdV, dp, sPd, BN, sdO, dp, BN, dp, BM, true);  // dV += Pd^T dO
+      smem_gemm<T, true, false>(sdK, dp, sDS, BN, sQ, dp, BN, dp, BM, true);   // dK += dS^T Q
+    }
+  }
+  __syncthreads();
+  const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
+  T* dk = static_cast<T*>(p.dk) + base;
+  T* dv = static_cast<T*>(p.dv) + base;
+  for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
+    const int r = idx / dp, d = idx - r * dp, j = n0 + r;
+    if (j < p.Tk && d < p.D) {
+      dk[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdK[idx] * p.scale);
+      dv[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdV[idx]);
+    }
+  }
+}
+
+template <typename T, int BM>
+size_t dq_smem(int dp) {
+  return (4 * BM * dp + BM * BM) * sizeof(T) + (2 * BM * BM + BM * dp + 2 * BM) * sizeof(float);
+}
+
+// One block per (BM queries, b * Hq + h): dQ over the key blocks.
+template <typename T, int BM>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams p, int dp) {
+  constexpr int BN = BM;
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (BM, dp)
+  T* sdO = sQ + BM * dp;                   // (BM, dp)
+  T* sK = sdO + BM * dp;                   // (BN, dp)
+  T* sV = sK + BN * dp;                    // (BN, dp)
+  T* sDS = sV + BN * dp;                   // (BM, BN)
+  float* sS = reinterpret_cast<float*>(sDS + BM * BN);  // (BM, BN)
+  float* sDP = sS + BM * BN;               // (BM, BN)
+  float* sdQ = sDP + BM * BN;              // (BM, dp)
+  float* sLse = sdQ + BM * dp;             // (BM,)
+  float* sDelta = sLse + BM;               // (BM,)
+
+  const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int m0 = blockIdx.y * BM;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
+  load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, p.Tq, p.D, dp);
+  for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) sdQ[idx] = 0.0f;
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    const int i = m0 + r;
+    sLse[r] = i < p.Tq ? p.lse[static_cast<int64_t>(bh) * p.Tq + i] : INFINITY;
+    sDelta[r] = i < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + i] : 0.0f;
+  }
+  const int n_end = p.causal ? min(p.Tk, m0 + BM) : p.Tk;
+  AttnParams pq = p;
+  pq.dmask = nullptr;  // the dK/dV kernel writes dmask
+  for (int n0 = 0; n0 < n_end; n0 += BN) {
+    __syncthreads();
+    load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
+    load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
+    __syncthreads();
+    smem_gemm<T, false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
+    smem_gemm<T, false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
+    __syncthreads();
+    bwd_tile_ds<T, BM>(pq, b, h, m0, n0, sS, sDP, sLse, sDelta, static_cast<T*>(nullptr), sDS);
+    __syncthreads();
+    smem_gemm<T, false, false>(sdQ, dp, sDS, BN, sK, dp, BM, dp, BN, true);  // dQ += dS K
+  }
+  __syncthreads();
+  T* dq = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
+    const int r = idx / dp, d = idx - r * dp, i = m0 + r;
+    if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = from_f<T>(sdQ[idx] * p.scale);
+  }
+}
+
+// ------------------------------------------------------------------------------ launch
+
+int max_smem_optin() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 48 * 1024;
+  return bytes;
+}
+
+// Launches kernel<T, BM> with the largest BM in {64, 32, 16} whose shared memory fits.
+#define TFK_ATTN_LAUNCH(KERNEL, SMEM, GRID_X, ROWS, T)                                              \
+  do {                                                                                           \
+    const int limit_ = max_smem_optin();                                                         \
+    if (SMEM<T, 64>(dp) <= static_cast<size_t>(limit_)) {                                        \
+      const size_t bytes_ = SMEM<T, 64>(dp);                                                     \
+      cudaFuncSetAttribute(KERNEL<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<T, 64><<<dim3(GRID_X, (ROWS + 63) / 64), kThreads, bytes_, stream>>>(p, dp);        \
+    } else if (SMEM<T, 32>(dp) <= static_cast<size_t>(limit_)) {                                 \
+      const size_t bytes_ = SMEM<T, 32>(dp);                                                     \
+      cudaFuncSetAttribute(KERNEL<T, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<T, 32><<<dim3(GRID_X, (ROWS + 31) / 32), kThreads, bytes_, stream>>>(p, dp);        \
+    } else {                                                                                     \
+      const size_t bytes_ = SMEM<T, 16>(dp);                                                     \
+      cudaFuncSetAttribute(KERNEL<T, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<T, 16><<<dim3(GRID_X, (ROWS + 15) / 16), kThreads, bytes_, stream>>>(p, dp);        \
+    }                                                                                            \
+  } while (0)
+
+int padded_dim(int D) { return (D + 15) / 16 * 16; }
+
+}  // namespace
+
+cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue fills those
+  if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16)
+    return cudaErrorInvalidValue;
+  const int dp = padded_dim(p.D);
+  const unsigned grid_x = static_cast<unsigned>(p.B) * p.Hq;
+  TFK_DISPATCH(p.dtype, [&] { TFK_ATTN_LAUNCH(attn_fwd_kernel, fwd_smem, grid_x, p.Tq, scalar_t); });
+  return cudaGetLastError();
+}
+
+cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue zero-fills
+  if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16 ||
+      p.Tk > 65535 * 16)
+    return cudaErrorInvalidValue;
+  const int dp = padded_dim(p.D);
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
+  const unsigned delta_blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
+  TFK_DISPATCH(p.dtype, [&] {
+    attn_bwd_delta_kernel<scalar_t><<<delta_blocks, kThreads, 0, stream>>>(p);
+    TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk, scalar_t);
+    TFK_ATTN_LAUNCH(attn_bwd_dq_kernel, dq_smem, static_cast<unsigned>(p.B) * p.Hq, p.Tq, scalar_t);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace tfk

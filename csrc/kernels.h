@@ -1,0 +1,97 @@
+// Plain C++ launch functions for the tfkernels CUDA kernels.
+//
+// The kernels (csrc/*.cu) include only CUDA headers, so they compile with a bare CUDA toolkit (CI
+// compiles them with nvcc -c and no GPU). The torch glue (csrc/ops.cpp) allocates outputs, reads
+// sizes/strides, gets the current stream and calls these functions.
+//
+// Conventions shared by every launcher:
+// - 2-D (M, N) inputs are given as a base pointer plus row/column strides in elements (any value,
+//   0 included: expanded tensors are read in place). Outputs are contiguous (M, N).
+// - Weights and biases are passed as fp32 (the glue converts them; they are (N,) vectors).
+// - Statistics (mean, rstd) and weight/bias gradients are fp32.
+// - Every launcher returns cudaGetLastError() after its launches (cudaSuccess when all went well).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace tfk {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// ---------------------------------------------------------------- LayerNorm / RMSNorm (norm.cu)
+
+// y = (x - mean) * rstd * w + b   (RMS: mean = 0, rstd = 1/sqrt(mean(x^2) + eps); mean is written as 0)
+cudaError_t norm_fwd(DType dtype, bool is_rms,
+                     const void* x, int64_t stride_xm, int64_t stride_xn,  // (M, N)
+                     const float* w, const float* b,                       // (N,) or nullptr
+                     void* y,                                              // (M, N) contiguous
+                     float* mean, float* rstd,                             // (M,)
+                     int64_t M, int64_t N, float eps, cudaStream_t stream);
+
+// Number of row groups G of the weight/bias-gradient partial sums: the caller allocates
+// (G, N) fp32 scratch buffers for dw and db (only those it needs).
+int64_t norm_bwd_groups(int64_t M, int64_t N);
+
+// dx = rstd * (g - xhat*mean(g*xhat) - mean(g)),  g = dy*w  (RMS drops mean(g));
+// dw = sum_rows(dy*xhat), db = sum_rows(dy), reduced in two stages through dw_part/db_part.
+cudaError_t norm_bwd(DType dtype, bool is_rms,
+                     const void* dy, int64_t stride_dym, int64_t stride_dyn,  // (M, N)
+                     const void* x, int64_t stride_xm, int64_t stride_xn,     // (M, N)
+                     const float* w,                                          // (N,) or nullptr
+                     const float* mean, const float* rstd,                    // (M,) (mean unused for RMS)
+                     void* dx,                                                // (M, N) contiguous
+                     float* dw, float* db,                                    // (N,) or nullptr
+                     float* dw_part, float* db_part,                          // (G, N) scratch or nullptr
+                     int64_t M, int64_t N, cudaStream_t stream);
+
+// ---------------------------------------------------------------- softmax (softmax.cu)
+
+// y = softmax over the last dim of x (M, N); torch semantics for -inf / NaN.
+cudaError_t softmax_fwd(DType dtype, const void* x, int64_t stride_xm, int64_t stride_xn,
+                        void* y, int64_t M, int64_t N, cudaStream_t stream);
+
+// dx = y * (dy - sum(dy * y))
+cudaError_t softmax_bwd(DType dtype, const void* dy, int64_t stride_dym, int64_t stride_dyn,
+                        const void* y, int64_t stride_ym, int64_t stride_yn,
+                        void* dx, int64_t M, int64_t N, cudaStream_t stream);
+
+// ---------------------------------------------------------------- attention (attention.cu)
+
+// Everything the attention kernels need; strides in elements, [0..3] = (batch, head, time, dim)
+// for q/k/v/dout/out and (batch, head, query, key) for the mask. Query head h reads K/V head
+// h / (Hq / Hkv) (GQA). Outputs are contiguous: out/dq (B, Hq, Tq, D), dk/dv (B, Hkv, Tk, D),
+// lse/delta (B, Hq, Tq) fp32, dmask (B, Hq, Tq, Tk) fp32.
+struct AttnParams {
+  DType dtype;                  // of q, k, v, dout, out, dq, dk, dv
+  const void* q; int64_t q_s[4];
+  const void* k; int64_t k_s[4];
+  const void* v; int64_t v_s[4];
+  int mask_kind;                // 0: none, 1: bool (read as uint8, 0 = masked), 2: float (added)
+  DType mask_dtype;             // for mask_kind == 2
+  const void* mask; int64_t m_s[4];
+  int B, Hq, Hkv, Tq, Tk, D;
+  bool causal;                  // top-left: query i sees keys j <= i
+  float scale;                  // softmax scale applied to q.k
+  float dropout_p;              // 0: no dropout
+  uint64_t seed;                // Philox key, as tl.rand(seed, ((b*Hq + h)*Tq + i)*Tk + j)
+  // forward outputs
+  void* out; float* lse;
+  // backward inputs / outputs
+  const void* dout; int64_t do_s[4];
+  const void* o; int64_t o_s[4];
+  float* delta;                 // (B, Hq, Tq) scratch
+  void* dq; void* dk; void* dv;
+  float* dmask;                 // nullptr unless the float mask needs its gradient (zero-filled)
+};
+
+// out = softmax(scale * q k^T + mask) v with dropout; lse = logsumexp (natural log, +inf for a
+// fully masked row, whose output is 0). Head dims up to 256.
+cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream);
+
+// dq, dk, dv (and dmask) from dout, recomputing the probabilities from lse.
+cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream);
+
+constexpr int ATTN_MAX_HEAD_DIM = 256;
+
+}  // namespace tfk

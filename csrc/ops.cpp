@@ -1,0 +1,331 @@
+// Torch glue for the tfkernels CUDA kernels: schemas (TORCH_LIBRARY) and CUDA implementations
+// (TORCH_LIBRARY_IMPL) of the torch.ops.tfkernels_cuda.* ops that tfkernels/ops/*.py call for
+// backend="cuda". Each op returns the same outputs, dtypes and shapes as its Triton launcher.
+// Only a CUDA build of torch compiles this file (it needs ATen/cuda and c10/cuda headers); the
+// kernels themselves live in the *.cu files behind the plain launch functions of kernels.h.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+tfk::DType dtype_of(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return tfk::DType::F32;
+    case at::kHalf: return tfk::DType::F16;
+    case at::kBFloat16: return tfk::DType::BF16;
+    default: TORCH_CHECK(false, "tfkernels_cuda.", op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return tfk::DType::F32;  // unreachable
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "tfkernels_cuda.", op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+void check_2d(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "tfkernels_cuda.", op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2, "tfkernels_cuda.", op, ": ", name, " must be 2-D (M, N), got ", t.dim(), "-D");
+}
+
+// An optional (N,) parameter as a contiguous fp32 vector (undefined when absent).
+Tensor fp32_vec(const std::optional<Tensor>& t, int64_t N, const char* op, const char* name) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->numel() == N, "tfkernels_cuda.", op, ": ", name, " must have ", N, " elements, got ", t->numel());
+  return t->reshape({N}).to(at::kFloat).contiguous();
+}
+
+const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+float* fptr_mut(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
+
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+// ------------------------------------------------------------------------------ norms
+
+std::tuple<Tensor, Tensor, Tensor> norm_fwd_impl(const Tensor& x, const std::optional<Tensor>& weight,
+                                                 const std::optional<Tensor>& bias, double eps, bool is_rms,
+                                                 const char* op) {
+  check_2d(x, op, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const tfk::DType dt = dtype_of(x, op, "x");
+  const int64_t M = x.size(0), N = x.size(1);
+  const Tensor w = fp32_vec(weight, N, op, "weight");
+  const Tensor b = fp32_vec(bias, N, op, "bias");
+  Tensor y = at::empty({M, N}, x.options());
+  Tensor mean = at::zeros({M}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::zeros({M}, x.options().dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    check_launch(tfk::norm_fwd(dt, is_rms, x.data_ptr(), x.stride(0), x.stride(1), fptr(w), fptr(b), y.data_ptr(),
+                               mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N, static_cast<float>(eps), stream()),
+                 op);
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_bwd_impl(const Tensor& dy_in, const Tensor& x, const std::optional<Tensor>& weight,
+                                                 const Tensor& mean_in, const Tensor& rstd_in, bool has_bias, bool is_rms,
+                                                 const char* op) {
+  check_2d(x, op, "x");
+  check_2d(dy_in, op, "dy");
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), "tfkernels_cuda.", op, ": dy must have x's shape ", x.sizes(), ", got ", dy_in.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const tfk::DType dt = dtype_of(x, op, "x");
+  const int64_t M = x.size(0), N = x.size(1);
+  const Tensor dy = dy_in.scalar_type() == x.scalar_type() ? dy_in : dy_in.to(x.scalar_type());
+  const Tensor w = fp32_vec(weight, N, op, "weight");
+  const bool has_w = w.defined();
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dx = at::empty({M, N}, x.options());
+  Tensor dw = has_w ? at::zeros({N}, f32) : at::empty({0}, f32);
+  Tensor db = has_bias ? at::zeros({N}, f32) : at::empty({0}, f32);
+  if (M == 0 || N == 0) return {dx, dw, db};
+  const Tensor rstd = rstd_in.to(at::kFloat).contiguous();
+  const Tensor mean = is_rms ? rstd : mean_in.to(at::kFloat).contiguous();  // unused for RMS
+  TORCH_CHECK(rstd.numel() == M && mean.numel() == M, "tfkernels_cuda.", op, ": mean/rstd must have ", M, " elements");
+  const int64_t G = tfk::norm_bwd_groups(M, N);
+  const Tensor dw_part = has_w ? at::empty({G, N}, f32) : Tensor();
+  const Tensor db_part = has_bias ? at::empty({G, N}, f32) : Tensor();
+  check_launch(tfk::norm_bwd(dt, is_rms, dy.data_ptr(), dy.stride(0), dy.stride(1), x.data_ptr(), x.stride(0), x.stride(1),
+                             fptr(w), mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
+                             has_w ? dw.data_ptr<float>() : nullptr, has_bias ? db.data_ptr<float>() : nullptr,
+                             fptr_mut(dw_part), fptr_mut(db_part), M, N, stream()),
+               op);
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                                  const std::optional<Tensor>& bias, double eps) {
+  return norm_fwd_impl(x, weight, bias, eps, /*is_rms=*/false, "layer_norm_fwd");
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
+                                                  const Tensor& mean, const Tensor& rstd, bool has_bias) {
+  return norm_bwd_impl(dy, x, weight, mean, rstd, has_bias, /*is_rms=*/false, "layer_norm_bwd");
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight, double eps) {
+  auto out = norm_fwd_impl(x, weight, std::nullopt, eps, /*is_rms=*/true, "rms_norm_fwd");
+  return {std::get<0>(out), std::get<2>(out)};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
+                                        const Tensor& rstd) {
+  auto out = norm_bwd_impl(dy, x, weight, rstd, rstd, /*has_bias=*/false, /*is_rms=*/true, "rms_norm_bwd");
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+// ------------------------------------------------------------------------------ softmax
+
+Tensor softmax_fwd(const Tensor& x) {
+  check_2d(x, "softmax_fwd", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const tfk::DType dt = dtype_of(x, "softmax_fwd", "x");
+  const int64_t M = x.size(0), N = x.size(1);
+  Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) {
+    check_launch(tfk::softmax_fwd(dt, x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), M, N, stream()), "softmax_fwd");
+  }
+  return y;
+}
+
+Tensor softmax_bwd(const Tensor& dy_in, const Tensor& y) {
+  check_2d(y, "softmax_bwd", "y");
+  check_2d(dy_in, "softmax_bwd", "dy");
+  TORCH_CHECK(dy_in.sizes() == y.sizes(), "tfkernels_cuda.softmax_bwd: dy must have y's shape ", y.sizes(), ", got ", dy_in.sizes());
+  const c10::cuda::CUDAGuard guard(y.device());
+  const tfk::DType dt = dtype_of(y, "softmax_bwd", "y");
+  const Tensor dy = dy_in.scalar_type() == y.scalar_type() ? dy_in : dy_in.to(y.scalar_type());
+  const int64_t M = y.size(0), N = y.size(1);
+  Tensor dx = at::empty({M, N}, y.options());
+  if (M > 0 && N > 0) {
+    check_launch(tfk::softmax_bwd(dt, dy.data_ptr(), dy.stride(0), dy.stride(1), y.data_ptr(), y.stride(0), y.stride(1),
+                                  dx.data_ptr(), M, N, stream()),
+                 "softmax_bwd");
+  }
+  return dx;
+}
+
+// ------------------------------------------------------------------------------ attention
+
+void fill_strides(int64_t (&dst)[4], const Tensor& t) {
+  for (int i = 0; i < 4; ++i) dst[i] = t.stride(i);
+}
+
+void check_4d(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "tfkernels_cuda.", op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 4, "tfkernels_cuda.", op, ": ", name, " must be 4-D (B, H, T, D), got ", t.dim(), "-D");
+}
+
+// Fills the parts of AttnParams shared by forward and backward; `mask_keep` keeps a converted
+// mask alive for the duration of the call.
+tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                            double dropout_p, const std::optional<Tensor>& seed, bool is_causal, double scale,
+                            Tensor& mask_keep, const char* op) {
+  check_4d(q, op, "q");
+  check_4d(k, op, "k");
+  check_4d(v, op, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "tfkernels_cuda.", op, ": q, k and v must share a dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(1) == Hkv &&
+                  v.size(2) == Tk,
+              "tfkernels_cuda.", op, ": q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  TORCH_CHECK(Hkv > 0 ? Hq % Hkv == 0 : Hq == 0, "tfkernels_cuda.", op, ": q's heads (", Hq,
+              ") must be a multiple of k/v's heads (", Hkv, ")");
+  TORCH_CHECK(D >= 1 && D <= tfk::ATTN_MAX_HEAD_DIM, "tfkernels_cuda.", op, ": head dim must be in [1, ",
+              tfk::ATTN_MAX_HEAD_DIM, "], got ", D);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "tfkernels_cuda.", op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  tfk::AttnParams p{};
+  p.dtype = dtype_of(q, op, "q");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  fill_strides(p.q_s, q);
+  fill_strides(p.k_s, k);
+  fill_strides(p.v_s, v);
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.Tq = static_cast<int>(Tq);
+  p.Tk = static_cast<int>(Tk);
+  p.D = static_cast<int>(D);
+  p.causal = is_causal;
+  p.scale = static_cast<float>(scale);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.mask_kind = 0;
+  p.mask = nullptr;
+  if (mask.has_value() && mask->defined()) {
+    Tensor m = *mask;
+    TORCH_CHECK(m.is_cuda(), "tfkernels_cuda.", op, ": mask must be a CUDA tensor");
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Tq && m.size(3) == Tk,
+                "tfkernels_cuda.", op, ": mask must be (B, Hq, Tq, Tk) = (", B, ", ", Hq, ", ", Tq, ", ", Tk,
+                ") (an expanded view is fine), got ", m.sizes());
+    if (m.scalar_type() == at::kBool) {
+      p.mask_kind = 1;
+    } else {
+      TORCH_CHECK(m.is_floating_point(), "tfkernels_cuda.", op, ": mask must be bool or floating point, got ", m.scalar_type());
+      if (m.scalar_type() != at::kFloat && m.scalar_type() != at::kHalf && m.scalar_type() != at::kBFloat16)
+        m = m.to(at::kFloat);  // e.g. float64: rare, converted (materialised)
+      p.mask_kind = 2;
+      p.mask_dtype = dtype_of(m, op, "mask");
+    }
+    mask_keep = m;
+    p.mask = m.data_ptr();
+    fill_strides(p.m_s, m);
+  }
+  p.seed = 0;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1,
+                "tfkernels_cuda.", op, ": dropout_p > 0 needs a seed tensor of one element");
+    p.seed = static_cast<uint64_t>(seed->to(at::kCPU).to(at::kLong).item<int64_t>());
+  }
+  TORCH_CHECK(Tq <= 65535 * 16 && Tk <= 65535 * 16, "tfkernels_cuda.", op, ": sequence lengths over ", 65535 * 16,
+              " are not supported");
+  return p;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double dropout_p,
+                                         const std::optional<Tensor>& seed, bool is_causal, double scale) {
+  const char* op = "attention_fwd";
+  check_4d(q, op, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor mask_keep;
+  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || p.Tk == 0) {  // no queries, or no keys: every row fully masked
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_launch(tfk::attention_fwd(p, stream()), op);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const std::optional<Tensor>& mask,
+                                                         const Tensor& out, const Tensor& lse_in, double dropout_p,
+                                                         const std::optional<Tensor>& seed, bool is_causal,
+                                                         double scale, bool mask_grad) {
+  const char* op = "attention_bwd";
+  check_4d(q, op, "q");
+  check_4d(dout_in, op, "dout");
+  check_4d(out, op, "out");
+  TORCH_CHECK(dout_in.sizes() == q.sizes() && out.sizes() == q.sizes(), "tfkernels_cuda.", op,
+              ": dout and out must have q's shape ", q.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  Tensor mask_keep;
+  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
+  const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : dout_in.to(q.scalar_type());
+  const Tensor o = out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
+  const Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), Tk = k.size(2);
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  const auto f32 = q.options().dtype(at::kFloat);
+  // dS is zero on the tiles the causal kernels skip, so the buffer starts at zero
+  Tensor dmask = mask_grad ? at::zeros({B, Hq, Tq, Tk}, f32) : at::empty({0}, f32);
+  if (B * Hq * Tq == 0 || Tk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  TORCH_CHECK(lse.numel() == B * Hq * Tq, "tfkernels_cuda.", op, ": lse must have B*Hq*Tq elements");
+  Tensor delta = at::empty({B, Hq, Tq}, f32);
+  p.dout = dout.data_ptr();
+  fill_strides(p.do_s, dout);
+  p.o = o.data_ptr();
+  fill_strides(p.o_s, o);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = mask_grad && p.mask_kind == 2 ? dmask.data_ptr<float>() : nullptr;
+  check_launch(tfk::attention_bwd(p, stream()), op);
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tfkernels_cuda, m) {
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool has_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("softmax_fwd(Tensor x) -> Tensor");
+  m.def("softmax_bwd(Tensor dy, Tensor y) -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, Tensor? seed, bool is_causal, "
+        "float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
+        "float dropout_p, Tensor? seed, bool is_causal, float scale, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tfkernels_cuda, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("softmax_fwd", &softmax_fwd);
+  m.impl("softmax_bwd", &softmax_bwd);
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+// Importable as a Python module (tfkernels._C from setup.py, or the JIT build); the ops register
+// themselves with the dispatcher when the library loads.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "tfkernels CUDA kernels: see torch.ops.tfkernels_cuda"; }

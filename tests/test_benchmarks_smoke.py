@@ -1,0 +1,74 @@
+"""The benchmark suite's CPU smoke mode (tiny sizes, Triton interpreter, one rep): CI runs it so
+the suite cannot rot. Numbers from here mean nothing; that every file is written and every provider
+that can run on CPU produced a finite number means everything."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+benchmarks = pytest.importorskip("benchmarks")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert benchmarks.main(["--smoke", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_files_written(smoke_run):
+    out, _ = smoke_run
+    for name in ("results.csv", "results.json", "summary.md", "norms.png", "attention.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert len(list(out.iterdir())) <= 6  # few files: the GPU run brings back at most 8
+
+
+def test_rows_finite_and_stamped(smoke_run):
+    out, result = smoke_run
+    rows = result["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok, "no provider ran"
+    for r in ok:
+        for key in ("value", "ms", "ms_p20", "ms_p80"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["provider"], key, r)
+        for key in ("gpu", "driver", "cuda", "torch", "triton", "commit"):
+            assert r[key], key
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_expected_providers_ran(smoke_run):
+    _, result = smoke_run
+    ran = {(r["op"], r["provider"], r["pass"]) for r in result["rows"] if r["status"] == "ok"}
+    for op in ("layer_norm", "rms_norm", "softmax"):
+        for provider in ("tfkernels-triton", "torch", "torch.compile"):
+            for pass_ in ("fwd", "bwd"):
+                assert (op, provider, pass_) in ran, (op, provider, pass_, result["notes"])
+    for pass_ in ("fwd", "bwd", "fwd+bwd"):
+        assert ("attention", "sdpa-math", pass_) in ran
+    import tfkernels
+
+    if hasattr(tfkernels, "attention"):
+        for pass_ in ("fwd", "bwd", "fwd+bwd"):
+            assert ("attention", "tfkernels-triton", pass_) in ran, result["notes"]
+    assert not [r for r in result["rows"] if r["status"] == "failed"], "a provider failed its correctness check"
+    # a missing provider is a note, never an error
+    assert any("flash-attn" in k for k in result["notes"])
+
+
+def test_summary_and_compare(smoke_run):
+    out, result = smoke_run
+    summary = (out / "summary.md").read_text()
+    assert "GB/s" in summary and "TFLOP/s" in summary and result["env"]["commit"] in summary
+    from benchmarks import report
+
+    table = report.compare(out / "results.json", result["rows"], threshold=10.0)  # same run: nothing moves
+    assert "0 regressions" in table and "| norms | layer_norm | tfkernels-triton | fwd |" in table
+
+
+def test_bad_only_is_rejected():
+    with pytest.raises(SystemExit):
+        benchmarks.main(["--smoke", "--only", "nope"])

@@ -1,0 +1,320 @@
+"""The CUDA C++ backend (csrc/) against float64 references: every op, forward and every gradient,
+every dtype, awkward shapes, strided and expanded inputs. GPU only (marked cuda); the extension is
+JIT-compiled on first use unless it was prebuilt (TFKERNELS_BUILD_CUDA=1 pip install ...).
+
+The rest of the suite (test_norms, test_softmax, test_attention, ...) also runs every test with
+backend="cuda" when the extension is available (the `backend` fixture); this file adds the cases
+aimed at the C++ code paths: vectorised vs strided rows, misaligned row starts, stride-0 inputs,
+rows longer than one block's sweep, the shared-memory tile sizes of attention, dropout parity
+with the Triton kernels.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tfkernels
+from tfkernels import _cuda_ext, reference
+
+from conftest import DTYPES, assert_close
+
+pytestmark = pytest.mark.cuda
+
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not _cuda_ext.is_available(load=True):
+        pytest.fail(f"the CUDA extension is unavailable: {_cuda_ext.unavailable_reason()}")
+
+
+def _grads(out, inputs, dy):
+    return torch.autograd.grad(out, [t for t in inputs if t is not None], dy)
+
+
+# ----------------------------------------------------------------------------- norms
+
+# (rows, N): tiny row (one warp), odd lengths (scalar tail after the 16-byte vectors), a power of
+# two, rows longer than 1024 threads x 8 (several sweeps per thread), a single very long row.
+NORM_SHAPES = [(1, 7), (3, 1000), (4, 1023), (5, 4097), (2, 8192), (3, 12345), (1, 65536)]
+
+
+def _make_input(shape, dtype, layout):
+    """x of `shape` laid out contiguous, transposed-strided, misaligned (offset by one element) or expanded."""
+    M, N = shape
+    if layout == "contiguous":
+        return torch.randn(M, N, device=DEV, dtype=dtype) * 2 + 0.5
+    if layout == "strided":  # column stride != 1
+        return (torch.randn(N, M, device=DEV, dtype=dtype) * 2 + 0.5).t()
+    if layout == "misaligned":  # contiguous rows starting one element past a 16-byte boundary
+        return (torch.randn(M * N + 1, device=DEV, dtype=dtype) * 2 + 0.5)[1:].view(M, N)
+    if layout == "expanded":  # row stride 0
+        return (torch.randn(1, N, device=DEV, dtype=dtype) * 2 + 0.5).expand(M, N)
+    raise ValueError(layout)
+
+
+def _norm_case(op, shape, dtype, layout, affine, w_dtype=None):
+    torch.manual_seed(hash((op, shape, str(dtype), layout, affine)) % 2**31)
+    N = shape[-1]
+    x = _make_input(shape, dtype, layout).requires_grad_(True)
+    w_dtype = w_dtype or dtype
+    w = (torch.randn(N, device=DEV, dtype=w_dtype) * 0.5 + 1).requires_grad_(True) if affine else None
+    b = (torch.randn(N, device=DEV, dtype=w_dtype)).requires_grad_(True) if affine and op == "layer_norm" else None
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, b))
+    if op == "layer_norm":
+        y = tfkernels.layer_norm(x, (N,), w, b, 1e-5, backend="cuda")
+        ref = F.layer_norm(x64, (N,), w64, b64, 1e-5)
+    else:
+        y = tfkernels.rms_norm(x, (N,), w, 1e-5, backend="cuda")
+        ref = reference.rms_norm(x64, (N,), w64, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert_close(y, ref, dtype, "y")
+    dy = torch.randn_like(y)
+    got = _grads(y, (x, w, b), dy)
+    want = _grads(ref, (x64, w64, b64), dy.double())
+    for name, g, r in zip(["dx", "dw", "db"], got, want):
+        assert_close(g, r, dtype if name == "dx" else w_dtype, name, scale=1.0 if name == "dx" else 4.0)
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm(op, shape, dtype, affine):
+    _norm_case(op, shape, dtype, "contiguous", affine)
+
+
+@pytest.mark.parametrize("layout", ["strided", "misaligned", "expanded"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_layouts(op, dtype, layout):
+    _norm_case(op, (6, 1000), dtype, layout, True)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_mixed_weight_dtype(op):
+    _norm_case(op, (4, 520), torch.bfloat16, "contiguous", True, w_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_expanded_grad(op):
+    """The gradient of sum() reaches the backward as a stride-0 tensor."""
+    x = torch.randn(64, 300, device=DEV, requires_grad=True)
+    w = torch.randn(300, device=DEV, requires_grad=True)
+    fn = tfkernels.layer_norm if op == "layer_norm" else tfkernels.rms_norm
+    (fn(x, (300,), w, eps=1e-5, backend="cuda") * 1.0).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = F.layer_norm(x64, (300,), w64, None, 1e-5) if op == "layer_norm" else reference.rms_norm(x64, (300,), w64, 1e-5)
+    ref.sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "dx")
+    assert_close(w.grad, w64.grad, torch.float32, "dw", scale=4.0)
+
+
+def test_norm_large_mean():
+    """|mean| >> std: the two-pass variance stays accurate."""
+    x = torch.randn(8, 3000, device=DEV) + 1000.0
+    y = tfkernels.layer_norm(x, (3000,), backend="cuda")
+    assert_close(y, F.layer_norm(x.double(), (3000,)), torch.float32, "y", scale=10.0)
+
+
+def test_norm_many_rows():
+    """Many short rows: several row groups in the two-stage dw/db reduction."""
+    _norm_case("layer_norm", (20000, 64), torch.float16, "contiguous", True)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+SOFTMAX_SHAPES = [(1, 1), (3, 7), (4, 1000), (5, 4097), (2, 10000), (1, 70000)]
+
+
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
+def test_softmax(shape, dtype, layout):
+    torch.manual_seed(hash((shape, str(dtype), layout)) % 2**31)
+    x = _make_input(shape, dtype, layout).requires_grad_(True)
+    y = tfkernels.softmax(x, -1, backend="cuda")
+    x64 = x.detach().double().requires_grad_(True)
+    ref = torch.softmax(x64, -1)
+    assert_close(y, ref, dtype, "y")
+    dy = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, x, dy)
+    (r,) = torch.autograd.grad(ref, x64, dy.double())
+    assert_close(g, r, dtype, "dx")
+
+
+def test_softmax_inf_rows():
+    x = torch.randn(4, 33, device=DEV)
+    x[0] = float("-inf")  # all -inf -> NaN, as torch
+    x[1, :10] = float("-inf")
+    x[2, 5] = float("nan")
+    y = tfkernels.softmax(x, -1, backend="cuda")
+    ref = torch.softmax(x, -1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    assert torch.allclose(y[ok], ref[ok], atol=1e-6)
+
+
+def test_softmax_other_dim_and_expanded_grad():
+    x = torch.randn(3, 50, 7, device=DEV, requires_grad=True)
+    y = tfkernels.softmax(x, 1, backend="cuda")
+    y.sum().backward()  # dy expanded (stride 0): the gradient is ~0
+    assert_close(y, torch.softmax(x.detach().double(), 1), torch.float32, "y")
+    assert x.grad.abs().max().item() < 1e-5
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATT_TOL_SCALE = {torch.float32: 2.0, torch.float16: 2.0, torch.bfloat16: 2.0}
+
+# (B, Hq, Hkv, Tq, Tk, D, causal): lengths not multiples of 16/32/64, Tq != Tk both ways, GQA/MQA,
+# head dims 16..256 incl. non-multiples of 16 (40, 72, 100), which select the 64/32/16 tile sizes
+ATT_CASES = [
+    (1, 2, 2, 1, 1, 16, False),
+    (1, 2, 2, 1, 37, 64, True),
+    (2, 3, 3, 37, 37, 32, True),
+    (1, 4, 2, 91, 129, 64, False),
+    (1, 4, 1, 129, 65, 96, True),
+    (2, 2, 2, 65, 130, 128, True),
+    (1, 2, 2, 33, 70, 40, False),
+    (1, 2, 2, 50, 50, 72, True),
+    (1, 1, 1, 77, 41, 100, False),
+    (1, 2, 2, 70, 70, 160, True),
+    (1, 2, 1, 40, 90, 256, True),
+]
+
+
+def _att_check(q, k, v, dtype, mask=None, is_causal=False, enable_gqa=False, scale=None):
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    mask_leaf = mask.detach().requires_grad_(True) if mask is not None and mask.is_floating_point() else None
+    m = mask_leaf if mask_leaf is not None else mask
+    out = tfkernels.attention(*leaves, attn_mask=m, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                              backend="cuda")
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    r_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    r_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
+    ref = reference.attention(*r_leaves, attn_mask=r_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    assert_close(out, ref, dtype, "out", scale=ATT_TOL_SCALE[dtype])
+    dout = torch.randn_like(out)
+    ins = leaves + ([mask_leaf] if mask_leaf is not None else [])
+    r_ins = r_leaves + ([r_mask] if mask_leaf is not None else [])
+    got = torch.autograd.grad(out, ins, dout)
+    want = torch.autograd.grad(ref, r_ins, dout.double())
+    for name, g, r in zip(["dq", "dk", "dv", "dmask"], got, want):
+        assert_close(g, r, dtype, name, scale=2 * ATT_TOL_SCALE[dtype])
+
+
+@pytest.mark.parametrize("case", ATT_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention(case, dtype):
+    B, Hq, Hkv, Tq, Tk, D, causal = case
+    torch.manual_seed(hash((case, str(dtype))) % 2**31)
+    q = torch.randn(B, Hq, Tq, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, Hkv, Tk, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, Hkv, Tk, D, device=DEV, dtype=dtype)
+    _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool_padding", "bool_full", "float_bias", "float_bias_causal", "float_half_mask"])
+def test_attention_masks(dtype, kind):
+    torch.manual_seed(7)
+    B, H, Tq, Tk, D = 2, 3, 45, 70, 64
+    q = torch.randn(B, H, Tq, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, H, Tk, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, H, Tk, D, device=DEV, dtype=dtype)
+    causal = kind.endswith("causal")
+    if kind == "bool_padding":  # (B, 1, 1, Tk): broadcast with stride-0 dims; one batch fully masked rows
+        mask = torch.rand(B, 1, 1, Tk, device=DEV) > 0.3
+        mask[1] = False
+    elif kind == "bool_full":
+        mask = torch.rand(B, H, Tq, Tk, device=DEV) > 0.5
+    elif kind == "float_half_mask":  # mask dtype != q dtype
+        mask = torch.randn(1, H, Tq, Tk, device=DEV, dtype=torch.float16)
+    else:
+        mask = torch.randn(1, H, Tq, Tk, device=DEV, dtype=dtype)
+    _att_check(q, k, v, dtype, mask=mask, is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_strided_inputs(dtype):
+    """q/k/v as non-contiguous views (B, T, H, D) -> (B, H, T, D), and an expanded k/v."""
+    torch.manual_seed(3)
+    B, H, T, D = 2, 4, 53, 64
+    qkv = torch.randn(B, T, 3, H, D, device=DEV, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    _att_check(q, k, v, dtype, is_causal=True, scale=0.3)
+    k1 = torch.randn(B, 1, T, D, device=DEV, dtype=dtype).expand(B, H, T, D)
+    v1 = torch.randn(B, 1, T, D, device=DEV, dtype=dtype).expand(B, H, T, D)
+    _att_check(q, k1, v1, dtype)
+
+
+def test_attention_expanded_dout():
+    q, k, v = (torch.randn(1, 2, 33, 64, device=DEV, requires_grad=True) for _ in range(3))
+    tfkernels.attention(q, k, v, is_causal=True, backend="cuda").sum().backward()
+    r = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference.attention(*r, is_causal=True).sum().backward()
+    for t, rt, n in zip((q, k, v), r, "qkv"):
+        assert_close(t.grad, rt.grad, torch.float32, "d" + n, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_dropout_matches_triton(dtype):
+    """Same seed, same keep mask as the Triton kernels (Philox tl.rand contract); gradients too."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 64, device=DEV, dtype=dtype) for _ in range(3))
+    outs, grads = [], []
+    for be in ("triton", "cuda"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        torch.manual_seed(123)
+        out = tfkernels.attention(*leaves, dropout_p=0.3, is_causal=True, backend=be)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    assert_close(outs[1], outs[0].double(), dtype, "out", scale=2.0)
+    for g1, g0, n in zip(grads[1], grads[0], "qkv"):
+        assert_close(g1, g0.double(), dtype, "d" + n, scale=4.0)
+
+
+def test_attention_dropout_replay():
+    """The kernel's keep mask replayed through the reference (via the Triton mask kernel)."""
+    pytest.importorskip("triton")
+    import importlib
+
+    attn_mod = importlib.import_module("tfkernels.ops.attention")
+    torch.manual_seed(5)
+    B, H, T, D, p = 1, 2, 45, 32, 0.25
+    q, k, v = (torch.randn(B, H, T, D, device=DEV) for _ in range(3))
+    torch.manual_seed(99)
+    seed = int(attn_mod._draw_seed().item())
+    keep = attn_mod._dropout_mask(seed, B, H, T, T, p, device=DEV)
+    torch.manual_seed(99)
+    out = tfkernels.attention(q, k, v, dropout_p=p, backend="cuda")
+    ref = reference.attention(q.double(), k.double(), v.double(), dropout_p=p, dropout_mask=keep)
+    assert_close(out, ref, torch.float32, "out", scale=2.0)
+
+
+def test_attention_fully_masked_and_empty():
+    q, k, v = (torch.randn(1, 1, 5, 32, device=DEV) for _ in range(3))
+    mask = torch.zeros(1, 1, 5, 5, dtype=torch.bool, device=DEV)
+    out = tfkernels.attention(q, k, v, attn_mask=mask, backend="cuda")
+    assert torch.equal(out, torch.zeros_like(out))
+    k0, v0 = (torch.randn(1, 1, 0, 32, device=DEV) for _ in range(2))
+    assert tfkernels.attention(q, k0, v0, backend="cuda").abs().sum().item() == 0
+
+
+def test_opcheck_cuda_ops():
+    """The tfkernels:: custom ops stay opcheck-clean with backend='cuda'."""
+    from torch.library import opcheck
+
+    x = torch.randn(5, 33, device=DEV, requires_grad=True)
+    w = torch.randn(33, device=DEV, requires_grad=True)
+    opcheck(torch.ops.tfkernels.layer_norm_fwd, (x, w, None, 1e-5, "cuda"))
+    opcheck(torch.ops.tfkernels.rms_norm_fwd, (x, w, 1e-5, "cuda"))
+    opcheck(torch.ops.tfkernels.softmax_fwd, (x, "cuda"))
+    q, k, v = (torch.randn(1, 2, 17, 32, device=DEV, requires_grad=True) for _ in range(3))
+    opcheck(torch.ops.tfkernels.attention_fwd, (q, k, v, None, 0.0, None, True, 1 / math.sqrt(32), "cuda"))

@@ -1,0 +1,104 @@
+"""The thin GPT / BERT: shapes, variants, the tfkernels <-> torch kernel switch, presets."""
+import os
+
+import pytest
+import torch
+
+import tfkernels
+from tfkernels.model import BERT, GPT, PRESETS, build_model, make_config
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+VARIANTS = [dict(), dict(norm="rmsnorm", mlp="swiglu", pos="rope"), dict(bias=False, mlp="swiglu")]
+
+
+def pair(arch, backend="torch", **kw):
+    """The same model built twice: on tfkernels (with `backend`) and on plain PyTorch, same weights."""
+    torch.manual_seed(0)
+    ref = build_model(make_config(arch, "tiny", kernels="torch", **{**SMALL, **kw})).eval()
+    fused = build_model(make_config(arch, "tiny", kernels="tfkernels", backend=backend, **{**SMALL, **kw})).eval()
+    missing = fused.load_state_dict(ref.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+    return fused, ref
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_gpt_kernel_switch_same_output(kw):
+    fused, ref = pair("gpt", **kw)
+    idx = torch.randint(0, 64, (3, 16))
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    (lf, loss_f), (lr, loss_r) = fused(idx, idx), ref(idx, idx)
+    assert lf.shape == (3, 16, 64)
+    torch.testing.assert_close(lf, lr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_f, loss_r)
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_bert_kernel_switch_same_output(kw):
+    fused, ref = pair("bert", nsp=True, **kw)
+    ids = torch.randint(5, 64, (3, 16))
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[1, 10:] = False  # padding in one row
+    labels = torch.where(torch.rand(3, 16) < 0.3, ids, -100)
+    of = fused(ids, None, mask, labels, torch.tensor([0, 1, 0]))
+    orf = ref(ids, None, mask, labels, torch.tensor([0, 1, 0]))
+    assert of.mlm_logits.shape == (3, 16, 64) and of.nsp_logits.shape == (3, 2)
+    torch.testing.assert_close(of.mlm_logits, orf.mlm_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(of.loss, orf.loss)
+    # padding really is masked: changing padded tokens leaves the real positions unchanged
+    ids2 = ids.clone()
+    ids2[1, 10:] = 7
+    torch.testing.assert_close(fused(ids2, None, mask).mlm_logits[1, :10], of.mlm_logits[1, :10], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 for Triton on CPU")
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_kernel_switch_triton_interpreter(arch):
+    # one tiny case on the Triton kernels (norms; attention too once tfkernels.attention exists)
+    fused, ref = pair(arch, backend="triton", n_layer=1, block_size=8)
+    ids = torch.randint(5, 64, (1, 8))
+    if arch == "gpt":
+        out_f, out_r = fused(ids)[0], ref(ids)[0]
+    else:
+        out_f, out_r = fused(ids).mlm_logits, ref(ids).mlm_logits
+    torch.testing.assert_close(out_f, out_r, atol=1e-4, rtol=1e-4)
+
+
+def test_causality_and_generate():
+    torch.manual_seed(0)
+    model = GPT(make_config("gpt", "tiny", kernels="torch", **SMALL)).eval()
+    idx = torch.randint(0, 64, (2, 10))
+    idx2 = idx.clone()
+    idx2[:, 6:] = 3
+    torch.testing.assert_close(model(idx)[0][:, :6], model(idx2)[0][:, :6])  # no peeking ahead
+    out = model.generate(idx[:, :4], 20, temperature=0.9, top_k=5)  # runs past block_size 16
+    assert out.shape == (2, 24) and torch.equal(out[:, :4], idx[:, :4])
+
+
+def test_tied_embeddings_and_decay_groups():
+    for cls, arch in ((GPT, "gpt"), (BERT, "bert")):
+        model = cls(make_config(arch, "tiny", kernels="torch", **SMALL))
+        head = model.lm_head if arch == "gpt" else model.mlm_decoder
+        assert head.weight is model.transformer.wte.weight
+        decay, no_decay = model.optim_groups(0.1)
+        decay_ids = {id(p) for p in decay["params"]}
+        for name, p in model.named_parameters():
+            should = p.dim() >= 2 and "wte" not in name and "wpe" not in name and "wtt" not in name
+            assert (id(p) in decay_ids) == should, name
+        assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(False)
+
+
+def test_presets():
+    gpt2 = make_config("gpt", "gpt2-124m")
+    assert (gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.block_size, gpt2.vocab_size) == (12, 768, 12, 1024, 50304)
+    with torch.device("meta"):
+        n = GPT(gpt2).num_params()
+    assert 123e6 < n < 125e6  # GPT-2 small without position embeddings
+    bert = make_config("bert", "bert-base")
+    assert (bert.n_layer, bert.n_embd, bert.block_size, bert.nsp) == (12, 768, 512, True)
+    assert make_config("bert", "tiny", nsp=None).nsp is False
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
+        make_config("gpt", "gpt5")
+    with pytest.raises(ValueError, match="norm"):
+        make_config("gpt", "tiny", norm="batchnorm")
+    assert set(PRESETS) >= {"tiny", "gpt2-124m", "bert-base"}
+    assert hasattr(tfkernels, "nn")

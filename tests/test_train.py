@@ -1,0 +1,125 @@
+"""The pretraining loop: loss falls, resume is exact, Ctrl-C saves, DDP, CLI, bad input.
+
+Runs use kernels="tfkernels" with backend="torch" (or kernels="torch"): the Triton interpreter is too
+slow to train with; the kernels themselves are tested in their own files.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tfkernels.__main__ import main
+from tfkernels.train import TrainConfig, train
+from tfkernels.train.cli import read_config_file
+from tfkernels.train.trainer import lr_lambda
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(preset="tiny", backend="torch", vocab_size=512, max_bytes=400_000, batch_size=8, block_size=64,
+            log_interval=5, eval_steps=2, tensorboard=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "builtin-512")  # same as tests/test_data.py: prepared once
+
+
+def losses_drop(losses, n=5, by=0.5):
+    vals = [losses[k] for k in sorted(losses)]
+    return sum(vals[:n]) / n - sum(vals[-n:]) / n > by
+
+
+def test_gpt_loss_falls_and_outputs_written(tmp_path, data_dir):
+    s = train(TrainConfig(model="gpt", max_steps=40, eval_interval=20, out=str(tmp_path / "gpt"), data_dir=data_dir,
+                          plot=True, **{**FAST, "tensorboard": True}))
+    assert losses_drop(s["losses"]), s["losses"]
+    assert s["eval"]["val_loss"] < 6.0 and s["eval"]["val_ppl"] > 1
+    out = tmp_path / "gpt"
+    for name in ("ckpt.pt", "metrics.csv", "loss.png", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").iterdir())
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert {"step", "loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "mlm_acc", "nsp_acc", "mfu"} <= set(rows[0])
+    assert rows[-1]["step"] == "40" and rows[-1]["val_loss"] and float(rows[-1]["tokens_per_s"]) > 0
+
+
+def test_bert_mlm_nsp_loss_falls(tmp_path, data_dir):
+    s = train(TrainConfig(model="bert", nsp=True, max_steps=40, eval_interval=0, lr=3e-3, out=str(tmp_path / "bert"),
+                          data_dir=data_dir, plot=False, **FAST))
+    assert losses_drop(s["losses"]), s["losses"]
+    assert 0 <= s["eval"]["mlm_acc"] <= 1 and 0 <= s["eval"]["nsp_acc"] <= 1
+
+
+@pytest.mark.parametrize("kernels,schedule", [("tfkernels", "cosine"), ("torch", "wsd")])
+def test_resume_is_exact(tmp_path, data_dir, kernels, schedule):
+    cfg = dict(model="gpt", kernels=kernels, schedule=schedule, dropout=0.1, grad_accum=2, max_steps=8,
+               eval_interval=3, data_dir=data_dir, plot=False, **FAST)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))["losses"]
+
+    def interrupt(step, loss):  # Ctrl-C after step 4
+        if step == 4:
+            raise KeyboardInterrupt
+
+    first = train(TrainConfig(out=str(tmp_path / "cut"), **cfg), on_step=interrupt)
+    assert first["interrupted"] and first["step"] == 4 and (tmp_path / "cut" / "ckpt.pt").is_file()
+    second = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **cfg))
+    resumed = {**first["losses"], **second["losses"]}
+    assert sorted(second["losses"]) == [5, 6, 7, 8]
+    assert resumed == full  # bit-exact on CPU
+    rows = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})  # no duplicated history
+
+
+def test_lr_schedules():
+    for schedule in ("cosine", "wsd", "constant"):
+        f = lr_lambda(TrainConfig(max_steps=100, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1))
+        assert f(0) < f(5) < f(9) < 1.0 and f(10) == pytest.approx(1.0, abs=0.01)
+        end = f(99)
+        assert end == (1.0 if schedule == "constant" else pytest.approx(0.1, abs=1e-6))
+    wsd = lr_lambda(TrainConfig(max_steps=100, warmup_steps=10, schedule="wsd", decay_frac=0.2))
+    assert wsd(50) == wsd(79) == 1.0 and wsd(80) < 1.0
+
+
+def test_cli_config_file_sample_eval(tmp_path, data_dir, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "gpt"\npreset = "tiny"\nmax-steps = 100\nbatch_size = 8\nblock_size = 64\n'
+                   f'vocab_size = 512\nmax_bytes = 400000\ndata_dir = "{data_dir}"\ntensorboard = false\n')
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", str(cfg), "--max-steps", "6", "--out", str(out), "--kernels", "torch",
+               "--no-progress", "--no-plot"])  # the flag overrides the file's max-steps
+    assert rc == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+    assert main(["sample", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert "def " in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(out / "ckpt.pt"), "--eval-steps", "2"]) == 0
+    assert '"val_loss"' in capsys.readouterr().out
+    # bad input: one clear line and exit code 2
+    assert main(["pretrain", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "data path not found" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"max_stepz": 3})
+    yml = tmp_path / "run.yaml"
+    yml.write_text("model: gpt\nmax-steps: 100\nbatch_size: 8\n")
+    assert read_config_file(str(yml)) == {"model": "gpt", "max_steps": 100, "batch_size": 8}
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        read_config_file(str(tmp_path / "none.toml"))
+
+
+def test_ddp_two_processes_gloo(tmp_path, data_dir):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tfkernels",
+           "pretrain", "--model", "gpt", "--max-steps", "3", "--out", str(tmp_path / "ddp"), "--data-dir", data_dir,
+           "--vocab-size", "512", "--max-bytes", "400000", "--batch-size", "4", "--block-size", "32",
+           "--eval-steps", "1", "--no-tensorboard", "--no-progress", "--no-plot"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "x2" in r.stdout + r.stderr and "done: 3 steps" in r.stdout
+    ck = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 3 and not any(k.startswith("module.") for k in ck["model"])

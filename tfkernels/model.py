@@ -1,0 +1,349 @@
+"""Thin GPT and BERT on tfkernels (the nanoGPT shape: read it top to bottom in one sitting).
+
+    cfg = make_config("gpt", "tiny")                  # or "bert"; presets: tiny, gpt2-124m, bert-base
+    model = build_model(cfg)                          # GPT or BERT
+    logits, loss = model(idx, targets)                # GPT: idx (B, T) -> logits (B, T, V)
+    out = model(ids, segment_ids, attention_mask, mlm_labels, nsp_labels)   # BERT -> BertOutput
+
+`cfg.kernels` picks the building blocks: "tfkernels" (tfkernels.attention / tfkernels.nn norms,
+with `cfg.backend` passed through) or "torch" (F.scaled_dot_product_attention, nn.LayerNorm,
+nn.RMSNorm). Both build the same parameters under the same names, so one state_dict loads into
+either — that is how the A/B comparisons are made.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tfkernels.nn as tfnn
+
+from tfkernels import attention as tf_attention
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"              # "gpt" (causal LM) or "bert" (masked LM, optional NSP)
+    vocab_size: int = 2048
+    block_size: int = 128          # maximum sequence length T
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0           # embeddings, residual branches and attention probabilities
+    bias: bool = True              # biases in Linear layers and LayerNorm
+    norm: str = "layernorm"        # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"              # "gelu" (4d hidden) or "swiglu" (8d/3 hidden, rounded up to 64)
+    pos: str = "learned"           # "learned" position embeddings or "rope"
+    rope_base: float = 10000.0
+    type_vocab_size: int = 2       # BERT segment embeddings
+    nsp: bool = False              # BERT next-sentence-prediction head
+    kernels: str = "tfkernels"     # "tfkernels" or "torch"
+    backend: Optional[str] = None  # tfkernels backend for every op ("triton", "cuda", "torch", None)
+
+    def __post_init__(self):
+        choices = {"arch": ("gpt", "bert"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                   "pos": ("learned", "rope"), "kernels": ("tfkernels", "torch")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("pos='rope' needs an even head dim")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS = {
+    # trains on 2 CPU cores in a minute or two
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=128, vocab_size=2048),
+    # GPT-2 small; vocab 50257 padded to a multiple of 64
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    # BERT-base; vocab 30522 padded to a multiple of 64
+    "bert-base": dict(n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=30528, nsp=True),
+}
+
+
+def make_config(arch: str, preset: str = "tiny", **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset; keyword overrides that are None are ignored."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available presets: {sorted(PRESETS)}")
+    kw = dict(PRESETS[preset], arch=arch)
+    if arch == "gpt":
+        kw.pop("nsp", None)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    d = cfg.n_embd
+    if cfg.kernels == "tfkernels":
+        if cfg.norm == "layernorm":
+            return tfnn.LayerNorm(d, bias=cfg.bias, backend=cfg.backend)
+        return tfnn.RMSNorm(d, eps=1e-6, backend=cfg.backend)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(d, bias=cfg.bias)
+    return nn.RMSNorm(d, eps=1e-6)
+
+
+def rope_cache(T: int, head_dim: int, base: float, device=None):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))  # (Dh/2,)
+    freqs = torch.outer(torch.arange(T, device=device).float(), inv_freq)                        # (T, Dh/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, Dh); rotate the (first half, second half) pairs by position-dependent angles
+    T = x.shape[-2]
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)  # (T, Dh/2)
+    x1, x2 = x.chunk(2, dim=-1)                           # (B, H, T, Dh/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        if cfg.pos == "rope":
+            cos, sin = rope_cache(cfg.block_size, self.head_dim, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # not in the state_dict
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)                             # (B, T, C) each
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
+        if self.cfg.pos == "rope":
+            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+        p = self.cfg.dropout if self.training else 0.0
+        if self.cfg.kernels == "tfkernels":
+            y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=self.causal,
+                             backend=self.cfg.backend)                       # (B, H, T, Dh)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                               is_causal=self.causal)        # (B, H, T, Dh)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                     # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = 4 * cfg.n_embd
+        if self.swiglu:  # same parameter count as the 4d GELU MLP, rounded up to a multiple of 64
+            hidden = 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)                                # (B, T, hidden) or (B, T, 2*hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up                       # (B, T, hidden)
+        else:
+            h = F.gelu(h, approximate="tanh")           # (B, T, hidden)
+        return self.dropout(self.c_proj(h))             # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = SelfAttention(cfg, causal)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)      # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))                  # (B, T, C)
+        return x
+
+
+class _Base(nn.Module):
+    """Shared: GPT-2 initialisation, parameter counts, optimizer groups."""
+
+    def _init_weights(self):
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02
+                if name.endswith("c_proj.weight"):  # residual projections, scaled per GPT-2
+                    std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; non_embedding leaves out position embeddings (the token embedding is tied
+        with the output layer and counts, as in nanoGPT). This is the N of MFU's 6N."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and hasattr(self.transformer, "wpe"):
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def optim_groups(self, weight_decay: float):
+        """Weight decay on matmul weights only: none on norms, biases and embeddings."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_embedding = name.split(".")[-2] in ("wte", "wpe", "wtt")
+            (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- GPT
+
+class GPT(_Base):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, causal=True) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
+        ))
+        if cfg.pos == "learned":
+            self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self._init_weights()
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        x = self.transformer.wte(idx)                                        # (B, T, C)
+        if self.cfg.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x)                                                     # (B, T, C)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)                                             # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.cfg.block_size:]                         # (B, <=block_size)
+            logits = self(idx_cond)[0][:, -1, :].float()                     # (B, V)
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)                        # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------- BERT
+
+@dataclass
+class BertOutput:
+    loss: Optional[torch.Tensor]          # mlm_loss + nsp_loss (those given)
+    mlm_logits: torch.Tensor              # (B, T, V)
+    nsp_logits: Optional[torch.Tensor]    # (B, 2)
+    mlm_loss: Optional[torch.Tensor] = None
+    nsp_loss: Optional[torch.Tensor] = None
+
+
+class BERT(_Base):
+    """Encoder with token/position/segment embeddings, pre-norm blocks (more stable to train than
+    the original post-norm), a tied MLM head and an optional NSP head on the [CLS] position."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wtt=nn.Embedding(cfg.type_vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, causal=False) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
+        ))
+        if cfg.pos == "learned":
+            self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # MLM head: transform (dense, GELU, norm), then the tied decoder with its own bias
+        self.mlm_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.mlm_norm = make_norm(cfg)
+        self.mlm_decoder = nn.Linear(cfg.n_embd, cfg.vocab_size)
+        self.mlm_decoder.weight = self.transformer.wte.weight  # tied embeddings
+        if cfg.nsp:
+            self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
+            self.nsp_head = nn.Linear(cfg.n_embd, 2)
+        self._init_weights()
+
+    def forward(self, input_ids, segment_ids=None, attention_mask=None, mlm_labels=None, nsp_labels=None):
+        """input_ids, segment_ids: (B, T) long; attention_mask: (B, T) bool, True = real token
+        (None = no padding); mlm_labels: (B, T) with -100 where not masked; nsp_labels: (B,)."""
+        B, T = input_ids.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        if segment_ids is None:
+            segment_ids = torch.zeros_like(input_ids)
+        x = self.transformer.wte(input_ids) + self.transformer.wtt(segment_ids)  # (B, T, C)
+        if self.cfg.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, device=input_ids.device))
+        x = self.transformer.drop(x)
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = attention_mask.bool()[:, None, None, :]                # (B, 1, 1, T): keys to attend to
+        for block in self.transformer.h:
+            x = block(x, key_mask)                                            # (B, T, C)
+        x = self.transformer.ln_f(x)
+        h = self.mlm_norm(F.gelu(self.mlm_dense(x)))                          # (B, T, C)
+        mlm_logits = self.mlm_decoder(h)                                      # (B, T, V)
+        nsp_logits = None
+        if self.cfg.nsp:
+            pooled = torch.tanh(self.pooler(x[:, 0]))                         # (B, C): the [CLS] position
+            nsp_logits = self.nsp_head(pooled)                                # (B, 2)
+        mlm_loss = nsp_loss = None
+        if mlm_labels is not None:
+            mlm_loss = F.cross_entropy(mlm_logits.float().view(-1, mlm_logits.size(-1)), mlm_labels.reshape(-1),
+                                       ignore_index=-100)
+        if nsp_labels is not None and nsp_logits is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
+        losses = [v for v in (mlm_loss, nsp_loss) if v is not None]
+        loss = sum(losses) if losses else None
+        return BertOutput(loss, mlm_logits, nsp_logits, mlm_loss, nsp_loss)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return GPT(cfg) if cfg.arch == "gpt" else BERT(cfg)
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token: 6N + 12·L·H·Dh·T (PaLM appendix B; what MFU divides by)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size

@@ -1,0 +1,395 @@
+"""The pretraining loop (GPT causal LM, BERT masked LM with optional next-sentence prediction).
+
+    from tfkernels.train import TrainConfig, train
+    summary = train(TrainConfig(model="gpt", preset="tiny", max_steps=200, out="runs/tiny"))
+
+One process = one device; under `torchrun` each process takes one GPU (or CPU with gloo) and the
+model is wrapped in DistributedDataParallel. Mixed precision: bf16 autocast on GPU (fp16 with a
+GradScaler by `precision="fp16"`), fp32 on CPU. AdamW (fused on CUDA) with weight decay on matmul
+weights only; warmup + cosine, warmup-stable-decay (WSD) or constant LR; gradient clipping.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import _config
+from ..model import ModelConfig, build_model, flops_per_token, make_config
+from . import checkpoint as ckpt_io
+from .data import LMLoader, MLMLoader, RandomLoader, prepare
+from .metrics import MetricsLog, peak_flops, plot_loss
+
+DEFAULT_LR = {"tiny": 2e-3, "gpt2-124m": 6e-4, "bert-base": 1e-4}
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "gpt"                   # "gpt" or "bert"
+    preset: str = "tiny"                 # see tfkernels.model.PRESETS
+    kernels: str = "tfkernels"           # "tfkernels" or "torch" (plain PyTorch, same parameters)
+    backend: Optional[str] = None        # tfkernels backend; None = automatic ("torch" on CPU, logged)
+    # model overrides (None = the preset's value)
+    block_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    dropout: Optional[float] = None
+    norm: Optional[str] = None
+    mlp: Optional[str] = None
+    pos: Optional[str] = None
+    nsp: Optional[bool] = None
+    # data
+    data: str = "builtin"                # "builtin", a path, "hf:NAME[:CONFIG]" or "random"
+    data_dir: Optional[str] = None       # default ~/.cache/tfkernels/data/<source>-<vocab>
+    max_bytes: int = 4_000_000           # cap on corpus text (builtin and hf)
+    val_fraction: float = 0.05
+    shard_dtype: Optional[str] = None    # None = uint16 when the vocabulary fits, else uint32
+    mlm_prob: float = 0.15
+    # optimisation
+    max_steps: int = 200
+    batch_size: int = 16                 # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: Optional[float] = None           # None = DEFAULT_LR[preset]
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"             # "cosine", "wsd" or "constant" (all after linear warmup)
+    warmup_steps: Optional[int] = None   # None = max_steps // 10, at most 1000
+    decay_frac: float = 0.2              # WSD: the final fraction of steps that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0               # 0 = off
+    precision: str = "auto"              # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
+    compile: bool = False
+    seed: int = 1337
+    device: str = "auto"
+    # bookkeeping
+    out: str = "runs/run"
+    resume: bool = False
+    eval_interval: int = 100             # also at the last step; 0 = only at the last step
+    eval_steps: int = 10
+    log_interval: int = 10
+    ckpt_interval: int = 0               # 0 = at the end (and on Ctrl-C) only
+    save: bool = True                    # False = no checkpoints at all (benchmarks)
+    tensorboard: bool = True
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        if self.model not in ("gpt", "bert"):
+            raise ValueError(f"model={self.model!r}; expected 'gpt' or 'bert'")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"schedule={self.schedule!r}; expected 'cosine', 'wsd' or 'constant'")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision={self.precision!r}; expected 'auto', 'bf16', 'fp16' or 'fp32'")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def model_config(self, vocab_size: Optional[int] = None) -> ModelConfig:
+        over = {k: getattr(self, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout",
+                                             "norm", "mlp", "pos", "nsp", "kernels", "backend")}
+        if self.model == "gpt":
+            over.pop("nsp")
+        if vocab_size is not None:
+            over["vocab_size"] = vocab_size
+        return make_config(self.model, self.preset, **over)
+
+
+def lr_lambda(cfg: TrainConfig):
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, cfg.max_steps // 10)
+    total, floor = cfg.max_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:  # step 0 is the first optimizer step
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "wsd":
+            decay_start = int(total * (1 - cfg.decay_frac))
+            if step < decay_start:
+                return 1.0
+            return 1.0 - (1.0 - floor) * min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+        progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _forward(model, batch: dict, arch: str):
+    """(loss, BertOutput or logits) for a batch already on the device."""
+    if arch == "gpt":
+        logits, loss = model(batch["idx"], batch["targets"])
+        return loss, logits
+    out = model(batch["input_ids"], batch.get("segment_ids"), batch.get("attention_mask"),
+                batch["mlm_labels"], batch.get("nsp_labels"))
+    return out.loss, out
+
+
+@torch.no_grad()
+def evaluate(model, loader, steps: int, arch: str, device, autocast) -> dict:
+    """Validation loss and perplexity (GPT: LM loss; BERT: MLM loss), MLM and NSP accuracy."""
+    was_training = model.training
+    model.eval()
+    tot_loss = n = mlm_hit = mlm_n = nsp_hit = nsp_n = 0
+    for _ in range(steps):
+        batch = {k: v.to(device) for k, v in next(loader).items()}
+        with autocast():
+            loss, out = _forward(model, batch, arch)
+        if arch == "bert":
+            loss = out.mlm_loss
+            sel = batch["mlm_labels"] != -100
+            mlm_hit += (out.mlm_logits.argmax(-1)[sel] == batch["mlm_labels"][sel]).sum().item()
+            mlm_n += sel.sum().item()
+            if out.nsp_logits is not None:
+                nsp_hit += (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().item()
+                nsp_n += batch["nsp_labels"].numel()
+        tot_loss += loss.item()
+        n += 1
+    model.train(was_training)
+    val_loss = tot_loss / max(1, n)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+            "mlm_acc": mlm_hit / mlm_n if mlm_n else None, "nsp_acc": nsp_hit / nsp_n if nsp_n else None}
+
+
+def make_loaders(cfg: TrainConfig, mcfg: ModelConfig, prepared, rank: int, world: int):
+    """(train loader for this rank, a function making a fresh deterministic val loader)."""
+    B, T = cfg.batch_size, mcfg.block_size
+    if prepared is None:  # random tokens
+        train_loader = RandomLoader(mcfg.arch, mcfg.vocab_size, T, B, seed=cfg.seed, rank=rank, world=world)
+        return train_loader, lambda: RandomLoader(mcfg.arch, mcfg.vocab_size, T, B, seed=cfg.seed + 7)
+
+    def loader(split, shuffle, seed, rank, world):
+        tokens = prepared.tokens(split)
+        if mcfg.arch == "gpt":
+            return LMLoader(tokens, T, B, seed=seed, rank=rank, world=world, shuffle=shuffle)
+        return MLMLoader(tokens, prepared.segments(split), T, B, prepared.vocab_size, cfg.mlm_prob, mcfg.nsp,
+                         seed=seed, rank=rank, world=world, shuffle=shuffle)
+
+    return loader("train", True, cfg.seed, rank, world), lambda: loader("val", False, cfg.seed + 7, 0, 1)
+
+
+def _log0(msg: str, rank: int) -> None:
+    if rank == 0:
+        from tqdm import tqdm
+        tqdm.write(msg)
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Run (or resume) a pretraining run; returns a summary (losses per step, last eval, throughput).
+
+    `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt a run).
+    Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last completed step and returns with
+    summary["interrupted"] = True.
+    """
+    # ---- processes and devices
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    ddp = world > 1
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if ddp:
+        import torch.distributed as dist
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.kernels == "tfkernels" and cfg.backend is None and device.type == "cpu" and _config.env_backend() is None:
+        cfg.backend = "torch"
+        _log0("CPU run: using tfkernels backend='torch' (the Triton interpreter is too slow to train with; "
+              "pass --backend triton to use it anyway)", rank)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if amp_dtype is not None:
+        autocast = lambda: torch.autocast(device.type, dtype=amp_dtype)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    out = Path(cfg.out)
+    ckpt_path = out / "ckpt.pt"
+    resume = ckpt_io.load(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
+    if cfg.resume and resume is None:
+        _log0(f"--resume: no checkpoint at {ckpt_path}; starting from scratch", rank)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data (rank 0 prepares; the others wait, then read the cache)
+    mcfg = cfg.model_config()
+    prepared = None
+    if cfg.data != "random":
+        def prep():
+            return prepare(cfg.data, mcfg.vocab_size, cfg.data_dir, cfg.val_fraction, cfg.max_bytes,
+                           cfg.shard_dtype, log=lambda m: _log0(m, rank))
+        if ddp:
+            import torch.distributed as dist
+            if rank == 0:
+                prepared = prep()
+            dist.barrier()
+        prepared = prepared or prep()
+        if rank == 0:
+            shutil.copyfile(prepared.dir / "tokenizer.json", out / "tokenizer.json")
+    if resume is not None:
+        mcfg = ModelConfig.from_dict(resume["model_config"])
+        mcfg.kernels, mcfg.backend = cfg.kernels, cfg.backend  # the kernels may change between runs
+    train_loader, val_loader_fn = make_loaders(cfg, mcfg, prepared, rank, world)
+
+    # ---- model, optimizer, schedule
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    n_params = model.num_params()
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
+    opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        train_loader.load_state_dict(resume["data"])
+        ckpt_io.set_rng_state(resume["rng"])
+        step = resume["step"]
+        _log0(f"resumed from {ckpt_path} at step {step}", rank)
+    else:
+        # every rank starts from the same RNG state regardless of what model building consumed
+        torch.manual_seed(cfg.seed + rank)
+    run_model = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        run_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        run_model = torch.compile(run_model)
+
+    tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * world
+    fpt = flops_per_token(mcfg, n_params)
+    peak = peak_flops(device)
+    _log0(f"{mcfg.arch} '{cfg.preset}': {n_params / 1e6:.2f}M params, T={mcfg.block_size}, "
+          f"kernels={mcfg.kernels} backend={mcfg.backend}, {precision} on {device}"
+          f"{f' x{world}' if ddp else ''}, {tokens_per_step:,} tokens/step", rank)
+
+    def snapshot():
+        return {"step": step, "data": train_loader.state_dict(), "rng": ckpt_io.rng_state()}
+
+    def save(snap):
+        if rank != 0 or not cfg.save:
+            return
+        ckpt_io.save_atomic({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "step": snap["step"], "data": snap["data"], "rng": snap["rng"],
+            "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
+            "data_dir": str(prepared.dir) if prepared is not None else None,
+        }, ckpt_path)
+
+    metrics = MetricsLog(out, resume_step=step, tensorboard=cfg.tensorboard) if rank == 0 else None
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
+               desc=f"{mcfg.arch}-{cfg.preset}")
+    losses, last_eval, interrupted = {}, None, False
+    start_step, t_run = step, time.perf_counter()
+    t_log, tok_log = time.perf_counter(), 0
+    steady = {"t": None, "step": None}  # throughput after the first steps (compilation, warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    snap = snapshot()
+    run_model.train()
+    try:
+        while step < cfg.max_steps:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(train_loader).items()}
+                sync = contextlib.nullcontext()
+                if ddp and micro < cfg.grad_accum - 1:
+                    sync = run_model.no_sync()
+                with sync:
+                    with autocast():
+                        loss, _ = _forward(run_model, batch, mcfg.arch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr_now = opt.param_groups[0]["lr"]
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            snap = snapshot()
+            loss_avg = loss_sum / cfg.grad_accum
+            if ddp:
+                torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.AVG)
+            loss_val = loss_avg.item()  # synchronizes: the timings below are real
+            losses[step] = loss_val
+            tok_log += tokens_per_step
+            if steady["t"] is None and step - start_step >= min(10, max(1, (cfg.max_steps - start_step) // 5)):
+                steady.update(t=time.perf_counter(), step=step)
+            bar.update(1)
+            do_eval = step == cfg.max_steps or (cfg.eval_interval and step % cfg.eval_interval == 0)
+            if step % cfg.log_interval == 0 or do_eval or step == start_step + 1:
+                dt = time.perf_counter() - t_log
+                tps = tok_log / dt if dt > 0 else 0.0
+                t_log, tok_log = time.perf_counter(), 0
+                mfu = fpt * tps / (peak * world) if peak else None
+                row = {"step": step, "loss": loss_val, "lr": lr_now, "tokens_per_s": tps, "mfu": mfu,
+                       "elapsed_s": time.perf_counter() - t_run}
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+                if do_eval:
+                    t_eval = time.perf_counter()
+                    last_eval = evaluate(model, val_loader_fn(), cfg.eval_steps, mcfg.arch, device, autocast)
+                    if steady["t"] is not None:
+                        steady["t"] += time.perf_counter() - t_eval  # eval time is not training throughput
+                    row.update(last_eval)
+                    extra = "".join(f" {k} {v:.3f}" for k, v in last_eval.items() if v is not None and k != "val_loss")
+                    _log0(f"step {step}: loss {loss_val:.4f} val_loss {last_eval['val_loss']:.4f}{extra}", rank)
+                    t_log = time.perf_counter()  # eval time is not training throughput
+                if metrics is not None:
+                    metrics.write(row)
+            if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+                save(snap)
+            if on_step is not None:
+                on_step(step, loss_val)
+    except KeyboardInterrupt:
+        interrupted = True
+        opt.zero_grad(set_to_none=True)
+        _log0(f"interrupted: saving a checkpoint at step {snap['step']} to {ckpt_path} (continue with --resume)", rank)
+    finally:
+        bar.close()
+    t_end = time.perf_counter()
+    save(snap)
+    summary = {"step": snap["step"], "losses": losses, "eval": last_eval, "interrupted": interrupted,
+               "n_params": n_params, "tokens_per_step": tokens_per_step, "out": str(out), "checkpoint": str(ckpt_path),
+               "seconds": t_end - t_run, "device": str(device), "precision": precision,
+               "kernels": mcfg.kernels, "backend": mcfg.backend, "compile": cfg.compile}
+    if steady["t"] is not None and snap["step"] > steady["step"]:
+        tps = tokens_per_step * (snap["step"] - steady["step"]) / (t_end - steady["t"])
+        summary["tokens_per_s"] = tps
+        summary["mfu"] = fpt * tps / (peak * world) if peak else None
+    if device.type == "cuda":
+        summary["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if metrics is not None:
+        metrics.close()
+        if cfg.plot and not interrupted:
+            png = plot_loss(metrics.path, out / "loss.png")
+            summary["plot"] = str(png) if png else None
+    return summary
