@@ -36,6 +36,13 @@ def _plain(module: nn.Module, cls: type) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward and not type(module).__module__.startswith("tfkernels")
 
 
+def _qualname(cls: type) -> str:
+    mod = cls.__module__
+    if mod.startswith("torch.nn.modules."):
+        mod = "torch.nn"  # torch.nn.modules.normalization.LayerNorm -> torch.nn.LayerNorm
+    return f"{mod}.{cls.__qualname__}"
+
+
 def _mha_class():
     return getattr(tnn, "MultiheadAttention", None)
 
@@ -122,7 +129,7 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
     for parent, name, old, new, qual in targets:
         parent._modules[name] = new
         state["modules"].append((parent, name, old))
-        report.append((qual, type(old).__name__, type(new).__name__))
+        report.append((qual, _qualname(type(old)), _qualname(type(new))))
 
     # 2. PyTorch's fused encoder fast paths call torch._transformer_encoder_layer_fwd with the raw
     #    weights, bypassing the (now tfkernels) submodules: switch them off where we replaced anything.
