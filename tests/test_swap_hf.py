@@ -315,3 +315,15 @@ def test_swap_matches_unswapped_bf16_cuda(name):
         e_ref = err(ref_grads[n], oracle_grads[n])
         scale = oracle_grads[n].abs().max().item()
         assert err(grads[n], oracle_grads[n]) <= 2 * e_ref + 1e-2 * (1 + scale), n
+
+
+def test_swap_then_torch_compile_hf():
+    ref = _build("qwen2")
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=mask).logits
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    _close(out[valid], expected[valid], 2e-5, "compiled logits")
