@@ -155,13 +155,19 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
             pass
         else:
             if hasattr(model, "set_attn_implementation"):
+                # validates that the model dispatches through AttentionInterface (warns and leaves it if not)
                 model.set_attn_implementation(hf.ATTN_NAME)
-            for cfg in configs:  # older transformers, or sub-configs it did not reach
-                if cfg._attn_implementation != hf.ATTN_NAME:
+            else:  # older transformers: set the configs directly
+                for cfg in configs:
                     _set_attn_impl(cfg, hf.ATTN_NAME)
-            state["configs"].extend(b for b in before if b[1] != hf.ATTN_NAME)
-            old_names = sorted({str(old) for _, old in before})
-            report.append(("", f"attn_implementation={'/'.join(old_names)}", f"attn_implementation={hf.ATTN_NAME}"))
+            changed = [(cfg, old) for cfg, old in before if old != hf.ATTN_NAME and cfg._attn_implementation == hf.ATTN_NAME]
+            state["configs"].extend(changed)
+            if changed:
+                old_names = sorted({str(old) for _, old in changed})
+                report.append(("", f"attn_implementation={'/'.join(old_names)}", f"attn_implementation={hf.ATTN_NAME}"))
+            else:
+                logger.warning("tfkernels.swap: %s kept attn_implementation=%s (it does not dispatch through "
+                               "transformers' AttentionInterface)", type(model).__name__, before[0][1] if before else None)
         for m in model.modules():  # the backend the attention function uses for this model
             if hasattr(m, "config") and not hasattr(m, "get_input_embeddings"):
                 state["backend_attrs"].append((m, m.__dict__.get("_tfkernels_backend", _MISSING)))
