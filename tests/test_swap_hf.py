@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tfkernels
-from tfkernels import hf, reference
+from tfkernels import hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,26 +18,17 @@ BACKEND = "triton"  # the interpreter on CPU (conftest sets TRITON_INTERPRET=1)
 V, T = 97, 12
 
 
-def _reference_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                         enable_gqa=False, *, backend=None):
-    return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
 @pytest.fixture(autouse=True)
 def attention_calls(monkeypatch):
-    """Counts calls to tfkernels.attention.
-
-    TEMPORARY: until the attention branch is merged, tfkernels.attention may not exist; the
-    plain-PyTorch reference (same contract) stands in for it. Remove the stand-in after the merge.
-    """
-    fn = getattr(tfkernels, "attention", None) or _reference_attention
+    """Counts calls to tfkernels.attention (what attn_implementation="tfkernels" calls)."""
+    fn = tfkernels.attention
     calls = []
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("backend"))
         return fn(*args, **kwargs)
 
-    monkeypatch.setattr(tfkernels, "attention", spy, raising=False)
+    monkeypatch.setattr(tfkernels, "attention", spy)
     return calls
 
 
@@ -249,7 +240,7 @@ def test_convergence_qwen2():
     ref = transformers.Qwen2ForCausalLM(cfg).to(DEVICE)
     model = copy.deepcopy(ref)
     tfkernels.swap(model, backend=BACKEND)
-    steps = 25
+    steps = 20
     ref_losses = _train(ref, steps)
     losses = _train(model, steps)
     assert ref_losses[-1] < ref_losses[0] - 0.5  # it learned something
