@@ -14,4 +14,4 @@ fi
 # triton 3.6 is what our GPU machines run; its CPU interpreter calls int() on 1-element arrays,
 # which numpy >= 2.4 refuses, so the test environment keeps numpy below 2.4.
 "$PY" -m pip install -q "triton==3.6.0" "numpy<2.4"
-"$PY" -m pip install -q -e ".[test]"
+"$PY" -m pip install -q -e ".[test,hf]" "numpy<2.4" "triton==3.6.0"

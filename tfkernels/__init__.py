@@ -12,7 +12,12 @@ backend: "triton", "cuda", "torch" or None (automatic; TFKERNELS_BACKEND sets th
 from ._backend import BackendUnavailableError
 from .ops import attention, layer_norm, rms_norm, softmax
 from . import nn, reference
+from .swap import swap, unswap
+from . import hf as _hf
+
+_hf.install_import_hook()  # registers attn_implementation="tfkernels" once transformers loads
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "layer_norm", "rms_norm", "softmax", "nn", "reference", "BackendUnavailableError"]
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax", "nn", "reference", "swap", "unswap",
+           "BackendUnavailableError"]

@@ -1,0 +1,320 @@
+"""tfkernels.swap on Hugging Face models (tiny configs, no download) and attn_implementation="tfkernels".
+
+Every model is checked against an unswapped copy of itself (default "sdpa" attention, HF norms):
+logits and every parameter gradient, with a padded batch; then unswap must give bit-identical outputs.
+"""
+import copy
+
+import pytest
+import torch
+
+import tfkernels
+from tfkernels import hf
+
+transformers = pytest.importorskip("transformers")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = "triton"  # the interpreter on CPU (conftest sets TRITON_INTERPRET=1)
+V, T = 97, 12
+
+
+@pytest.fixture(autouse=True)
+def attention_calls(monkeypatch):
+    """Counts calls to tfkernels.attention (what attn_implementation="tfkernels" calls)."""
+    fn = tfkernels.attention
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(tfkernels, "attention", spy)
+    return calls
+
+
+def _small(**kw):
+    return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, **kw)
+
+
+def _bert_like(cfg_cls):
+    return cfg_cls(**_small(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, type_vocab_size=2))
+
+
+MODELS = {
+    "bert": lambda t: t.BertForMaskedLM(_bert_like(t.BertConfig)),
+    "roberta": lambda t: t.RobertaForMaskedLM(_bert_like(t.RobertaConfig)),
+    "gpt2": lambda t: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "llama": lambda t: t.LlamaForCausalLM(t.LlamaConfig(**_small(num_key_value_heads=4))),
+    # GQA: 4 query heads share 2 key/value heads
+    "qwen2": lambda t: t.Qwen2ForCausalLM(t.Qwen2Config(**_small(num_key_value_heads=2))),
+    # GQA + a sliding window shorter than the sequence
+    "mistral": lambda t: t.MistralForCausalLM(t.MistralConfig(**_small(num_key_value_heads=2, sliding_window=5))),
+}
+
+
+def _build(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = MODELS[name](transformers).to(DEVICE, dtype)
+    for p in model.parameters():  # non-trivial norm weights and biases, so their gradients mean something
+        if p.dim() == 1:
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _batch(padding_side="right"):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, T), generator=g)
+    mask = torch.ones(3, T, dtype=torch.long)
+    if padding_side == "right":
+        mask[1, 8:] = 0
+        mask[2, 5:] = 0
+    else:
+        mask[1, :4] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def _fwd_bwd(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    # loss only on real tokens: padded positions' outputs are not defined the same way by every path
+    loss = (logits.float().logsumexp(-1) * valid).sum() / valid.sum()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _close(a, b, tol, name):
+    err = (a.double() - b.double()).abs().max().item()
+    bound = tol * (1.0 + b.double().abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_swap_matches_unswapped(name, attention_calls):
+    ref_model = _build(name)
+    model = copy.deepcopy(ref_model)
+    ids, mask = _batch("left" if name == "llama" else "right")
+    ref_logits, ref_grads = _fwd_bwd(ref_model, ids, mask)
+
+    n_params = len(list(model.parameters()))
+    params_before = {n: p for n, p in model.named_parameters()}
+    _, report = tfkernels.swap(model, backend=BACKEND, return_report=True)
+    assert model.config._attn_implementation == "tfkernels"
+    assert any("attn_implementation=tfkernels" in r[2] for r in report)
+    assert any(r[2].startswith("tfkernels.") for r in report), report
+    # the same Parameter objects, no copies
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert len(list(model.parameters())) == n_params
+
+    logits, grads = _fwd_bwd(model, ids, mask)
+    assert len(attention_calls) == 2  # one per layer (the backward goes through autograd)
+    assert set(attention_calls) == {BACKEND}
+    valid = mask.bool()
+    _close(logits[valid], ref_logits[valid], 2e-5, f"{name} logits")
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        _close(grads[n], ref_grads[n], 5e-5, f"{name} grad {n}")
+
+    tfkernels.unswap(model)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        again = model(input_ids=ids, attention_mask=mask).logits
+        expected = ref_model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(again, expected)
+
+
+def test_from_config_attn_implementation(attention_calls):
+    cfg = transformers.LlamaConfig(**_small(num_key_value_heads=2))
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="tfkernels").to(DEVICE).eval()
+    assert model.config._attn_implementation == "tfkernels"
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("sdpa")
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).logits
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    assert len(attention_calls) == 2
+    valid = mask.bool()
+    _close(out[valid], expected[valid], 2e-5, "logits")
+
+
+def test_registered_at_import():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["tfkernels"] is hf.attention_forward
+    assert "tfkernels" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+# ---- HF norms: exact formula and casting of each flavour ----------------------------------------
+
+def _hf_norms():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    return {"llama": LlamaRMSNorm, "mistral": MistralRMSNorm, "qwen2": Qwen2RMSNorm, "gemma": GemmaRMSNorm,
+            "t5": T5LayerNorm}
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "gemma", "t5"])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_hf_norm_exact(kind, x_dtype, w_dtype):
+    torch.manual_seed(0)
+    N = 48
+    norm = _hf_norms()[kind](N).to(DEVICE, w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(N) * 0.5)
+    x = (torch.randn(5, 3, N, device=DEVICE) * 3).to(x_dtype).requires_grad_()
+    new = hf.from_hf_norm(norm, backend=BACKEND)
+    assert new.weight is norm.weight
+    assert new.state_dict().keys() == norm.state_dict().keys()
+
+    y_ref = norm(x)
+    y = new(x)
+    assert y.dtype == y_ref.dtype, (y.dtype, y_ref.dtype)
+    # the casts are reproduced exactly; what may differ is the last bit of fp32 rsqrt/mean, which can
+    # flip one rounding of the output: at most one ulp of the output dtype
+    low = x_dtype if x_dtype != torch.float32 else w_dtype  # the dtype the normalized value is rounded to
+    _close(y, y_ref, 2 * torch.finfo(low).eps if low != torch.float32 else 1e-5, f"{kind} forward")
+
+    gy = torch.randn_like(y)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, norm.weight), gy)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), gy)
+    tol = 1e-5 if x_dtype == torch.float32 and w_dtype == torch.float32 else 2e-2
+    _close(gx, gx_ref, tol, f"{kind} dx")
+    _close(gw, gw_ref, tol, f"{kind} dw")
+
+
+def test_hf_norm_detection_by_source_not_name():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class MyRMSNorm(LlamaRMSNorm):  # same forward: recognised
+        pass
+
+    class OddRMSNorm(LlamaRMSNorm):  # a different formula under a familiar-looking name: left alone
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) * 2
+
+    assert hf.hf_norm_kind(MyRMSNorm(8)) == "llama"
+    assert hf.hf_norm_kind(OddRMSNorm(8)) is None
+    assert hf.hf_norm_kind(torch.nn.LayerNorm(8)) is None
+
+
+def test_swap_gemma_and_t5_norms_in_model():
+    cfg = transformers.GemmaConfig(**_small(num_key_value_heads=2, head_dim=8))
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(cfg).to(DEVICE).eval()
+    _, report = tfkernels.swap(model, backend=BACKEND, attention=False, return_report=True)
+    assert sum(r[2].endswith("hf.GemmaRMSNorm") for r in report) == 2 * 2 + 1
+    assert model.config._attn_implementation != "tfkernels"
+
+
+# ---- training, state_dict, compile --------------------------------------------------------------
+
+def _train(model, steps, lr=1e-2):
+    g = torch.Generator().manual_seed(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    data = torch.randint(3, V, (2, 8), generator=g).to(DEVICE)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=data, labels=data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_convergence_qwen2():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(**{**_small(num_key_value_heads=2), "num_hidden_layers": 1})
+    ref = transformers.Qwen2ForCausalLM(cfg).to(DEVICE)
+    model = copy.deepcopy(ref)
+    tfkernels.swap(model, backend=BACKEND)
+    steps = 20
+    ref_losses = _train(ref, steps)
+    losses = _train(model, steps)
+    assert ref_losses[-1] < ref_losses[0] - 0.5  # it learned something
+    for i, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), f"step {i}: loss {a} vs {b}"
+
+
+def test_state_dict_round_trip(tmp_path):
+    plain = _build("llama")
+    swapped = tfkernels.swap(copy.deepcopy(plain), backend=BACKEND)
+    assert swapped.state_dict().keys() == plain.state_dict().keys()
+
+    fresh_plain = _build("llama")
+    with torch.no_grad():
+        for p in fresh_plain.parameters():
+            p.zero_()
+    fresh_plain.load_state_dict(swapped.state_dict())  # swapped -> unswapped
+    fresh_swapped = tfkernels.swap(MODELS["llama"](transformers).to(DEVICE).eval(), backend=BACKEND)
+    fresh_swapped.load_state_dict(plain.state_dict())  # unswapped -> swapped
+    for (n, a), (_, b) in zip(fresh_swapped.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), n
+
+    swapped.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           plain(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_swap_twice_and_attention_off():
+    model = _build("gpt2")
+    tfkernels.swap(model, backend=BACKEND, attention=False)
+    assert model.config._attn_implementation == "sdpa"
+    _, report = tfkernels.swap(model, backend=BACKEND, return_report=True)
+    assert [r[2] for r in report] == ["attn_implementation=tfkernels"]  # the norms were already swapped
+    tfkernels.unswap(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert all(type(m).__module__.startswith(("torch", "transformers")) for m in model.modules())
+
+
+# ---- CUDA: bf16 ---------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "bert"])
+def test_swap_matches_unswapped_bf16_cuda(name):
+    ref_model = _build(name, torch.bfloat16)
+    model = tfkernels.swap(copy.deepcopy(ref_model), backend=BACKEND)
+    ids, mask = _batch()
+    ref_logits, ref_grads = _fwd_bwd(ref_model, ids, mask)
+    logits, grads = _fwd_bwd(model, ids, mask)
+    # an fp32 oracle judges both: tfkernels may differ from sdpa by at most ~2x sdpa's own error
+    oracle = copy.deepcopy(ref_model).float()
+    oracle_logits, oracle_grads = _fwd_bwd(oracle, ids, mask)
+    valid = mask.bool()
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    e_ref = err(ref_logits[valid], oracle_logits[valid])
+    assert err(logits[valid], oracle_logits[valid]) <= 2 * e_ref + 1e-2
+    for n in grads:
+        e_ref = err(ref_grads[n], oracle_grads[n])
+        scale = oracle_grads[n].abs().max().item()
+        assert err(grads[n], oracle_grads[n]) <= 2 * e_ref + 1e-2 * (1 + scale), n
+
+
+def test_swap_then_torch_compile_hf():
+    ref = _build("qwen2")
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=mask).logits
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    _close(out[valid], expected[valid], 2e-5, "compiled logits")

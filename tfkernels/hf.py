@@ -1,0 +1,380 @@
+"""Hugging Face integration: the "tfkernels" attention implementation and drop-in HF norms.
+
+No hard dependency on transformers: this module imports it only inside functions, and HF norm
+classes are recognised by duck typing (their `forward` source, or failing that their class name).
+
+    import tfkernels                     # registers "tfkernels" once transformers.modeling_utils loads
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="tfkernels")
+    # or: tfkernels.swap(model)          # norms + attention of an existing model
+
+Attention: `attention_forward` mirrors `transformers.integrations.sdpa_attention.sdpa_attention_forward`
+(same masks: the model builds them with the SDPA mask function, registered for "tfkernels" in
+`AttentionMaskInterface`; so padding, causal, sliding-window and chunked masks arrive as SDPA-style
+boolean masks, or None + is_causal when the mask is plain causal) and calls `tfkernels.attention`.
+
+Norms: each HF RMSNorm flavour rounds differently in half precision; the modules below reproduce
+each one's casts exactly and fuse the weight into the kernel only where that gives the same math:
+  - Llama/Mistral/Qwen2/... : y = w * (x_f32 * rstd).to(x.dtype)           (cast BEFORE the weight)
+  - Gemma/Gemma2/Gemma3     : y = (x_f32 * rstd * (1 + w_f32)).to(x.dtype)   (cast AFTER, offset 1+w)
+  - T5LayerNorm             : y = w * (x_f32 * rstd).to(w.dtype if w is half else f32)
+"""
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import inspect
+import re
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .ops import rms_norm
+
+__all__ = ["attention_forward", "register", "LlamaRMSNorm", "GemmaRMSNorm", "T5LayerNorm",
+           "hf_norm_kind", "from_hf_norm"]
+
+ATTN_NAME = "tfkernels"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Norms
+# --------------------------------------------------------------------------------------------------
+
+class LlamaRMSNorm(nn.Module):
+    """Llama-style RMSNorm (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, ...) on tfkernels.
+
+    HF: `self.weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`. The normalized value
+    is rounded to x's dtype before the weight multiply, so the weight is fused into the kernel only
+    when x and the weight are both fp32 (the two roundings are then the same single fp32 one).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        N = w.shape[-1]
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return rms_norm(x, (N,), w, self.variance_epsilon, backend=self.backend)
+        # statistics in fp32 inside the kernel, normalized value rounded to x.dtype, then HF's multiply
+        return w * rms_norm(x, (N,), None, self.variance_epsilon, backend=self.backend)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, backend={self.backend}"
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma-style RMSNorm (GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm) on tfkernels.
+
+    HF: `(x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + w.float())).type_as(x)`: computed in fp32
+    and cast once at the end, which is exactly what the kernel does with an fp32 weight `1 + w`.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, backend: Optional[str] = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = 1.0 + self.weight.float()  # the Gemma offset, in fp32 as HF computes it
+        return rms_norm(x, (w.shape[-1],), w, self.eps, backend=self.backend)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, backend={self.backend}"
+
+
+class T5LayerNorm(nn.Module):
+    """T5's RMS-style LayerNorm (no mean subtraction, no bias) on tfkernels.
+
+    HF: `n = x * rsqrt(mean(x.float()^2) + eps)` (fp32), cast to the weight's dtype when the weight is
+    fp16/bf16, then `w * n`. Fused only when x and the weight are both fp32.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        N = w.shape[-1]
+        eps = self.variance_epsilon
+        if w.dtype in _HALF:
+            if x.dtype == w.dtype:  # fp32 value rounded once to w.dtype, inside the kernel
+                n = rms_norm(x, (N,), None, eps, backend=self.backend)
+            else:
+                n = rms_norm(x.float(), (N,), None, eps, backend=self.backend).to(w.dtype)
+            return w * n
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return rms_norm(x, (N,), w, eps, backend=self.backend)
+        return w * rms_norm(x.float(), (N,), None, eps, backend=self.backend)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, backend={self.backend}"
+
+
+_KIND_CLASS = {"llama": LlamaRMSNorm, "gemma": GemmaRMSNorm, "t5": T5LayerNorm}
+_KIND_EPS_ATTR = {"llama": "variance_epsilon", "gemma": "eps", "t5": "variance_epsilon"}
+
+# Whitespace- and comment-free bodies of the HF forward methods we reproduce (transformers 4.4x-5.x).
+_FORWARD_BODIES = {
+    "llama": "input_dtype=hidden_states.dtype hidden_states=hidden_states.to(torch.float32) "
+             "variance=hidden_states.pow(2).mean(-1,keepdim=True) "
+             "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon) "
+             "return self.weight*hidden_states.to(input_dtype)",
+    "gemma": "output=self._norm(x.float()) output=output*(1.0+self.weight.float()) return output.type_as(x)",
+    "t5": "variance=hidden_states.to(torch.float32).pow(2).mean(-1,keepdim=True) "
+          "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon) "
+          "if self.weight.dtype in [torch.float16,torch.bfloat16]: "
+          "hidden_states=hidden_states.to(self.weight.dtype) return self.weight*hidden_states",
+}
+_GEMMA_NORM_BODY = "return x*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)"
+
+# Used only when the source cannot be read (e.g. a frozen install).
+_KNOWN_NAMES = {
+    "llama": {"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+              "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm", "OlmoRMSNorm", "Olmo2RMSNorm",
+              "GraniteRMSNorm", "StarcoderRMSNorm", "SmolLM3RMSNorm", "DeepseekV3RMSNorm"},
+    "gemma": {"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"},
+    "t5": {"T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm", "LongT5LayerNorm"},
+}
+
+
+def _normalized_body(fn) -> Optional[str]:
+    """The body of `fn` without its def line, comments, docstring-less whitespace (None if unreadable)."""
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+    lines = src.splitlines()
+    # drop the (possibly multi-line) `def ...:` header
+    i = 0
+    while i < len(lines) and not re.search(r"\)\s*(->\s*[^:]+)?:\s*(#.*)?$", lines[i]):
+        i += 1
+    body = []
+    for line in lines[i + 1:]:
+        line = re.sub(r"#.*$", "", line).strip()
+        if line:
+            body.append(line)
+    text = " ".join(body)
+    return re.sub(r"\s*([=*+\-(),.:\[\]])\s*", r"\1", text)
+
+
+def _norm_template(body: str) -> str:
+    return re.sub(r"\s*([=*+\-(),.:\[\]])\s*", r"\1", body)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_kind(cls) -> Optional[str]:
+    fwd = getattr(cls, "forward", None)
+    body = _normalized_body(fwd) if fwd is not None else None
+    if body is not None:
+        for kind, tmpl in _FORWARD_BODIES.items():
+            if body == _norm_template(tmpl):
+                if kind == "gemma":  # the formula lives in _norm: check it too
+                    if _normalized_body(getattr(cls, "_norm", None)) != _norm_template(_GEMMA_NORM_BODY):
+                        return None
+                return kind
+        return None
+    for kind, names in _KNOWN_NAMES.items():
+        if cls.__name__ in names:
+            return kind
+    return None
+
+
+def hf_norm_kind(module: nn.Module) -> Optional[str]:
+    """"llama", "gemma" or "t5" when `module` is a Hugging Face norm that tfkernels reproduces, else None."""
+    cls = type(module)
+    if cls.__module__.startswith("tfkernels"):
+        return None
+    if not (cls.__name__.endswith("RMSNorm") or cls.__name__.endswith("LayerNorm")):
+        return None
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 1:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    kind = _class_kind(cls)
+    if kind is None or not isinstance(getattr(module, _KIND_EPS_ATTR[kind], None), (int, float)):
+        return None
+    # only the attributes we copy: a subclass with more state is not ours to replace
+    if set(module._parameters) != {"weight"} or module._buffers or module._modules:
+        return None
+    return kind
+
+
+def from_hf_norm(module: nn.Module, *, backend: Optional[str] = None) -> nn.Module:
+    """A tfkernels module computing exactly what the HF norm `module` computes, sharing its weight."""
+    kind = hf_norm_kind(module)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not a Hugging Face norm tfkernels knows how to replace")
+    cls = _KIND_CLASS[kind]
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.weight = module.weight  # the same Parameter object: optimizers and state_dict keep working
+    setattr(new, _KIND_EPS_ATTR[kind], getattr(module, _KIND_EPS_ATTR[kind]))
+    new.backend = backend
+    new.train(module.training)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+def _attention_fn():
+    import tfkernels
+
+    fn = getattr(tfkernels, "attention", None)
+    if fn is None:
+        raise RuntimeError("tfkernels.attention is not available in this build")
+    return fn
+
+
+def _position_bias_mask(position_bias, attention_mask, is_causal, query, key):
+    # as transformers' create_position_bias_mask: fold the bias and the mask into one additive mask
+    min_dtype = torch.finfo(key.dtype).min
+    if attention_mask is None:
+        if is_causal:
+            q_len, kv_len = query.shape[2], key.shape[2]
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=key.device).tril()
+            return torch.where(causal, position_bias, min_dtype)
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, min_dtype)
+    return position_bias + attention_mask
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                      scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """Hugging Face attention function: query (B, H, Tq, D), key/value (B, Hkv, Tk, D) ->
+    (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`.
+    The backend is the one `tfkernels.swap(model, backend=...)` recorded on the module, else automatic.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attn_implementation='tfkernels' does not support `softcap`; use 'eager' for this model")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attn_implementation='tfkernels' does not support attention sinks (`s_aux`); use 'eager'")
+    cache = kwargs.get("cache")
+    if cache is not None and type(cache).__name__ == "PagedAttentionCache":
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    enable_gqa = key.shape[1] != query.shape[1]  # GQA: the kernel indexes kv head h // (H / Hkv)
+
+    # as SDPA's integration: use is_causal only when the model built no mask (plain causal)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and kv_len > q_len:  # prefill into an empty static cache: top-left causal == crop
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        if is_causal and position_bias.shape[-1] > key.shape[2]:
+            position_bias = position_bias[..., : key.shape[2]]
+        attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
+
+    out = _attention_fn()(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa,
+                          backend=getattr(module, "_tfkernels_backend", None))  # (B, H, Tq, D)
+    return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration (cheap at import: deferred until transformers.modeling_utils is imported)
+# --------------------------------------------------------------------------------------------------
+
+_registered = False
+
+
+def register() -> bool:
+    """Register "tfkernels" with transformers' AttentionInterface (and SDPA-style masks for it in
+    AttentionMaskInterface). Idempotent; returns False when transformers is not installed or too old.
+    """
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers import AttentionInterface
+    except Exception:  # not installed, or older than the AttentionInterface API (4.48)
+        return False
+    AttentionInterface.register(ATTN_NAME, attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except Exception:  # transformers < 4.53 builds SDPA masks for any non-eager implementation
+        pass
+    else:
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    _registered = True
+    return True
+
+
+_HOOK_TARGET = "transformers.modeling_utils"
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs `register()` right after transformers.modeling_utils finishes importing."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _HOOK_TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                loader = spec.loader
+                orig = loader.exec_module
+
+                def exec_module(module, _orig=orig):
+                    _orig(module)
+                    _remove_hook()
+                    try:
+                        register()
+                    except Exception:  # never break the user's import of transformers
+                        pass
+
+                loader.exec_module = exec_module
+                return spec
+        return None
+
+
+_hook: Optional[_RegisterOnImport] = None
+
+
+def _remove_hook():
+    global _hook
+    if _hook is not None and _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
+    _hook = None
+
+
+def install_import_hook() -> None:
+    """Called by `import tfkernels`: register now if transformers' modeling code is already loaded,
+    else as soon as it is, without importing transformers ourselves (it takes seconds)."""
+    global _hook
+    if _HOOK_TARGET in sys.modules:
+        try:
+            register()
+        except Exception:
+            pass
+        return
+    try:
+        if importlib.util.find_spec("transformers") is None:
+            return
+    except Exception:
+        return
+    if _hook is None:
+        _hook = _RegisterOnImport()
+        sys.meta_path.insert(0, _hook)

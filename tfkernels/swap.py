@@ -1,0 +1,209 @@
+"""swap(model): run an existing PyTorch or Hugging Face model on tfkernels, in place.
+
+    model = tfkernels.swap(model)        # norms, softmax and attention now run on tfkernels
+    tfkernels.unswap(model)              # the original modules and attention implementation again
+
+What is replaced (each new module shares the old one's Parameter objects, so optimizers,
+`state_dict` keys, `save_pretrained` and checkpoint loading are unaffected):
+  - torch.nn.LayerNorm / RMSNorm          -> tfkernels.nn.LayerNorm / RMSNorm
+  - Hugging Face RMSNorms (Llama-, Gemma-, T5-style; see tfkernels.hf) -> exact tfkernels equivalents
+  - torch.nn.Softmax                      -> tfkernels.nn.Softmax
+  - torch.nn.MultiheadAttention           -> tfkernels.nn.MultiheadAttention; the PyTorch fused fast
+    paths of nn.TransformerEncoder(Layer) that would bypass the modules are switched off
+  - Hugging Face models: attention implementation -> "tfkernels" (tfkernels.hf.attention_forward)
+Only modules whose class is exactly the torch one (or one whose `forward` is not overridden) are
+replaced; anything else is left alone. unswap puts back the very same module objects.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+from . import hf
+from . import nn as tnn
+
+__all__ = ["swap", "unswap"]
+
+logger = logging.getLogger("tfkernels.swap")
+
+_STATE = "_tfkernels_swap_state"  # plain attribute on the model: not a module, not in state_dict
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """`module` is a `cls` whose forward is `cls.forward` (subclasses that change forward are not ours)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward and not type(module).__module__.startswith("tfkernels")
+
+
+def _qualname(cls: type) -> str:
+    mod = cls.__module__
+    if mod.startswith("torch.nn.modules."):
+        mod = "torch.nn"  # torch.nn.modules.normalization.LayerNorm -> torch.nn.LayerNorm
+    return f"{mod}.{cls.__qualname__}"
+
+
+def _mha_class():
+    return getattr(tnn, "MultiheadAttention", None)
+
+
+def _replacement(module: nn.Module, *, norms: bool, softmax: bool, attention: bool, backend) -> Optional[nn.Module]:
+    if norms:
+        if _plain(module, nn.LayerNorm):
+            return tnn.LayerNorm.from_torch(module, backend=backend)
+        if hasattr(nn, "RMSNorm") and _plain(module, nn.RMSNorm):
+            return tnn.RMSNorm.from_torch(module, backend=backend)
+        if hf.hf_norm_kind(module) is not None:
+            return hf.from_hf_norm(module, backend=backend)
+    if softmax and _plain(module, nn.Softmax):
+        return tnn.Softmax.from_torch(module, backend=backend)
+    if attention and _plain(module, nn.MultiheadAttention):
+        mha = _mha_class()
+        if mha is None:
+            logger.warning("tfkernels.swap: tfkernels.nn.MultiheadAttention is not available; leaving %s",
+                           type(module).__name__)
+            return None
+        return mha.from_torch(module, backend=backend)
+    return None
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return cfg is not None and hasattr(cfg, "_attn_implementation") and hasattr(model, "get_input_embeddings")
+
+
+def _hf_configs(model: nn.Module) -> list:
+    """Every distinct HF config reachable from the model's modules (sub-models may have their own)."""
+    seen, out = set(), []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def _set_attn_impl(cfg, value) -> None:
+    if hasattr(cfg, "_attn_implementation_internal"):
+        cfg._attn_implementation_internal = value
+    else:
+        cfg._attn_implementation = value
+
+
+def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attention: bool = True,
+         backend: Optional[str] = None, return_report: bool = False):
+    """Replace `model`'s norms, softmax and attention with tfkernels ones, in place.
+
+    Args:
+        model: any nn.Module; Hugging Face PreTrainedModels also get attn_implementation="tfkernels".
+        norms / softmax / attention: which kinds of layers to replace.
+        backend: "triton", "cuda", "torch" or None (automatic), for every replaced layer.
+        return_report: also return the list of (qualified name, old class, new class).
+
+    Returns:
+        `model`, or `(model, report)` with return_report=True. The report is also logged (INFO).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    state = getattr(model, _STATE, None)
+    if state is None:
+        state = {"modules": [], "configs": [], "flags": [], "backend_attrs": []}
+    report: List[Tuple[str, str, str]] = []
+
+    # 1. module replacement; a module object used in several places gets one replacement
+    new_for: dict = {}
+    targets = []
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            qual = f"{parent_name}.{name}" if parent_name else name
+            if id(child) not in new_for:
+                new_for[id(child)] = _replacement(child, norms=norms, softmax=softmax, attention=attention,
+                                                  backend=backend)
+            new = new_for[id(child)]
+            if new is not None:
+                targets.append((parent, name, child, new, qual))
+    for parent, name, old, new, qual in targets:
+        parent._modules[name] = new
+        state["modules"].append((parent, name, old))
+        report.append((qual, _qualname(type(old)), _qualname(type(new))))
+
+    # 2. PyTorch's fused encoder fast paths call torch._transformer_encoder_layer_fwd with the raw
+    #    weights, bypassing the (now tfkernels) submodules: switch them off where we replaced anything.
+    swapped_ids = {id(new) for _, _, _, new, _ in targets}
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(id(c) in swapped_ids for c in m.modules()):
+            if m.activation_relu_or_gelu:  # the only fast-path condition that changes nothing else
+                state["flags"].append((m, "activation_relu_or_gelu", m.activation_relu_or_gelu))
+                m.activation_relu_or_gelu = 0
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            if any(id(c) in swapped_ids for c in m.modules()):
+                state["flags"].append((m, "use_nested_tensor", m.use_nested_tensor))
+                m.use_nested_tensor = False  # nested-tensor inputs would need the fast path
+
+    # 3. Hugging Face attention implementation
+    if attention and _is_hf_model(model):
+        if not hf.register():
+            raise RuntimeError("tfkernels.swap: this model looks like a Hugging Face model but "
+                               "transformers' AttentionInterface could not be imported")
+        configs = _hf_configs(model)
+        before = [(cfg, cfg._attn_implementation) for cfg in configs]
+        if all(old == hf.ATTN_NAME for _, old in before):
+            pass
+        else:
+            if hasattr(model, "set_attn_implementation"):
+                # validates that the model dispatches through AttentionInterface (warns and leaves it if not)
+                model.set_attn_implementation(hf.ATTN_NAME)
+            else:  # older transformers: set the configs directly
+                for cfg in configs:
+                    _set_attn_impl(cfg, hf.ATTN_NAME)
+            changed = [(cfg, old) for cfg, old in before if old != hf.ATTN_NAME and cfg._attn_implementation == hf.ATTN_NAME]
+            state["configs"].extend(changed)
+            if changed:
+                old_names = sorted({str(old) for _, old in changed})
+                report.append(("", f"attn_implementation={'/'.join(old_names)}", f"attn_implementation={hf.ATTN_NAME}"))
+            else:
+                logger.warning("tfkernels.swap: %s kept attn_implementation=%s (it does not dispatch through "
+                               "transformers' AttentionInterface)", type(model).__name__, before[0][1] if before else None)
+        for m in model.modules():  # the backend the attention function uses for this model
+            if hasattr(m, "config") and not hasattr(m, "get_input_embeddings"):
+                state["backend_attrs"].append((m, m.__dict__.get("_tfkernels_backend", _MISSING)))
+                m._tfkernels_backend = backend
+
+    object.__setattr__(model, _STATE, state)
+    for qual, old, new in report:
+        logger.info("tfkernels.swap: %s: %s -> %s", qual or "<model>", old, new)
+    if not report:
+        logger.info("tfkernels.swap: nothing to replace in %s", type(model).__name__)
+    return (model, report) if return_report else model
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def unswap(model: nn.Module) -> nn.Module:
+    """Undo every `swap` on `model`: the original module objects and attention implementation come
+    back, so outputs are bit-identical to before the swap. A model never swapped is returned as is."""
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    for parent, name, old in reversed(state["modules"]):
+        parent._modules[name] = old
+    for m, attr, value in reversed(state["flags"]):
+        setattr(m, attr, value)
+    for cfg, value in reversed(state["configs"]):
+        _set_attn_impl(cfg, value)
+    for m, value in reversed(state["backend_attrs"]):
+        if value is _MISSING:
+            m.__dict__.pop("_tfkernels_backend", None)
+        else:
+            m._tfkernels_backend = value
+    logger.info("tfkernels.unswap: restored %d modules in %s", len(state["modules"]), type(model).__name__)
+    return model
