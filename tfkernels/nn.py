@@ -16,6 +16,20 @@ from .ops import attention, layer_norm, rms_norm, softmax
 __all__ = ["LayerNorm", "RMSNorm", "Softmax", "MultiheadAttention"]
 
 
+def _wrap_norm(cls, torch_cls, module, backend, attrs):
+    """Build `cls` around `module` without __init__: the same attributes and Parameter objects."""
+    if not isinstance(module, torch_cls):
+        raise TypeError(f"module must be a torch.nn.{torch_cls.__name__}, got {type(module).__name__}")
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name in attrs:  # Parameters (or None) go through Module.__setattr__ and register as such
+        setattr(new, name, getattr(module, name))
+    new.normalized_shape = tuple(new.normalized_shape)
+    new.backend = backend
+    new.train(module.training)
+    return new
+
+
 class LayerNorm(nn.LayerNorm):
     """`torch.nn.LayerNorm` running on tfkernels. Extra keyword: `backend`."""
 
@@ -31,18 +45,7 @@ class LayerNorm(nn.LayerNorm):
     @classmethod
     def from_torch(cls, module: nn.LayerNorm, *, backend: Optional[str] = None) -> "LayerNorm":
         """A tfkernels LayerNorm sharing `module`'s Parameter objects (no copy)."""
-        if not isinstance(module, nn.LayerNorm):
-            raise TypeError(f"module must be a torch.nn.LayerNorm, got {type(module).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.normalized_shape = tuple(module.normalized_shape)
-        new.eps = module.eps
-        new.elementwise_affine = module.elementwise_affine
-        new.weight = module.weight
-        new.bias = module.bias
-        new.backend = backend
-        new.train(module.training)
-        return new
+        return _wrap_norm(cls, nn.LayerNorm, module, backend, ("normalized_shape", "eps", "elementwise_affine", "weight", "bias"))
 
 
 class RMSNorm(nn.RMSNorm):
@@ -59,17 +62,7 @@ class RMSNorm(nn.RMSNorm):
     @classmethod
     def from_torch(cls, module: nn.RMSNorm, *, backend: Optional[str] = None) -> "RMSNorm":
         """A tfkernels RMSNorm sharing `module`'s Parameter objects (no copy)."""
-        if not isinstance(module, nn.RMSNorm):
-            raise TypeError(f"module must be a torch.nn.RMSNorm, got {type(module).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.normalized_shape = tuple(module.normalized_shape)
-        new.eps = module.eps
-        new.elementwise_affine = module.elementwise_affine
-        new.weight = module.weight
-        new.backend = backend
-        new.train(module.training)
-        return new
+        return _wrap_norm(cls, nn.RMSNorm, module, backend, ("normalized_shape", "eps", "elementwise_affine", "weight"))
 
 
 def _legacy_softmax_dim(ndim: int) -> int:
