@@ -12,6 +12,7 @@ import sys
 
 SUBCOMMANDS = [
     "tfkernels.train.cli",  # pretrain, sample, eval
+    "tfkernels.train.finetune_cli",  # finetune, export
 ]
 
 

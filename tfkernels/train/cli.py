@@ -179,6 +179,10 @@ def cmd_eval(args) -> int:
     from .data import PreparedData, prepare
     from .trainer import evaluate, make_loaders
 
+    from . import checkpoint
+    if checkpoint.load(args.ckpt).get("kind") == "classifier":  # a fine-tuned classifier: accuracy, F1, confusion
+        from .finetune_cli import cmd_eval_classifier
+        return cmd_eval_classifier(args)
     model, tok, ck, dev = load_run(args.ckpt, args.kernels, args.backend, args.device)
     tcfg = TrainConfig.from_dict({**ck["train_config"], "resume": False})
     if args.batch_size:
@@ -226,9 +230,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="validation loss / perplexity / MLM and NSP accuracy of a checkpoint")
+    p = sub.add_parser("eval", help="validation loss / perplexity / MLM and NSP accuracy of a checkpoint; "
+                       "accuracy, macro-F1 and confusion matrix of a fine-tuned classifier")
     _add_run_flags(p)
-    p.add_argument("--data", help="evaluate on this corpus instead of the run's validation split")
+    p.add_argument("--data", help="evaluate on this corpus instead of the run's validation split "
+                   "(classifier: a labelled CSV/JSONL file, builtin:eval, hf:...)")
+    p.add_argument("--png", help="classifier: where to save the confusion matrix (default CKPT_DIR/confusion.png)")
+    p.add_argument("--json", action="store_true", help="classifier: also print the report as JSON")
     p.add_argument("--data-dir")
     p.add_argument("--eval-steps", type=int, default=50)
     p.add_argument("--batch-size", type=int)

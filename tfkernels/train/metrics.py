@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-COLUMNS = ["step", "loss", "lr", "tokens_per_s", "mfu", "elapsed_s", "val_loss", "val_ppl", "mlm_acc", "nsp_acc"]
+COLUMNS = ["step", "loss", "lr", "tokens_per_s", "mfu", "elapsed_s", "val_loss", "val_ppl", "mlm_acc", "nsp_acc",
+           "val_acc", "val_f1"]
 
 # dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name() (first match wins)
 PEAK_BF16 = [

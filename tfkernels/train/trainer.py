@@ -192,12 +192,18 @@ def _log0(msg: str, rank: int) -> None:
         tqdm.write(msg)
 
 
-def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None, task=None) -> dict:
     """Run (or resume) a pretraining run; returns a summary (losses per step, last eval, throughput).
 
     `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt a run).
     Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last completed step and returns with
     summary["interrupted"] = True.
+
+    `task` (optional) replaces the pretraining objective while keeping everything else (fine-tuning,
+    see finetune.py). It provides: model_config(cfg), tokenizer_path, build(mcfg, resumed) -> model,
+    loaders(cfg, mcfg, rank, world) -> (train loader, val loader factory), forward(model, batch)
+    -> (loss, out), evaluate(model, loader, steps, device, autocast) -> dict, tokens(batch) -> int,
+    and ckpt_extra() -> dict saved in the checkpoint.
     """
     # ---- processes and devices
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -233,9 +239,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         out.mkdir(parents=True, exist_ok=True)
 
     # ---- data (rank 0 prepares; the others wait, then read the cache)
-    mcfg = cfg.model_config()
+    mcfg = cfg.model_config() if task is None else task.model_config(cfg)
     prepared = None
-    if cfg.data != "random":
+    if task is not None:
+        if rank == 0 and task.tokenizer_path is not None:
+            shutil.copyfile(task.tokenizer_path, out / "tokenizer.json")
+    elif cfg.data != "random":
         def prep():
             return prepare(cfg.data, mcfg.vocab_size, cfg.data_dir, cfg.val_fraction, cfg.max_bytes,
                            cfg.shard_dtype, log=lambda m: _log0(m, rank))
@@ -250,11 +259,14 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if resume is not None:
         mcfg = ModelConfig.from_dict(resume["model_config"])
         mcfg.kernels, mcfg.backend = cfg.kernels, cfg.backend  # the kernels may change between runs
-    train_loader, val_loader_fn = make_loaders(cfg, mcfg, prepared, rank, world)
+    if task is None:
+        train_loader, val_loader_fn = make_loaders(cfg, mcfg, prepared, rank, world)
+    else:
+        train_loader, val_loader_fn = task.loaders(cfg, mcfg, rank, world)
 
     # ---- model, optimizer, schedule
     torch.manual_seed(cfg.seed)
-    model = build_model(mcfg).to(device)
+    model = (build_model(mcfg) if task is None else task.build(mcfg, resumed=resume is not None)).to(device)
     n_params = model.num_params()
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.preset, 3e-4)
     opt = torch.optim.AdamW(model.optim_groups(cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
@@ -299,6 +311,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
             "scaler": scaler.state_dict(), "step": snap["step"], "data": snap["data"], "rng": snap["rng"],
             "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
             "data_dir": str(prepared.dir) if prepared is not None else None,
+            **(task.ckpt_extra() if task is not None else {}),
         }, ckpt_path)
 
     metrics = MetricsLog(out, resume_step=step, tensorboard=cfg.tensorboard) if rank == 0 else None
@@ -323,7 +336,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                     sync = run_model.no_sync()
                 with sync:
                     with autocast():
-                        loss, _ = _forward(run_model, batch, mcfg.arch)
+                        if task is None:
+                            loss, _ = _forward(run_model, batch, mcfg.arch)
+                        else:
+                            loss, _ = task.forward(run_model, batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:
@@ -341,7 +357,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                 torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.AVG)
             loss_val = loss_avg.item()  # synchronizes: the timings below are real
             losses[step] = loss_val
-            tok_log += tokens_per_step
+            tok_log += tokens_per_step if task is None else task.tokens_seen(cfg, world)
             if steady["t"] is None and step - start_step >= min(10, max(1, (cfg.max_steps - start_step) // 5)):
                 steady.update(t=time.perf_counter(), step=step)
             bar.update(1)
@@ -356,7 +372,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
                 if do_eval:
                     t_eval = time.perf_counter()
-                    last_eval = evaluate(model, val_loader_fn(), cfg.eval_steps, mcfg.arch, device, autocast)
+                    if task is None:
+                        last_eval = evaluate(model, val_loader_fn(), cfg.eval_steps, mcfg.arch, device, autocast)
+                    else:
+                        last_eval = task.evaluate(model, val_loader_fn(), cfg.eval_steps, device, autocast)
                     if steady["t"] is not None:
                         steady["t"] += time.perf_counter() - t_eval  # eval time is not training throughput
                     row.update(last_eval)

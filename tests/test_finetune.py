@@ -1,0 +1,151 @@
+"""Fine-tuning: metrics, the built-in task, pretrained beats scratch, CLI (GPT and BERT), bad input.
+
+Training runs use kernels="torch" on CPU (the Triton interpreter is too slow to train with).
+"""
+import json
+
+import pytest
+import torch
+
+from tfkernels.__main__ import main
+from tfkernels.train import TrainConfig, train
+from tfkernels.train.classify_data import BUILTIN_TOPICS, read_examples
+from tfkernels.train.finetune import (ClassifyTask, FinetuneConfig, classification_metrics, confusion_matrix,
+                                      evaluate_checkpoint, finetune, format_confusion, predict)
+
+PRE = dict(preset="tiny", kernels="torch", vocab_size=512, max_bytes=400_000, batch_size=8, block_size=64,
+           eval_interval=0, eval_steps=1, tensorboard=False, progress=False, plot=False)
+FT = dict(max_len=64, batch_size=16, lr=1e-3, eval_interval=0, progress=False, tensorboard=False, plot=False,
+          kernels="torch")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.getbasetemp() / "builtin-512")  # shared with test_data / test_train
+
+
+@pytest.fixture(scope="module")
+def gpt_ckpt(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("pre") / "gpt"
+    train(TrainConfig(model="gpt", max_steps=60, out=str(out), data_dir=data_dir, **PRE))
+    return str(out)
+
+
+def test_metrics_hand_made_confusion():
+    y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    y_pred = [0, 0, 1, 1, 2, 2, 2, 2, 0]
+    cm = confusion_matrix(y_true, y_pred, 4)
+    assert cm.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
+    m = classification_metrics(cm)
+    assert m["accuracy"] == pytest.approx(6 / 9)
+    # F1 per class: 0: p=2/3 r=2/3 -> 2/3; 1: p=1/2 r=1/2 -> 1/2; 2: p=3/4 r=3/4 -> 3/4; 3: absent -> left out
+    assert m["per_class_f1"][:3] == pytest.approx([2 / 3, 1 / 2, 3 / 4]) and m["per_class_f1"][3] is None
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 3 / 4) / 3)
+    # a class predicted but never true counts with F1 0
+    assert classification_metrics(confusion_matrix([0, 0], [0, 1], 2))["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+    text = format_confusion(cm, ["a", "b", "c", "d"])
+    assert "true" in text and "predicted" in text and len(text.splitlines()) == 3 + 4
+
+
+def test_builtin_task_is_deterministic_and_disjoint():
+    tr, ev = read_examples("builtin"), read_examples("builtin:eval")
+    assert {e.label for e in tr} == {e.label for e in ev} == set(BUILTIN_TOPICS)
+    assert len(tr) >= 100 and len(ev) >= 20
+    assert not {e.text for e in tr} & {e.text for e in ev}
+    assert [e.text for e in read_examples("builtin")] == [e.text for e in tr]
+
+
+def test_finetune_improves_and_pretrained_beats_scratch(tmp_path, gpt_ckpt):
+    # the untrained head: chance level
+    task = ClassifyTask(FinetuneConfig(ckpt=gpt_ckpt, **FT))
+    cfg = TrainConfig(kernels="torch", batch_size=16)
+    mcfg = task.model_config(cfg)
+    torch.manual_seed(0)
+    model = task.build(mcfg, resumed=False)
+    _, val = task.loaders(cfg, mcfg, 0, 1)
+    y, p, untrained_loss = predict(model, val(), "cpu")
+    untrained = classification_metrics(confusion_matrix(y, p, 4))["accuracy"]
+
+    res = {}
+    for init in ("pretrained", "scratch"):
+        s = finetune(FinetuneConfig(ckpt=gpt_ckpt, out=str(tmp_path / init), init=init, max_steps=40, seed=1, **FT))
+        res[init] = s["eval"]
+    pre, scratch = res["pretrained"], res["scratch"]
+    assert pre["val_acc"] > untrained + 0.2 and pre["val_loss"] < untrained_loss - 0.3, (untrained, pre)
+    assert pre["val_loss"] < scratch["val_loss"] - 0.05 and pre["val_acc"] > scratch["val_acc"], res
+    rep = evaluate_checkpoint(tmp_path / "pretrained")
+    assert rep["accuracy"] == pytest.approx(pre["val_acc"]) and rep["n"] == len(read_examples("builtin:eval"))
+    assert (tmp_path / "pretrained" / "confusion.png").is_file()
+    assert (tmp_path / "pretrained" / "metrics.csv").read_text().splitlines()[0].endswith("val_acc,val_f1")
+
+
+def _write_pairs(path, labels=("same", "diff"), n=24, fmt="csv"):
+    rows = [(f"def f{i}(x): return x", f"def f{i}(x): return x" if i % 2 else "class A: pass", labels[i % 2])
+            for i in range(n)]
+    if fmt == "csv":
+        import csv
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "text_pair", "label"])
+            w.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps({"text": a, "text_pair": b, "label": c}) + "\n" for a, b, c in rows))
+    return str(path)
+
+
+def test_cli_bert_pairs_freeze_resume_eval(tmp_path, data_dir, capsys):
+    bert = tmp_path / "bert"
+    train(TrainConfig(model="bert", nsp=True, max_steps=2, out=str(bert), data_dir=data_dir, **PRE))
+    tr, ev = _write_pairs(tmp_path / "train.csv"), _write_pairs(tmp_path / "dev.jsonl", fmt="jsonl")
+    args = ["finetune", "--ckpt", str(bert), "--task", "classify", "--train", tr, "--eval", ev, "--out",
+            str(tmp_path / "ft"), "--max-steps", "4", "--batch-size", "8", "--kernels", "torch", "--freeze",
+            "--no-progress", "--no-tensorboard", "--no-plot"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "macro-F1" in out and "done: 4 steps" in out
+    ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ck["kind"] == "classifier" and ck["labels"] == ["diff", "same"]
+    pre = torch.load(bert / "ckpt.pt", weights_only=False)["model"]
+    assert torch.equal(ck["model"]["base.transformer.wte.weight"], pre["transformer.wte.weight"])  # frozen
+    # resume to more steps
+    assert main(args[:args.index("--max-steps")] + ["--max-steps", "6"] + args[args.index("--max-steps") + 2:]
+                + ["--resume"]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(tmp_path / "ft"), "--data", ev, "--png", str(tmp_path / "cm.png"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and '"confusion"' in out and (tmp_path / "cm.png").is_file()
+
+
+def test_bad_input(tmp_path, gpt_ckpt, capsys):
+    tr = _write_pairs(tmp_path / "train.csv")
+    base = ["finetune", "--ckpt", gpt_ckpt, "--out", str(tmp_path / "ft"), "--max-steps", "2", "--kernels", "torch",
+            "--no-progress", "--no-tensorboard", "--no-plot", "--max-len", "32"]
+    # unknown labels in the eval set
+    bad_eval = _write_pairs(tmp_path / "dev.csv", labels=("same", "other"))
+    assert main(base + ["--train", tr, "--eval", bad_eval]) == 2
+    assert "label(s) ['other'] are not among the trained labels ['diff', 'same']" in capsys.readouterr().err
+    # a missing label column (CSV header and JSONL row)
+    (tmp_path / "nolabel.csv").write_text("text,text_pair\na,b\n")
+    assert main(base + ["--train", str(tmp_path / "nolabel.csv")]) == 2
+    assert "missing the 'label' column" in capsys.readouterr().err
+    (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    assert main(base + ["--train", str(tmp_path / "nolabel.jsonl")]) == 2
+    assert "nolabel.jsonl:2: missing the 'label' column" in capsys.readouterr().err
+    # files that do not exist
+    assert main(base + ["--train", str(tmp_path / "nope.csv")]) == 2
+    assert "labelled data file not found" in capsys.readouterr().err
+    assert main(base[:2] + [str(tmp_path / "nockpt")] + base[3:] + ["--train", tr]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    # checkpoints of the wrong kind
+    assert main(base + ["--train", tr, "--eval", tr]) == 0
+    capsys.readouterr()
+    assert main(base[:2] + [str(tmp_path / "ft")] + base[3:] + ["--train", tr]) == 2
+    assert "is a fine-tuned classifier checkpoint" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(tmp_path / "ft"), "--out", str(tmp_path / "hf")]) == 2
+    assert "is a fine-tuned classifier checkpoint" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a fine-tuned classifier checkpoint"):
+        evaluate_checkpoint(gpt_ckpt, tr)
+    # one label only
+    (tmp_path / "one.csv").write_text("text,label\na,x\nb,x\n")
+    assert main(base + ["--train", str(tmp_path / "one.csv")]) == 2
+    assert "at least 2 labels" in capsys.readouterr().err

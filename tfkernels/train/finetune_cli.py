@@ -1,0 +1,103 @@
+"""`tfkernels finetune | export` (and `tfkernels eval` on a fine-tuned checkpoint, via cli.cmd_eval).
+
+    tfkernels finetune --ckpt runs/tiny --task classify --train builtin --out runs/ft
+    tfkernels finetune --ckpt runs/tiny --train train.csv --eval dev.csv --out runs/ft --freeze
+    tfkernels eval --ckpt runs/ft [--data dev.jsonl] [--png cm.png]
+    tfkernels export --ckpt runs/tiny --out hf/tiny --format hf
+
+Every FinetuneConfig field is a flag (`max_steps` -> `--max-steps`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+from .finetune import FinetuneConfig
+
+HELP = {
+    "ckpt": "pretrained checkpoint file or run directory (from `tfkernels pretrain`)",
+    "task": "classify (sequence classification)",
+    "train": "labelled CSV/JSONL (text, optional text_pair, label), builtin, or hf:NAME[:CONFIG][@SPLIT]",
+    "eval": "labelled evaluation file (default: builtin:eval for --train builtin)",
+    "out": "run directory: ckpt.pt, metrics.csv, confusion.png, tb/",
+    "init": "pretrained (default) or scratch (same architecture, random weights: the baseline)",
+    "freeze": "train the classification head only", "max_len": "truncate inputs to this many tokens",
+    "eval_steps": "eval batches per evaluation (0 = the whole eval set)",
+}
+
+
+def _flag_type(field):
+    hint = typing.get_type_hints(FinetuneConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import evaluate_checkpoint, finetune
+
+    flags = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
+    fcfg = FinetuneConfig.from_dict(flags)
+    s = finetune(fcfg)
+    if s["interrupted"]:
+        return 130
+    losses = s["losses"]
+    if losses:
+        print(f"done: {s['step']} steps in {s['seconds']:.1f}s, loss {losses[min(losses)]:.3f} -> {losses[max(losses)]:.3f}")
+    rep = evaluate_checkpoint(s["checkpoint"], kernels=fcfg.kernels, backend=fcfg.backend, device=fcfg.device)
+    print_report(rep)
+    print(f"wrote {s['checkpoint']}, {Path(fcfg.out) / 'metrics.csv'}")
+    return 0
+
+
+def print_report(rep: dict) -> None:
+    print(f"eval on {rep['data']} ({rep['n']} examples): accuracy {rep['accuracy']:.4f}, macro-F1 {rep['macro_f1']:.4f}, "
+          f"loss {rep['loss']:.4f}")
+    print(rep["confusion_text"])
+    print(f"confusion matrix: {rep['png']}")
+
+
+def cmd_eval_classifier(args) -> int:
+    from .finetune import evaluate_checkpoint
+
+    rep = evaluate_checkpoint(args.ckpt, args.data, args.batch_size or 32, getattr(args, "png", None),
+                              args.kernels, args.backend, args.device)
+    print_report(rep)
+    if getattr(args, "json", False):
+        print(json.dumps({k: v for k, v in rep.items() if k != "confusion_text"}, indent=1))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..export import export_hf
+
+    if args.format != "hf":
+        raise ValueError(f"--format {args.format!r}: only 'hf' is supported")
+    info = export_hf(args.ckpt, args.out)
+    print(f"wrote a Hugging Face {info['architecture']} ({info['model_type']}) to {info['out']}: "
+          f"{', '.join(info['files'])}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint for sequence classification",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _flag_type(f)
+        kw = dict(default=argparse.SUPPRESS, help=HELP.get(f.name))
+        if f.name == "ckpt":
+            p.add_argument(flag, required=True, help=HELP["ckpt"])
+        elif typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="export a pretrained checkpoint to Hugging Face format")
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--format", default="hf", help="hf (transformers: GPT-2, Llama or BERT-style)")
+    p.set_defaults(func=cmd_export)
