@@ -87,6 +87,23 @@ def test_tied_embeddings_and_decay_groups():
         assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params(False)
 
 
+def test_bert_segment_zero_is_pinned():
+    """Segment 0's embedding stays zero (see BERT.__init__): a trained one is a shared shift that
+    Adam grows until it drowns the token embeddings."""
+    torch.manual_seed(0)
+    model = build_model(make_config("bert", "tiny", kernels="torch", **SMALL))
+    wtt = model.transformer.wtt.weight
+    assert wtt[0].abs().max() == 0 and wtt[1].abs().max() > 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(6, 64, (2, 16))
+    seg = (torch.arange(16) >= 8).long().expand(2, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids, seg, mlm_labels=ids).loss.backward()
+        opt.step()
+    assert wtt[0].abs().max() == 0 and wtt.grad[1].abs().max() > 0
+
+
 def test_presets():
     gpt2 = make_config("gpt", "gpt2-124m")
     assert (gpt2.n_layer, gpt2.n_embd, gpt2.n_head, gpt2.block_size, gpt2.vocab_size) == (12, 768, 12, 1024, 50304)

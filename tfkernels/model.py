@@ -288,7 +288,7 @@ class BERT(_Base):
         self.cfg = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wtt=nn.Embedding(cfg.type_vocab_size, cfg.n_embd),
+            wtt=nn.Embedding(cfg.type_vocab_size, cfg.n_embd, padding_idx=0),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg, causal=False) for _ in range(cfg.n_layer)]),
             ln_f=make_norm(cfg),
@@ -304,6 +304,12 @@ class BERT(_Base):
             self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
             self.nsp_head = nn.Linear(cfg.n_embd, 2)
         self._init_weights()
+        # Segment 0's embedding is pinned at zero (padding_idx=0: no gradient). Trained, it is one vector
+        # added to nearly every token, its gradient summed over all of them; Adam then moves it a full
+        # step every step, it soon outweighs the token embeddings, and the tokens look alike to the
+        # blocks (fine-tuning from scratch stayed at chance). Pinned, segment 1 learns the offset.
+        with torch.no_grad():
+            self.transformer.wtt.weight[0].zero_()
 
     def forward(self, input_ids, segment_ids=None, attention_mask=None, mlm_labels=None, nsp_labels=None):
         """input_ids, segment_ids: (B, T) long; attention_mask: (B, T) bool, True = real token
