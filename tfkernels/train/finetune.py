@@ -53,15 +53,47 @@ def hidden_states(base: nn.Module, input_ids, segment_ids=None, attention_mask=N
 
 
 class Classifier(nn.Module):
-    """A pretrained GPT/BERT (`self.base`, same parameter names as before) with a new linear head."""
+    """A pretrained GPT/BERT (`self.base`, same parameter names as before) with a new head.
 
-    def __init__(self, base: nn.Module, n_labels: int, dropout: float = 0.1):
+    The heads are laid out like transformers' sequence classifiers, so that `tfkernels export`
+    writes a fine-tuned model that computes the same logits there:
+      GPT:  the last real token -> dropout -> Linear                 (GPT2/LlamaForSequenceClassification's `score`)
+      BERT: [CLS] -> dense -> tanh -> dropout -> Linear              (RoBERTa's classification head); the dense
+            is the pretrained NSP pooler when the model has one, else a new layer (`pool`).
+    The head has a bias (it learns the class prior; fine-tuning from a pretrained GPT is clearly better
+    with it), except on an RMSNorm GPT: LlamaForSequenceClassification has no bias and no norm bias to
+    fold one into (a LayerNorm GPT's head bias is folded into ln_f's bias at export).
+    `head_bias` / `new_pooler` override these defaults; checkpoints saved before this layout (a BERT
+    without a pooler classifying [CLS] directly) load with the values they were saved with.
+    """
+
+    def __init__(self, base: nn.Module, n_labels: int, dropout: float = 0.1, head_bias: Optional[bool] = None,
+                 new_pooler: Optional[bool] = None):
         super().__init__()
         self.base, self.cfg = base, base.cfg
+        is_bert, C = base.cfg.arch == "bert", base.cfg.n_embd
+        head_bias = (is_bert or base.cfg.norm != "rmsnorm") if head_bias is None else head_bias
+        new_pooler = (is_bert and not hasattr(base, "pooler")) if new_pooler is None else new_pooler
+        self.pool = nn.Linear(C, C) if new_pooler else None
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(base.cfg.n_embd, n_labels)
+        self.head = nn.Linear(C, n_labels, bias=head_bias)
         nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
+        if self.pool is not None:  # start as tanh([CLS]): the features keep their scale (std 0.02 shrank them ~4x)
+            nn.init.eye_(self.pool.weight)
+            nn.init.zeros_(self.pool.bias)
+
+    @property
+    def head_spec(self) -> dict:
+        """What the constructor needs besides the base model (saved in fine-tuning checkpoints)."""
+        return {"n_labels": self.head.out_features, "head_bias": self.head.bias is not None,
+                "new_pooler": self.pool is not None}
+
+    @staticmethod
+    def spec_from_state_dict(sd: dict) -> dict:
+        """head_spec for checkpoints that predate it."""
+        return {"n_labels": sd["head.weight"].shape[0], "head_bias": "head.bias" in sd, "new_pooler": "pool.weight" in sd}
 
     def forward(self, input_ids, segment_ids=None, lengths=None, labels=None):
         B, T = input_ids.shape
@@ -71,8 +103,9 @@ class Classifier(nn.Module):
             mask = torch.arange(T, device=input_ids.device)[None, :] < lengths[:, None]  # (B, T)
             h = hidden_states(self.base, input_ids, segment_ids, mask)
             pooled = h[:, 0]                                                   # [CLS]
-            if hasattr(self.base, "pooler"):
-                pooled = torch.tanh(self.base.pooler(pooled))
+            dense = self.pool if self.pool is not None else getattr(self.base, "pooler", None)
+            if dense is not None:
+                pooled = torch.tanh(dense(pooled))
         else:
             h = hidden_states(self.base, input_ids)                            # causal: padding on the right is unseen
             pooled = h[torch.arange(B, device=h.device), lengths - 1]         # (B, C) last real token
@@ -80,13 +113,16 @@ class Classifier(nn.Module):
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return logits, loss
 
+    def _head_params(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
     def num_params(self, non_embedding: bool = True) -> int:
-        return self.base.num_params(non_embedding) + sum(p.numel() for p in self.head.parameters())
+        return self.base.num_params(non_embedding) + sum(p.numel() for p in self._head_params())
 
     def optim_groups(self, weight_decay: float):
         groups = self.base.optim_groups(weight_decay)
-        groups[0]["params"].append(self.head.weight)
-        groups[1]["params"].append(self.head.bias)
+        for p in self._head_params():  # decay on matrices, none on biases (as in the base)
+            groups[0 if p.dim() >= 2 else 1]["params"].append(p)
         return [g for g in groups if g["params"]] or groups
 
 
@@ -273,6 +309,7 @@ class ClassifyTask:
         if self.fcfg.init == "pretrained":
             base.load_state_dict(self.pre["model"])
         model = Classifier(base, len(self.labels), self.fcfg.head_dropout)
+        self._head_spec = model.head_spec
         if self.fcfg.freeze:
             for p in base.parameters():
                 p.requires_grad_(False)
@@ -303,7 +340,7 @@ class ClassifyTask:
 
     def ckpt_extra(self) -> dict:
         return {"kind": CLASSIFIER_KIND, "labels": self.labels, "finetune_config": asdict(self.fcfg),
-                "pretrained_from": str(self.fcfg.ckpt)}
+                "head_spec": self._head_spec, "pretrained_from": str(self.fcfg.ckpt)}
 
 
 def finetune(fcfg: FinetuneConfig, on_step=None) -> dict:
@@ -337,7 +374,9 @@ def load_classifier(path, kernels=None, backend=None, device="auto"):
     if kernels:
         mcfg.kernels = kernels
     mcfg.backend = backend if backend else ("torch" if dev.type == "cpu" and mcfg.kernels == "tfkernels" else None)
-    model = Classifier(build_model(mcfg), len(ck["labels"]), ck["finetune_config"].get("head_dropout", 0.1))
+    spec = ck.get("head_spec") or Classifier.spec_from_state_dict(ck["model"])
+    model = Classifier(build_model(mcfg), len(ck["labels"]), ck["finetune_config"].get("head_dropout", 0.1),
+                       head_bias=spec["head_bias"], new_pooler=spec["new_pooler"])
     model.load_state_dict(ck["model"])
     model.to(dev).eval()
     tok = load_tokenizer(_run_dir(path) / "tokenizer.json")

@@ -96,8 +96,8 @@ def register(sub) -> None:
             p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("export", help="export a pretrained checkpoint to Hugging Face format")
+    p = sub.add_parser("export", help="export a pretrained or fine-tuned checkpoint to Hugging Face format")
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--format", default="hf", help="hf (transformers: GPT-2, Llama or BERT-style)")
+    p.add_argument("--format", default="hf", help="hf (transformers: GPT-2, Llama or XLM-RoBERTa-XL for BERT; *ForSequenceClassification for a fine-tuned classifier)")
     p.set_defaults(func=cmd_export)
