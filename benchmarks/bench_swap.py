@@ -15,13 +15,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tfkernels  # noqa: E402
+from benchmarks._util import env_info  # noqa: E402
 
 
 def build(name: str):
@@ -92,12 +92,10 @@ def main(argv=None):
     names = list(results)
     speedup = results[names[0]]["median_ms"] / results[names[1]]["median_ms"]
 
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        commit = "unknown"
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+    env = env_info("cuda")  # driver, CUDA, and the commit (TFKERNELS_COMMIT on a copy without .git)
+    commit = env["commit"]
+    meta = {"gpu": torch.cuda.get_device_name(), "driver": env["driver"], "cuda": env["cuda"],
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "triton": getattr(__import__("triton"), "__version__", "?"), "tfkernels": tfkernels.__version__,
             "commit": commit, "python": platform.python_version(), "model": args.model,
             "params_M": sum(p.numel() for p in base.parameters()) / 1e6, "dtype": "bfloat16",

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,15 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._util import env_info  # noqa: E402  (GPU, driver, CUDA, torch, triton, commit: TFKERNELS_COMMIT too)
 from tfkernels.train import TrainConfig, train  # noqa: E402
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None):
@@ -71,6 +62,10 @@ def main(argv=None):
             print(f"{name}: FAILED {err!r}", flush=True)
             results.append({"name": name, "error": repr(err)})
             continue
+        if s.get("interrupted"):  # the trainer turns Ctrl-C / SIGINT (a timeout) into a summary: stop here
+            print(f"{name}: interrupted after {s['step']} steps; not recorded, later runs skipped", flush=True)
+            results.append({"name": name, "error": f"interrupted after {s['step']} steps"})
+            break
         losses = s["losses"]
         r = {"name": name, "kernels": kernels, "compile": compiled, "tokens_per_s": s.get("tokens_per_s"),
              "mfu": s.get("mfu"), "peak_mem_gb": s.get("peak_mem_gb"), "wall_s": time.perf_counter() - t0,
@@ -78,15 +73,18 @@ def main(argv=None):
              "precision": s["precision"], "n_params": s["n_params"], "tokens_per_step": s["tokens_per_step"]}
         print(json.dumps(r), flush=True)
         results.append(r)
+        _write(out, args, results)  # after every run: a run killed later (a GPU command's time limit) keeps these
+    print(_write(out, args, results))
 
+
+def _write(out: Path, args, results: list) -> str:
+    """Write bench_train.json / .md for the runs so far; returns the markdown."""
     base = next((r for r in results if r["name"] == "torch+compile" and r.get("tokens_per_s")), None)
     for r in results:
         if base and r.get("tokens_per_s"):
             r["speedup_vs_torch_compile"] = r["tokens_per_s"] / base["tokens_per_s"]
-    env = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-           "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
-           "commit": git_commit(), "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
-           "block_size": args.block_size, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env = {**env_info("cuda" if torch.cuda.is_available() else "cpu"), "preset": args.preset, "steps": args.steps,
+           "batch_size": args.batch_size, "block_size": args.block_size}
     (out / "bench_train.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
     lines = [f"# Training throughput: {args.model} {args.preset}", "",
              " ".join(f"{k}={v}" for k, v in env.items()), "",
@@ -100,15 +98,7 @@ def main(argv=None):
                      f"{_num(r.get('speedup_vs_torch_compile'), 'x')} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} | "
                      f"{r['wall_s']:.0f} |")
     (out / "bench_train.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception:
-        return None
+    return "\n".join(lines)
 
 
 def _pct(v):

@@ -43,7 +43,7 @@ for name in ("triton", "numpy", "matplotlib", "flash_attn", "flash_attn_interfac
     except Exception as e:
         print(f"  {name:22s} absent ({type(e).__name__})")
 PYEOF
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee -a "$LOG"   # -a: gpu_session.sh logs its install step first
 
 echo "== python -m benchmarks $QUICK --budget $BUDGET --out $OUT/bench ${ARGS[*]:-}" | tee -a "$LOG"
 timeout "$HARD_LIMIT" "$PY" -m benchmarks $QUICK --budget "$BUDGET" --out "$OUT/bench" "${ARGS[@]}" 2>&1 | tee -a "$LOG"

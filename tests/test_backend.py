@@ -45,6 +45,15 @@ def test_cuda_backend_unavailable_raises():
         tfkernels.layer_norm(x, (4,), backend="cuda")
 
 
+def test_cuda_jit_can_be_disabled(monkeypatch):
+    from tfkernels import _cuda_ext
+
+    monkeypatch.setitem(_cuda_ext._state, "error", "the CUDA C++ extension is not built")
+    monkeypatch.setenv("TFKERNELS_CUDA_JIT", "0")
+    _cuda_ext._load_jit()  # returns before looking for torch's CUDA, a GPU or nvcc
+    assert "TFKERNELS_CUDA_JIT=0" in _cuda_ext.unavailable_reason()
+
+
 def test_triton_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(tfkernels.BackendUnavailableError, match="TRITON_INTERPRET"):

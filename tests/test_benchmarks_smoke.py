@@ -72,3 +72,25 @@ def test_summary_and_compare(smoke_run):
 def test_bad_only_is_rejected():
     with pytest.raises(SystemExit):
         benchmarks.main(["--smoke", "--only", "nope"])
+
+
+def test_finetune_bench_smoke(tmp_path):
+    """benchmarks/bench_finetune.py on CPU (tiny BERT classifier, 2 timed steps): both kernel sets
+    time a step, the rows are stamped, and they start from the same loss (same weights, same data)."""
+    from benchmarks import bench_finetune
+
+    js, cs = tmp_path / "ft.json", tmp_path / "ft.csv"
+    argv = ["--preset", "tiny", "--arch", "bert", "--batch", "4", "--seq", "32", "--steps", "2", "--warmup", "1",
+            "--device", "cpu", "--json", str(js), "--csv", str(cs)]
+    assert bench_finetune.main(argv) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert sorted(r["provider"] for r in rows) == ["tfkernels", "torch"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("ms", "ms_p20", "ms_p80", "samples_per_s", "tokens_per_s", "real_tokens_per_s", "flops_per_token"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (r["provider"], key, r)
+        for key in ("gpu", "driver", "cuda", "torch", "triton", "commit"):
+            assert r[key], key
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-4)
+    with open(cs) as f:
+        assert len(list(csv.DictReader(f))) == 2

@@ -4,6 +4,7 @@ TFKERNELS_BACKEND   default backend for every op: "triton", "cuda" or "torch" (u
 TRITON_INTERPRET    "1" runs Triton kernels on CPU tensors (numpy underneath); the automatic
                     backend then picks Triton for CPU tensors too (this is how CI tests kernels)
 TFKERNELS_BUILD_CUDA, TFKERNELS_CUDA_ARCHS, MAX_JOBS   read by setup.py and the JIT loader
+TFKERNELS_CUDA_JIT  "0" never JIT-compiles the CUDA extension on first use (only a prebuilt one loads)
 """
 from __future__ import annotations
 

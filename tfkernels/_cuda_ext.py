@@ -8,6 +8,7 @@ through `ops()` with the same arguments as its Triton launcher. Two ways to get 
    automatic backend falling back to cuda) compiles csrc/ with `torch.utils.cpp_extension.load`
    (ninja) into ~/.cache/tfkernels/<torch version>-<hash of sources and flags>/ and reuses that
    build on later runs. Archs: TFKERNELS_CUDA_ARCHS when set, else the current GPU's.
+   TFKERNELS_CUDA_JIT=0 turns this off (the cuda backend is then unavailable unless prebuilt).
 
 Nothing here raises on import of tfkernels; when the extension cannot be had, `is_available`
 returns False and `unavailable_reason()` says why (CPU-only torch, no GPU, nvcc missing, build error).
@@ -100,6 +101,10 @@ def _arch_flags() -> list[str]:
 def _load_jit() -> None:
     import torch
 
+    if os.environ.get("TFKERNELS_CUDA_JIT", "").strip() == "0":
+        # timed runs on a fresh machine (benchmarks/gpu_session.sh) must not spend minutes in nvcc on first use
+        _state["error"] = f"{_state['error']}; TFKERNELS_CUDA_JIT=0 forbids compiling it on first use"
+        return
     if torch.version.cuda is None:
         _state["error"] = f"torch {torch.__version__} is a CPU-only build (the cuda backend needs a CUDA build of torch)"
         return

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# A GPU session in stages, each sized for one 10-minute `run` command (benchmarks/GPU_SESSION.md has
+# the exact calls and what to do with what comes back):
+#
+#   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh tests  # test suite on CUDA (Triton backend),
+#                                                                          # then CUDA extension build + its tests
+#   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh bench [suite args]  # quick kernel suite (gpu_run.sh)
+#   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh e2e    # fine-tuning, pretraining, swap throughput
+#
+# What each stage leaves (the run tool brings back at most 8 files, at most 2 folders down):
+#   tests  log.txt, junit-triton.xml, build.txt (CUDA build output), junit-cuda.xml
+#   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png}
+#   e2e    log.txt, e2e/{finetune.json,finetune.csv,bench_train.json,bench_train.md,
+#                        bench_swap_gpt2.json,bench_swap_gpt2.md}
+#   (+ build.txt in bench / e2e with BUILD_CUDA=1)
+#
+# Every stage installs the package first (the machine may be fresh; without the CUDA build that takes
+# seconds) and logs nvidia-smi and versions. Each step runs under `timeout`, cut to what is left of
+# STAGE_LIMIT, so the stage ends before the command limit and whatever finished is already under $OUT.
+#
+# Environment:
+#   OUT                output folder (required)
+#   TFKERNELS_COMMIT   commit stamped on every result (the copy on the GPU machine may have no .git)
+#   STAGE_LIMIT=560    seconds for the whole stage (the run tool's limit is 600)
+#   BUILD_CUDA=1       bench / e2e: build the CUDA extension too (minutes), so tfkernels-cuda is measured
+#   CPU_CHECK=1        no GPU here: say so, skip GPU-only steps, run the rest with small sizes (how this
+#                      script is checked off-GPU). Without it, a machine with no GPU is an error.
+#   PARTS=triton,cuda  tests: which halves to run (e.g. PARTS=cuda when the Triton run left the build too little time)
+#   TRITON_TESTS, CUDA_TESTS   pytest targets of the two test runs (space-separated words)
+#   PYTHON=python3  MAXFAIL=20  XDIST=8 (pytest -n, when pytest-xdist is installed; 0 = off)
+#   TRITON_CAP=270  BUILD_CAP=330  TRAIN_STEPS=60   step timeouts / sizes
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the output folder}"
+STAGE=${1:-}
+shift || true  # what follows the stage: bench passes it on to gpu_run.sh (e.g. --only norms,attention)
+case "$STAGE" in
+  tests | bench | e2e) ;;
+  *) echo "usage: OUT=DIR [TFKERNELS_COMMIT=sha] bash benchmarks/gpu_session.sh tests|bench|e2e" >&2; exit 2 ;;
+esac
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1 PIP_ROOT_USER_ACTION=ignore
+export TFKERNELS_CUDA_JIT=0  # never compile csrc/ on first use inside a timed step; it is built on purpose below
+export TFKERNELS_CUDA_ARCHS=${TFKERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
+unset TRITON_INTERPRET
+PY=${PYTHON:-python3}
+LIMIT=${STAGE_LIMIT:-560}
+T0=$SECONDS
+RC=0  # the first failing step's exit code is the stage's
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+
+log() { echo "$*" | tee -a "$LOG"; }
+left() { echo $((LIMIT - (SECONDS - T0))); }
+
+# step NAME CAP CMD...: CMD under a timeout of CAP seconds or what is left of the stage (less 15 s),
+# its output into the log (STEP_LOG=/dev/null for a command that writes the log itself).
+step() {
+  local name=$1 cap=$2 t rc t1=$SECONDS
+  shift 2
+  t=$(($(left) - 15))
+  ((t > cap)) && t=$cap
+  if ((t < 20)); then
+    log "== $name: SKIPPED, $(left) s of the stage left"
+    ((RC == 0)) && RC=124
+    return 124
+  fi
+  log "== $name  [timeout ${t} s, $((SECONDS - T0)) s into the stage]: $*"
+  # SIGINT first: pytest still writes its junit xml and summary; the trainer returns what it has
+  timeout -s INT -k 15 "$t" "$@" 2>&1 | tee -a "${STEP_LOG:-$LOG}"
+  rc=${PIPESTATUS[0]}
+  log "== $name: exit $rc after $((SECONDS - t1)) s$( ((rc == 124 || rc == 137)) && echo ' (TIMED OUT)')"
+  ((rc != 0 && RC == 0)) && RC=$rc
+  return "$rc"
+}
+
+quick_install() {  # editable install without the CUDA build: seconds
+  step "pip install -e . (TFKERNELS_BUILD_CUDA=0)" 180 \
+    env TFKERNELS_BUILD_CUDA=0 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+}
+
+build_cuda() {  # $1: timeout cap. Full compiler output in build.txt, its tail in the log.
+  step "pip install -e . with the CUDA extension (TFKERNELS_BUILD_CUDA=1, archs $TFKERNELS_CUDA_ARCHS, MAX_JOBS=$MAX_JOBS)" \
+    "$1" bash -c 'TFKERNELS_BUILD_CUDA=1 "$0" -m pip install -v --no-deps --no-build-isolation -e . >"$1" 2>&1
+                  rc=$?; tail -n 25 "$1"; exit $rc' "$PY" "$OUT/build.txt" || return
+  "$PY" -c "import sys; from tfkernels import _cuda_ext as c; ok = c.is_available()
+print('CUDA extension:', 'loaded' if ok else c.unavailable_reason()); sys.exit(0 if ok else 1)" 2>&1 | tee -a "$LOG"
+}
+
+env_report() {
+  log "== $(date -u +%FT%TZ)  stage $STAGE  commit ${TFKERNELS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo 'unknown (pass TFKERNELS_COMMIT)')}"
+  {
+    if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc: not found"
+    "$PY" - <<'PYEOF'
+import importlib, json, torch
+from benchmarks._util import env_info
+print(json.dumps(env_info("cuda" if torch.cuda.is_available() else "cpu")))
+for name in ("tfkernels", "pytest", "xdist", "pytest_timeout", "transformers"):
+    try:
+        m = importlib.import_module(name)
+        print(f"  {name:15s} {getattr(m, '__version__', 'present')}  {getattr(m, '__file__', '')}")
+    except Exception as e:
+        print(f"  {name:15s} absent ({type(e).__name__})")
+PYEOF
+  } 2>&1 | tee -a "$LOG"
+}
+
+finish() {
+  log "== stage $STAGE: exit $RC after $((SECONDS - T0)) s; files under \$OUT:"
+  (cd "$OUT" && find . -type f | sort | xargs -r ls -l) 2>&1 | tee -a "$LOG"
+  local n deep
+  n=$(find "$OUT" -type f | wc -l)
+  deep=$(find "$OUT" -mindepth 4 -type f | wc -l)
+  ((n > 8 || deep > 0)) && log "== WARNING: $n files, $deep more than 2 folders down: the run tool returns 8 files, 2 folders down"
+  exit "$RC"
+}
+
+pytest_run() {  # NAME CAP JUNIT TARGETS...
+  local name=$1 cap=$2 junit=$3 extra=()
+  shift 3
+  # pytest-xdist: Triton compiles each kernel variant on first use, CPU-bound work that 16 cores share
+  if "$PY" -c "import xdist" 2>/dev/null && ((${XDIST:-8} > 0)); then extra+=(-n "${XDIST:-8}"); fi
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout "${TEST_TIMEOUT:-300}"); fi
+  # -x-style: stop after MAXFAIL failures, so a broken build does not spend the stage failing everything
+  step "$name" "$cap" "$PY" -m pytest -q -ra --durations=15 --maxfail "${MAXFAIL:-20}" "${extra[@]}" \
+    --junitxml "$OUT/$junit" "$@"
+}
+
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  GPU=1
+elif [ "${CPU_CHECK:-0}" = 1 ]; then
+  GPU=0
+  log "== NO GPU: torch.cuda.is_available() is False here; CPU_CHECK=1, so GPU-only steps are skipped and the rest runs with small sizes"
+else
+  log "== NO GPU: torch.cuda.is_available() is False here (set CPU_CHECK=1 to check this script on CPU)"
+  exit 2
+fi
+
+install() {
+  if [ "${BUILD_CUDA:-0}" = 1 ] && ((GPU)); then build_cuda 330 || quick_install; else quick_install; fi
+}
+
+case "$STAGE" in
+  tests)
+    quick_install
+    env_report
+    # 1. the whole suite on CUDA with the Triton backend (no CUDA extension: TFKERNELS_CUDA_JIT=0 above)
+    if ((GPU)); then
+      read -r -a targets <<<"${TRITON_TESTS:-tests --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_build.py}"
+    else
+      read -r -a targets <<<"${TRITON_TESTS:-tests/test_backend.py tests/test_benchmarks_smoke.py::test_finetune_bench_smoke}"
+    fi
+    PARTS=${PARTS:-triton,cuda}
+    [[ ,$PARTS, == *,triton,* ]] && pytest_run "pytest, Triton backend" "${TRITON_CAP:-270}" junit-triton.xml "${targets[@]}"
+    # 2. build the CUDA extension (what is left but 100 s), then the tests of the cuda backend
+    if [[ ,$PARTS, != *,cuda,* ]]; then
+      log "== PARTS=$PARTS: no CUDA extension build"
+    elif ((!GPU)); then
+      log "== NO GPU: skipping the CUDA extension build and ${CUDA_TESTS:-tests/test_cuda_backend.py}"
+    else
+      cap=$(($(left) - 100))
+      ((cap > ${BUILD_CAP:-330})) && cap=${BUILD_CAP:-330}
+      if build_cuda "$cap"; then
+        read -r -a targets <<<"${CUDA_TESTS:-tests/test_cuda_backend.py}"
+        pytest_run "pytest, CUDA backend" 600 junit-cuda.xml "${targets[@]}"
+      else
+        log "== the CUDA extension did not build (see build.txt): its tests are not run"
+      fi
+    fi
+    ;;
+  bench)
+    install
+    # gpu_run.sh logs nvidia-smi and versions into the same log.txt and has its own kill switch, set to what is left
+    args=()
+    ((GPU)) || args=(--smoke)
+    STEP_LOG=/dev/null step "benchmarks/gpu_run.sh" 600 \
+      env HARD_LIMIT=$(($(left) - 40)) BUDGET="${BUDGET:-330}" OUT="$OUT" PYTHON="$PY" bash benchmarks/gpu_run.sh "${args[@]}" "$@"
+    ;;
+  e2e)
+    install
+    env_report
+    E2E="$OUT/e2e"
+    TMP=$(mktemp -d)  # bench_train also writes per-run folders: only its two summary files are kept
+    mkdir -p "$E2E"
+    # the GPU arguments; without a GPU the same arguments are parsed, then small sizes appended override them
+    train=(--preset gpt2-124m --batch-size 16 --steps "${TRAIN_STEPS:-60}" --out "$TMP/train")
+    ft=(--preset bert-base --batch 32 --seq 128 --compile --json "$E2E/finetune.json" --csv "$E2E/finetune.csv")
+    swap=(--model gpt2 --batch 8 --seq 1024 --out "$E2E")
+    if ((!GPU)); then
+      train+=(--preset tiny --batch-size 4 --steps 4 --only torch,tfkernels)
+      ft+=(--preset tiny --batch 4 --seq 32 --steps 2 --warmup 1)
+    fi
+    # fine-tuning first: no other stage measures it (the bench stage's suite can rerun bench_train)
+    step "bench_finetune: bert-base classifier step, tfkernels vs torch, eager and compiled" 180 \
+      "$PY" benchmarks/bench_finetune.py "${ft[@]}"
+    step "bench_train: gpt2-124m pretraining step, tfkernels vs torch, eager and compiled" 250 \
+      "$PY" benchmarks/bench_train.py "${train[@]}"
+    cp "$TMP"/train/bench_train.{json,md} "$E2E"/ 2>/dev/null || log "== bench_train wrote nothing"
+    if ((GPU)); then
+      step "bench_swap: HF GPT-2 fwd+bwd, unswapped vs tfkernels.swap" 120 "$PY" benchmarks/bench_swap.py "${swap[@]}"
+    else
+      log "== NO GPU: bench_swap needs CUDA; it should parse its arguments and then say so:"
+      "$PY" benchmarks/bench_swap.py "${swap[@]}" 2>&1 | tee -a "$LOG"
+    fi
+    rm -rf "$TMP"
+    ;;
+esac
+finish
