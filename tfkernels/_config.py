@@ -37,3 +37,8 @@ def build_cuda_flag() -> str | None:
     """'1' forces the CUDA extension build, '0' skips it, None decides by what is installed."""
     value = os.environ.get("TFKERNELS_BUILD_CUDA")
     return value if value in ("0", "1") else None
+
+
+def cuda_jit_allowed() -> bool:
+    """False when TFKERNELS_CUDA_JIT=0: only a prebuilt CUDA extension may load."""
+    return os.environ.get("TFKERNELS_CUDA_JIT", "").strip() != "0"

@@ -101,7 +101,9 @@ def _arch_flags() -> list[str]:
 def _load_jit() -> None:
     import torch
 
-    if os.environ.get("TFKERNELS_CUDA_JIT", "").strip() == "0":
+    from . import _config
+
+    if not _config.cuda_jit_allowed():
         # timed runs on a fresh machine (benchmarks/gpu_session.sh) must not spend minutes in nvcc on first use
         _state["error"] = f"{_state['error']}; TFKERNELS_CUDA_JIT=0 forbids compiling it on first use"
         return
