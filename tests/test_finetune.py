@@ -73,6 +73,20 @@ def test_classifier_heads_follow_transformers_layout():
         {"n_labels": 3, "head_bias": True, "new_pooler": False}
 
 
+def test_mfu_counts_the_work_fine_tuning_does(gpt_ckpt):
+    task = ClassifyTask(FinetuneConfig(ckpt=gpt_ckpt, **FT))
+    cfg = TrainConfig(kernels="torch", batch_size=16)
+    mcfg = task.model_config(cfg)
+    model = task.build(mcfg, resumed=False)
+    task.loaders(cfg, mcfg, 0, 1)
+    n_blocks = sum(p.numel() for p in model.base.transformer.h.parameters())
+    attn = 4 * mcfg.n_layer * mcfg.n_embd * task.avg_len
+    assert task.flops_per_token(mcfg, model) == pytest.approx(6 * n_blocks + 3 * attn)  # no embedding, no LM head
+    for p in model.base.parameters():
+        p.requires_grad_(False)
+    assert task.flops_per_token(mcfg, model) == pytest.approx(2 * n_blocks + attn)      # frozen: forward only
+
+
 def test_builtin_task_is_deterministic_and_disjoint():
     tr, ev = read_examples("builtin"), read_examples("builtin:eval")
     assert {e.label for e in tr} == {e.label for e in ev} == set(BUILTIN_TOPICS)

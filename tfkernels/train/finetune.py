@@ -330,6 +330,17 @@ class ClassifyTask:
         logits, loss = model(batch["input_ids"], batch["segment_ids"], batch["lengths"], batch["labels"])
         return loss, logits
 
+    def flops_per_token(self, mcfg: ModelConfig, model: Classifier) -> float:
+        """Training FLOPs per real token, for MFU: the blocks' weights only (embeddings are lookups and
+        no LM head runs; the head acts once per sequence), 2 FLOPs per weight forward plus 4 backward
+        unless the base is frozen (then nothing in it needs a backward), attention over the average
+        length (set by loaders())."""
+        blocks = model.base.transformer.h
+        n = sum(p.numel() for p in blocks.parameters())
+        trains = any(p.requires_grad for p in blocks.parameters())
+        attn = 4 * mcfg.n_layer * mcfg.n_embd * self.avg_len  # QK^T and PV, forward
+        return (3 if trains else 1) * (2 * n + attn)
+
     def tokens_seen(self, cfg: TrainConfig, world: int) -> int:
         return int(cfg.batch_size * cfg.grad_accum * world * self.avg_len)
 

@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     see finetune.py). It provides: model_config(cfg), tokenizer_path, build(mcfg, resumed) -> model,
     loaders(cfg, mcfg, rank, world) -> (train loader, val loader factory), forward(model, batch)
     -> (loss, out), evaluate(model, loader, steps, device, autocast) -> dict, tokens(batch) -> int,
-    and ckpt_extra() -> dict saved in the checkpoint.
+    and ckpt_extra() -> dict saved in the checkpoint; optionally flops_per_token(mcfg, model) for MFU.
     """
     # ---- processes and devices
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         run_model = torch.compile(run_model)
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * world
-    fpt = flops_per_token(mcfg, n_params)
+    fpt = task.flops_per_token(mcfg, model) if hasattr(task, "flops_per_token") else flops_per_token(mcfg, n_params)
     peak = peak_flops(device)
     _log0(f"{mcfg.arch} '{cfg.preset}': {n_params / 1e6:.2f}M params, T={mcfg.block_size}, "
           f"kernels={mcfg.kernels} backend={mcfg.backend}, {precision} on {device}"
