@@ -29,7 +29,10 @@ def _extension():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if not _cuda_ext.is_available(load=True):
-        pytest.fail(f"the CUDA extension is unavailable: {_cuda_ext.unavailable_reason()}")
+        reason = _cuda_ext.unavailable_reason()
+        if "TFKERNELS_CUDA_JIT=0" in reason or "nvcc was not found" in reason:
+            pytest.skip(f"the CUDA extension cannot be had here: {reason}")  # a setting or a missing toolkit
+        pytest.fail(f"the CUDA extension is unavailable: {reason}")          # a build or load error is a failure
 
 
 def _grads(out, inputs, dy):
