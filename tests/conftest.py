@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import tfkernels  # noqa: E402,F401
+import tfkernels  # noqa: E402
+import tfkernels.nn as tnn  # noqa: E402
 from tfkernels import _backend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,6 +40,22 @@ def kernel_backends():
 @pytest.fixture(params=kernel_backends())
 def backend(request):
     return request.param
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts calls to tfkernels.attention (the list of their `backend` arguments): through the package
+    (what attn_implementation="tfkernels" calls) and through tfkernels.nn, which binds the op at import."""
+    fn = tfkernels.attention
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(tfkernels, "attention", spy)
+    monkeypatch.setattr(tnn, "attention", spy)
+    return calls
 
 
 def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "", scale: float = 1.0):

@@ -15,20 +15,7 @@ import tfkernels.nn as tnn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "triton"  # the interpreter on CPU (conftest sets TRITON_INTERPRET=1)
 
-
-@pytest.fixture(autouse=True)
-def attention_calls(monkeypatch):
-    """Counts calls to tfkernels.attention."""
-    fn = tfkernels.attention
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(tfkernels, "attention", spy)
-    monkeypatch.setattr(tnn, "attention", spy)  # tfkernels.nn binds the op at import
-    return calls
+pytestmark = pytest.mark.usefixtures("attention_calls")  # conftest's spy on tfkernels.attention, in every test
 
 
 # ---- models ------------------------------------------------------------------------------------

@@ -17,19 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "triton"  # the interpreter on CPU (conftest sets TRITON_INTERPRET=1)
 V, T = 97, 12
 
-
-@pytest.fixture(autouse=True)
-def attention_calls(monkeypatch):
-    """Counts calls to tfkernels.attention (what attn_implementation="tfkernels" calls)."""
-    fn = tfkernels.attention
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(tfkernels, "attention", spy)
-    return calls
+pytestmark = pytest.mark.usefixtures("attention_calls")  # conftest's spy on tfkernels.attention, in every test
 
 
 def _small(**kw):

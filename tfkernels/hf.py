@@ -44,19 +44,30 @@ _HALF = (torch.float16, torch.bfloat16)
 # Norms
 # --------------------------------------------------------------------------------------------------
 
-class LlamaRMSNorm(nn.Module):
+class _HFNorm(nn.Module):
+    """What the HF norm replicas share: a 1-D `weight`, eps under the attribute name HF gives it in
+    that flavour (`EPS_ATTR`, so state and repr look like HF's), and the tfkernels backend to run on."""
+
+    EPS_ATTR = "variance_epsilon"
+    WEIGHT_INIT = staticmethod(torch.ones)  # HF's initial weight (Gemma stores w - 1: zeros)
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None):
+        super().__init__()
+        self.weight = nn.Parameter(self.WEIGHT_INIT(hidden_size))
+        setattr(self, self.EPS_ATTR, eps)
+        self.backend = backend
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={getattr(self, self.EPS_ATTR)}, backend={self.backend}"
+
+
+class LlamaRMSNorm(_HFNorm):
     """Llama-style RMSNorm (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, ...) on tfkernels.
 
     HF: `self.weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`. The normalized value
     is rounded to x's dtype before the weight multiply, so the weight is fused into the kernel only
     when x and the weight are both fp32 (the two roundings are then the same single fp32 one).
     """
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -66,43 +77,31 @@ class LlamaRMSNorm(nn.Module):
         # statistics in fp32 inside the kernel, normalized value rounded to x.dtype, then HF's multiply
         return w * rms_norm(x, (N,), None, self.variance_epsilon, backend=self.backend)
 
-    def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, backend={self.backend}"
 
-
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(_HFNorm):
     """Gemma-style RMSNorm (GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm) on tfkernels.
 
     HF: `(x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + w.float())).type_as(x)`: computed in fp32
     and cast once at the end, which is exactly what the kernel does with an fp32 weight `1 + w`.
     """
 
+    EPS_ATTR = "eps"
+    WEIGHT_INIT = staticmethod(torch.zeros)
+
     def __init__(self, dim: int, eps: float = 1e-6, *, backend: Optional[str] = None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.backend = backend
+        super().__init__(dim, eps, backend=backend)  # HF names the size `dim` here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = 1.0 + self.weight.float()  # the Gemma offset, in fp32 as HF computes it
         return rms_norm(x, (w.shape[-1],), w, self.eps, backend=self.backend)
 
-    def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.eps}, backend={self.backend}"
 
-
-class T5LayerNorm(nn.Module):
+class T5LayerNorm(_HFNorm):
     """T5's RMS-style LayerNorm (no mean subtraction, no bias) on tfkernels.
 
     HF: `n = x * rsqrt(mean(x.float()^2) + eps)` (fp32), cast to the weight's dtype when the weight is
     fp16/bf16, then `w * n`. Fused only when x and the weight are both fp32.
     """
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -118,12 +117,9 @@ class T5LayerNorm(nn.Module):
             return rms_norm(x, (N,), w, eps, backend=self.backend)
         return w * rms_norm(x.float(), (N,), None, eps, backend=self.backend)
 
-    def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, backend={self.backend}"
-
 
 _KIND_CLASS = {"llama": LlamaRMSNorm, "gemma": GemmaRMSNorm, "t5": T5LayerNorm}
-_KIND_EPS_ATTR = {"llama": "variance_epsilon", "gemma": "eps", "t5": "variance_epsilon"}
+_KIND_EPS_ATTR = {kind: cls.EPS_ATTR for kind, cls in _KIND_CLASS.items()}  # the HF classes' names too
 
 # Whitespace- and comment-free bodies of the HF forward methods we reproduce (transformers 4.4x-5.x).
 _FORWARD_BODIES = {

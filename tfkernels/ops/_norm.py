@@ -116,6 +116,18 @@ def _norm_fwd_looped(
 
 
 @triton.jit
+def _xhat_tile(x, Mean, Rstd, rows, rmask, mask, IS_RMS: tl.constexpr):
+    """(xhat, rstd) of a (BLOCK_M, BLOCK_N) tile x from the saved statistics of its rows."""
+    rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
+    if IS_RMS:
+        xhat = x * rstd[:, None]
+    else:
+        mean = tl.load(Mean + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return xhat, rstd
+
+
+@triton.jit
 def _norm_bwd_fused(
     DY,  # pointer to upstream gradient, shape (M, N), strides (stride_dym, stride_dyn) (may be 0)
     X,  # pointer to input, shape (M, N), strides (stride_xm, stride_xn)
@@ -144,12 +156,7 @@ def _norm_bwd_fused(
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
-        if IS_RMS:
-            xhat = x * rstd[:, None]
-        else:
-            mean = tl.load(Mean + rows, mask=rmask, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, rstd = _xhat_tile(x, Mean, Rstd, rows, rmask, mask, IS_RMS)
         if HAS_W:
             g = dy * w[None, :]
         else:
@@ -172,6 +179,19 @@ def _norm_bwd_fused(
 
 
 @triton.jit
+def _bwd_row_block(x_row, dy_row, W, start, N, stride_xn, stride_dyn,
+                   HAS_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns [start, start + BLOCK_N) of one row: (cols, cmask, x, g = dy*w or dy), fp32, 0 past N."""
+    cols = start + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    x = tl.load(x_row + cols * stride_xn, mask=cmask, other=0.0).to(tl.float32)
+    g = tl.load(dy_row + cols * stride_dyn, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_W:
+        g = g * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    return cols, cmask, x, g
+
+
+@triton.jit
 def _norm_bwd_dx_looped(
     DY, X, W, Mean, Rstd, DX,  # as in _norm_bwd_fused
     N, stride_xm, stride_xn, stride_dym, stride_dyn,
@@ -189,12 +209,7 @@ def _norm_bwd_dx_looped(
     c1 = 0.0
     c2 = 0.0
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        x = tl.load(x_row + cols * stride_xn, mask=cmask, other=0.0).to(tl.float32)
-        g = tl.load(dy_row + cols * stride_dyn, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_W:
-            g = g * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        cols, cmask, x, g = _bwd_row_block(x_row, dy_row, W, start, N, stride_xn, stride_dyn, HAS_W, BLOCK_N)
         xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
         c1 += tl.sum(g * xhat, axis=0)
         c2 += tl.sum(g, axis=0)
@@ -204,12 +219,7 @@ def _norm_bwd_dx_looped(
         c2 = 0.0
     # pass 2: write dx
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        x = tl.load(x_row + cols * stride_xn, mask=cmask, other=0.0).to(tl.float32)
-        g = tl.load(dy_row + cols * stride_dyn, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_W:
-            g = g * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        cols, cmask, x, g = _bwd_row_block(x_row, dy_row, W, start, N, stride_xn, stride_dyn, HAS_W, BLOCK_N)
         xhat = (x - mean) * rstd
         dx = (g - xhat * c1 - c2) * rstd
         tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=cmask)
@@ -237,12 +247,7 @@ def _norm_bwd_dwdb_looped(
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
-            if IS_RMS:
-                xhat = x * rstd[:, None]
-            else:
-                mean = tl.load(Mean + rows, mask=rmask, other=0.0)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            xhat, rstd = _xhat_tile(x, Mean, Rstd, rows, rmask, mask, IS_RMS)
             dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_B:
             db_acc += tl.sum(dy, axis=0)

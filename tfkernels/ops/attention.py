@@ -132,6 +132,70 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         return acc
 
+    @triton.jit
+    def _bh_ptr(X, b, h, stride_b, stride_h):
+        """X[b, h]: the batch/head offset taken in int64 (B * H * T * D may pass 2**31)."""
+        return X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+    @triton.jit
+    def _q_program(Hq, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Indices of a program over (BLOCK_M query rows, b*Hq + h), as the forward and dQ kernels
+        launch: (start_m, bh, b, h, hk = h's K/V head under GQA, offs_m, offs_d)."""
+        start_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        hk = h // GROUP
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        return start_m, bh, b, h, hk, offs_m, offs_d
+
+    @triton.jit
+    def _kv_stages(start_m, Tk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key bounds of a query block's two stages: [0, hi1) whole blocks that need no masking,
+        [hi1, hi2) the causal diagonal and the ragged tail (nothing past hi2 when causal).
+        BLOCK_M % BLOCK_N == 0, so start_m * BLOCK_M is a block boundary."""
+        n_full = (Tk // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            hi1 = tl.minimum(start_m * BLOCK_M, n_full)
+            hi2 = tl.minimum((start_m + 1) * BLOCK_M, Tk)
+        else:
+            hi1 = n_full
+            hi2 = Tk
+        return hi1, hi2
+
+    @triton.jit
+    def _stage_valid(offs_m, offs_n, Tk, IS_CAUSAL: tl.constexpr):
+        """(BLOCK_M, BLOCK_N) keys a masked-stage tile may see: in range and, when causal, j <= i."""
+        valid = offs_n[None, :] < Tk
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        return valid
+
+    @triton.jit
+    def _add_mask(s, Mask_bh, offs_r, offs_c, n_r, n_c, stride_r, stride_c, MASK_BOOL: tl.constexpr):
+        """Scores s (base 2) with the attention mask tile applied: -inf where a bool mask is False,
+        + mask * log2(e) for a float mask. Rows/columns are queries/keys or (transposed) keys/queries."""
+        m_ptrs = Mask_bh + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+        in_bounds = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+        if MASK_BOOL:
+            keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
+            s = tl.where(keep, s, -float("inf"))
+        else:
+            s += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+        return s
+
+    @triton.jit
+    def _load_lse_delta(LSE_bh, Delta_bh, offs_m, Tq, EVEN_M: tl.constexpr):
+        """lse and delta of query rows offs_m; rows past Tq get LSE = +inf (hence P = 0) and delta 0."""
+        if EVEN_M:
+            lse = tl.load(LSE_bh + offs_m)
+            delta = tl.load(Delta_bh + offs_m)
+        else:
+            lse = tl.load(LSE_bh + offs_m, mask=offs_m < Tq, other=float("inf"))
+            delta = tl.load(Delta_bh + offs_m, mask=offs_m < Tq, other=0.0)
+        return lse, delta
+
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
@@ -158,18 +222,9 @@ if triton is not None:
             # scores in base-2 units: s = (scale * log2(e)) * q.k  (fp32 accumulation)
             s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale
             if HAS_MASK:
-                m_ptrs = Mask_bh + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
-                in_bounds = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
-                if MASK_BOOL:
-                    keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
-                    s = tl.where(keep, s, -float("inf"))
-                else:
-                    s += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                s = _add_mask(s, Mask_bh, offs_m, offs_n, Tq, Tk, stride_mq, stride_mk, MASK_BOOL)
             if MASKED_STAGE:
-                valid = offs_n[None, :] < Tk
-                if IS_CAUSAL:
-                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
-                s = tl.where(valid, s, -float("inf"))
+                s = tl.where(_stage_valid(offs_m, offs_n, Tk, IS_CAUSAL), s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if HAS_MASK:
                 # a row masked so far has max -inf: subtract 0 instead so exp2 gives 0, not NaN
@@ -208,32 +263,19 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        start_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // Hq
-        h = bh % Hq
-        hk = h // GROUP
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        Q_bh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        Mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        start_m, bh, b, h, hk, offs_m, offs_d = _q_program(Hq, GROUP, BLOCK_M, BLOCK_D)
+        Q_bh = _bh_ptr(Q, b, h, stride_qb, stride_qh)
+        K_bh = _bh_ptr(K, b, hk, stride_kb, stride_kh)
+        V_bh = _bh_ptr(V, b, hk, stride_vb, stride_vh)
+        Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
         q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                        offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
         rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        # stage 1: whole blocks that need no masking; stage 2: the causal diagonal and ragged tail.
-        # BLOCK_M % BLOCK_N == 0, so start_m * BLOCK_M is a block boundary.
-        n_full = (Tk // BLOCK_N) * BLOCK_N
-        if IS_CAUSAL:
-            hi1 = tl.minimum(start_m * BLOCK_M, n_full)
-            hi2 = tl.minimum((start_m + 1) * BLOCK_M, Tk)
-        else:
-            hi1 = n_full
-            hi2 = Tk
+        # stage 1: whole blocks that need no masking; stage 2: the causal diagonal and ragged tail
+        hi1, hi2 = _kv_stages(start_m, Tk, IS_CAUSAL, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
@@ -310,22 +352,11 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             qT = _load_tile(Q_bh + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
                             offs_d, offs_m, D, Tq, not EVEN_D, not EVEN_M)  # (BLOCK_D, BLOCK_M)
-            if EVEN_M:
-                lse = tl.load(LSE_bh + offs_m)
-                delta = tl.load(Delta_bh + offs_m)
-            else:
-                # rows past Tq get LSE = +inf, hence P = 0: no other masking needed for them
-                lse = tl.load(LSE_bh + offs_m, mask=offs_m < Tq, other=float("inf"))
-                delta = tl.load(Delta_bh + offs_m, mask=offs_m < Tq, other=0.0)
+            # rows past Tq get LSE = +inf, hence P = 0: no other masking needed for them
+            lse, delta = _load_lse_delta(LSE_bh, Delta_bh, offs_m, Tq, EVEN_M)
             sT = _dot(k, qT, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
-            if HAS_MASK:
-                m_ptrs = Mask_bh + offs_m[None, :] * stride_mq + offs_n[:, None] * stride_mk
-                in_bounds = (offs_n[:, None] < Tk) & (offs_m[None, :] < Tq)
-                if MASK_BOOL:
-                    keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
-                    sT = tl.where(keep, sT, -float("inf"))
-                else:
-                    sT += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+            if HAS_MASK:  # the mask tile transposed: rows are keys, columns queries
+                sT = _add_mask(sT, Mask_bh, offs_n, offs_m, Tk, Tq, stride_mk, stride_mq, MASK_BOOL)
             pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
             if MASKED_STAGE:
                 pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
@@ -373,11 +404,11 @@ if triton is not None:
         hk = bhk % Hkv
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                       + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        K_bh = _bh_ptr(K, b, hk, stride_kb, stride_kh)
+        V_bh = _bh_ptr(V, b, hk, stride_vb, stride_vh)
+        k = _load_tile(K_bh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                        offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)  # (BLOCK_N, BLOCK_D)
-        v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                       + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -392,11 +423,11 @@ if triton is not None:
         for g in range(0, GROUP):  # GQA: this K/V head serves GROUP query heads; sum over them
             h = hk * GROUP + g
             bh = b * Hq + h
-            Q_bh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            DO_bh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+            Q_bh = _bh_ptr(Q, b, h, stride_qb, stride_qh)
+            DO_bh = _bh_ptr(DO, b, h, stride_dob, stride_doh)
             LSE_bh = LSE + bh.to(tl.int64) * Tq
             Delta_bh = Delta + bh.to(tl.int64) * Tq
-            Mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+            Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
             DMask_bh = DMask + bh.to(tl.int64) * Tq * Tk
             rng_base = bh.to(tl.int64) * Tq
             dk, dv = _attn_bwd_dkdv_inner(
@@ -434,19 +465,10 @@ if triton is not None:
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)
             s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
             if HAS_MASK:
-                m_ptrs = Mask_bh + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
-                in_bounds = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
-                if MASK_BOOL:
-                    keep = tl.load(m_ptrs, mask=in_bounds, other=0) != 0
-                    s = tl.where(keep, s, -float("inf"))
-                else:
-                    s += tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                s = _add_mask(s, Mask_bh, offs_m, offs_n, Tq, Tk, stride_mq, stride_mk, MASK_BOOL)
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED_STAGE:
-                valid = offs_n[None, :] < Tk
-                if IS_CAUSAL:
-                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
-                p = tl.where(valid, p, 0.0)
+                p = tl.where(_stage_valid(offs_m, offs_n, Tk, IS_CAUSAL), p, 0.0)
             dp = _dot(do, vT, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
             if HAS_DROPOUT:
                 keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
@@ -471,38 +493,21 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        start_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // Hq
-        h = bh % Hq
-        hk = h // GROUP
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                       + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        start_m, bh, b, h, hk, offs_m, offs_d = _q_program(Hq, GROUP, BLOCK_M, BLOCK_D)
+        Q_bh = _bh_ptr(Q, b, h, stride_qb, stride_qh)
+        q = _load_tile(Q_bh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                        offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
-        do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        DO_bh = _bh_ptr(DO, b, h, stride_dob, stride_doh)
+        do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                         offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
-        if EVEN_M:
-            lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m)
-            delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m)
-        else:
-            lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
-            delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+        lse, delta = _load_lse_delta(LSE + bh.to(tl.int64) * Tq, Delta + bh.to(tl.int64) * Tq, offs_m, Tq, EVEN_M)
         lse2 = lse * 1.4426950408889634
-        K_bh = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_bh = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        Mask_bh = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        K_bh = _bh_ptr(K, b, hk, stride_kb, stride_kh)
+        V_bh = _bh_ptr(V, b, hk, stride_vb, stride_vh)
+        Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
         rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        n_full = (Tk // BLOCK_N) * BLOCK_N
-        if IS_CAUSAL:
-            hi1 = tl.minimum(start_m * BLOCK_M, n_full)
-            hi2 = tl.minimum((start_m + 1) * BLOCK_M, Tk)
-        else:
-            hi1 = n_full
-            hi2 = Tk
+        hi1, hi2 = _kv_stages(start_m, Tk, IS_CAUSAL, BLOCK_M, BLOCK_N)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
