@@ -118,6 +118,12 @@ def test_bert_round_trip(tmp_path, nsp, bias):
     with torch.no_grad():
         ours, theirs = model(xp, seg, mask).mlm_logits, hf(input_ids=xp, token_type_ids=seg, attention_mask=mask.long()).logits
     torch.testing.assert_close(theirs[mask], ours[mask], atol=2e-5, rtol=1e-5)
+    if nsp:  # the export runs on tfkernels' attention too (transformers' AttentionInterface, see tfkernels.hf)
+        import tfkernels.hf  # noqa: F401  registers "tfkernels"
+        fused = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", attn_implementation="tfkernels").eval()
+        with torch.no_grad():
+            got = fused(input_ids=xp, token_type_ids=seg, attention_mask=mask.long()).logits
+        torch.testing.assert_close(got[mask], ours[mask], atol=1e-4, rtol=1e-4)
     # the encoder and the pooler through AutoModel
     base = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
