@@ -64,8 +64,9 @@ with exactly these arguments and results):
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
     To reproduce the Triton kernels' dropout bit for bit (tests replay it through `_dropout_mask`),
-    a CUDA implementation uses Triton's `tl.rand` with int64 offsets: 64-bit Philox (10 rounds,
-    key (seed, 0), counter (offset, 0, 0, 0)), keep = uniform(c0) >= dropout_p.
+    a CUDA implementation uses Triton's `tl.rand` with int64 offsets: Philox-4x32 (10 rounds,
+    key (lo(seed), hi(seed)), counter (lo(offset), hi(offset), 0, 0)), keep = uniform(c0) >= dropout_p,
+    uniform(c0) = (c0 as int32, negatives mapped to -x - 1) * 4.6566127342e-10 in fp32.
 """
 from __future__ import annotations
 
