@@ -93,6 +93,19 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def print_versions(names) -> None:
+    """One line per module: its version and where it was imported from, or why it is absent (the
+    GPU scripts log this so a result can be traced to what was installed)."""
+    import importlib
+
+    for name in names:
+        try:
+            m = importlib.import_module(name)
+            print(f"  {name:22s} {getattr(m, '__version__', 'present')}  {getattr(m, '__file__', '') or ''}")
+        except Exception as e:
+            print(f"  {name:22s} absent ({type(e).__name__})")
+
+
 def env_info(device: str) -> dict:
     """GPU name, driver, CUDA, torch, triton versions and the commit: stamped on every row."""
     try:

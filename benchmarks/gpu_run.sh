@@ -32,16 +32,13 @@ done
   nvidia-smi || echo "nvidia-smi failed"
   echo "== versions"
   "$PY" - <<'PYEOF'
-import importlib, sys
+import sys
 import torch
+from benchmarks._util import print_versions
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| cuDNN", torch.backends.cudnn.version(), "| GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-for name in ("triton", "numpy", "matplotlib", "flash_attn", "flash_attn_interface", "liger_kernel", "apex", "pytest_benchmark"):
-    try:
-        m = importlib.import_module(name)
-        print(f"  {name:22s} {getattr(m, '__version__', 'present')}")
-    except Exception as e:
-        print(f"  {name:22s} absent ({type(e).__name__})")
+print_versions(("triton", "numpy", "matplotlib", "flash_attn", "flash_attn_interface", "liger_kernel", "apex",
+                "pytest_benchmark"))
 PYEOF
 } 2>&1 | tee -a "$LOG"   # -a: gpu_session.sh logs its install step first
 

@@ -92,15 +92,10 @@ env_report() {
     if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
     nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc: not found"
     "$PY" - <<'PYEOF'
-import importlib, json, torch
-from benchmarks._util import env_info
+import json, torch
+from benchmarks._util import env_info, print_versions
 print(json.dumps(env_info("cuda" if torch.cuda.is_available() else "cpu")))
-for name in ("tfkernels", "pytest", "xdist", "pytest_timeout", "transformers"):
-    try:
-        m = importlib.import_module(name)
-        print(f"  {name:15s} {getattr(m, '__version__', 'present')}  {getattr(m, '__file__', '')}")
-    except Exception as e:
-        print(f"  {name:15s} absent ({type(e).__name__})")
+print_versions(("tfkernels", "pytest", "xdist", "pytest_timeout", "transformers"))
 PYEOF
   } 2>&1 | tee -a "$LOG"
 }

@@ -32,7 +32,6 @@ out; the pooler it sits on is exported (AutoModel's pooler_output).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -175,8 +174,13 @@ def _fold_bias(W: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The smallest d with W @ d == c (W: (n_labels, C), full row rank when n_labels <= C): adding d to
     the vector that `score` reads adds c to the logits."""
     W64, c64 = W.double(), c.double()
-    d = W64.T @ torch.linalg.solve(W64 @ W64.T, c64)
-    if W.shape[0] > W.shape[1] or not torch.allclose(W64 @ d, c64, rtol=1e-9, atol=1e-9):
+    d = None
+    if W.shape[0] <= W.shape[1]:
+        try:
+            d = W64.T @ torch.linalg.solve(W64 @ W64.T, c64)
+        except torch.linalg.LinAlgError:  # rows of W linearly dependent
+            pass
+    if d is None or not torch.allclose(W64 @ d, c64, rtol=1e-9, atol=1e-9):
         raise ValueError("export --format hf: cannot fold the classifier head's bias into the final LayerNorm "
                          f"({W.shape[0]} labels on a {W.shape[1]}-wide model)")
     return d.float()

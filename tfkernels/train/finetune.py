@@ -12,8 +12,7 @@ trains the head only.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +24,7 @@ from ..model import ModelConfig, build_model
 from . import checkpoint as ckpt_io
 from .classify_data import ClassifyLoader, check_labels, encode, label_set, read_examples
 from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, train
+from .trainer import TrainConfig, strict_from_dict, train
 
 CLASSIFIER_KIND = "classifier"
 
@@ -249,11 +248,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "fine-tuning")
 
 
 def load_pretrained(path: str) -> dict:

@@ -30,6 +30,14 @@ from .metrics import MetricsLog, peak_flops, plot_loss
 DEFAULT_LR = {"tiny": 2e-3, "gpt2-124m": 6e-4, "bert-base": 1e-4}
 
 
+def strict_from_dict(cls, d: dict, what: str):
+    """cls(**d) for a config dataclass, naming unknown keys instead of a bare TypeError."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -97,11 +105,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "training")
 
     def model_config(self, vocab_size: Optional[int] = None) -> ModelConfig:
         over = {k: getattr(self, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout",
