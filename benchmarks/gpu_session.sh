@@ -2,13 +2,13 @@
 # A GPU session in stages, each sized for one 10-minute `run` command (benchmarks/GPU_SESSION.md has
 # the exact calls and what to do with what comes back):
 #
-#   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh tests  # test suite on CUDA (Triton backend),
-#                                                                          # then CUDA extension build + its tests
+#   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh tests  # CUDA extension build, then the test
+#                                                                          # suite on CUDA, both kernel backends
 #   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh bench [suite args]  # quick kernel suite (gpu_run.sh)
 #   OUT=$OUT TFKERNELS_COMMIT=<sha> bash benchmarks/gpu_session.sh e2e    # fine-tuning, pretraining, swap throughput
 #
 # What each stage leaves (the run tool brings back at most 8 files, at most 2 folders down):
-#   tests  log.txt, junit-triton.xml, build.txt (CUDA build output), junit-cuda.xml
+#   tests  log.txt, build.txt (CUDA build output), junit.xml
 #   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png}
 #   e2e    log.txt, e2e/{finetune.json,finetune.csv,bench_train.json,bench_train.md,
 #                        bench_swap_gpt2.json,bench_swap_gpt2.md}
@@ -25,10 +25,10 @@
 #   BUILD_CUDA=1       bench / e2e: build the CUDA extension too (minutes), so tfkernels-cuda is measured
 #   CPU_CHECK=1        no GPU here: say so, skip GPU-only steps, run the rest with small sizes (how this
 #                      script is checked off-GPU). Without it, a machine with no GPU is an error.
-#   PARTS=triton,cuda  tests: which halves to run (e.g. PARTS=cuda when the Triton run left the build too little time)
-#   TRITON_TESTS, CUDA_TESTS   pytest targets of the two test runs (space-separated words)
+#   PARTS=triton,cuda  tests: PARTS=triton skips the CUDA build; PARTS=cuda runs only the backend="cuda" cases
+#   TESTS=tests        tests: the pytest targets (space-separated words)
 #   PYTHON=python3  MAXFAIL=20  XDIST=8 (pytest -n, when pytest-xdist is installed; 0 = off)
-#   TRITON_CAP=270  BUILD_CAP=330  TRAIN_STEPS=60   step timeouts / sizes
+#   BUILD_CAP=330  TRAIN_STEPS=60   step timeout / sizes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
@@ -137,31 +137,25 @@ install() {
 
 case "$STAGE" in
   tests)
-    quick_install
-    env_report
-    # 1. the whole suite on CUDA with the Triton backend (no CUDA extension: TFKERNELS_CUDA_JIT=0 above)
-    if ((GPU)); then
-      read -r -a targets <<<"${TRITON_TESTS:-tests --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_build.py}"
-    else
-      read -r -a targets <<<"${TRITON_TESTS:-tests/test_backend.py tests/test_benchmarks_smoke.py::test_finetune_bench_smoke}"
-    fi
+    # 1. build the CUDA extension first (about a minute on 16 cores), so that one pytest run covers both
+    #    kernel backends: the suite's `backend` fixture adds backend="cuda" to every op test once the
+    #    extension loads, and tests/test_cuda_backend.py adds the C++-specific cases
     PARTS=${PARTS:-triton,cuda}
-    [[ ,$PARTS, == *,triton,* ]] && pytest_run "pytest, Triton backend" "${TRITON_CAP:-270}" junit-triton.xml "${targets[@]}"
-    # 2. build the CUDA extension (what is left but 100 s), then the tests of the cuda backend
-    if [[ ,$PARTS, != *,cuda,* ]]; then
-      log "== PARTS=$PARTS: no CUDA extension build"
-    elif ((!GPU)); then
-      log "== NO GPU: skipping the CUDA extension build and ${CUDA_TESTS:-tests/test_cuda_backend.py}"
+    if [[ ,$PARTS, == *,cuda,* ]] && ((GPU)); then
+      build_cuda "${BUILD_CAP:-330}" || { log "== the CUDA extension did not build (see build.txt): the suite runs without it"; quick_install; }
     else
-      cap=$(($(left) - 100))
-      ((cap > ${BUILD_CAP:-330})) && cap=${BUILD_CAP:-330}
-      if build_cuda "$cap"; then
-        read -r -a targets <<<"${CUDA_TESTS:-tests/test_cuda_backend.py}"
-        pytest_run "pytest, CUDA backend" 600 junit-cuda.xml "${targets[@]}"
-      else
-        log "== the CUDA extension did not build (see build.txt): its tests are not run"
-      fi
+      quick_install
     fi
+    env_report
+    if ((GPU)); then
+      read -r -a targets <<<"${TESTS:-tests}"
+      [[ ,$PARTS, != *,triton,* ]] && targets+=(-k cuda)  # PARTS=cuda: only the backend="cuda" cases
+    else
+      log "== NO GPU: no CUDA extension build; the pytest step runs a small CPU selection"
+      read -r -a targets <<<"${TESTS:-tests/test_backend.py tests/test_benchmarks_smoke.py::test_finetune_bench_smoke}"
+    fi
+    # 2. the whole suite on CUDA, what is left of the stage
+    pytest_run "pytest ${targets[*]}" 600 junit.xml "${targets[@]}"
     ;;
   bench)
     install
