@@ -139,11 +139,19 @@ __device__ __forceinline__ void smem_gemm(float* C, int ldc, const T* A, int lda
   }
 }
 
+// fp32: the T-typed probability / dS tiles live in the fp32 score tiles they are computed from,
+// element for element in place (the thread or warp that reads an element is the one that then
+// writes it), which keeps D = 256 within the 99 KiB of shared memory of sm_86/sm_89 GPUs.
+template <typename T>
+constexpr bool kInPlace = std::is_same<T, float>::value;
+template <typename T>
+constexpr int kOwnTile = kInPlace<T> ? 0 : 1;  // separate (BM, BN) T tiles: 0 for fp32
+
 // ------------------------------------------------------------------------------ forward
 
 template <typename T, int BM>
 size_t fwd_smem(int dp) {
-  return (3 * BM * dp + BM * BM) * sizeof(T) + (BM * BM + BM * dp + 2 * BM) * sizeof(float);
+  return (3 * BM * dp + kOwnTile<T> * BM * BM) * sizeof(T) + (BM * BM + BM * dp + 2 * BM) * sizeof(float);
 }
 
 template <typename T, int BM>
@@ -154,8 +162,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (BM, dp)
   T* sK = sQ + BM * dp;                    // (BN, dp)
   T* sV = sK + BN * dp;                    // (BN, dp)
-  T* sP = sV + BN * dp;                    // (BM, BN) dropped, unnormalised probabilities
-  float* sS = reinterpret_cast<float*>(sP + BM * BN);  // (BM, BN) raw q.k
+  float* sS = reinterpret_cast<float*>(sV + BN * dp + kOwnTile<T> * BM * BN);  // (BM, BN) raw q.k
+  // (BM, BN) dropped, unnormalised probabilities (fp32: over sS, each row by the warp that read it)
+  T* sP = kInPlace<T> ? reinterpret_cast<T*>(sS) : sV + BN * dp;
   float* sO = sS + BM * BN;                // (BM, dp) fp32 output accumulator
   float* sMax = sO + BM * dp;              // (BM,) running max
   float* sSum = sMax + BM;                 // (BM,) running sum of exp
@@ -255,6 +264,7 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
 
 // Shared by both backward kernels: from sS = Q K^T and sDP = dO V^T of one (BM, BN) tile, the
 // dropped probabilities Pd and dS (as T, for the next products), and dS into dmask when asked.
+// For fp32, sPd and sDS are sS and sDP themselves: each element is read before it is overwritten.
 template <typename T, int BM>
 __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, int m0, int n0,
                                             const float* sS, const float* sDP, const float* sLse,
@@ -275,7 +285,7 @@ __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, i
 
 template <typename T, int BM>
 size_t dkdv_smem(int dp) {
-  return (4 * BM * dp + 2 * BM * BM) * sizeof(T) + (2 * BM * BM + 2 * BM * dp + 2 * BM) * sizeof(float);
+  return (4 * BM * dp + 2 * kOwnTile<T> * BM * BM) * sizeof(T) + (2 * BM * BM + 2 * BM * dp + 2 * BM) * sizeof(float);
 }
 
 // One block per (BN keys, b * Hkv + hk): dK, dV over every query head of the group and query block.
@@ -287,10 +297,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   T* sV = sK + BN * dp;                    // (BN, dp)
   T* sQ = sV + BN * dp;                    // (BM, dp)
   T* sdO = sQ + BM * dp;                   // (BM, dp)
-  T* sPd = sdO + BM * dp;                  // (BM, BN)
-  T* sDS = sPd + BM * BN;                  // (BM, BN)
-  float* sS = reinterpret_cast<float*>(sDS + BM * BN);  // (BM, BN)
+  float* sS = reinterpret_cast<float*>(sdO + BM * dp + 2 * kOwnTile<T> * BM * BN);  // (BM, BN)
   float* sDP = sS + BM * BN;               // (BM, BN)
+  T* sPd = kInPlace<T> ? reinterpret_cast<T*>(sS) : sdO + BM * dp;       // (BM, BN), over sS for fp32
+  T* sDS = kInPlace<T> ? reinterpret_cast<T*>(sDP) : sPd + BM * BN;      // (BM, BN), over sDP for fp32
   float* sdK = sDP + BM * BN;              // (BN, dp)
   float* sdV = sdK + BN * dp;              // (BN, dp)
   float* sLse = sdV + BN * dp;             // (BM,)
@@ -347,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
 
 template <typename T, int BM>
 size_t dq_smem(int dp) {
-  return (4 * BM * dp + BM * BM) * sizeof(T) + (2 * BM * BM + BM * dp + 2 * BM) * sizeof(float);
+  return (4 * BM * dp + kOwnTile<T> * BM * BM) * sizeof(T) + (2 * BM * BM + BM * dp + 2 * BM) * sizeof(float);
 }
 
 // One block per (BM queries, b * Hq + h): dQ over the key blocks.
@@ -359,9 +369,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   T* sdO = sQ + BM * dp;                   // (BM, dp)
   T* sK = sdO + BM * dp;                   // (BN, dp)
   T* sV = sK + BN * dp;                    // (BN, dp)
-  T* sDS = sV + BN * dp;                   // (BM, BN)
-  float* sS = reinterpret_cast<float*>(sDS + BM * BN);  // (BM, BN)
+  float* sS = reinterpret_cast<float*>(sV + BN * dp + kOwnTile<T> * BM * BN);  // (BM, BN)
   float* sDP = sS + BM * BN;               // (BM, BN)
+  T* sDS = kInPlace<T> ? reinterpret_cast<T*>(sDP) : sV + BN * dp;  // (BM, BN), over sDP for fp32
   float* sdQ = sDP + BM * BN;              // (BM, dp)
   float* sLse = sdQ + BM * dp;             // (BM,)
   float* sDelta = sLse + BM;               // (BM,)

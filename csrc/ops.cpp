@@ -4,8 +4,17 @@
 // Only a CUDA build of torch compiles this file (it needs ATen/cuda and c10/cuda headers); the
 // kernels themselves live in the *.cu files behind the plain launch functions of kernels.h.
 #include <torch/extension.h>
+#ifdef TFKERNELS_CUDA_EMULATION
+// The host emulation of the kernels (csrc/emulation, tfkernels/_cuda_emu.py): the same ops, for CPU
+// tensors, with no stream and no device guard.
+#define TFK_DISPATCH_KEY CPU
+#define TFK_DEVICE_GUARD(t) (void)(t)
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#define TFK_DISPATCH_KEY CUDA
+#define TFK_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard_((t).device())
+#endif
 
 #include <limits>
 #include <optional>
@@ -16,6 +25,16 @@
 namespace {
 
 using at::Tensor;
+
+#ifdef TFKERNELS_CUDA_EMULATION
+cudaStream_t stream() { return nullptr; }
+bool on_device(const Tensor& t) { return t.is_cpu(); }
+constexpr const char* kDeviceName = "a CPU tensor (the CUDA backend is emulated)";
+#else
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+bool on_device(const Tensor& t) { return t.is_cuda(); }
+constexpr const char* kDeviceName = "a CUDA tensor";
+#endif
 
 tfk::DType dtype_of(const Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -31,8 +50,18 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "tfkernels_cuda.", op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
+// Attention launches fail with "invalid argument" when even the 16-row tiles of this head dim and
+// dtype need more shared memory per block than the GPU allows; say so.
+void check_attn_launch(cudaError_t err, const char* op, const tfk::AttnParams& p) {
+  TORCH_CHECK(err != cudaErrorInvalidValue, "tfkernels_cuda.", op, ": CUDA error: ", cudaGetErrorString(err),
+              " (head dim ", p.D, " in ", p.dtype == tfk::DType::F32 ? "float32" : "16-bit",
+              " needs more shared memory per block than this GPU allows, even with 16-row tiles; "
+              "use the triton backend, or a 16-bit dtype)");
+  check_launch(err, op);
+}
+
 void check_2d(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "tfkernels_cuda.", op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_device(t), "tfkernels_cuda.", op, ": ", name, " must be ", kDeviceName);
   TORCH_CHECK(t.dim() == 2, "tfkernels_cuda.", op, ": ", name, " must be 2-D (M, N), got ", t.dim(), "-D");
 }
 
@@ -46,7 +75,6 @@ Tensor fp32_vec(const std::optional<Tensor>& t, int64_t N, const char* op, const
 const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 float* fptr_mut(const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 // ------------------------------------------------------------------------------ norms
 
@@ -54,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_fwd_impl(const Tensor& x, const std::opt
                                                  const std::optional<Tensor>& bias, double eps, bool is_rms,
                                                  const char* op) {
   check_2d(x, op, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TFK_DEVICE_GUARD(x);
   const tfk::DType dt = dtype_of(x, op, "x");
   const int64_t M = x.size(0), N = x.size(1);
   const Tensor w = fp32_vec(weight, N, op, "weight");
@@ -76,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_impl(const Tensor& dy_in, const Tens
   check_2d(x, op, "x");
   check_2d(dy_in, op, "dy");
   TORCH_CHECK(dy_in.sizes() == x.sizes(), "tfkernels_cuda.", op, ": dy must have x's shape ", x.sizes(), ", got ", dy_in.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  TFK_DEVICE_GUARD(x);
   const tfk::DType dt = dtype_of(x, op, "x");
   const int64_t M = x.size(0), N = x.size(1);
   const Tensor dy = dy_in.scalar_type() == x.scalar_type() ? dy_in : dy_in.to(x.scalar_type());
@@ -126,7 +154,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const
 
 Tensor softmax_fwd(const Tensor& x) {
   check_2d(x, "softmax_fwd", "x");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TFK_DEVICE_GUARD(x);
   const tfk::DType dt = dtype_of(x, "softmax_fwd", "x");
   const int64_t M = x.size(0), N = x.size(1);
   Tensor y = at::empty({M, N}, x.options());
@@ -140,7 +168,7 @@ Tensor softmax_bwd(const Tensor& dy_in, const Tensor& y) {
   check_2d(y, "softmax_bwd", "y");
   check_2d(dy_in, "softmax_bwd", "dy");
   TORCH_CHECK(dy_in.sizes() == y.sizes(), "tfkernels_cuda.softmax_bwd: dy must have y's shape ", y.sizes(), ", got ", dy_in.sizes());
-  const c10::cuda::CUDAGuard guard(y.device());
+  TFK_DEVICE_GUARD(y);
   const tfk::DType dt = dtype_of(y, "softmax_bwd", "y");
   const Tensor dy = dy_in.scalar_type() == y.scalar_type() ? dy_in : dy_in.to(y.scalar_type());
   const int64_t M = y.size(0), N = y.size(1);
@@ -160,7 +188,7 @@ void fill_strides(int64_t (&dst)[4], const Tensor& t) {
 }
 
 void check_4d(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "tfkernels_cuda.", op, ": ", name, " must be a CUDA tensor");
+  TORCH_CHECK(on_device(t), "tfkernels_cuda.", op, ": ", name, " must be ", kDeviceName);
   TORCH_CHECK(t.dim() == 4, "tfkernels_cuda.", op, ": ", name, " must be 4-D (B, H, T, D), got ", t.dim(), "-D");
 }
 
@@ -205,7 +233,7 @@ tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.mask = nullptr;
   if (mask.has_value() && mask->defined()) {
     Tensor m = *mask;
-    TORCH_CHECK(m.is_cuda(), "tfkernels_cuda.", op, ": mask must be a CUDA tensor");
+    TORCH_CHECK(on_device(m), "tfkernels_cuda.", op, ": mask must be ", kDeviceName);
     TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Tq && m.size(3) == Tk,
                 "tfkernels_cuda.", op, ": mask must be (B, Hq, Tq, Tk) = (", B, ", ", Hq, ", ", Tq, ", ", Tk,
                 ") (an expanded view is fine), got ", m.sizes());
@@ -238,7 +266,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
                                          const std::optional<Tensor>& seed, bool is_causal, double scale) {
   const char* op = "attention_fwd";
   check_4d(q, op, "q");
-  const c10::cuda::CUDAGuard guard(q.device());
+  TFK_DEVICE_GUARD(q);
   Tensor mask_keep;
   tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
@@ -250,7 +278,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  check_launch(tfk::attention_fwd(p, stream()), op);
+  check_attn_launch(tfk::attention_fwd(p, stream()), op, p);
   return {out, lse};
 }
 
@@ -265,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   check_4d(out, op, "out");
   TORCH_CHECK(dout_in.sizes() == q.sizes() && out.sizes() == q.sizes(), "tfkernels_cuda.", op,
               ": dout and out must have q's shape ", q.sizes());
-  const c10::cuda::CUDAGuard guard(q.device());
+  TFK_DEVICE_GUARD(q);
   Tensor mask_keep;
   tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
   const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : dout_in.to(q.scalar_type());
@@ -296,7 +324,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dmask = mask_grad && p.mask_kind == 2 ? dmask.data_ptr<float>() : nullptr;
-  check_launch(tfk::attention_bwd(p, stream()), op);
+  check_attn_launch(tfk::attention_bwd(p, stream()), op, p);
   return {dq, dk, dv, dmask};
 }
 
@@ -315,7 +343,7 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
         "float dropout_p, Tensor? seed, bool is_causal, float scale, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tfkernels_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(tfkernels_cuda, TFK_DISPATCH_KEY, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
   m.impl("rms_norm_fwd", &rms_norm_fwd);

@@ -3,6 +3,8 @@
 Without a GPU, the Triton kernels run through the interpreter: TRITON_INTERPRET must be set before
 Triton's `@jit` decorators run, i.e. before tfkernels is imported, so it is set here.
 With a GPU, tests run on CUDA tensors for every available kernel backend.
+With TFKERNELS_CUDA_EMULATE=1 and no GPU, the cuda backend is the host emulation of csrc/
+(tfkernels/_cuda_emu.py) and its tests run on CPU tensors too (this is how CI tests the CUDA kernels).
 """
 import os
 
@@ -15,7 +17,7 @@ import pytest  # noqa: E402
 
 import tfkernels  # noqa: E402
 import tfkernels.nn as tnn  # noqa: E402
-from tfkernels import _backend  # noqa: E402
+from tfkernels import _backend, _config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -29,10 +31,18 @@ TOL = {
 }
 
 
+# The CUDA C++ backend runs here: on the GPU when not emulated, on the CPU when emulated.
+CUDA_EMULATED = _config.cuda_emulation()
+CUDA_BACKEND_DEVICE = DEVICE == ("cpu" if CUDA_EMULATED else "cuda")
+
+
 def kernel_backends():
-    """Kernel backends that can run here: triton (interpreter on CPU), and cuda when built."""
+    """Kernel backends that can run here: triton (interpreter on CPU), and cuda when built or emulated.
+
+    An emulation that was asked for but does not build is not dropped: its tests then fail with the
+    build error rather than silently running Triton alone."""
     out = ["triton"]
-    if DEVICE == "cuda" and _backend.cuda_ext_available(load=True):
+    if CUDA_BACKEND_DEVICE and (CUDA_EMULATED or _backend.cuda_ext_available(load=True)):
         out.append("cuda")
     return out
 

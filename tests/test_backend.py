@@ -39,7 +39,8 @@ def test_automatic_choice_on_cpu(monkeypatch):
     assert _backend.resolve(None, x, "softmax") == "triton"
 
 
-def test_cuda_backend_unavailable_raises():
+def test_cuda_backend_unavailable_raises(monkeypatch):
+    monkeypatch.delenv("TFKERNELS_CUDA_EMULATE", raising=False)  # only the emulation serves CPU tensors
     x = torch.randn(2, 4)  # CPU tensor: the cuda backend can never serve it
     with pytest.raises(tfkernels.BackendUnavailableError, match="cuda"):
         tfkernels.layer_norm(x, (4,), backend="cuda")

@@ -1,6 +1,7 @@
 """The CUDA C++ backend (csrc/) against float64 references: every op, forward and every gradient,
-every dtype, awkward shapes, strided and expanded inputs. GPU only (marked cuda); the extension is
-JIT-compiled on first use unless it was prebuilt (TFKERNELS_BUILD_CUDA=1 pip install ...).
+every dtype, awkward shapes, strided and expanded inputs. On a GPU the extension is JIT-compiled on
+first use unless it was prebuilt (TFKERNELS_BUILD_CUDA=1 pip install ...); without one,
+TFKERNELS_CUDA_EMULATE=1 runs the same kernels on CPU tensors through csrc/emulation (as CI does).
 
 The rest of the suite (test_norms, test_softmax, test_attention, ...) also runs every test with
 backend="cuda" when the extension is available (the `backend` fixture); this file adds the cases
@@ -9,6 +10,7 @@ rows longer than one block's sweep, the shared-memory tile sizes of attention, d
 with the Triton kernels.
 """
 import math
+import re
 
 import pytest
 import torch
@@ -17,17 +19,15 @@ import torch.nn.functional as F
 import tfkernels
 from tfkernels import _cuda_ext, reference
 
-from conftest import DTYPES, assert_close
+from conftest import CUDA_BACKEND_DEVICE, CUDA_EMULATED, DEVICE, DTYPES, TOL, assert_close
 
-pytestmark = pytest.mark.cuda
-
-DEV = "cuda"
+DEV = DEVICE  # "cpu" when the backend is emulated
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _extension():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+    if not CUDA_BACKEND_DEVICE:
+        pytest.skip("needs a CUDA GPU, or TFKERNELS_CUDA_EMULATE=1 without one")
     if not _cuda_ext.is_available(load=True):
         reason = _cuda_ext.unavailable_reason()
         if "TFKERNELS_CUDA_JIT=0" in reason or "nvcc was not found" in reason:
@@ -208,7 +208,9 @@ def _att_check(q, k, v, dtype, mask=None, is_causal=False, enable_gqa=False, sca
     got = torch.autograd.grad(out, ins, dout)
     want = torch.autograd.grad(ref, r_ins, dout.double())
     for name, g, r in zip(["dq", "dk", "dv", "dmask"], got, want):
-        assert_close(g, r, dtype, name, scale=2 * ATT_TOL_SCALE[dtype])
+        # the mask's gradient comes back in the mask's dtype: an fp16 mask of fp32 inputs is held to fp16
+        tol_dtype = g.dtype if name == "dmask" and TOL[g.dtype]["rtol"] > TOL[dtype]["rtol"] else dtype
+        assert_close(g, r, tol_dtype, name, scale=2 * ATT_TOL_SCALE[dtype])
 
 
 @pytest.mark.parametrize("case", ATT_CASES, ids=str)
@@ -220,6 +222,50 @@ def test_attention(case, dtype):
     k = torch.randn(B, Hkv, Tk, D, device=DEV, dtype=dtype)
     v = torch.randn(B, Hkv, Tk, D, device=DEV, dtype=dtype)
     _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv)
+
+
+def _launch_tiles(trace: str) -> set:
+    """The attention tile heights BM seen in a TFKERNELS_CUDA_EMU_TRACE log: every attention kernel
+    runs 128 threads on a (heads, ceil(T / BM)) grid; the test shapes below tell the BMs apart."""
+    rows = {8: 45, 4: 70}  # grid.x -> the length its grid.y covers: B*Hq -> Tq, B*Hkv -> Tk
+    tiles = set()
+    for m in re.finditer(r"grid \((\d+), (\d+), 1\), block \(128, 1, 1\)", trace):
+        gx, gy = int(m.group(1)), int(m.group(2))
+        if gx in rows:
+            tiles |= {bm for bm in (64, 32, 16) if -(-rows[gx] // bm) == gy}
+    return tiles
+
+
+# sm_86/sm_89 GPUs (RTX 30xx/40xx, A10, L4) allow 99 KiB of shared memory per block, an A100 163 KiB:
+# there the kernels fall back to 32- and 16-row tiles, which an H100's 227 KiB rarely needs.
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's shared-memory limit is settable; a GPU's is not")
+@pytest.mark.parametrize("smem, D, dtype, tiles", [
+    (101376, 64, torch.float32, {64, 32}),
+    (101376, 256, torch.float32, {16}),   # fp32 keeps its probability tiles in the score tiles to fit
+    (101376, 256, torch.bfloat16, {32, 16}),
+    (166912, 128, torch.float16, {64, 32}),
+], ids=str)
+def test_attention_small_shared_memory_tiles(monkeypatch, capfd, smem, D, dtype, tiles):
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", str(smem))
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_TRACE", "1")
+    torch.manual_seed(D)
+    q = torch.randn(2, 4, 45, D, device=DEV, dtype=dtype)
+    k = torch.randn(2, 2, 70, D, device=DEV, dtype=dtype)
+    v = torch.randn(2, 2, 70, D, device=DEV, dtype=dtype)
+    capfd.readouterr()
+    _att_check(q, k, v, dtype, is_causal=True, enable_gqa=True)
+    assert _launch_tiles(capfd.readouterr().err) == tiles
+    mask = torch.randn(1, 4, 45, 70, device=DEV, dtype=dtype)
+    _att_check(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), dtype, mask=mask)
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's shared-memory limit is settable; a GPU's is not")
+def test_attention_tiles_too_big_for_the_device(monkeypatch):
+    """Where not even 16-row tiles fit (fp32, D=256, 64 KiB: sm_75), the error says so."""
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", str(64 * 1024))
+    q = torch.randn(1, 1, 20, 256, device=DEV)
+    with pytest.raises(RuntimeError, match="head dim 256 in float32 needs more shared memory"):
+        tfkernels.attention(q, q, q, backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

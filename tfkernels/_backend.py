@@ -1,7 +1,8 @@
 """Backend selection: which implementation serves a call.
 
 - "triton": the Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
-- "cuda":   the CUDA C++ extension from csrc/ (CUDA tensors).
+- "cuda":   the CUDA C++ extension from csrc/ (CUDA tensors; CPU tensors when TFKERNELS_CUDA_EMULATE=1
+            builds it as the host emulation, for tests without a GPU).
 - "torch":  the plain-PyTorch reference in tfkernels.reference.
 - None:     automatic, from TFKERNELS_BACKEND if set, else triton on CUDA tensors, then cuda,
             then torch; torch on CPU (triton there only under the interpreter).
@@ -51,6 +52,12 @@ def cuda_ext_available(load: bool = False) -> bool:
     return _cuda_ext.is_available(load=load)
 
 
+def _cuda_emulated() -> bool:
+    from . import _cuda_ext
+
+    return _cuda_ext.is_emulated()
+
+
 _warned: set = set()
 
 
@@ -90,18 +97,25 @@ def resolve(backend: str | None, x: torch.Tensor, op: str) -> str:
             )
         return "triton"
     if explicit == "cuda":
-        if not on_cuda:
+        emulated = _config.cuda_emulation()
+        if not on_cuda and not emulated:
             raise BackendUnavailableError(f"{op}: backend='cuda' needs CUDA tensors (got device {x.device})")
         if not cuda_ext_available(load=True):
             from . import _cuda_ext
 
             raise BackendUnavailableError(f"{op}: backend='cuda' requested but {_cuda_ext.unavailable_reason()}")
+        if _cuda_emulated() and x.device.type != "cpu":
+            raise BackendUnavailableError(
+                f"{op}: backend='cuda' is the host emulation here (TFKERNELS_CUDA_EMULATE=1), which takes CPU "
+                f"tensors (got device {x.device}); unset it to use the CUDA kernels on the GPU")
         return "cuda"
     # automatic
     if on_cuda:
+        # the emulated cuda backend (CPU tensors only) is never an automatic choice
+        real_cuda = not _config.cuda_emulation()
         if triton_available() and op not in _triton_broken:
-            return "auto" if cuda_ext_available(load=False) else "triton"
-        if cuda_ext_available(load=True):
+            return "auto" if real_cuda and cuda_ext_available(load=False) else "triton"
+        if real_cuda and cuda_ext_available(load=True):
             warn_once(("fallback-cuda", op), f"tfkernels: Triton unavailable for {op}; using the CUDA C++ backend")
             return "cuda"
         warn_once(("fallback-torch", op), f"tfkernels: neither Triton nor the CUDA extension can run {op}; using the PyTorch reference")

@@ -5,6 +5,8 @@ TRITON_INTERPRET    "1" runs Triton kernels on CPU tensors (numpy underneath); t
                     backend then picks Triton for CPU tensors too (this is how CI tests kernels)
 TFKERNELS_BUILD_CUDA, TFKERNELS_CUDA_ARCHS, MAX_JOBS   read by setup.py and the JIT loader
 TFKERNELS_CUDA_JIT  "0" never JIT-compiles the CUDA extension on first use (only a prebuilt one loads)
+TFKERNELS_CUDA_EMULATE  "1" builds the cuda backend for the host instead (csrc/emulation): it then
+                    runs the CUDA kernels' code on CPU tensors, for testing without a GPU
 """
 from __future__ import annotations
 
@@ -42,3 +44,8 @@ def build_cuda_flag() -> str | None:
 def cuda_jit_allowed() -> bool:
     """False when TFKERNELS_CUDA_JIT=0: only a prebuilt CUDA extension may load."""
     return os.environ.get("TFKERNELS_CUDA_JIT", "").strip() != "0"
+
+
+def cuda_emulation() -> bool:
+    """True when TFKERNELS_CUDA_EMULATE=1: the cuda backend is the host emulation of csrc/ (CPU tensors)."""
+    return os.environ.get("TFKERNELS_CUDA_EMULATE", "").strip() not in ("", "0")

@@ -9,6 +9,9 @@ through `ops()` with the same arguments as its Triton launcher. Two ways to get 
    (ninja) into ~/.cache/tfkernels/<torch version>-<hash of sources and flags>/ and reuses that
    build on later runs. Archs: TFKERNELS_CUDA_ARCHS when set, else the current GPU's.
    TFKERNELS_CUDA_JIT=0 turns this off (the cuda backend is then unavailable unless prebuilt).
+3. emulated: with TFKERNELS_CUDA_EMULATE=1 (read at the first load), neither of the above: csrc/ is
+   built for the host by tfkernels/_cuda_emu.py and the ops run the CUDA kernels' code on CPU
+   tensors (`is_emulated()`), which is how the cuda backend is tested without a GPU.
 
 Nothing here raises on import of tfkernels; when the extension cannot be had, `is_available`
 returns False and `unavailable_reason()` says why (CPU-only torch, no GPU, nvcc missing, build error).
@@ -23,7 +26,8 @@ _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _JIT_NAME = "tfkernels_cuda_jit"
 
 _lock = threading.Lock()
-_state = {"ops": None, "error": "the CUDA C++ extension is not loaded", "prebuilt_tried": False, "jit_tried": False}
+_state = {"ops": None, "error": "the CUDA C++ extension is not loaded", "prebuilt_tried": False, "jit_tried": False,
+          "emulated": None}
 
 
 def is_available(load: bool = False) -> bool:
@@ -31,6 +35,15 @@ def is_available(load: bool = False) -> bool:
     if _state["ops"] is not None:
         return True
     with _lock:
+        if _state["emulated"] is None:
+            from . import _config
+
+            _state["emulated"] = _config.cuda_emulation()
+        if _state["emulated"]:
+            if _state["ops"] is None and load and not _state["jit_tried"]:
+                _state["jit_tried"] = True
+                _try(_load_emulated)
+            return _state["ops"] is not None
         if _state["ops"] is None and not _state["prebuilt_tried"]:
             _state["prebuilt_tried"] = True
             _try(_load_prebuilt)
@@ -38,6 +51,15 @@ def is_available(load: bool = False) -> bool:
             _state["jit_tried"] = True
             _try(_load_jit)
     return _state["ops"] is not None
+
+
+def is_emulated() -> bool:
+    """True when the cuda backend is the host emulation (TFKERNELS_CUDA_EMULATE=1, read at the first load)."""
+    if _state["emulated"] is None:
+        from . import _config
+
+        return _config.cuda_emulation()
+    return bool(_state["emulated"])
 
 
 def unavailable_reason() -> str:
@@ -72,6 +94,13 @@ def _load_prebuilt() -> None:
     except ImportError as err:
         _state["error"] = f"the CUDA C++ extension is not built (import tfkernels._C: {err})"
         return
+    _state["ops"] = _registered()
+
+
+def _load_emulated() -> None:
+    from . import _cuda_emu
+
+    _cuda_emu.build()
     _state["ops"] = _registered()
 
 

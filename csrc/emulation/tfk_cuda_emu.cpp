@@ -1,0 +1,383 @@
+// The scheduler behind tfk_cuda_emu.h: blocks one after another, a block's threads as fibers
+// (ucontext) on the calling OS thread, switched only at barriers. See the header for what is checked.
+#include "tfk_cuda_emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace tfk_emu {
+
+uint3 g_threadIdx{0, 0, 0}, g_blockIdx{0, 0, 0};
+dim3 g_blockDim, g_gridDim;
+
+namespace {
+
+constexpr size_t kStack = 256 * 1024;  // per fiber; kernels keep small arrays and emulated wmma tiles (1 KiB)
+constexpr size_t kCanary = 256;        // bytes checked past the end of dynamic shared memory
+constexpr unsigned char kCanaryByte = 0xA5;
+
+enum class State { Ready, WaitBlock, WaitWarp, Done };
+
+void fiber_entry();
+
+#if defined(__x86_64__)
+// A fiber switch is a function call that saves the callee-saved registers (and the SSE/x87 control
+// words) on the old stack and returns on the new one: no system call, unlike swapcontext, which
+// saves the signal mask each time (that made many-block launches ~10x slower).
+extern "C" void tfk_emu_switch(void** save_sp, void* new_sp);
+asm(R"(
+  .text
+  .globl tfk_emu_switch
+  .type tfk_emu_switch, @function
+tfk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size tfk_emu_switch, .-tfk_emu_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+
+struct Context {
+  void* sp = nullptr;
+  // a fresh fiber: a frame that tfk_emu_switch "returns" into fiber_entry with an aligned stack
+  void make(char* stack, size_t size) {
+    uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~static_cast<uintptr_t>(15);
+    auto* p = reinterpret_cast<uint64_t*>(top);
+    *--p = 0;                                             // fiber_entry's (never used) return address
+    *--p = reinterpret_cast<uint64_t>(&fiber_entry);      // popped by ret: 16-byte aligned slot
+    for (int i = 0; i < 6; ++i) *--p = 0;                 // rbp rbx r12 r13 r14 r15
+    uint32_t csr[2];
+    asm volatile("stmxcsr %0" : "=m"(csr[0]));
+    asm volatile("fnstcw %0" : "=m"(*reinterpret_cast<uint16_t*>(&csr[1])));
+    *--p = (static_cast<uint64_t>(csr[1] & 0xffffu) << 32) | csr[0];
+    sp = p;
+  }
+};
+inline void switch_to(Context& from, Context& to) { tfk_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+  void make(char* stack, size_t size) {
+    getcontext(&uc);
+    uc.uc_stack.ss_sp = stack;
+    uc.uc_stack.ss_size = size;
+    uc.uc_link = nullptr;
+    makecontext(&uc, fiber_entry, 0);
+  }
+};
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+struct Fiber {
+  Context ctx;
+  uint3 tid;
+  int linear = 0;
+  State state = State::Ready;
+  unsigned wait_gen = 0;
+};
+
+struct Warp {
+  int alive = 0, arrived = 0;
+  unsigned gen = 0;
+  uint64_t post[2][32] = {};  // shuffles alternate between the two, so one barrier per shuffle suffices
+  int parity[32] = {};
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  int alive = 0, arrived = 0;
+  unsigned gen = 0;
+  Context main;
+  Fiber* cur = nullptr;
+  const std::function<void()>* body = nullptr;
+};
+
+Block* g_block = nullptr;
+void* g_smem = nullptr;
+std::mutex g_launch_mutex;  // one launch at a time: the globals above belong to it
+
+cudaError_t g_error = cudaSuccess;  // sticky until cudaGetLastError, as a launch error is
+std::string g_message;
+std::mutex g_error_mutex;
+
+std::map<const void*, int>& func_smem() {
+  static std::map<const void*, int> m;
+  return m;
+}
+
+void yield() {
+  Block& b = *g_block;
+  switch_to(b.cur->ctx, b.main);
+}
+
+void fiber_entry() {
+  Block& b = *g_block;
+  (*b.body)();
+  Fiber& f = *b.cur;
+  f.state = State::Done;
+  // an exited thread no longer counts at the barriers (the hardware's rule for exited threads)
+  --b.alive;
+  if (b.arrived > 0 && b.arrived == b.alive) {
+    b.arrived = 0;
+    ++b.gen;
+  }
+  Warp& w = b.warps[f.linear / 32];
+  --w.alive;
+  if (w.arrived > 0 && w.arrived == w.alive) {
+    w.arrived = 0;
+    ++w.gen;
+  }
+  switch_to(f.ctx, b.main);  // never resumed
+}
+
+bool runnable(const Block& b, const Fiber& f) {
+  switch (f.state) {
+    case State::Ready: return true;
+    case State::WaitBlock: return b.gen != f.wait_gen;
+    case State::WaitWarp: return b.warps[f.linear / 32].gen != f.wait_gen;
+    default: return false;
+  }
+}
+
+std::string describe(const LaunchCfg& c) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "grid (%u, %u, %u), block (%u, %u, %u), %zu bytes of dynamic shared memory",
+                c.grid.x, c.grid.y, c.grid.z, c.block.x, c.block.y, c.block.z, c.smem);
+  return buf;
+}
+
+void fail(cudaError_t err, const std::string& msg) {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  if (g_error == cudaSuccess) {
+    g_error = err;
+    g_message = msg;
+  }
+}
+
+}  // namespace
+
+void set_error(cudaError_t err, const char* what) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, " (block (%u, %u, %u), thread (%u, %u, %u))", g_blockIdx.x, g_blockIdx.y,
+                g_blockIdx.z, g_threadIdx.x, g_threadIdx.y, g_threadIdx.z);
+  fail(err, std::string(what) + buf);
+}
+
+int lane_id() { return g_block->cur->linear & 31; }
+
+void syncthreads() {
+  Block& b = *g_block;
+  Fiber& f = *b.cur;
+  if (++b.arrived == b.alive) {  // the last to arrive releases the others and goes on
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
+  f.state = State::WaitBlock;
+  f.wait_gen = b.gen;
+  yield();
+}
+
+void syncwarp() {
+  Block& b = *g_block;
+  Fiber& f = *b.cur;
+  Warp& w = b.warps[f.linear / 32];
+  if (++w.arrived == w.alive) {
+    w.arrived = 0;
+    ++w.gen;
+    return;
+  }
+  f.state = State::WaitWarp;
+  f.wait_gen = w.gen;
+  yield();
+}
+
+uint64_t warp_exchange(uint64_t mine, int src_lane) {
+  Block& b = *g_block;
+  const int lane = b.cur->linear & 31;
+  Warp& w = b.warps[b.cur->linear / 32];
+  // A lane writes buffer k again only two shuffles later, after the barrier of the shuffle in
+  // between, which every lane passes only once it has read buffer k.
+  const int k = w.parity[lane];
+  w.parity[lane] ^= 1;
+  w.post[k][lane] = mine;
+  syncwarp();  // every lane has posted
+  return w.post[k][src_lane & 31];
+}
+
+void* dynamic_smem() { return g_smem; }
+
+int smem_optin() {
+  const char* env = std::getenv("TFKERNELS_CUDA_EMU_SMEM");
+  const int v = env ? std::atoi(env) : 0;
+  return v > 0 ? v : 232448;  // H100: 227 KiB
+}
+
+void set_func_smem(const void* func, int bytes) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  func_smem()[func] = bytes;
+}
+
+cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  const dim3 g = cfg.grid, bd = cfg.block;
+  const uint64_t threads = static_cast<uint64_t>(bd.x) * bd.y * bd.z;
+  // the device's launch limits (compute capability 9.0)
+  if (threads == 0 || threads > 1024 || bd.x > 1024 || bd.y > 1024 || bd.z > 64 || g.x == 0 || g.y == 0 ||
+      g.z == 0 || g.x > 2147483647u || g.y > 65535 || g.z > 65535) {
+    fail(cudaErrorInvalidConfiguration, "invalid launch configuration: " + describe(cfg));
+    return cudaErrorInvalidConfiguration;
+  }
+  if (cfg.smem > 48 * 1024) {
+    const auto it = func_smem().find(cfg.func);
+    const int allowed = it == func_smem().end() ? 48 * 1024 : it->second;
+    if (cfg.smem > static_cast<size_t>(allowed) || cfg.smem > static_cast<size_t>(smem_optin())) {
+      fail(cudaErrorInvalidValue, "too much dynamic shared memory (more than 48 KiB needs cudaFuncSetAttribute, "
+                                  "at most the opt-in limit " + std::to_string(smem_optin()) + "): " + describe(cfg));
+      return cudaErrorInvalidValue;
+    }
+  }
+  if (const char* trace = std::getenv("TFKERNELS_CUDA_EMU_TRACE"); trace && *trace && *trace != '0')
+    std::fprintf(stderr, "tfk_emu launch: %s\n", describe(cfg).c_str());
+  const int n = static_cast<int>(threads);
+  std::vector<unsigned char> smem(cfg.smem + kCanary + 128);
+  unsigned char* smem_base = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
+  std::unique_ptr<char[]> stacks(new char[kStack * n]);
+  Block b;
+  b.fibers.resize(n);
+  b.body = &body;
+  g_block = &b;
+  g_smem = smem_base;
+  g_gridDim = g;
+  g_blockDim = bd;
+  std::string error;
+  for (unsigned bz = 0; bz < g.z && error.empty(); ++bz)
+    for (unsigned by = 0; by < g.y && error.empty(); ++by)
+      for (unsigned bx = 0; bx < g.x && error.empty(); ++bx) {
+        g_blockIdx = uint3{bx, by, bz};
+        std::memset(smem_base, 0xff, cfg.smem);  // NaN in fp32/fp16/bf16: shared memory is never zeroed
+        std::memset(smem_base + cfg.smem, kCanaryByte, kCanary);
+        b.warps.assign((n + 31) / 32, Warp{});
+        b.alive = n;
+        b.arrived = 0;
+        for (int t = 0; t < n; ++t) {
+          Fiber& f = b.fibers[t];
+          f.linear = t;
+          f.tid = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
+          f.state = State::Ready;
+          ++b.warps[t / 32].alive;
+          f.ctx.make(stacks.get() + kStack * t, kStack);
+        }
+        // round-robin: each fiber runs until it waits at a barrier or ends
+        for (;;) {
+          bool progress = false, pending = false;
+          for (Fiber& f : b.fibers) {
+            if (f.state == State::Done) continue;
+            pending = true;
+            if (!runnable(b, f)) continue;
+            f.state = State::Ready;
+            b.cur = &f;
+            g_threadIdx = f.tid;
+            switch_to(b.main, f.ctx);
+            progress = true;
+          }
+          if (!pending) break;
+          if (!progress) {
+            int wb = 0, ww = 0;
+            for (const Fiber& f : b.fibers) {
+              wb += f.state == State::WaitBlock;
+              ww += f.state == State::WaitWarp;
+            }
+            error = "deadlock: not every thread reached the same barrier (" + std::to_string(wb) +
+                    " threads wait at __syncthreads, " + std::to_string(ww) + " at a warp collective) in block (" +
+                    std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) + "): " + describe(cfg);
+            break;
+          }
+        }
+        for (size_t i = 0; i < kCanary && error.empty(); ++i)
+          if (smem_base[cfg.smem + i] != kCanaryByte)
+            error = "write past the end of dynamic shared memory (byte " + std::to_string(cfg.smem + i) +
+                    ") in block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) +
+                    "): " + describe(cfg);
+      }
+  g_block = nullptr;
+  g_smem = nullptr;
+  if (!error.empty()) {
+    fail(cudaErrorLaunchFailure, error);
+    return cudaErrorLaunchFailure;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace tfk_emu
+
+cudaError_t cudaGetLastError() {
+  std::lock_guard<std::mutex> lock(tfk_emu::g_error_mutex);
+  const cudaError_t e = tfk_emu::g_error;
+  tfk_emu::g_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError() {
+  std::lock_guard<std::mutex> lock(tfk_emu::g_error_mutex);
+  return tfk_emu::g_error;
+}
+
+const char* cudaGetErrorString(cudaError_t err) {
+  // the emulator's message for the error just taken (a thread-local copy, so the pointer stays valid)
+  thread_local std::string s;
+  std::lock_guard<std::mutex> lock(tfk_emu::g_error_mutex);
+  switch (err) {
+    case cudaSuccess: s = "no error"; break;
+    case cudaErrorInvalidValue: s = "invalid argument"; break;
+    case cudaErrorInvalidConfiguration: s = "invalid configuration argument"; break;
+    case cudaErrorLaunchFailure: s = "unspecified launch failure"; break;
+    default: s = "error " + std::to_string(static_cast<int>(err)); break;
+  }
+  if (err != cudaSuccess && !tfk_emu::g_message.empty()) s += " [emulator: " + tfk_emu::g_message + "]";
+  return s.c_str();
+}
+
+cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = tfk_emu::smem_optin(); return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}

@@ -1,0 +1,92 @@
+"""Host emulation of the CUDA C++ backend: the csrc/ kernels, run on the CPU (TFKERNELS_CUDA_EMULATE=1).
+
+Machines without a GPU (CI) cannot run the CUDA kernels, and `nvcc -c` only proves they compile.
+With TFKERNELS_CUDA_EMULATE=1 the cuda backend is instead built from the same csrc/*.cu files with
+the host C++ compiler against csrc/emulation/tfk_cuda_emu.h, a small stand-in for the CUDA runtime,
+fp16/bf16 types, warp shuffles and wmma, whose scheduler runs each block's threads as fibers
+switched at barriers. The ops (`torch.ops.tfkernels_cuda.*`, the same glue in csrc/ops.cpp) are
+then registered for CPU tensors, and `backend="cuda"` takes CPU tensors: the whole op test suite
+runs on the kernels' own code paths (tile loops, masks, GQA, dropout's Philox, the smaller tile
+configurations, the two-stage weight gradients) against float64 references.
+
+The only source change the host compiler needs is the launch syntax: `k<<<g, b, s, st>>>(args)`
+becomes `::tfk_emu::Launcher(g, b, s, st)(k)(args)`, and `extern __shared__ T name[];` a pointer to
+the launch's dynamic shared memory (done here, on copies, line for line, so compiler messages keep
+the original line numbers). The build is cached like the JIT build.
+
+What it cannot show: speed, memory-model races beyond missing barriers, tensor-core rounding
+details, anything about the real device's resources beyond the launch limits it checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_EMU = os.path.join(_CSRC, "emulation")
+NAME = "tfkernels_cuda_emu"
+# -fno-strict-aliasing: CUDA code moves data through type-punned vectors (common.cuh's Vec loads 16
+# bytes of fp16 as a uint4), which nvcc honours and g++ -O2 would otherwise optimise away
+FLAGS = ["-O2", "-fno-strict-aliasing", "-DTFKERNELS_CUDA_EMULATION"]
+
+# kernel<tmpl, args><<<config>>>   (the kernel name may carry one level of template arguments)
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>", re.S)
+# extern __shared__ __align__(16) float4 smem[];
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def translate(source: str, filename: str = "<cuda>") -> str:
+    """CUDA C++ source as host C++ for the emulator (launches and dynamic shared memory rewritten)."""
+    out = _LAUNCH.sub(lambda m: f"::tfk_emu::Launcher({m.group(2)})({m.group(1)})", source)
+    out = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(::tfk_emu::dynamic_smem());", out)
+    if "<<<" in out or ">>>" in out:
+        raise ValueError(f"{filename}: a kernel launch the emulator's rewrite does not understand")
+    return f'#line 1 "{filename}"\n' + out
+
+
+def _inputs() -> list[str]:
+    files = [os.path.join(_CSRC, f) for f in os.listdir(_CSRC) if f.endswith((".cu", ".cpp", ".h", ".cuh"))]
+    for root, _, names in os.walk(_EMU):
+        files += [os.path.join(root, f) for f in names if f.endswith((".cpp", ".h"))]
+    return sorted(files)
+
+
+def build():
+    """Compile (or reuse the cached build of) the emulated extension; returns its module."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if not os.path.isdir(_EMU):
+        raise RuntimeError(f"the csrc/ sources are not available (looked in {_CSRC}); install from a source checkout")
+    files = _inputs()
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(os.path.relpath(f, _CSRC).encode() + b"\0" + fh.read())
+    h.update(" ".join(FLAGS).encode())
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    build_dir = os.path.join(cache, "tfkernels", f"emu-{torch.__version__}-{h.hexdigest()[:16]}")
+    src_dir = os.path.join(build_dir, "src")
+    os.makedirs(src_dir, exist_ok=True)
+    sources = []
+    for f in files:
+        if f.endswith(".cu"):
+            with open(f) as fh:
+                text = translate(fh.read(), f)
+            dst = os.path.join(src_dir, os.path.basename(f)[:-3] + "_emu.cpp")
+            old = open(dst).read() if os.path.exists(dst) else None
+            if old != text:  # rewrite only on change, so ninja's timestamps stay useful
+                with open(dst, "w") as fh:
+                    fh.write(text)
+            sources.append(dst)
+    sources += [os.path.join(_CSRC, "ops.cpp"), os.path.join(_EMU, "tfk_cuda_emu.cpp")]
+    return cpp_extension.load(
+        name=NAME,
+        sources=sources,
+        # the stand-in CUDA headers come first; csrc/ for kernels.h and common.cuh
+        extra_include_paths=[os.path.join(_EMU, "include"), _CSRC],
+        extra_cflags=FLAGS,
+        build_directory=build_dir,
+        verbose=os.environ.get("TFKERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
+    )
