@@ -104,18 +104,26 @@ struct Fiber {
   unsigned wait_gen = 0;
 };
 
-struct Warp {
+// A barrier: `alive` threads take part; when the last arrives, `gen` moves on and frees the waiters.
+struct Barrier {
   int alive = 0, arrived = 0;
   unsigned gen = 0;
+  void release_if_complete() {
+    if (arrived > 0 && arrived == alive) {
+      arrived = 0;
+      ++gen;
+    }
+  }
+};
+
+struct Warp : Barrier {
   uint64_t post[2][32] = {};  // shuffles alternate between the two, so one barrier per shuffle suffices
   int parity[32] = {};
 };
 
-struct Block {
+struct Block : Barrier {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
-  int alive = 0, arrived = 0;
-  unsigned gen = 0;
   Context main;
   Fiber* cur = nullptr;
   const std::function<void()>* body = nullptr;
@@ -146,16 +154,10 @@ void fiber_entry() {
   f.state = State::Done;
   // an exited thread no longer counts at the barriers (the hardware's rule for exited threads)
   --b.alive;
-  if (b.arrived > 0 && b.arrived == b.alive) {
-    b.arrived = 0;
-    ++b.gen;
-  }
+  b.release_if_complete();
   Warp& w = b.warps[f.linear / 32];
   --w.alive;
-  if (w.arrived > 0 && w.arrived == w.alive) {
-    w.arrived = 0;
-    ++w.gen;
-  }
+  w.release_if_complete();
   switch_to(f.ctx, b.main);  // never resumed
 }
 
@@ -194,32 +196,23 @@ void set_error(cudaError_t err, const char* what) {
 
 int lane_id() { return g_block->cur->linear & 31; }
 
-void syncthreads() {
-  Block& b = *g_block;
-  Fiber& f = *b.cur;
-  if (++b.arrived == b.alive) {  // the last to arrive releases the others and goes on
-    b.arrived = 0;
-    ++b.gen;
+namespace {
+void arrive(Barrier& bar, State wait) {
+  if (++bar.arrived == bar.alive) {  // the last to arrive releases the others and goes on
+    bar.arrived = 0;
+    ++bar.gen;
     return;
   }
-  f.state = State::WaitBlock;
-  f.wait_gen = b.gen;
+  Fiber& f = *g_block->cur;
+  f.state = wait;
+  f.wait_gen = bar.gen;
   yield();
 }
+}  // namespace
 
-void syncwarp() {
-  Block& b = *g_block;
-  Fiber& f = *b.cur;
-  Warp& w = b.warps[f.linear / 32];
-  if (++w.arrived == w.alive) {
-    w.arrived = 0;
-    ++w.gen;
-    return;
-  }
-  f.state = State::WaitWarp;
-  f.wait_gen = w.gen;
-  yield();
-}
+void syncthreads() { arrive(*g_block, State::WaitBlock); }
+
+void syncwarp() { arrive(g_block->warps[g_block->cur->linear / 32], State::WaitWarp); }
 
 uint64_t warp_exchange(uint64_t mine, int src_lane) {
   Block& b = *g_block;
