@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 import tfkernels  # noqa: E402
 import tfkernels.nn as tnn  # noqa: E402
-from tfkernels import _backend, _config  # noqa: E402
+from tfkernels import _backend, _config, reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,3 +86,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=None, enable_gqa=False,
+                    dropout_p=0.0, dropout_mask=None, seed=None, out_scale=1.0, grad_scale=2.0):
+    """tfkernels.attention vs the float64 reference on the same values: the output and every gradient
+    (q, k, v and a float mask). The mask's gradient comes back in the mask's dtype, so an fp16 mask of
+    fp32 inputs is held to fp16's tolerance. Returns the output."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    mask_leaf = mask.detach().requires_grad_(True) if mask is not None and mask.is_floating_point() else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = tfkernels.attention(*leaves, attn_mask=mask_leaf if mask_leaf is not None else mask, dropout_p=dropout_p,
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, backend=backend)
+    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype and out.is_contiguous()
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
+    ref = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa, dropout_mask=dropout_mask)
+    assert_close(out, ref, dtype, "out", scale=out_scale)
+    dout = torch.randn_like(out)
+    extra = 1 if mask_leaf is not None else 0
+    grads = torch.autograd.grad(out, leaves + [mask_leaf] * extra, dout)
+    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_mask] * extra, dout.double())
+    for name, g, r in zip(["dq", "dk", "dv", "dmask"], grads, ref_grads):
+        assert g.shape == r.shape, name
+        tol_dtype = g.dtype if name == "dmask" and TOL[g.dtype]["rtol"] > TOL[dtype]["rtol"] else dtype
+        assert_close(g, r, tol_dtype, name, scale=grad_scale)
+    return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tfkernels
 from tfkernels import reference
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, check_attention
 
 attn_mod = importlib.import_module("tfkernels.ops.attention")  # the module (ops.attention is the function)
 
@@ -23,35 +23,9 @@ def _rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
 
-def _check(q, k, v, backend, mask=None, is_causal=False, scale=None, enable_gqa=False, dtype=torch.float32,
-           dropout_p=0.0, dropout_mask=None, seed=None, grad_scale=2.0):
+def _check(q, k, v, backend, dtype=torch.float32, grad_scale=2.0, **kwargs):
     """Kernel vs float64 reference on the same values: out and every gradient (q, k, v, float mask)."""
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    mask_leaf = None
-    if mask is not None and mask.is_floating_point():
-        mask_leaf = mask.detach().requires_grad_(True)
-    m = mask_leaf if mask_leaf is not None else mask
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = tfkernels.attention(*leaves, attn_mask=m, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                              enable_gqa=enable_gqa, backend=backend)
-    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
-    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_mask = None
-    if mask is not None:
-        ref_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
-    ref = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, is_causal=is_causal,
-                              scale=scale, enable_gqa=enable_gqa, dropout_mask=dropout_mask)
-    assert_close(out, ref, dtype, "out")
-    dout = torch.randn_like(out)
-    inputs = leaves + ([mask_leaf] if mask_leaf is not None else [])
-    ref_inputs = ref_leaves + ([ref_mask] if mask_leaf is not None else [])
-    grads = torch.autograd.grad(out, inputs, dout)
-    ref_grads = torch.autograd.grad(ref, ref_inputs, dout.double())
-    for name, g, r in zip(["dq", "dk", "dv", "dmask"], grads, ref_grads):
-        assert g.shape == r.shape, name
-        assert_close(g, r, dtype, name, scale=grad_scale)
-    return out
+    return check_attention(q, k, v, backend, dtype, grad_scale=grad_scale, **kwargs)
 
 
 # (B, H_q, H_kv, T_q, T_k, D, is_causal): each line covers a length, a head dim and a regime

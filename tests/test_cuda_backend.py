@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import tfkernels
 from tfkernels import _cuda_ext, reference
 
-from conftest import CUDA_BACKEND_DEVICE, CUDA_EMULATED, DEVICE, DTYPES, TOL, assert_close
+from conftest import CUDA_BACKEND_DEVICE, CUDA_EMULATED, DEVICE, DTYPES, assert_close, check_attention
 
 DEV = DEVICE  # "cpu" when the backend is emulated
 
@@ -191,26 +191,8 @@ ATT_CASES = [
 ]
 
 
-def _att_check(q, k, v, dtype, mask=None, is_causal=False, enable_gqa=False, scale=None):
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    mask_leaf = mask.detach().requires_grad_(True) if mask is not None and mask.is_floating_point() else None
-    m = mask_leaf if mask_leaf is not None else mask
-    out = tfkernels.attention(*leaves, attn_mask=m, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                              backend="cuda")
-    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-    r_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    r_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
-    ref = reference.attention(*r_leaves, attn_mask=r_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    assert_close(out, ref, dtype, "out", scale=ATT_TOL_SCALE[dtype])
-    dout = torch.randn_like(out)
-    ins = leaves + ([mask_leaf] if mask_leaf is not None else [])
-    r_ins = r_leaves + ([r_mask] if mask_leaf is not None else [])
-    got = torch.autograd.grad(out, ins, dout)
-    want = torch.autograd.grad(ref, r_ins, dout.double())
-    for name, g, r in zip(["dq", "dk", "dv", "dmask"], got, want):
-        # the mask's gradient comes back in the mask's dtype: an fp16 mask of fp32 inputs is held to fp16
-        tol_dtype = g.dtype if name == "dmask" and TOL[g.dtype]["rtol"] > TOL[dtype]["rtol"] else dtype
-        assert_close(g, r, tol_dtype, name, scale=2 * ATT_TOL_SCALE[dtype])
+def _att_check(q, k, v, dtype, **kwargs):
+    check_attention(q, k, v, "cuda", dtype, out_scale=ATT_TOL_SCALE[dtype], grad_scale=2 * ATT_TOL_SCALE[dtype], **kwargs)
 
 
 @pytest.mark.parametrize("case", ATT_CASES, ids=str)

@@ -80,6 +80,14 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_same_grads(model, ref, tol):
+    """Every parameter gradient of the swapped model matches the reference model's."""
+    g_ref, g = _grads(ref), _grads(model)
+    assert g.keys() == g_ref.keys()
+    for n in g:
+        _close(g[n], g_ref[n], tol, f"grad {n}")
+
+
 # ---- tests -------------------------------------------------------------------------------------
 
 def test_norms_and_softmax_replaced_sharing_parameters():
@@ -105,10 +113,7 @@ def test_norms_and_softmax_replaced_sharing_parameters():
     _close(y, y_ref, 1e-5, "output")
     (y_ref * gy).sum().backward()
     (y * gy).sum().backward()
-    g_ref, g = _grads(ref), _grads(model)
-    assert g.keys() == g_ref.keys()
-    for n in g:
-        _close(g[n], g_ref[n], 1e-5, f"grad {n}")
+    _assert_same_grads(model, ref, 1e-5)
 
 
 def test_flags_select_what_is_swapped():
@@ -147,10 +152,7 @@ def test_transformer_encoder_with_key_padding(norm_first, attention_calls):
     _close(y[keep], y_ref[keep], 2e-5, "output")
     (y_ref * gy * keep[..., None]).sum().backward()
     (y * gy * keep[..., None]).sum().backward()
-    g_ref, g = _grads(ref), _grads(model)
-    assert g.keys() == g_ref.keys()
-    for n in g:
-        _close(g[n], g_ref[n], 5e-5, f"grad {n}")
+    _assert_same_grads(model, ref, 5e-5)
 
 
 def test_unswap_restores_bit_identical_outputs_and_fast_paths():
