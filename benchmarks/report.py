@@ -61,6 +61,17 @@ def _plt():
     return plt
 
 
+def _save(fig, path, title):
+    """Title, lay out, write and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _lines(ax, rows, logy=False):
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != TFK, p))
     for p in providers:
@@ -99,11 +110,7 @@ def plot_all(out: Path, result: dict) -> list[Path]:
                 ax.set_xlabel("N")
                 ax.set_ylabel("GB/s")
                 ax.legend(fontsize=7)
-        fig.suptitle(title_env, fontsize=9)
-        fig.tight_layout()
-        paths.append(out / "norms.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "norms.png", title_env))
 
     attn = [r for r in rows if r["suite"] == "attention"]
     if attn:
@@ -117,11 +124,7 @@ def plot_all(out: Path, result: dict) -> list[Path]:
                 ax.set_xlabel("T (B*T fixed)")
                 ax.set_ylabel("TFLOP/s")
                 ax.legend(fontsize=7)
-        fig.suptitle(title_env, fontsize=9)
-        fig.tight_layout()
-        paths.append(out / "attention.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out / "attention.png", title_env))
 
         mem = [r for r in attn if r["pass"] == "mem"]
         if mem:
@@ -133,11 +136,7 @@ def plot_all(out: Path, result: dict) -> list[Path]:
                 ax.set_xlabel("T (B*T fixed)")
                 ax.set_ylabel("MiB")
                 ax.legend(fontsize=7)
-            fig.suptitle(title_env, fontsize=9)
-            fig.tight_layout()
-            paths.append(out / "attention_memory.png")
-            fig.savefig(paths[-1], dpi=110)
-            plt.close(fig)
+            paths.append(_save(fig, out / "attention_memory.png", title_env))
     return paths
 
 
