@@ -63,12 +63,10 @@ def _plt():
 
 def _save(fig, path, title):
     """Title, lay out, write and close a figure; returns its path."""
-    import matplotlib.pyplot as plt
-
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
