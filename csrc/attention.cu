@@ -8,163 +8,72 @@
 // Backward: delta = rowsum(dO * O); dV = Pd^T dO; dP = Z * (dO V^T) / (1 - p);
 //           dS = P * (dP - delta) (= d mask); dQ = scale * dS K; dK = scale * dS^T Q.
 //
-// Structure: blocks of BM query rows x BN = BM keys, 4 warps; tiles live in shared memory (dynamic,
-// sized at launch; BM = 64, 32 or 16, the largest that fits the device for the head dim). The
-// products run on tensor cores through wmma (16x16x16, fp32 accumulate) for fp16/bf16; fp32 uses
-// plain FMAs from shared memory (IEEE, like the Triton op without allow_tf32). The output
-// accumulator stays in shared memory in fp32 so the online-softmax rescale can address its rows.
-// Head dims 1..256 (padded to a multiple of 16 with zeros); any Tq, Tk; any input strides (0 too).
-// The backward is two kernels (dK/dV per key block, looping over the group's query heads and query
-// blocks, so GQA sums in-kernel without atomics; dQ per query block) after a delta kernel.
-#include <mma.h>
-
-#include <type_traits>
-
-#include "common.cuh"
+// fp16 and bf16 run on tensor cores with register-resident tiles (attention_tc.cu). This file holds
+// the entry points, the delta kernel both paths use, and the fp32 path: IEEE FMAs (like the Triton
+// op without allow_tf32) from shared-memory tiles, blocks of BM query rows x BN = BM keys, 4 warps,
+// BM = 64, 32 or 16, the largest that fits the device for the head dim. Its output accumulator
+// stays in shared memory so the online-softmax rescale can address its rows, and its probability
+// and dS tiles overwrite the score tiles they come from, which keeps D = 256 within the 99 KiB of
+// sm_86/sm_89. Head dims 1..256 (padded to a multiple of 16 with zeros); any Tq, Tk; any input
+// strides (0 too). The backward is two kernels (dK/dV per key block, looping over the group's query
+// heads and query blocks, so GQA sums in-kernel without atomics; dQ per query block) after delta.
+#include "attention_common.cuh"
 
 namespace tfk {
 namespace {
 
 constexpr int kThreads = 128;  // 4 warps per block
 
-// ------------------------------------------------------------------------------ dropout RNG
-
-// Triton's tl.rand(seed, offset) for an int64 offset: Philox-4x32, 10 rounds, counter
-// (lo(offset), hi(offset), 0, 0), key (lo(seed), hi(seed)); first word -> float in [0, 1).
-__device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t offset) {
-  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t p0 = c0, p2 = c2;
-    c0 = __umulhi(0xCD9E8D57u, p2) ^ c1 ^ k0;
-    c2 = __umulhi(0xD2511F53u, p0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * p2;
-    c3 = 0xD2511F53u * p0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  int32_t x = static_cast<int32_t>(c0);
-  if (x < 0) x = ~x;  // -x - 1 without overflow
-  return static_cast<float>(x) * 4.6566127342e-10f;
-}
-
-// ------------------------------------------------------------------------------ score helpers
-
-__device__ __forceinline__ float load_mask_f(const void* m, int64_t off, DType dt) {
-  switch (dt) {
-    case DType::F16: return __half2float(static_cast<const __half*>(m)[off]);
-    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(m)[off]);
-    default: return static_cast<const float*>(m)[off];
-  }
-}
-
-// The masked, scaled score for query i, key j of head (b, h) from the raw q.k product; -inf when
-// masked or out of bounds.
-__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk) {
-  if (i >= p.Tq || j >= p.Tk || (p.causal && j > i)) return -INFINITY;
-  float s = qk * p.scale;
-  if (p.mask_kind != 0) {
-    const int64_t off = b * p.m_s[0] + h * p.m_s[1] + static_cast<int64_t>(i) * p.m_s[2] + static_cast<int64_t>(j) * p.m_s[3];
-    if (p.mask_kind == 1) {
-      if (static_cast<const uint8_t*>(p.mask)[off] == 0) return -INFINITY;
-    } else {
-      s += load_mask_f(p.mask, off, p.mask_dtype);
-    }
-  }
-  return s;
-}
-
-// Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout.
-__device__ __forceinline__ float dropout_scale(const AttnParams& p, int b, int h, int i, int j) {
-  if (p.dropout_p <= 0.0f) return 1.0f;
-  const uint64_t off = ((static_cast<uint64_t>(b) * p.Hq + h) * p.Tq + i) * static_cast<uint64_t>(p.Tk) + j;
-  return philox_uniform(p.seed, off) >= p.dropout_p ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
-}
-
 // ------------------------------------------------------------------------------ tile loads
 
 // dst[r][d] (ld = dp) = src[(row0 + r) * s_t + d * s_d] for r < rows, zero outside (nrows, D).
-template <typename T>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t s_t, int64_t s_d, int row0, int rows,
+__device__ __forceinline__ void load_tile(float* dst, const float* src, int64_t s_t, int64_t s_d, int row0, int rows,
                                           int nrows, int D, int dp) {
   for (int idx = threadIdx.x; idx < rows * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp;
     const int i = row0 + r;
-    dst[idx] = (i < nrows && d < D) ? src[static_cast<int64_t>(i) * s_t + d * s_d] : from_f<T>(0.0f);
+    dst[idx] = (i < nrows && d < D) ? src[static_cast<int64_t>(i) * s_t + d * s_d] : 0.0f;
   }
 }
 
 // ------------------------------------------------------------------------------ shared-memory GEMM
 
-// C (M x N, fp32, ldc) = [C +] A (M x K) * B (K x N); A(i,k) = A_T ? A[k*lda + i] : A[i*lda + k],
-// B(k,j) = B_T ? B[j*ldb + k] : B[k*ldb + j]. M, N, K multiples of 16; all operands in shared memory.
-// fp16/bf16: wmma on tensor cores, one 16x16 output tile per warp at a time; fp32: FMAs.
-template <typename T, bool A_T, bool B_T>
-__device__ __forceinline__ void smem_gemm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
+// C (M x N, ldc) = [C +] A (M x K) * B (K x N); A(i,k) = A_T ? A[k*lda + i] : A[i*lda + k],
+// B(k,j) = B_T ? B[j*ldb + k] : B[k*ldb + j]; all operands in shared memory, one output element
+// per thread at a time.
+template <bool A_T, bool B_T>
+__device__ __forceinline__ void smem_gemm(float* C, int ldc, const float* A, int lda, const float* B, int ldb,
                                           int M, int N, int K, bool accumulate) {
-  if constexpr (std::is_same<T, float>::value) {
-    for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
-      const int i = idx / N, j = idx - i * N;
-      float s = accumulate ? C[i * ldc + j] : 0.0f;
-      for (int k = 0; k < K; ++k) {
-        const float a = A_T ? A[k * lda + i] : A[i * lda + k];
-        const float b = B_T ? B[j * ldb + k] : B[k * ldb + j];
-        s = fmaf(a, b, s);
-      }
-      C[i * ldc + j] = s;
+  for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+    const int i = idx / N, j = idx - i * N;
+    float s = accumulate ? C[i * ldc + j] : 0.0f;
+    for (int k = 0; k < K; ++k) {
+      const float a = A_T ? A[k * lda + i] : A[i * lda + k];
+      const float b = B_T ? B[j * ldb + k] : B[k * ldb + j];
+      s = fmaf(a, b, s);
     }
-  } else {
-    using namespace nvcuda;
-    using LA = typename std::conditional<A_T, wmma::col_major, wmma::row_major>::type;
-    using LB = typename std::conditional<B_T, wmma::col_major, wmma::row_major>::type;
-    const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const int tn = N / 16, tiles = (M / 16) * tn;
-    for (int t = warp; t < tiles; t += nwarps) {
-      const int i0 = (t / tn) * 16, j0 = (t % tn) * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-      if (accumulate)
-        wmma::load_matrix_sync(c, C + i0 * ldc + j0, ldc, wmma::mem_row_major);
-      else
-        wmma::fill_fragment(c, 0.0f);
-      for (int k0 = 0; k0 < K; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
-        wmma::load_matrix_sync(a, A_T ? A + k0 * lda + i0 : A + i0 * lda + k0, lda);
-        wmma::load_matrix_sync(b, B_T ? B + j0 * ldb + k0 : B + k0 * ldb + j0, ldb);
-        wmma::mma_sync(c, a, b, c);
-      }
-      wmma::store_matrix_sync(C + i0 * ldc + j0, c, ldc, wmma::mem_row_major);
-    }
+    C[i * ldc + j] = s;
   }
 }
 
-// fp32: the T-typed probability / dS tiles live in the fp32 score tiles they are computed from,
-// element for element in place (the thread or warp that reads an element is the one that then
-// writes it), which keeps D = 256 within the 99 KiB of shared memory of sm_86/sm_89 GPUs.
-template <typename T>
-constexpr bool kInPlace = std::is_same<T, float>::value;
-template <typename T>
-constexpr int kOwnTile = kInPlace<T> ? 0 : 1;  // separate (BM, BN) T tiles: 0 for fp32
-
 // ------------------------------------------------------------------------------ forward
 
-template <typename T, int BM>
+template <int BM>
 size_t fwd_smem(int dp) {
-  return (3 * BM * dp + kOwnTile<T> * BM * BM) * sizeof(T) + (BM * BM + BM * dp + 2 * BM) * sizeof(float);
+  return (3 * BM * dp + BM * BM + BM * dp + 2 * BM) * sizeof(float);
 }
 
-template <typename T, int BM>
+template <int BM>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, int dp) {
   constexpr int BN = BM;
   constexpr int CPL = (BN + 31) / 32;  // score columns per lane
   extern __shared__ __align__(128) float4 smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (BM, dp)
-  T* sK = sQ + BM * dp;                    // (BN, dp)
-  T* sV = sK + BN * dp;                    // (BN, dp)
-  float* sS = reinterpret_cast<float*>(sV + BN * dp + kOwnTile<T> * BM * BN);  // (BM, BN) raw q.k
-  // (BM, BN) dropped, unnormalised probabilities (fp32: over sS, each row by the warp that read it)
-  T* sP = kInPlace<T> ? reinterpret_cast<T*>(sS) : sV + BN * dp;
+  float* sQ = reinterpret_cast<float*>(smem_raw);  // (BM, dp)
+  float* sK = sQ + BM * dp;                // (BN, dp)
+  float* sV = sK + BN * dp;                // (BN, dp)
+  float* sS = sV + BN * dp;                // (BM, BN) raw q.k
+  // (BM, BN) dropped, unnormalised probabilities: over sS, each row by the warp that read it
+  float* sP = sS;
   float* sO = sS + BM * BN;                // (BM, dp) fp32 output accumulator
   float* sMax = sO + BM * dp;              // (BM,) running max
   float* sSum = sMax + BM;                 // (BM,) running sum of exp
@@ -172,9 +81,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
   const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
   const int m0 = blockIdx.y * BM;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const float* q = static_cast<const float*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const float* k = static_cast<const float*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const float* v = static_cast<const float*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
 
   load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) sO[idx] = 0.0f;
@@ -189,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
     load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
     __syncthreads();
-    smem_gemm<T, false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);  // S = Q K^T
+    smem_gemm<false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);  // S = Q K^T
     __syncthreads();
     // online softmax, one warp per row: new max, rescale factor, probabilities, running sum
     for (int r = warp; r < BM; r += nwarps) {
@@ -212,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
         const int c = lane + 32 * t;
         const float pr = m_new == -INFINITY ? 0.0f : expf(s[t] - m_new);
         lsum += pr;
-        if (c < BN) sP[r * BN + c] = from_f<T>(pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i, n0 + c));
+        if (c < BN) sP[r * BN + c] = pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i, n0 + c);
       }
       lsum = warp_sum(lsum);
       for (int d = lane; d < dp; d += 32) sO[r * dp + d] *= alpha;
@@ -222,15 +131,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
       }
     }
     __syncthreads();
-    smem_gemm<T, false, false>(sO, dp, sP, BN, sV, dp, BM, dp, BN, true);  // O += Pd V
+    smem_gemm<false, false>(sO, dp, sP, BN, sV, dp, BM, dp, BN, true);  // O += Pd V
   }
   __syncthreads();
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  float* out = static_cast<float*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
     if (i < p.Tq && d < p.D) {
       const float l = sSum[r];
-      out[static_cast<int64_t>(i) * p.D + d] = from_f<T>(l > 0.0f ? sO[idx] / l : 0.0f);
+      out[static_cast<int64_t>(i) * p.D + d] = l > 0.0f ? sO[idx] / l : 0.0f;
     }
   }
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
@@ -263,12 +172,12 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
 }
 
 // Shared by both backward kernels: from sS = Q K^T and sDP = dO V^T of one (BM, BN) tile, the
-// dropped probabilities Pd and dS (as T, for the next products), and dS into dmask when asked.
-// For fp32, sPd and sDS are sS and sDP themselves: each element is read before it is overwritten.
-template <typename T, int BM>
+// dropped probabilities Pd and dS for the next products, and dS into dmask when asked. sPd and sDS
+// are sS and sDP themselves: each element is read before the same thread overwrites it.
+template <int BM>
 __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, int m0, int n0,
                                             const float* sS, const float* sDP, const float* sLse,
-                                            const float* sDelta, T* sPd, T* sDS) {
+                                            const float* sDelta, float* sPd, float* sDS) {
   constexpr int BN = BM;
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx - r * BN, i = m0 + r, j = n0 + c;
@@ -276,31 +185,31 @@ __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, i
     const float prob = s == -INFINITY ? 0.0f : expf(s - sLse[r]);  // lse = +inf (empty row) -> 0
     const float z = prob == 0.0f ? 0.0f : dropout_scale(p, b, h, i, j);
     const float ds = prob * (sDP[idx] * z - sDelta[r]);
-    if (sPd != nullptr) sPd[idx] = from_f<T>(prob * z);
-    sDS[idx] = from_f<T>(ds);
+    if (sPd != nullptr) sPd[idx] = prob * z;
+    sDS[idx] = ds;
     if (p.dmask != nullptr && i < p.Tq && j < p.Tk)
       p.dmask[((static_cast<int64_t>(b) * p.Hq + h) * p.Tq + i) * p.Tk + j] = ds;
   }
 }
 
-template <typename T, int BM>
+template <int BM>
 size_t dkdv_smem(int dp) {
-  return (4 * BM * dp + 2 * kOwnTile<T> * BM * BM) * sizeof(T) + (2 * BM * BM + 2 * BM * dp + 2 * BM) * sizeof(float);
+  return (4 * BM * dp + 2 * BM * BM + 2 * BM * dp + 2 * BM) * sizeof(float);
 }
 
 // One block per (BN keys, b * Hkv + hk): dK, dV over every query head of the group and query block.
-template <typename T, int BM>
+template <int BM>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParams p, int dp) {
   constexpr int BN = BM;
   extern __shared__ __align__(128) float4 smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);  // (BN, dp)
-  T* sV = sK + BN * dp;                    // (BN, dp)
-  T* sQ = sV + BN * dp;                    // (BM, dp)
-  T* sdO = sQ + BM * dp;                   // (BM, dp)
-  float* sS = reinterpret_cast<float*>(sdO + BM * dp + 2 * kOwnTile<T> * BM * BN);  // (BM, BN)
+  float* sK = reinterpret_cast<float*>(smem_raw);  // (BN, dp)
+  float* sV = sK + BN * dp;                // (BN, dp)
+  float* sQ = sV + BN * dp;                // (BM, dp)
+  float* sdO = sQ + BM * dp;               // (BM, dp)
+  float* sS = sdO + BM * dp;               // (BM, BN)
   float* sDP = sS + BM * BN;               // (BM, BN)
-  T* sPd = kInPlace<T> ? reinterpret_cast<T*>(sS) : sdO + BM * dp;       // (BM, BN), over sS for fp32
-  T* sDS = kInPlace<T> ? reinterpret_cast<T*>(sDP) : sPd + BM * BN;      // (BM, BN), over sDP for fp32
+  float* sPd = sS;                         // in place (bwd_tile_ds)
+  float* sDS = sDP;
   float* sdK = sDP + BM * BN;              // (BN, dp)
   float* sdV = sdK + BN * dp;              // (BN, dp)
   float* sLse = sdV + BN * dp;             // (BM,)
@@ -308,8 +217,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
 
   const int bhk = blockIdx.x, b = bhk / p.Hkv, hk = bhk - b * p.Hkv, group = p.Hq / p.Hkv;
   const int n0 = blockIdx.y * BN;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const float* k = static_cast<const float*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const float* v = static_cast<const float*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
   load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
   load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
   for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
@@ -319,8 +228,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   // causal: query rows before n0 see none of these keys (BM == BN, so n0 starts a query block)
   const int m_start = p.causal ? n0 : 0;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-    const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+    const float* q = static_cast<const float*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+    const float* dout = static_cast<const float*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
     const float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     for (int m0 = m_start; m0 < p.Tq; m0 += BM) {
@@ -333,55 +242,55 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
         sDelta[r] = i < p.Tq ? delta[i] : 0.0f;
       }
       __syncthreads();
-      smem_gemm<T, false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
-      smem_gemm<T, false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
+      smem_gemm<false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
+      smem_gemm<false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
       __syncthreads();
-      bwd_tile_ds<T, BM>(p, b, h, m0, n0, sS, sDP, sLse, sDelta, sPd, sDS);
+      bwd_tile_ds<BM>(p, b, h, m0, n0, sS, sDP, sLse, sDelta, sPd, sDS);
       __syncthreads();
-      smem_gemm<T, true, false>(sdV, dp, sPd, BN, sdO, dp, BN, dp, BM, true);  // dV += Pd^T dO
-      smem_gemm<T, true, false>(sdK, dp, sDS, BN, sQ, dp, BN, dp, BM, true);   // dK += dS^T Q
+      smem_gemm<true, false>(sdV, dp, sPd, BN, sdO, dp, BN, dp, BM, true);  // dV += Pd^T dO
+      smem_gemm<true, false>(sdK, dp, sDS, BN, sQ, dp, BN, dp, BM, true);   // dK += dS^T Q
     }
   }
   __syncthreads();
   const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
-  T* dk = static_cast<T*>(p.dk) + base;
-  T* dv = static_cast<T*>(p.dv) + base;
+  float* dk = static_cast<float*>(p.dk) + base;
+  float* dv = static_cast<float*>(p.dv) + base;
   for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, j = n0 + r;
     if (j < p.Tk && d < p.D) {
-      dk[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdK[idx] * p.scale);
-      dv[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdV[idx]);
+      dk[static_cast<int64_t>(j) * p.D + d] = sdK[idx] * p.scale;
+      dv[static_cast<int64_t>(j) * p.D + d] = sdV[idx];
     }
   }
 }
 
-template <typename T, int BM>
+template <int BM>
 size_t dq_smem(int dp) {
-  return (4 * BM * dp + kOwnTile<T> * BM * BM) * sizeof(T) + (2 * BM * BM + BM * dp + 2 * BM) * sizeof(float);
+  return (4 * BM * dp + 2 * BM * BM + BM * dp + 2 * BM) * sizeof(float);
 }
 
 // One block per (BM queries, b * Hq + h): dQ over the key blocks.
-template <typename T, int BM>
+template <int BM>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams p, int dp) {
   constexpr int BN = BM;
   extern __shared__ __align__(128) float4 smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (BM, dp)
-  T* sdO = sQ + BM * dp;                   // (BM, dp)
-  T* sK = sdO + BM * dp;                   // (BN, dp)
-  T* sV = sK + BN * dp;                    // (BN, dp)
-  float* sS = reinterpret_cast<float*>(sV + BN * dp + kOwnTile<T> * BM * BN);  // (BM, BN)
+  float* sQ = reinterpret_cast<float*>(smem_raw);  // (BM, dp)
+  float* sdO = sQ + BM * dp;               // (BM, dp)
+  float* sK = sdO + BM * dp;               // (BN, dp)
+  float* sV = sK + BN * dp;                // (BN, dp)
+  float* sS = sV + BN * dp;                // (BM, BN)
   float* sDP = sS + BM * BN;               // (BM, BN)
-  T* sDS = kInPlace<T> ? reinterpret_cast<T*>(sDP) : sV + BN * dp;  // (BM, BN), over sDP for fp32
+  float* sDS = sDP;                        // in place (bwd_tile_ds)
   float* sdQ = sDP + BM * BN;              // (BM, dp)
   float* sLse = sdQ + BM * dp;             // (BM,)
   float* sDelta = sLse + BM;               // (BM,)
 
   const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
   const int m0 = blockIdx.y * BM;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const float* q = static_cast<const float*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const float* dout = static_cast<const float*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+  const float* k = static_cast<const float*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const float* v = static_cast<const float*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
   load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
   load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, p.Tq, p.D, dp);
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) sdQ[idx] = 0.0f;
@@ -398,46 +307,40 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
     load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
     __syncthreads();
-    smem_gemm<T, false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
-    smem_gemm<T, false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
+    smem_gemm<false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
+    smem_gemm<false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
     __syncthreads();
-    bwd_tile_ds<T, BM>(pq, b, h, m0, n0, sS, sDP, sLse, sDelta, static_cast<T*>(nullptr), sDS);
+    bwd_tile_ds<BM>(pq, b, h, m0, n0, sS, sDP, sLse, sDelta, nullptr, sDS);
     __syncthreads();
-    smem_gemm<T, false, false>(sdQ, dp, sDS, BN, sK, dp, BM, dp, BN, true);  // dQ += dS K
+    smem_gemm<false, false>(sdQ, dp, sDS, BN, sK, dp, BM, dp, BN, true);  // dQ += dS K
   }
   __syncthreads();
-  T* dq = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  float* dq = static_cast<float*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
-    if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = from_f<T>(sdQ[idx] * p.scale);
+    if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = sdQ[idx] * p.scale;
   }
 }
 
 // ------------------------------------------------------------------------------ launch
 
-int max_smem_optin() {
-  int dev = 0, bytes = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 48 * 1024;
-  return bytes;
-}
-
-// Launches kernel<T, BM> with the largest BM in {64, 32, 16} whose shared memory fits.
-#define TFK_ATTN_LAUNCH(KERNEL, SMEM, GRID_X, ROWS, T)                                              \
+// Launches the fp32 KERNEL<BM> with the largest BM in {64, 32, 16} whose shared memory fits (the
+// launch fails with "invalid argument" when not even 16 does; the glue explains that error).
+#define TFK_ATTN_LAUNCH(KERNEL, SMEM, GRID_X, ROWS)                                                 \
   do {                                                                                           \
     const int limit_ = max_smem_optin();                                                         \
-    if (SMEM<T, 64>(dp) <= static_cast<size_t>(limit_)) {                                        \
-      const size_t bytes_ = SMEM<T, 64>(dp);                                                     \
-      cudaFuncSetAttribute(KERNEL<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
-      KERNEL<T, 64><<<dim3(GRID_X, (ROWS + 63) / 64), kThreads, bytes_, stream>>>(p, dp);        \
-    } else if (SMEM<T, 32>(dp) <= static_cast<size_t>(limit_)) {                                 \
-      const size_t bytes_ = SMEM<T, 32>(dp);                                                     \
-      cudaFuncSetAttribute(KERNEL<T, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
-      KERNEL<T, 32><<<dim3(GRID_X, (ROWS + 31) / 32), kThreads, bytes_, stream>>>(p, dp);        \
+    if (SMEM<64>(dp) <= static_cast<size_t>(limit_)) {                                           \
+      const size_t bytes_ = SMEM<64>(dp);                                                        \
+      cudaFuncSetAttribute(KERNEL<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<64><<<dim3(GRID_X, (ROWS + 63) / 64), kThreads, bytes_, stream>>>(p, dp);           \
+    } else if (SMEM<32>(dp) <= static_cast<size_t>(limit_)) {                                    \
+      const size_t bytes_ = SMEM<32>(dp);                                                        \
+      cudaFuncSetAttribute(KERNEL<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<32><<<dim3(GRID_X, (ROWS + 31) / 32), kThreads, bytes_, stream>>>(p, dp);           \
     } else {                                                                                     \
-      const size_t bytes_ = SMEM<T, 16>(dp);                                                     \
-      cudaFuncSetAttribute(KERNEL<T, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
-      KERNEL<T, 16><<<dim3(GRID_X, (ROWS + 15) / 16), kThreads, bytes_, stream>>>(p, dp);        \
+      const size_t bytes_ = SMEM<16>(dp);                                                        \
+      cudaFuncSetAttribute(KERNEL<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<16><<<dim3(GRID_X, (ROWS + 15) / 16), kThreads, bytes_, stream>>>(p, dp);           \
     }                                                                                            \
   } while (0)
 
@@ -449,9 +352,10 @@ cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue fills those
   if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16)
     return cudaErrorInvalidValue;
+  if (p.dtype != DType::F32) return attention_fwd_tc(p, stream);
   const int dp = padded_dim(p.D);
   const unsigned grid_x = static_cast<unsigned>(p.B) * p.Hq;
-  TFK_DISPATCH(p.dtype, [&] { TFK_ATTN_LAUNCH(attn_fwd_kernel, fwd_smem, grid_x, p.Tq, scalar_t); });
+  TFK_ATTN_LAUNCH(attn_fwd_kernel, fwd_smem, grid_x, p.Tq);
   return cudaGetLastError();
 }
 
@@ -460,14 +364,16 @@ cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream) {
   if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16 ||
       p.Tk > 65535 * 16)
     return cudaErrorInvalidValue;
-  const int dp = padded_dim(p.D);
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   const unsigned delta_blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
-  TFK_DISPATCH(p.dtype, [&] {
-    attn_bwd_delta_kernel<scalar_t><<<delta_blocks, kThreads, 0, stream>>>(p);
-    TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk, scalar_t);
-    TFK_ATTN_LAUNCH(attn_bwd_dq_kernel, dq_smem, static_cast<unsigned>(p.B) * p.Hq, p.Tq, scalar_t);
-  });
+  TFK_DISPATCH(p.dtype, [&] { attn_bwd_delta_kernel<scalar_t><<<delta_blocks, kThreads, 0, stream>>>(p); });
+  if (p.dtype != DType::F32) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : attention_bwd_tc(p, stream);
+  }
+  const int dp = padded_dim(p.D);
+  TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk);
+  TFK_ATTN_LAUNCH(attn_bwd_dq_kernel, dq_smem, static_cast<unsigned>(p.B) * p.Hq, p.Tq);
   return cudaGetLastError();
 }
 

@@ -50,13 +50,15 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "tfkernels_cuda.", op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
-// Attention launches fail with "invalid argument" when even the 16-row tiles of this head dim and
+// Attention launches fail with "invalid argument" when even the smallest tiles of this head dim and
 // dtype need more shared memory per block than the GPU allows; say so.
 void check_attn_launch(cudaError_t err, const char* op, const tfk::AttnParams& p) {
+  const bool fp32 = p.dtype == tfk::DType::F32;
   TORCH_CHECK(err != cudaErrorInvalidValue, "tfkernels_cuda.", op, ": CUDA error: ", cudaGetErrorString(err),
-              " (head dim ", p.D, " in ", p.dtype == tfk::DType::F32 ? "float32" : "16-bit",
-              " needs more shared memory per block than this GPU allows, even with 16-row tiles; "
-              "use the triton backend, or a 16-bit dtype)");
+              " (head dim ", p.D, " in ", fp32 ? "float32" : p.dtype == tfk::DType::F16 ? "float16" : "bfloat16",
+              " needs more shared memory per block than this GPU allows",
+              fp32 ? ", even with 16-row tiles; use the triton backend, or a 16-bit dtype)"
+                   : ", even with one pipeline stage (sm_80 and newer GPUs have enough); use the triton backend)");
   check_launch(err, op);
 }
 

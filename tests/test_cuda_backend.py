@@ -207,7 +207,7 @@ def test_attention(case, dtype):
 
 
 def _launch_tiles(trace: str) -> set:
-    """The attention tile heights BM seen in a TFKERNELS_CUDA_EMU_TRACE log: every attention kernel
+    """The fp32 attention tile heights BM seen in a TFKERNELS_CUDA_EMU_TRACE log: every attention kernel
     runs 128 threads on a (heads, ceil(T / BM)) grid; the test shapes below tell the BMs apart."""
     rows = {8: 45, 4: 70}  # grid.x -> the length its grid.y covers: B*Hq -> Tq, B*Hkv -> Tk
     tiles = set()
@@ -218,35 +218,66 @@ def _launch_tiles(trace: str) -> set:
     return tiles
 
 
+def _launch_smem(trace: str) -> set:
+    """The dynamic shared memory sizes of the launches in a TFKERNELS_CUDA_EMU_TRACE log (the delta
+    kernel's 0 left out): for the 16-bit kernels they tell one pipeline stage from two."""
+    return {int(b) for b in re.findall(r"block \(128, 1, 1\), (\d+) bytes", trace)} - {0}
+
+
 # sm_86/sm_89 GPUs (RTX 30xx/40xx, A10, L4) allow 99 KiB of shared memory per block, an A100 163 KiB:
-# there the kernels fall back to 32- and 16-row tiles, which an H100's 227 KiB rarely needs.
+# there the fp32 kernels fall back to 32- and 16-row tiles, which an H100's 227 KiB rarely needs.
 @pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's shared-memory limit is settable; a GPU's is not")
-@pytest.mark.parametrize("smem, D, dtype, tiles", [
-    (101376, 64, torch.float32, {64, 32}),
-    (101376, 256, torch.float32, {16}),   # fp32 keeps its probability tiles in the score tiles to fit
-    (101376, 256, torch.bfloat16, {32, 16}),
-    (166912, 128, torch.float16, {64, 32}),
+@pytest.mark.parametrize("smem, D, tiles", [
+    (101376, 64, {64, 32}),
+    (101376, 256, {16}),   # fp32 keeps its probability tiles in the score tiles to fit
+    (166912, 128, {64, 32}),
 ], ids=str)
-def test_attention_small_shared_memory_tiles(monkeypatch, capfd, smem, D, dtype, tiles):
+def test_attention_fp32_small_shared_memory_tiles(monkeypatch, capfd, smem, D, tiles):
     monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", str(smem))
     monkeypatch.setenv("TFKERNELS_CUDA_EMU_TRACE", "1")
+    assert _launch_tiles(_check_gqa_and_mask(capfd, D, torch.float32)) == tiles
+
+
+# The 16-bit kernels copy the next K/V (or Q/dO) tile while computing on the current one when two
+# tiles fit, and fall back to one stage where they do not (dQ and dK/dV at D >= 128 on 99 KiB GPUs).
+# Bytes: (rows of Q [+ dO] + stages * 2 * key or query tile) * (D + 8) * 2.
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's shared-memory limit is settable; a GPU's is not")
+@pytest.mark.parametrize("smem, D, dtype, sizes", [
+    (232448, 256, torch.bfloat16, {101376, 135168}),        # fwd 2 stages of 32 keys; dQ, dK/dV 2 stages
+    (101376, 256, torch.bfloat16, {101376}),                # fwd 2 stages; dQ, dK/dV 1 stage
+    (166912, 128, torch.float16, {87040, 104448, 69632}),   # fwd, dQ 2 stages of 64 keys; dK/dV 2 of 32 queries
+    (101376, 128, torch.float16, {87040, 69632}),           # dQ drops to 1 stage
+], ids=str)
+def test_attention_16bit_pipeline_stages(monkeypatch, capfd, smem, D, dtype, sizes):
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", str(smem))
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_TRACE", "1")
+    assert _launch_smem(_check_gqa_and_mask(capfd, D, dtype)) == sizes
+
+
+def _check_gqa_and_mask(capfd, D, dtype) -> str:
+    """Causal GQA, then a float mask, on the shapes _launch_tiles knows; returns the GQA launches' trace."""
     torch.manual_seed(D)
     q = torch.randn(2, 4, 45, D, device=DEV, dtype=dtype)
     k = torch.randn(2, 2, 70, D, device=DEV, dtype=dtype)
     v = torch.randn(2, 2, 70, D, device=DEV, dtype=dtype)
     capfd.readouterr()
     _att_check(q, k, v, dtype, is_causal=True, enable_gqa=True)
-    assert _launch_tiles(capfd.readouterr().err) == tiles
+    trace = capfd.readouterr().err
     mask = torch.randn(1, 4, 45, 70, device=DEV, dtype=dtype)
     _att_check(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), dtype, mask=mask)
+    return trace
 
 
 @pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's shared-memory limit is settable; a GPU's is not")
-def test_attention_tiles_too_big_for_the_device(monkeypatch):
-    """Where not even 16-row tiles fit (fp32, D=256, 64 KiB: sm_75), the error says so."""
+@pytest.mark.parametrize("dtype, what", [
+    (torch.float32, "head dim 256 in float32 needs more shared memory"),   # 64 KiB: sm_75
+    (torch.bfloat16, "head dim 256 in bfloat16 needs more shared memory"),
+])
+def test_attention_tiles_too_big_for_the_device(monkeypatch, dtype, what):
+    """Where not even the smallest tiles fit, the error says so."""
     monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", str(64 * 1024))
-    q = torch.randn(1, 1, 20, 256, device=DEV)
-    with pytest.raises(RuntimeError, match="head dim 256 in float32 needs more shared memory"):
+    q = torch.randn(1, 1, 20, 256, device=DEV, dtype=dtype)
+    with pytest.raises(RuntimeError, match=what):
         tfkernels.attention(q, q, q, backend="cuda")
 
 

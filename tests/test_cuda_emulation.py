@@ -3,8 +3,8 @@ kernels on: it must compute what the hardware computes, and fail where the hardw
 
 Small CUDA programs are rewritten by `_cuda_emu.translate`, compiled with g++ against the emulator and
 run; each checks one rule: barriers and shuffles, what a missing barrier does, deadlocks, launch
-limits, dynamic shared memory limits and overflow, wmma results and alignment rules, fp16/bf16
-rounding against torch's.
+limits, dynamic shared memory limits and overflow, tensor-core fragments (ldmatrix, mma.sync) and
+cp.async against the PTX ISA's rules, fp16/bf16 rounding against torch's.
 """
 import os
 import platform
@@ -21,7 +21,7 @@ from tfkernels import _cuda_emu
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "csrc" / "emulation"
 CXX = shutil.which("g++") or shutil.which("c++")
-FLAGS = ["-std=c++17", "-O2", "-fno-strict-aliasing", f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc'}"]
+FLAGS = ["-std=c++17", "-O2", "-fno-strict-aliasing", "-DTFKERNELS_CUDA_EMULATION", f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc'}"]
 
 needs_cxx = pytest.mark.skipif(CXX is None or platform.system() != "Linux", reason="needs g++ on Linux")
 
@@ -63,7 +63,7 @@ def runtime_obj(tmp_path_factory):
 
 def run_cuda(tmp_path, runtime_obj, source: str, stdin: str = "", env=None) -> str:
     cu = tmp_path / "prog.cu"
-    cu.write_text("#include <cstdio>\n#include <cuda_runtime.h>\n#include <mma.h>\n" + source)
+    cu.write_text("#include <cstdio>\n#include <cuda_runtime.h>\n" + source)
     cpp = tmp_path / "prog.cpp"
     cpp.write_text(_cuda_emu.translate(cu.read_text(), str(cu)))
     exe = tmp_path / "prog"
@@ -204,52 +204,121 @@ def test_launch_limits_and_shared_memory(tmp_path, runtime_obj):
     assert "optin 49152" in small and "set 1" in small  # 64 KiB is now above the device's limit
 
 
-WMMA = r"""
-using namespace nvcuda;
-template <typename LA, typename LB>
-__global__ void mm(const __half* a, const __half* b, float* c, int off) {
-  __shared__ __align__(32) __half sa[16 * 16 + 16];
-  __shared__ __align__(32) __half sb[16 * 16];
-  __shared__ __align__(32) float sc[16 * 16];
-  for (int i = threadIdx.x; i < 256; i += 32) { sa[i + off] = a[i]; sb[i] = b[i]; }
+TENSOR_CORES = r"""
+#include "mma.cuh"
+using namespace tfk;
+constexpr int LD = 24;  // padded rows, as the attention kernels use
+// C = A B^T from ldmatrix fragments; D = half(C) V with C's registers reused as the A fragment.
+template <typename T>
+__global__ void products(const T* a, const T* bt, const T* v, float* out) {
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sa = reinterpret_cast<T*>(smem_raw);
+  T* sb = sa + 16 * LD;
+  T* sv = sb + 16 * LD;
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  for (int i = lane; i < 256; i += 32) {
+    sa[(i / 16) * LD + i % 16] = a[i];
+    sb[(i / 16) * LD + i % 16] = bt[i];
+    sv[(i / 16) * LD + i % 16] = v[i];
+  }
   __syncwarp();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, LA> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, LB> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
-  wmma::fill_fragment(fc, 1.0f);
-  wmma::load_matrix_sync(fa, sa + off, 16);
-  wmma::load_matrix_sync(fb, sb, 16);
-  wmma::mma_sync(fc, fa, fb, fc);
-  wmma::store_matrix_sync(sc, fc, 16, wmma::mem_row_major);
+  uint32_t fa[4], fb[4], fv[4], pa[4];
+  ldmatrix_x4<false>(fa, sa + (lane & 15) * LD + (lane >> 4) * 8);
+  ldmatrix_x4<false>(fb, sb + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8);
+  float c[2][4] = {}, d[2][4] = {};
+  mma_16816<T>(c[0], fa, fb[0], fb[1]);
+  mma_16816<T>(c[1], fa, fb[2], fb[3]);
+  c_to_a<T>(pa, c[0], c[1]);
+  ldmatrix_x4<true>(fv, sv + (lane & 15) * LD + (lane >> 4) * 8);
+  mma_16816<T>(d[0], pa, fv[0], fv[1]);
+  mma_16816<T>(d[1], pa, fv[2], fv[3]);
+  for (int n = 0; n < 2; ++n)
+    for (int e = 0; e < 4; ++e) {
+      const int idx = (g + 8 * (e >> 1)) * 16 + n * 8 + 2 * t + (e & 1);
+      out[idx] = c[n][e];
+      out[256 + idx] = d[n][e];
+    }
+}
+// cp.async: mode 0 reads before the wait, 1 after it, 2 exits without waiting, 3 a misaligned
+// copy, 4 a misaligned ldmatrix.
+__global__ void copies(const float* src, float* out, int mode) {
+  extern __shared__ __align__(128) float4 smem_raw[];
+  float* s = reinterpret_cast<float*>(smem_raw);
+  const int lane = threadIdx.x;
+  if (mode == 3) cp_async_16(s + 2, src, true);
+  if (mode == 4) {
+    uint32_t r[4];
+    ldmatrix_x4<false>(r, s + 2);
+  }
+  if (mode >= 3) return;
+  cp_async_16(s + 4 * lane, src + 4 * lane, lane % 2 == 0);  // odd lanes zero-fill
+  cp_async_commit();
+  if (mode == 2) return;
+  if (mode == 1) cp_async_wait<0>();
   __syncwarp();
-  for (int i = threadIdx.x; i < 256; i += 32) c[i] = sc[i];
+  for (int c = 0; c < 4; ++c) out[4 * lane + c] = s[4 * lane + c];
+  if (mode == 0) cp_async_wait<0>();
+}
+template <typename T>
+void run_products(float scale) {
+  T a[256], bt[256], v[256];
+  float out[512];
+  for (int i = 0; i < 256; ++i) {
+    a[i] = T((i * 7 % 11) - 5.0f);
+    bt[i] = T(((i * 5) % 9) * 0.5f - 2.0f);
+    v[i] = T(((i * 3) % 13) * scale - 3.0f);
+  }
+  products<T><<<1, 32, 3 * 16 * LD * sizeof(T)>>>(a, bt, v, out);
+  printf("%d", (int)cudaGetLastError());
+  for (float x : out) printf(" %.9g", x);
+  printf("\n");
 }
 int main() {
-  __half a[256], b[256];
-  float c[256];
-  for (int i = 0; i < 256; ++i) { a[i] = __float2half_rn((i % 7) - 3); b[i] = __float2half_rn((i % 5) * 0.5f); }
-  mm<wmma::row_major, wmma::row_major><<<1, 32>>>(a, b, c, 0);
-  printf("%d", (int)cudaGetLastError()); for (float v : c) printf(" %g", v); printf("\n");
-  mm<wmma::col_major, wmma::col_major><<<1, 32>>>(a, b, c, 0);
-  printf("%d", (int)cudaGetLastError()); for (float v : c) printf(" %g", v); printf("\n");
-  mm<wmma::row_major, wmma::row_major><<<1, 32>>>(a, b, c, 8);  // 16 bytes off a 32-byte boundary
-  cudaError_t e = cudaGetLastError();
-  printf("%d %s\n", (int)e, cudaGetErrorString(e));
+  run_products<__half>(0.25f);
+  run_products<__nv_bfloat16>(0.5f);
+  float src[128], out[128];
+  for (int i = 0; i < 128; ++i) src[i] = i + 1.0f;
+  for (int mode = 0; mode < 5; ++mode) {
+    copies<<<1, 32, 512>>>(src, out, mode);
+    cudaError_t e = cudaGetLastError();
+    printf("%d %s", (int)e, e ? cudaGetErrorString(e) : "");
+    if (mode < 2) for (float x : out) printf(" %g", x);
+    printf("\n");
+  }
 }
 """
 
 
+def _values(dtype, scale):
+    i = torch.arange(256)
+    a = ((i * 7 % 11) - 5.0).to(dtype)
+    bt = (((i * 5) % 9) * 0.5 - 2.0).to(dtype)
+    v = (((i * 3) % 13) * scale - 3.0).to(dtype)
+    return [x.double().view(16, 16) for x in (a, bt, v)]
+
+
 @needs_cxx
-def test_wmma_products_and_alignment(tmp_path, runtime_obj):
-    rr, cc, misaligned = run_cuda(tmp_path, runtime_obj, WMMA).splitlines()
-    i = torch.arange(256, dtype=torch.float64)
-    a, b = ((i % 7) - 3).view(16, 16), ((i % 5) * 0.5).view(16, 16)
-    rr, cc = [line.split() for line in (rr, cc)]
-    assert rr[0] == "0" and cc[0] == "0"
-    assert torch.equal(torch.tensor([float(x) for x in rr[1:]], dtype=torch.float64).view(16, 16), a @ b + 1)
-    # col_major: the same memory read as the transposes
-    assert torch.equal(torch.tensor([float(x) for x in cc[1:]], dtype=torch.float64).view(16, 16), a.T @ b.T + 1)
-    assert misaligned.startswith("719 ") and "32-byte aligned" in misaligned
+def test_tensor_core_fragments_and_async_copies(tmp_path, runtime_obj):
+    """ldmatrix (plain and .trans), mma.sync m16n8k16 and the C-to-A register reuse give the
+    products the PTX ISA's fragment layouts define; cp.async lands only at its wait, zero-fills,
+    and misuse fails the launch."""
+    lines = run_cuda(tmp_path, runtime_obj, TENSOR_CORES).splitlines()
+    for line, dtype, scale in ((lines[0], torch.float16, 0.25), (lines[1], torch.bfloat16, 0.5)):
+        err, *vals = line.split()
+        assert err == "0"
+        got = torch.tensor([float(x) for x in vals], dtype=torch.float64)
+        a, bt, v = _values(dtype, scale)
+        c = a @ bt.T
+        assert torch.equal(got[:256].view(16, 16), c)
+        assert torch.equal(got[256:].view(16, 16), c.to(dtype).double() @ v)  # P rounded to 16 bits
+    before, after, exited, bad_copy, bad_ldmatrix = lines[2:]
+    before, after = before.split(), after.split()
+    assert before[0] == "0" and all(x.lstrip("-") == "nan" for x in before[1:])  # not landed: the NaN fill
+    want = [str(i + 1) if (i // 4) % 2 == 0 else "0" for i in range(128)]
+    assert after[0] == "0" and after[1:] == want
+    assert exited.startswith("719 ") and "in flight at thread exit" in exited
+    assert bad_copy.startswith("719 ") and "cp.async" in bad_copy
+    assert bad_ldmatrix.startswith("719 ") and "ldmatrix" in bad_ldmatrix
 
 
 CONVERT = r"""

@@ -3,7 +3,8 @@
 Machines without a GPU (CI) cannot run the CUDA kernels, and `nvcc -c` only proves they compile.
 With TFKERNELS_CUDA_EMULATE=1 the cuda backend is instead built from the same csrc/*.cu files with
 the host C++ compiler against csrc/emulation/tfk_cuda_emu.h, a small stand-in for the CUDA runtime,
-fp16/bf16 types, warp shuffles and wmma, whose scheduler runs each block's threads as fibers
+fp16/bf16 types, warp shuffles and the sm_80 tensor-core instructions csrc/mma.cuh wraps
+(ldmatrix, mma.sync, cp.async), whose scheduler runs each block's threads as fibers
 switched at barriers. The ops (`torch.ops.tfkernels_cuda.*`, the same glue in csrc/ops.cpp) are
 then registered for CPU tensors, and `backend="cuda"` takes CPU tensors: the whole op test suite
 runs on the kernels' own code paths (tile loops, masks, GQA, dropout's Philox, the smaller tile

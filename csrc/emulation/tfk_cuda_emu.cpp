@@ -21,7 +21,7 @@ dim3 g_blockDim, g_gridDim;
 
 namespace {
 
-constexpr size_t kStack = 256 * 1024;  // per fiber; kernels keep small arrays and emulated wmma tiles (1 KiB)
+constexpr size_t kStack = 256 * 1024;  // per fiber; the kernels' register arrays are at most a few KiB
 constexpr size_t kCanary = 256;        // bytes checked past the end of dynamic shared memory
 constexpr unsigned char kCanaryByte = 0xA5;
 
@@ -96,12 +96,21 @@ struct Context {
 inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
 
+// One cp.async: `bytes` from src (nullptr: zero-fill) to dst, done when a wait_group covers it.
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+
 struct Fiber {
   Context ctx;
   uint3 tid;
   int linear = 0;
   State state = State::Ready;
   unsigned wait_gen = 0;
+  std::vector<Copy> open;                 // cp.async issued since the last commit_group
+  std::vector<std::vector<Copy>> groups;  // committed groups, oldest first
 };
 
 // A barrier: `alive` threads take part; when the last arrives, `gen` moves on and frees the waiters.
@@ -119,6 +128,7 @@ struct Barrier {
 struct Warp : Barrier {
   uint64_t post[2][32] = {};  // shuffles alternate between the two, so one barrier per shuffle suffices
   int parity[32] = {};
+  const void* table[32] = {};  // ldmatrix / mma: each lane's address or fragment, read between two barriers
 };
 
 struct Block : Barrier {
@@ -131,6 +141,7 @@ struct Block : Barrier {
 
 Block* g_block = nullptr;
 void* g_smem = nullptr;
+size_t g_smem_bytes = 0;
 std::mutex g_launch_mutex;  // one launch at a time: the globals above belong to it
 
 cudaError_t g_error = cudaSuccess;  // sticky until cudaGetLastError, as a launch error is
@@ -151,6 +162,7 @@ void fiber_entry() {
   Block& b = *g_block;
   (*b.body)();
   Fiber& f = *b.cur;
+  if (!f.open.empty() || !f.groups.empty()) set_error(cudaErrorLaunchFailure, "cp.async copies still in flight at thread exit");
   f.state = State::Done;
   // an exited thread no longer counts at the barriers (the hardware's rule for exited threads)
   --b.alive;
@@ -229,6 +241,108 @@ uint64_t warp_exchange(uint64_t mine, int src_lane) {
 
 void* dynamic_smem() { return g_smem; }
 
+// ------------------------------------------------------------------ sm_80 warp-level instructions
+
+namespace {
+bool in_smem(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(g_smem);
+  return a >= base && a + bytes <= base + g_smem_bytes;
+}
+
+float half_bits_to_f32(uint32_t h, bool bf16) {
+  return bf16 ? bf16_to_f32(static_cast<uint16_t>(h)) : f16_to_f32(static_cast<uint16_t>(h));
+}
+
+// Every lane posts a pointer, then reads the others'; the caller ends with syncwarp() (after which
+// a lane may post again: everyone has read).
+const void* const* warp_table(const void* mine) {
+  Warp& w = g_block->warps[g_block->cur->linear / 32];
+  w.table[g_block->cur->linear & 31] = mine;
+  syncwarp();
+  return w.table;
+}
+
+uint16_t u16(const void* row, int i) { return static_cast<const uint16_t*>(row)[i]; }
+}  // namespace
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8j..8j+7 address the eight 16-byte rows of
+// matrix j. Lane l receives in r[j] row l/4, columns 2(l%4) and 2(l%4)+1 of matrix j, or with
+// .trans the transposed elements: rows 2(l%4) and 2(l%4)+1 of column l/4.
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  if ((reinterpret_cast<uintptr_t>(row) & 15u) != 0 || !in_smem(row, 16))
+    set_error(cudaErrorLaunchFailure, "ldmatrix: row address not 16-byte aligned or not in shared memory");
+  const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  const void* const* rows = warp_table(row);
+  uint32_t out[4];
+  for (int j = 0; j < 4; ++j) {
+    const void* r0 = trans ? rows[8 * j + 2 * t] : rows[8 * j + g];
+    const void* r1 = trans ? rows[8 * j + 2 * t + 1] : r0;
+    if (!in_smem(r0, 16) || !in_smem(r1, 16)) {  // the owning lane has reported it; read nothing
+      out[j] = 0;
+      continue;
+    }
+    const uint32_t lo = trans ? u16(r0, g) : u16(r0, 2 * t), hi = trans ? u16(r1, g) : u16(r0, 2 * t + 1);
+    out[j] = lo | (hi << 16);
+  }
+  syncwarp();
+  for (int j = 0; j < 4; ++j) r[j] = out[j];
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C with the fragment layouts of the
+// PTX ISA (csrc/mma.cuh lists them); products are exact in fp32 and summed in fp32.
+void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+  struct Frag {
+    uint32_t a[4], b[2];
+  };
+  const Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  const int lane = lane_id(), g = lane / 4, t = lane % 4;
+  const void* const* all = warp_table(&mine);
+  auto elem = [bf16](uint32_t reg, int k) { return half_bits_to_f32(k % 2 ? reg >> 16 : reg & 0xffffu, bf16); };
+  auto A = [&](int row, int k) {
+    return elem(static_cast<const Frag*>(all[4 * (row % 8) + (k % 8) / 2])->a[row / 8 + 2 * (k / 8)], k);
+  };
+  auto B = [&](int k, int n) { return elem(static_cast<const Frag*>(all[4 * n + (k % 8) / 2])->b[k / 8], k); };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float s = c[e];
+    for (int k = 0; k < 16; ++k) s = std::fma(A(row, k), B(k, col), s);
+    out[e] = s;
+  }
+  syncwarp();
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+
+// cp.async.cg.shared.global (16 bytes, zero-filled when !valid): queued on the issuing thread, and
+// done by the cp.async.wait_group that covers its group.
+void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  if ((reinterpret_cast<uintptr_t>(dst) & 15u) != 0 || !in_smem(dst, bytes) ||
+      (valid && (reinterpret_cast<uintptr_t>(src) & 15u) != 0)) {
+    set_error(cudaErrorLaunchFailure, "cp.async: destination not 16-byte aligned shared memory, or source not 16-byte aligned");
+    return;
+  }
+  g_block->cur->open.push_back(Copy{dst, valid ? src : nullptr, bytes});
+}
+
+void cp_async_commit() {
+  Fiber& f = *g_block->cur;
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = *g_block->cur;
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const Copy& c : f.groups.front()) {
+      if (c.src)
+        std::memcpy(c.dst, c.src, c.bytes);
+      else
+        std::memset(c.dst, 0, c.bytes);
+    }
+    f.groups.erase(f.groups.begin());
+  }
+}
+
 int smem_optin() {
   const char* env = std::getenv("TFKERNELS_CUDA_EMU_SMEM");
   const int v = env ? std::atoi(env) : 0;
@@ -270,6 +384,7 @@ cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
   b.body = &body;
   g_block = &b;
   g_smem = smem_base;
+  g_smem_bytes = cfg.smem;
   g_gridDim = g;
   g_blockDim = bd;
   std::string error;
@@ -287,6 +402,8 @@ cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
           f.linear = t;
           f.tid = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
           f.state = State::Ready;
+          f.open.clear();
+          f.groups.clear();
           ++b.warps[t / 32].alive;
           f.ctx.make(stacks.get() + kStack * t, kStack);
         }

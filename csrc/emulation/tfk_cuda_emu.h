@@ -4,14 +4,16 @@
 // tensors. It is a test harness, not a fast path.
 //
 // Execution model: a launch runs its blocks one after another; the threads of a block are fibers
-// (ucontext) on one OS thread, each running until it reaches a barrier (__syncthreads, a warp
-// shuffle, a wmma collective), in thread order. So a run is deterministic, and a missing barrier
-// shows up as a read of data that later threads have not written yet. Checked like the hardware
-// (the launch then fails with an error naming the cause): grid and block limits, dynamic shared
-// memory above 48 KiB without cudaFuncSetAttribute or above the device's opt-in limit, barriers
-// that not every thread reaches (a deadlock), wmma pointer alignment and leading dimensions,
-// writes past the end of dynamic shared memory. Dynamic shared memory starts each block filled
-// with NaN bytes, as a reminder that it is never zeroed.
+// on one OS thread, each running until it reaches a barrier (__syncthreads, or a warp collective:
+// shuffle, ldmatrix, mma), in thread order. So a run is deterministic, and a missing barrier shows
+// up as a read of data that later threads have not written yet. cp.async copies land only when a
+// cp.async.wait_group covers them, so a missing wait reads stale data. Dynamic shared memory starts
+// each block filled with NaN bytes, as a reminder that it is never zeroed. Checked like the
+// hardware (the launch then fails with an error naming the cause): grid and block limits, dynamic
+// shared memory above 48 KiB without cudaFuncSetAttribute or above the device's opt-in limit,
+// barriers that not every thread reaches (a deadlock), ldmatrix and cp.async addresses (16-byte
+// aligned, inside dynamic shared memory), cp.async copies still in flight when a thread exits,
+// writes past the end of dynamic shared memory.
 //
 // Device: TFKERNELS_CUDA_EMU_SMEM (bytes, default 232448 = H100) is the opt-in shared memory limit,
 // read at each query, so tests can shrink it to reach the kernels' smaller tile configurations.
@@ -85,6 +87,12 @@ void syncwarp();
 uint64_t warp_exchange(uint64_t mine, int src_lane);  // every lane posts `mine`, gets lane src_lane's
 int lane_id();
 void* dynamic_smem();
+// sm_80 warp-level instructions (csrc/mma.cuh), from the PTX ISA's fragment layouts; see the .cpp.
+void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans);
+void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+void cp_async(void* dst, const void* src, int bytes, bool valid);
+void cp_async_commit();
+void cp_async_wait(int pending);
 int smem_optin();
 void set_func_smem(const void* func, int bytes);
 
@@ -270,102 +278,3 @@ inline __half __float2half(float f) { return __half(f); }
 inline float __bfloat162float(__nv_bfloat16 b) { return tfk_emu::bf16_to_f32(b.__x); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
-
-// ------------------------------------------------------------------ wmma (mma.h)
-// Fragments as the hardware's contract describes them, not its register layout: the A and B
-// fragments of every lane hold the whole 16x16 tile (loads are collective reads), the accumulator
-// is split across the lanes (each owns 8 of the 256 elements, so a store by the warp writes each
-// element once, and mma_sync does no work twice). Checked: 32-byte aligned pointers and ldm a
-// multiple of 16 bytes, as the CUDA programming guide requires.
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-namespace detail {
-inline void check(const void* ptr, unsigned ldm, size_t elem, const char* what) {
-  if ((reinterpret_cast<uintptr_t>(ptr) & 31u) != 0)
-    tfk_emu::set_error(cudaErrorLaunchFailure, what);  // message completed by the runtime
-  if ((ldm * elem) % 16 != 0) tfk_emu::set_error(cudaErrorLaunchFailure, what);
-}
-template <typename T> inline float ld(const T& v) { return static_cast<float>(v); }
-template <> inline float ld<__half>(const __half& v) { return __half2float(v); }
-template <> inline float ld<__nv_bfloat16>(const __nv_bfloat16& v) { return __bfloat162float(v); }
-}  // namespace detail
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment;
-
-// A / B operands: the whole tile in every lane, kept as fp32 (fp16/bf16 values are exact in fp32).
-template <typename Use, typename T, typename Layout>
-struct fragment<Use, 16, 16, 16, T, Layout> {
-  static_assert(std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value, "operand fragment");
-  static constexpr int num_elements = 256;
-  float x[256];  // row-major logical tile: A(i, k) at i*16 + k, B(k, j) at k*16 + j
-};
-
-template <>
-struct fragment<accumulator, 16, 16, 16, float, void> {
-  static constexpr int num_elements = 8;
-  float x[8];  // lane L owns row-major elements 8L .. 8L+7 of the 16x16 tile (rows L/2, columns 8*(L%2)..)
-};
-
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  detail::check(p, ldm, sizeof(T), "wmma::load_matrix_sync: pointer not 32-byte aligned or ldm not a multiple of 16 bytes");
-  constexpr bool col = std::is_same<Layout, col_major>::value;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = detail::ld(col ? p[c * ldm + r] : p[r * ldm + c]);
-  tfk_emu::syncwarp();  // a collective: no lane goes on before the warp has read
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& f, const float* p, unsigned ldm,
-                             layout_t layout) {
-  detail::check(p, ldm, sizeof(float), "wmma::load_matrix_sync: pointer not 32-byte aligned or ldm not a multiple of 16 bytes");
-  const int lane = tfk_emu::lane_id();
-  for (int e = 0; e < 8; ++e) {
-    const int idx = lane * 8 + e, r = idx / 16, c = idx % 16;
-    f.x[e] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-  }
-  tfk_emu::syncwarp();
-}
-
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float, void>& f, float v) {
-  for (float& e : f.x) e = v;
-}
-
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float, void>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float, void>& c) {
-  const int lane = tfk_emu::lane_id();
-  float out[8];
-  for (int e = 0; e < 8; ++e) {
-    const int idx = lane * 8 + e, r = idx / 16, col = idx % 16;
-    float s = c.x[e];
-    for (int k = 0; k < 16; ++k) s = std::fma(a.x[r * 16 + k], b.x[k * 16 + col], s);
-    out[e] = s;
-  }
-  for (int e = 0; e < 8; ++e) d.x[e] = out[e];
-  tfk_emu::syncwarp();
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float, void>& f, unsigned ldm,
-                              layout_t layout) {
-  detail::check(p, ldm, sizeof(float), "wmma::store_matrix_sync: pointer not 32-byte aligned or ldm not a multiple of 16 bytes");
-  const int lane = tfk_emu::lane_id();
-  for (int e = 0; e < 8; ++e) {
-    const int idx = lane * 8 + e, r = idx / 16, c = idx % 16;
-    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[e];
-  }
-  tfk_emu::syncwarp();
-}
-
-}  // namespace wmma
-}  // namespace nvcuda

@@ -1,0 +1,486 @@
+// fp16/bf16 attention forward and backward on tensor cores, FlashAttention-2 style, with the op's
+// semantics from attention_common.cuh (see attention.cu for the math and the contract).
+//
+// Each warp owns 16 rows of a 64-row block and keeps its products in registers as mma.sync
+// m16n8k16 fragments (csrc/mma.cuh): S = Q K^T is an fp32 C fragment; the online softmax works on it
+// in place (a lane holds two rows, g and g+8, so row reductions are two shuffles among the 4 lanes
+// of a group); the probabilities, rounded to 16 bits, become the A fragment of P V without touching
+// shared memory; the output accumulator never leaves registers until the end. Only the operand
+// tiles go through shared memory: filled with 16-byte cp.async copies (element-wise for inputs
+// whose rows are not 16-byte aligned and contiguous), the next K/V (or Q/dO) tile copied while
+// the current one is used when two stages fit, rows padded by 16 bytes so that the eight rows an
+// ldmatrix reads fall in different banks.
+//
+// Kernels (DP = head dim padded to 32, 64, 96, 128, 192 or 256; padding columns are zeros):
+//   forward  grid (B*Hq, Tq/64):  per key tile S, online softmax, O += P V; writes O and LSE.
+//   dQ       grid (B*Hq, Tq/64):  per key tile S, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+//   dK, dV   grid (B*Hkv, Tk/64): the warp's 16 keys are rows: S^T = K Q^T, dP^T = V dO^T over
+//            every query tile of every query head of the GQA group (so no atomics), dV += P^T dO,
+//            dK += dS^T Q; writes the float mask's gradient when asked.
+// Register budget: S and dP take BN/2 fp32 per lane, O / dQ DP/2, dK + dV DP. For DP > 128 the
+// key tile shrinks to 32; dK/dV at DP 192/256 exceed the register file and spill (not tuned).
+#include "attention_common.cuh"
+#include "mma.cuh"
+
+#include <type_traits>
+
+namespace tfk {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kTcThreads = 32 * kWarps;
+constexpr int kRows = 16 * kWarps;  // rows of the block's own tile: queries (fwd, dQ) or keys (dK/dV)
+constexpr int kPad = 8;             // elements (16 bytes) of padding per shared-memory row
+
+template <int DP>
+struct Tile {
+  static constexpr int LD = DP + kPad;            // shared-memory row stride, elements
+  static constexpr int BN = DP <= 128 ? 64 : 32;  // keys per step of the forward and dQ kernels
+  static constexpr int BQ = DP <= 64 ? 64 : 32;   // queries per step of the dK/dV kernel
+  static constexpr size_t fwd_smem(int stages) { return (kRows + 2 * stages * BN) * LD * 2; }
+  static constexpr size_t dq_smem(int stages) { return (2 * kRows + 2 * stages * BN) * LD * 2; }
+  static constexpr size_t dkdv_smem(int stages) { return (2 * kRows + 2 * stages * BQ) * LD * 2; }
+};
+
+// Rows row0 .. row0+ROWS-1 of a (nrows, D) matrix with strides (s_t, s_d) into a (ROWS, DP + kPad)
+// shared tile; zeros for rows >= nrows and columns >= D. With `vec` (s_d == 1, D % 8 == 0, every row
+// 16-byte aligned) by cp.async 16-byte copies (the caller commits and waits), else element-wise.
+template <typename T, int ROWS, int DP>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t s_t, int64_t s_d, int row0, int nrows,
+                                          int D, bool vec) {
+  constexpr int LD = DP + kPad;
+  if (vec) {
+    constexpr int kChunks = DP / 8;
+    for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kTcThreads) {
+      const int r = idx / kChunks, c = (idx - r * kChunks) * 8, i = row0 + r;
+      const bool ok = i < nrows && c < D;
+      cp_async_16(dst + r * LD + c, ok ? src + static_cast<int64_t>(i) * s_t + c : src, ok);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < ROWS * DP; idx += kTcThreads) {
+      const int r = idx / DP, d = idx - r * DP, i = row0 + r;
+      dst[r * LD + d] = (i < nrows && d < D) ? src[static_cast<int64_t>(i) * s_t + d * s_d] : from_f<T>(0.0f);
+    }
+  }
+}
+
+// acc (16 x 8*NT) += A (16 x DP) B^T, B (8*NT x DP): A's 16 rows and B's rows are row-major shared
+// tiles (the A fragment address `arow` from a_row(), B's tile `b`). Q K^T, dO V^T, K Q^T, V dO^T.
+template <typename T, int DP, int NT>
+__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* arow, const T* b, int lane) {
+  constexpr int LD = DP + kPad;
+  // ldmatrix x4 over B: matrices (rows 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) of a
+  // 16-row slab = b0, b1 of n-tile 2n and b0, b1 of n-tile 2n+1
+  const T* brow = b + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4<false>(a, arow + kk * 16);
+#pragma unroll
+    for (int n = 0; n < NT / 2; ++n) {
+      uint32_t bf[4];
+      ldmatrix_x4<false>(bf, brow + n * 16 * LD + kk * 16);
+      mma_16816<T>(acc[2 * n], a, bf[0], bf[1]);
+      mma_16816<T>(acc[2 * n + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x DP) += P B, P (16 x 8*NT) given as the fp32 C fragments `p` of the product that made
+// it (rounded to T here), B (8*NT x DP) a row-major shared tile read transposed. P V, dS K, P^T dO,
+// dS^T Q.
+template <typename T, int DP, int NT>
+__device__ __forceinline__ void mma_pb(float (&acc)[DP / 8][4], const float (&p)[NT][4], const T* b, int lane) {
+  constexpr int LD = DP + kPad;
+  // ldmatrix x4 .trans: matrices (k 0-7, n 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = b0, b1 of
+  // n-tile 2d and b0, b1 of n-tile 2d+1
+  const T* brow = b + (lane & 15) * LD + (lane >> 4) * 8;
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int d = 0; d < DP / 16; ++d) {
+      uint32_t bf[4];
+      ldmatrix_x4<true>(bf, brow + kk * 16 * LD + d * 16);
+      mma_16816<T>(acc[2 * d], a, bf[0], bf[1]);
+      mma_16816<T>(acc[2 * d + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
+// This lane's ldmatrix row address for the A fragments of rows r0..r0+15 of a shared tile.
+template <int DP, typename T>
+__device__ __forceinline__ const T* a_row(const T* tile, int r0, int lane) {
+  return tile + (r0 + (lane & 15)) * (DP + kPad) + (lane >> 4) * 8;
+}
+
+// The two-stage pipeline shared by the kernels: before step `it` is computed, its tile is in
+// shared memory (stage it % STAGES) and, with two stages, the next one is on its way.
+// `load(step, stage)` issues the copies of one step.
+template <int STAGES, typename Load>
+__device__ __forceinline__ void pipeline_step(int it, int steps, Load&& load) {
+  __syncthreads();  // every warp is done with the stage refilled below
+  if (STAGES == 1) {
+    load(it, 0);
+    cp_async_commit();
+    cp_async_wait<0>();
+  } else if (it + 1 < steps) {
+    load(it + 1, (it + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // all but the copies just issued: step it's tile has landed
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();  // the tile is visible to every warp
+}
+
+// Whether every row of a (B, H, T, D) tensor can be copied in 16-byte pieces.
+bool rows_vectorisable(const void* ptr, const int64_t (&s)[4], int D) {
+  return s[3] == 1 && D % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && s[0] % 8 == 0 &&
+         s[1] % 8 == 0 && s[2] % 8 == 0;
+}
+
+// ------------------------------------------------------------------------------ forward
+
+template <typename T, int DP, int STAGES>
+__global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParams p, bool vec) {
+  using C = Tile<DP>;
+  constexpr int BN = C::BN, LD = C::LD, NT = BN / 8, DT = DP / 8;
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD)
+  T* sK = sQ + kRows * LD;                 // STAGES x (BN, LD)
+  T* sV = sK + STAGES * BN * LD;           // STAGES x (BN, LD)
+
+  const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int m0 = blockIdx.y * kRows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  // causal: keys past the block's last query row are masked for every row
+  const int steps = ((p.causal ? min(p.Tk, m0 + kRows) : p.Tk) + BN - 1) / BN;
+  auto load_kv = [&](int it, int stage) {
+    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], it * BN, p.Tk, p.D, vec);
+    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], it * BN, p.Tk, p.D, vec);
+  };
+  load_rows<T, kRows, DP>(sQ, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
+  if (STAGES == 2) load_kv(0, 0);
+  cp_async_commit();
+
+  const int i0 = m0 + warp * 16 + g;  // this lane's rows: i0 and i0 + 8
+  const T* qrow = a_row<DP>(sQ, warp * 16, lane);
+  float o[DT][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's part; the group's 4 lanes are summed at the end
+  for (int it = 0; it < steps; ++it) {
+    pipeline_step<STAGES>(it, steps, load_kv);
+    const int stage = STAGES == 1 ? 0 : (it & 1), n0 = it * BN;
+    float s[NT][4] = {};
+    mma_abt<T, DP, NT>(s, qrow, sK + stage * BN * LD, lane);  // S = Q K^T
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = score(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(row_max[r], mx[r]);
+      alpha[r] = m_new == -INFINITY ? 1.0f : expf(row_max[r] - m_new);  // exp(-inf) = 0 on the first tile
+      row_max[r] = m_new;
+      row_sum[r] *= alpha[r];
+    }
+    // P (unnormalised; dropped and rescaled for P V, not for the sum) in place of S
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = row_max[r] == -INFINITY ? 0.0f : expf(s[n][e] - row_max[r]);
+        row_sum[r] += pr;
+        s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
+      }
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= alpha[0];
+      o[d][1] *= alpha[0];
+      o[d][2] *= alpha[1];
+      o[d][3] *= alpha[1];
+    }
+    mma_pb<T, DP, NT>(o, s, sV + stage * BN * LD, lane);  // O += P V
+  }
+
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int i = i0 + r * 8;
+    if (i >= p.Tq) continue;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a fully masked row has l = 0: O = 0
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + 2 * t + e;
+        if (col < p.D) out[static_cast<int64_t>(i) * p.D + col] = from_f<T>(o[d][2 * r + e] * inv);
+      }
+    if (t == 0) p.lse[static_cast<int64_t>(bh) * p.Tq + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
+  }
+}
+
+// ------------------------------------------------------------------------------ backward
+
+// One fragment element of the backward: from the raw q.k product `s` and dP = dO.v `dp`, with P
+// recomputed from the row's LSE, the dropped probability Pd (into s) and dS = P (Z dP - delta)
+// (into dp).
+__device__ __forceinline__ void ds_element(const AttnParams& p, int b, int h, int i, int j, float lse,
+                                           float delta, float& s, float& dp) {
+  const float sc = score(p, b, h, i, j, s);
+  const float prob = sc == -INFINITY ? 0.0f : expf(sc - lse);  // lse = +inf (empty or padding row) -> 0
+  const float z = prob == 0.0f ? 0.0f : dropout_scale(p, b, h, i, j);
+  const float ds = prob * (dp * z - delta);
+  s = prob * z;  // Pd
+  dp = ds;
+}
+
+template <typename T, int DP, int STAGES>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnParams p, bool vec) {
+  using C = Tile<DP>;
+  constexpr int BN = C::BN, LD = C::LD, NT = BN / 8, DT = DP / 8;
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD)
+  T* sdO = sQ + kRows * LD;                // (kRows, LD)
+  T* sK = sdO + kRows * LD;                // STAGES x (BN, LD)
+  T* sV = sK + STAGES * BN * LD;           // STAGES x (BN, LD)
+
+  const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
+  const int m0 = blockIdx.y * kRows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const int steps = ((p.causal ? min(p.Tk, m0 + kRows) : p.Tk) + BN - 1) / BN;
+  auto load_kv = [&](int it, int stage) {
+    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], it * BN, p.Tk, p.D, vec);
+    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], it * BN, p.Tk, p.D, vec);
+  };
+  load_rows<T, kRows, DP>(sQ, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
+  load_rows<T, kRows, DP>(sdO, dout, p.do_s[2], p.do_s[3], m0, p.Tq, p.D, vec);
+  if (STAGES == 2) load_kv(0, 0);
+  cp_async_commit();
+
+  const int i0 = m0 + warp * 16 + g;
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = i0 + r * 8;
+    lse[r] = i < p.Tq ? p.lse[static_cast<int64_t>(bh) * p.Tq + i] : INFINITY;
+    delta[r] = i < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + i] : 0.0f;
+  }
+  const T* qrow = a_row<DP>(sQ, warp * 16, lane);
+  const T* dorow = a_row<DP>(sdO, warp * 16, lane);
+  float dq[DT][4] = {};
+  for (int it = 0; it < steps; ++it) {
+    pipeline_step<STAGES>(it, steps, load_kv);
+    const int stage = STAGES == 1 ? 0 : (it & 1), n0 = it * BN;
+    float s[NT][4] = {}, dp[NT][4] = {};
+    mma_abt<T, DP, NT>(s, qrow, sK + stage * BN * LD, lane);    // S = Q K^T
+    mma_abt<T, DP, NT>(dp, dorow, sV + stage * BN * LD, lane);  // dP = dO V^T
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        ds_element(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse[e >> 1], delta[e >> 1], s[n][e],
+                   dp[n][e]);
+    mma_pb<T, DP, NT>(dq, dp, sK + stage * BN * LD, lane);  // dQ += dS K
+  }
+
+  T* out = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = i0 + r * 8;
+    if (i >= p.Tq) continue;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + 2 * t + e;
+        if (col < p.D) out[static_cast<int64_t>(i) * p.D + col] = from_f<T>(dq[d][2 * r + e] * p.scale);
+      }
+  }
+}
+
+template <typename T, int DP, int STAGES>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p, bool vec) {
+  using C = Tile<DP>;
+  constexpr int BQ = C::BQ, LD = C::LD, NT = BQ / 8, DT = DP / 8;
+  extern __shared__ __align__(128) float4 smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // (kRows, LD)
+  T* sV = sK + kRows * LD;                 // (kRows, LD)
+  T* sQ = sV + kRows * LD;                 // STAGES x (BQ, LD)
+  T* sdO = sQ + STAGES * BQ * LD;          // STAGES x (BQ, LD)
+
+  const int bhk = blockIdx.x, b = bhk / p.Hkv, hk = bhk - b * p.Hkv, group = p.Hq / p.Hkv;
+  const int n0 = blockIdx.y * kRows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  // causal: query rows before n0 see none of these keys
+  const int m_start = p.causal ? min(n0, p.Tq) : 0;
+  const int q_tiles = (p.Tq - m_start + BQ - 1) / BQ;
+  const int steps = group * q_tiles;  // (query head of the group, query tile) pairs
+  auto load_q = [&](int it, int stage) {
+    const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+    load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
+    load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, p.Tq, p.D, vec);
+  };
+  load_rows<T, kRows, DP>(sK, k, p.k_s[2], p.k_s[3], n0, p.Tk, p.D, vec);
+  load_rows<T, kRows, DP>(sV, v, p.v_s[2], p.v_s[3], n0, p.Tk, p.D, vec);
+  if (STAGES == 2 && steps > 0) load_q(0, 0);
+  cp_async_commit();
+
+  const int j0 = n0 + warp * 16 + g;  // this lane's keys: j0 and j0 + 8
+  const T* krow = a_row<DP>(sK, warp * 16, lane);
+  const T* vrow = a_row<DP>(sV, warp * 16, lane);
+  float dk[DT][4] = {}, dv[DT][4] = {};
+  for (int it = 0; it < steps; ++it) {
+    pipeline_step<STAGES>(it, steps, load_q);
+    const int stage = STAGES == 1 ? 0 : (it & 1);
+    const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
+    const T* tq = sQ + stage * BQ * LD;
+    const T* tdo = sdO + stage * BQ * LD;
+    float s[NT][4] = {}, dp[NT][4] = {};
+    mma_abt<T, DP, NT>(s, krow, tq, lane);    // S^T = K Q^T
+    mma_abt<T, DP, NT>(dp, vrow, tdo, lane);  // dP^T = V dO^T
+    const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int i = m0 + n * 8 + 2 * t + c;  // the fragment's column is the query
+        const float lse = i < p.Tq ? p.lse[bh * p.Tq + i] : INFINITY;
+        const float delta = i < p.Tq ? p.delta[bh * p.Tq + i] : 0.0f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int j = j0 + r * 8, e = 2 * r + c;
+          ds_element(p, b, h, i, j, lse, delta, s[n][e], dp[n][e]);
+          if (p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dp[n][e];
+        }
+      }
+    mma_pb<T, DP, NT>(dv, s, tdo, lane);  // dV += Pd^T dO
+    mma_pb<T, DP, NT>(dk, dp, tq, lane);  // dK += dS^T Q
+  }
+  cp_async_wait<0>();  // with no query tile (causal, n0 >= Tq) the K/V copies were never waited for
+
+  const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
+  T* dko = static_cast<T*>(p.dk) + base;
+  T* dvo = static_cast<T*>(p.dv) + base;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = j0 + r * 8;
+    if (j >= p.Tk) continue;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + 2 * t + e;
+        if (col < p.D) {
+          dko[static_cast<int64_t>(j) * p.D + col] = from_f<T>(dk[d][2 * r + e] * p.scale);
+          dvo[static_cast<int64_t>(j) * p.D + col] = from_f<T>(dv[d][2 * r + e]);
+        }
+      }
+  }
+}
+
+// ------------------------------------------------------------------------------ launch
+
+using TcKernel = void (*)(const AttnParams, bool);
+
+// Two stages when they fit the device, else one; an error when neither does.
+cudaError_t launch_tc(TcKernel two, TcKernel one, size_t smem2, size_t smem1, dim3 grid, const AttnParams& p,
+                      bool vec, cudaStream_t stream) {
+  const size_t limit = static_cast<size_t>(max_smem_optin());
+  const TcKernel kernel = smem2 <= limit ? two : one;
+  const size_t bytes = smem2 <= limit ? smem2 : smem1;
+  if (bytes > limit) return cudaErrorInvalidValue;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  kernel<<<grid, kTcThreads, bytes, stream>>>(p, vec);
+  return cudaGetLastError();
+}
+
+// The one-stage variants exist only for head dims whose two stages can exceed kMinSmemOptin.
+#define TFK_TC_LAUNCH(KERNEL, SMEM, GRID)                                                              \
+  do {                                                                                               \
+    if constexpr (Tile<DP>::SMEM(2) <= static_cast<size_t>(kMinSmemOptin))                           \
+      return launch_tc(KERNEL<T, DP, 2>, KERNEL<T, DP, 2>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(2), GRID, p, vec, \
+                       stream);                                                                      \
+    else                                                                                             \
+      return launch_tc(KERNEL<T, DP, 2>, KERNEL<T, DP, 1>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(1), GRID, p, vec, \
+                       stream);                                                                      \
+  } while (0)
+
+// Calls f(std::integral_constant<int, DP>) with the head dim padded to the nearest compiled size.
+template <typename F>
+cudaError_t with_padded_head_dim(int D, F&& f) {
+  if (D <= 32) return f(std::integral_constant<int, 32>{});
+  if (D <= 64) return f(std::integral_constant<int, 64>{});
+  if (D <= 96) return f(std::integral_constant<int, 96>{});
+  if (D <= 128) return f(std::integral_constant<int, 128>{});
+  if (D <= 192) return f(std::integral_constant<int, 192>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
+template <typename T>
+cudaError_t fwd_tc(const AttnParams& p, cudaStream_t stream) {
+  const bool vec = rows_vectorisable(p.q, p.q_s, p.D) && rows_vectorisable(p.k, p.k_s, p.D) &&
+                   rows_vectorisable(p.v, p.v_s, p.D);
+  const dim3 grid(static_cast<unsigned>(p.B) * p.Hq, (p.Tq + kRows - 1) / kRows);
+  return with_padded_head_dim(p.D, [&](auto dp) -> cudaError_t {
+    constexpr int DP = decltype(dp)::value;
+    TFK_TC_LAUNCH(attn_fwd_tc_kernel, fwd_smem, grid);
+  });
+}
+
+template <typename T>
+cudaError_t bwd_tc(const AttnParams& p, cudaStream_t stream) {
+  const bool vec = rows_vectorisable(p.q, p.q_s, p.D) && rows_vectorisable(p.k, p.k_s, p.D) &&
+                   rows_vectorisable(p.v, p.v_s, p.D) && rows_vectorisable(p.dout, p.do_s, p.D);
+  const dim3 grid_kv(static_cast<unsigned>(p.B) * p.Hkv, (p.Tk + kRows - 1) / kRows);
+  const dim3 grid_q(static_cast<unsigned>(p.B) * p.Hq, (p.Tq + kRows - 1) / kRows);
+  const cudaError_t err = with_padded_head_dim(p.D, [&](auto dp) -> cudaError_t {
+    constexpr int DP = decltype(dp)::value;
+    TFK_TC_LAUNCH(attn_bwd_dkdv_tc_kernel, dkdv_smem, grid_kv);
+  });
+  if (err != cudaSuccess) return err;
+  return with_padded_head_dim(p.D, [&](auto dp) -> cudaError_t {
+    constexpr int DP = decltype(dp)::value;
+    TFK_TC_LAUNCH(attn_bwd_dq_tc_kernel, dq_smem, grid_q);
+  });
+}
+
+}  // namespace
+
+cudaError_t attention_fwd_tc(const AttnParams& p, cudaStream_t stream) {
+  if (p.dtype == DType::F16) return fwd_tc<__half>(p, stream);
+  if (p.dtype == DType::BF16) return fwd_tc<__nv_bfloat16>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t attention_bwd_tc(const AttnParams& p, cudaStream_t stream) {
+  if (p.dtype == DType::F16) return bwd_tc<__half>(p, stream);
+  if (p.dtype == DType::BF16) return bwd_tc<__nv_bfloat16>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace tfk

@@ -1,0 +1,108 @@
+// Warp-level tensor-core and async-copy primitives for sm_80+ (PTX: mma.sync m16n8k16, ldmatrix,
+// cp.async), the building blocks of the fp16/bf16 attention kernels (attention_tc.cu). Under
+// TFKERNELS_CUDA_EMULATION the same functions run on the host emulator (csrc/emulation), which
+// implements each instruction from the PTX ISA's description of its fragment layout, so the kernels'
+// index arithmetic is tested in CI without a GPU.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", 16-bit A/B, fp32 C/D), for lane
+// l, g = l / 4 (the group), t = l % 4:
+//   A (16x16, row-major): a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..2t+1), a[2] = (g, 2t+8..2t+9),
+//                         a[3] = (g+8, 2t+8..2t+9)         two 16-bit values per 32-bit register,
+//   B (16x8, "col"):      b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8..2t+9, n g)       low half first
+//   C, D (16x8, fp32):    c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+// So the C fragments of two adjacent n-tiles, rounded to 16 bits and paired, are exactly the A
+// fragment of the next product (FlashAttention-2's register-resident P): see c_to_a.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace tfk {
+
+// Two values as one 32-bit register of 16-bit elements, `lo` in the low half (element order).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T l = from_f<T>(lo), h = from_f<T>(hi);
+  uint16_t lb, hb;
+  memcpy(&lb, &l, 2);
+  memcpy(&hb, &h, 2);
+  return static_cast<uint32_t>(lb) | (static_cast<uint32_t>(hb) << 16);
+}
+
+// The A fragment (16 x 16 slice k0..k0+15 of a 16-row product) from the fp32 C fragments of its
+// two 8-column n-tiles c0 (columns k0..k0+7) and c1 (k0+8..k0+15).
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+#ifndef TFKERNELS_CUDA_EMULATION
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 16-bit matrices from shared memory: lanes 8j..8j+7 give the 16-byte rows of matrix j;
+// r[j] is this lane's fragment of matrix j (row l/4, columns 2(l%4)..+1; transposed with Trans).
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+}
+
+// c (16x8 fp32) += a (16x16) * b (16x8) on tensor cores.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __half>::value)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid (src is
+// then not read, but must still be a valid address).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+#else  // the host emulator's versions: same contracts, checked
+
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  tfk_emu::ldmatrix_x4(r, row, Trans);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  tfk_emu::mma_16816(c, a, b0, b1, std::is_same<T, __nv_bfloat16>::value);
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  tfk_emu::cp_async(dst, src, 16, valid);
+}
+__device__ __forceinline__ void cp_async_commit() { tfk_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { tfk_emu::cp_async_wait(N); }
+
+#endif
+
+}  // namespace tfk
