@@ -141,43 +141,87 @@ bool rows_vectorisable(const void* ptr, const int64_t (&s)[4], int D) {
          s[1] % 8 == 0 && s[2] % 8 == 0;
 }
 
+// What the query-block kernels (forward, dQ) share: the block's head and 64 query rows, and the K/V
+// tiles (BN keys, STAGES buffers each, from sK on) it walks.
+template <typename T, int DP, int STAGES>
+struct QueryBlock {
+  static constexpr int BN = Tile<DP>::BN, LD = Tile<DP>::LD;
+  const AttnParams& p;
+  T* sK;
+  T* sV;
+  bool vec;
+  int bh, b, h, m0, steps;
+  const T* k;
+  const T* v;
+
+  __device__ QueryBlock(const AttnParams& params, T* key_tiles, bool vectorised)
+      : p(params), sK(key_tiles), sV(key_tiles + STAGES * BN * LD), vec(vectorised) {
+    bh = blockIdx.x;
+    b = bh / p.Hq;
+    h = bh - b * p.Hq;
+    const int hk = h / (p.Hq / p.Hkv);
+    m0 = blockIdx.y * kRows;
+    k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+    v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+    // causal: keys past the block's last query row are masked for every row
+    steps = ((p.causal ? min(p.Tk, m0 + kRows) : p.Tk) + BN - 1) / BN;
+  }
+  // Copies this block's 64 rows of a (B, Hq, Tq, D) input (q or dout) into `dst`.
+  __device__ void load_query_rows(T* dst, const void* src, const int64_t (&s)[4]) const {
+    load_rows<T, kRows, DP>(dst, static_cast<const T*>(src) + b * s[0] + h * s[1], s[2], s[3], m0, p.Tq, p.D, vec);
+  }
+  __device__ void load_kv(int it, int stage) const {
+    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], it * BN, p.Tk, p.D, vec);
+    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], it * BN, p.Tk, p.D, vec);
+  }
+  __device__ const T* key_tile(int it) const { return sK + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
+  __device__ const T* value_tile(int it) const { return sV + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
+};
+
+// Rows r0 and r0 + 8 (those < nrows) of a 16 x DP fragment accumulator, row r times factor[r], into
+// columns < D of a contiguous (nrows, D) output.
+template <typename T, int DP>
+__device__ __forceinline__ void store_rows(T* out, const float (&acc)[DP / 8][4], int r0, int nrows, int D,
+                                           const float (&factor)[2]) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = r0 + r * 8;
+    if (i >= nrows) continue;
+#pragma unroll
+    for (int d = 0; d < DP / 8; ++d)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = d * 8 + 2 * t + e;
+        if (col < D) out[static_cast<int64_t>(i) * D + col] = from_f<T>(acc[d][2 * r + e] * factor[r]);
+      }
+  }
+}
+
 // ------------------------------------------------------------------------------ forward
 
 template <typename T, int DP, int STAGES>
 __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParams p, bool vec) {
-  using C = Tile<DP>;
-  constexpr int BN = C::BN, LD = C::LD, NT = BN / 8, DT = DP / 8;
+  using Block = QueryBlock<T, DP, STAGES>;
+  constexpr int NT = Block::BN / 8, DT = DP / 8;
   extern __shared__ __align__(128) float4 smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD)
-  T* sK = sQ + kRows * LD;                 // STAGES x (BN, LD)
-  T* sV = sK + STAGES * BN * LD;           // STAGES x (BN, LD)
-
-  const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
-  const int m0 = blockIdx.y * kRows;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
-  // causal: keys past the block's last query row are masked for every row
-  const int steps = ((p.causal ? min(p.Tk, m0 + kRows) : p.Tk) + BN - 1) / BN;
-  auto load_kv = [&](int it, int stage) {
-    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], it * BN, p.Tk, p.D, vec);
-    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], it * BN, p.Tk, p.D, vec);
-  };
-  load_rows<T, kRows, DP>(sQ, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
-  if (STAGES == 2) load_kv(0, 0);
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD), then STAGES x (BN, LD) for K and for V
+  const Block blk(p, sQ + kRows * Block::LD, vec);
+  const int b = blk.b, h = blk.h, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
+  blk.load_query_rows(sQ, p.q, p.q_s);
+  if (STAGES == 2) blk.load_kv(0, 0);
   cp_async_commit();
 
-  const int i0 = m0 + warp * 16 + g;  // this lane's rows: i0 and i0 + 8
+  const int i0 = blk.m0 + warp * 16 + (lane >> 2);  // this lane's rows: i0 and i0 + 8
   const T* qrow = a_row<DP>(sQ, warp * 16, lane);
   float o[DT][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this lane's part; the group's 4 lanes are summed at the end
-  for (int it = 0; it < steps; ++it) {
-    pipeline_step<STAGES>(it, steps, load_kv);
-    const int stage = STAGES == 1 ? 0 : (it & 1), n0 = it * BN;
+  for (int it = 0; it < blk.steps; ++it) {
+    pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
+    const int n0 = it * Block::BN;
     float s[NT][4] = {};
-    mma_abt<T, DP, NT>(s, qrow, sK + stage * BN * LD, lane);  // S = Q K^T
+    mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -213,27 +257,21 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       o[d][2] *= alpha[1];
       o[d][3] *= alpha[1];
     }
-    mma_pb<T, DP, NT>(o, s, sV + stage * BN * LD, lane);  // O += P V
+    mma_pb<T, DP, NT>(o, s, blk.value_tile(it), lane);  // O += P V
   }
 
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = row_sum[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;  // a fully masked row has l = 0: O = 0
     const int i = i0 + r * 8;
-    if (i >= p.Tq) continue;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a fully masked row has l = 0: O = 0
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = d * 8 + 2 * t + e;
-        if (col < p.D) out[static_cast<int64_t>(i) * p.D + col] = from_f<T>(o[d][2 * r + e] * inv);
-      }
-    if (t == 0) p.lse[static_cast<int64_t>(bh) * p.Tq + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
+    if (t == 0 && i < p.Tq)
+      p.lse[static_cast<int64_t>(blk.bh) * p.Tq + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
   }
+  store_rows<T, DP>(static_cast<T*>(p.out) + static_cast<int64_t>(blk.bh) * p.Tq * p.D, o, i0, p.Tq, p.D, inv);
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -253,70 +291,45 @@ __device__ __forceinline__ void ds_element(const AttnParams& p, int b, int h, in
 
 template <typename T, int DP, int STAGES>
 __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnParams p, bool vec) {
-  using C = Tile<DP>;
-  constexpr int BN = C::BN, LD = C::LD, NT = BN / 8, DT = DP / 8;
+  using Block = QueryBlock<T, DP, STAGES>;
+  constexpr int NT = Block::BN / 8, DT = DP / 8, LD = Block::LD;
   extern __shared__ __align__(128) float4 smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD)
-  T* sdO = sQ + kRows * LD;                // (kRows, LD)
-  T* sK = sdO + kRows * LD;                // STAGES x (BN, LD)
-  T* sV = sK + STAGES * BN * LD;           // STAGES x (BN, LD)
-
-  const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
-  const int m0 = blockIdx.y * kRows;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
-  const int steps = ((p.causal ? min(p.Tk, m0 + kRows) : p.Tk) + BN - 1) / BN;
-  auto load_kv = [&](int it, int stage) {
-    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], it * BN, p.Tk, p.D, vec);
-    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], it * BN, p.Tk, p.D, vec);
-  };
-  load_rows<T, kRows, DP>(sQ, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
-  load_rows<T, kRows, DP>(sdO, dout, p.do_s[2], p.do_s[3], m0, p.Tq, p.D, vec);
-  if (STAGES == 2) load_kv(0, 0);
+  T* sdO = sQ + kRows * LD;                // (kRows, LD), then STAGES x (BN, LD) for K and for V
+  const Block blk(p, sdO + kRows * LD, vec);
+  const int b = blk.b, h = blk.h, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
+  blk.load_query_rows(sQ, p.q, p.q_s);
+  blk.load_query_rows(sdO, p.dout, p.do_s);
+  if (STAGES == 2) blk.load_kv(0, 0);
   cp_async_commit();
 
-  const int i0 = m0 + warp * 16 + g;
+  const int i0 = blk.m0 + warp * 16 + (lane >> 2);
   float lse[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = i0 + r * 8;
-    lse[r] = i < p.Tq ? p.lse[static_cast<int64_t>(bh) * p.Tq + i] : INFINITY;
-    delta[r] = i < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + i] : 0.0f;
+    lse[r] = i < p.Tq ? p.lse[static_cast<int64_t>(blk.bh) * p.Tq + i] : INFINITY;
+    delta[r] = i < p.Tq ? p.delta[static_cast<int64_t>(blk.bh) * p.Tq + i] : 0.0f;
   }
   const T* qrow = a_row<DP>(sQ, warp * 16, lane);
   const T* dorow = a_row<DP>(sdO, warp * 16, lane);
   float dq[DT][4] = {};
-  for (int it = 0; it < steps; ++it) {
-    pipeline_step<STAGES>(it, steps, load_kv);
-    const int stage = STAGES == 1 ? 0 : (it & 1), n0 = it * BN;
+  for (int it = 0; it < blk.steps; ++it) {
+    pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
+    const int n0 = it * Block::BN;
     float s[NT][4] = {}, dp[NT][4] = {};
-    mma_abt<T, DP, NT>(s, qrow, sK + stage * BN * LD, lane);    // S = Q K^T
-    mma_abt<T, DP, NT>(dp, dorow, sV + stage * BN * LD, lane);  // dP = dO V^T
+    mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);      // S = Q K^T
+    mma_abt<T, DP, NT>(dp, dorow, blk.value_tile(it), lane);  // dP = dO V^T
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         ds_element(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse[e >> 1], delta[e >> 1], s[n][e],
                    dp[n][e]);
-    mma_pb<T, DP, NT>(dq, dp, sK + stage * BN * LD, lane);  // dQ += dS K
+    mma_pb<T, DP, NT>(dq, dp, blk.key_tile(it), lane);  // dQ += dS K
   }
-
-  T* out = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = i0 + r * 8;
-    if (i >= p.Tq) continue;
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = d * 8 + 2 * t + e;
-        if (col < p.D) out[static_cast<int64_t>(i) * p.D + col] = from_f<T>(dq[d][2 * r + e] * p.scale);
-      }
-  }
+  const float scale[2] = {p.scale, p.scale};
+  store_rows<T, DP>(static_cast<T*>(p.dq) + static_cast<int64_t>(blk.bh) * p.Tq * p.D, dq, i0, p.Tq, p.D, scale);
 }
 
 template <typename T, int DP, int STAGES>
@@ -384,23 +397,9 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   cp_async_wait<0>();  // with no query tile (causal, n0 >= Tq) the K/V copies were never waited for
 
   const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
-  T* dko = static_cast<T*>(p.dk) + base;
-  T* dvo = static_cast<T*>(p.dv) + base;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = j0 + r * 8;
-    if (j >= p.Tk) continue;
-#pragma unroll
-    for (int d = 0; d < DT; ++d)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = d * 8 + 2 * t + e;
-        if (col < p.D) {
-          dko[static_cast<int64_t>(j) * p.D + col] = from_f<T>(dk[d][2 * r + e] * p.scale);
-          dvo[static_cast<int64_t>(j) * p.D + col] = from_f<T>(dv[d][2 * r + e]);
-        }
-      }
-  }
+  const float scale[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
+  store_rows<T, DP>(static_cast<T*>(p.dk) + base, dk, j0, p.Tk, p.D, scale);
+  store_rows<T, DP>(static_cast<T*>(p.dv) + base, dv, j0, p.Tk, p.D, one);
 }
 
 // ------------------------------------------------------------------------------ launch
