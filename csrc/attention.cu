@@ -8,15 +8,17 @@
 // Backward: delta = rowsum(dO * O); dV = Pd^T dO; dP = Z * (dO V^T) / (1 - p);
 //           dS = P * (dP - delta) (= d mask); dQ = scale * dS K; dK = scale * dS^T Q.
 //
-// fp16 and bf16 run on tensor cores with register-resident tiles (attention_tc.cu). This file holds
-// the entry points, the delta kernel both paths use, and the fp32 path: IEEE FMAs (like the Triton
-// op without allow_tf32) from shared-memory tiles, blocks of BM query rows x BN = BM keys, 4 warps,
-// BM = 64, 32 or 16, the largest that fits the device for the head dim. Its output accumulator
-// stays in shared memory so the online-softmax rescale can address its rows, and its probability
-// and dS tiles overwrite the score tiles they come from, which keeps D = 256 within the 99 KiB of
-// sm_86/sm_89. Head dims 1..256 (padded to a multiple of 16 with zeros); any Tq, Tk; any input
-// strides (0 too). The backward is two kernels (dK/dV per key block, looping over the group's query
-// heads and query blocks, so GQA sums in-kernel without atomics; dQ per query block) after delta.
+// fp16 and bf16 run on tensor cores with register-resident tiles (attention_tc.cu) on sm_80 and
+// newer. This file holds the entry points, the delta kernel both paths use, and the FMA path: fp32
+// (IEEE FMAs, like the Triton op without allow_tf32), and fp16/bf16 on GPUs before sm_80, whose
+// tiles are converted to fp32 as they are loaded. It works from shared-memory tiles, blocks of BM
+// query rows x BN = BM keys, 4 warps, BM = 64, 32 or 16, the largest that fits the device for the
+// head dim. Its output accumulator stays in shared memory so the online-softmax rescale can address
+// its rows, and its probability and dS tiles overwrite the score tiles they come from, which keeps
+// D = 256 within the 99 KiB of sm_86/sm_89. Head dims 1..256 (padded to a multiple of 16 with
+// zeros); any Tq, Tk; any input strides (0 too). The backward is two kernels (dK/dV per key block,
+// looping over the group's query heads and query blocks, so GQA sums in-kernel without atomics; dQ
+// per query block) after delta.
 #include "attention_common.cuh"
 
 namespace tfk {
@@ -27,12 +29,13 @@ constexpr int kThreads = 128;  // 4 warps per block
 // ------------------------------------------------------------------------------ tile loads
 
 // dst[r][d] (ld = dp) = src[(row0 + r) * s_t + d * s_d] for r < rows, zero outside (nrows, D).
-__device__ __forceinline__ void load_tile(float* dst, const float* src, int64_t s_t, int64_t s_d, int row0, int rows,
+template <typename T>
+__device__ __forceinline__ void load_tile(float* dst, const T* src, int64_t s_t, int64_t s_d, int row0, int rows,
                                           int nrows, int D, int dp) {
   for (int idx = threadIdx.x; idx < rows * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp;
     const int i = row0 + r;
-    dst[idx] = (i < nrows && d < D) ? src[static_cast<int64_t>(i) * s_t + d * s_d] : 0.0f;
+    dst[idx] = (i < nrows && d < D) ? to_f(src[static_cast<int64_t>(i) * s_t + d * s_d]) : 0.0f;
   }
 }
 
@@ -63,7 +66,7 @@ size_t fwd_smem(int dp) {
   return (3 * BM * dp + BM * BM + BM * dp + 2 * BM) * sizeof(float);
 }
 
-template <int BM>
+template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, int dp) {
   constexpr int BN = BM;
   constexpr int CPL = (BN + 31) / 32;  // score columns per lane
@@ -81,9 +84,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
   const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
   const int m0 = blockIdx.y * BM;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const float* q = static_cast<const float*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const float* k = static_cast<const float*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const float* v = static_cast<const float*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
 
   load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) sO[idx] = 0.0f;
@@ -134,12 +137,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     smem_gemm<false, false>(sO, dp, sP, BN, sV, dp, BM, dp, BN, true);  // O += Pd V
   }
   __syncthreads();
-  float* out = static_cast<float*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
     if (i < p.Tq && d < p.D) {
       const float l = sSum[r];
-      out[static_cast<int64_t>(i) * p.D + d] = l > 0.0f ? sO[idx] / l : 0.0f;
+      out[static_cast<int64_t>(i) * p.D + d] = from_f<T>(l > 0.0f ? sO[idx] / l : 0.0f);
     }
   }
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
@@ -198,7 +201,7 @@ size_t dkdv_smem(int dp) {
 }
 
 // One block per (BN keys, b * Hkv + hk): dK, dV over every query head of the group and query block.
-template <int BM>
+template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParams p, int dp) {
   constexpr int BN = BM;
   extern __shared__ __align__(128) float4 smem_raw[];
@@ -217,8 +220,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
 
   const int bhk = blockIdx.x, b = bhk / p.Hkv, hk = bhk - b * p.Hkv, group = p.Hq / p.Hkv;
   const int n0 = blockIdx.y * BN;
-  const float* k = static_cast<const float*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const float* v = static_cast<const float*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
   load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
   load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
   for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
@@ -228,8 +231,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   // causal: query rows before n0 see none of these keys (BM == BN, so n0 starts a query block)
   const int m_start = p.causal ? n0 : 0;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const float* q = static_cast<const float*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-    const float* dout = static_cast<const float*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+    const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
     const float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     for (int m0 = m_start; m0 < p.Tq; m0 += BM) {
@@ -253,13 +256,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   }
   __syncthreads();
   const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
-  float* dk = static_cast<float*>(p.dk) + base;
-  float* dv = static_cast<float*>(p.dv) + base;
+  T* dk = static_cast<T*>(p.dk) + base;
+  T* dv = static_cast<T*>(p.dv) + base;
   for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, j = n0 + r;
     if (j < p.Tk && d < p.D) {
-      dk[static_cast<int64_t>(j) * p.D + d] = sdK[idx] * p.scale;
-      dv[static_cast<int64_t>(j) * p.D + d] = sdV[idx];
+      dk[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdK[idx] * p.scale);
+      dv[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdV[idx]);
     }
   }
 }
@@ -270,7 +273,7 @@ size_t dq_smem(int dp) {
 }
 
 // One block per (BM queries, b * Hq + h): dQ over the key blocks.
-template <int BM>
+template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams p, int dp) {
   constexpr int BN = BM;
   extern __shared__ __align__(128) float4 smem_raw[];
@@ -287,10 +290,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
 
   const int bh = blockIdx.x, b = bh / p.Hq, h = bh - b * p.Hq, hk = h / (p.Hq / p.Hkv);
   const int m0 = blockIdx.y * BM;
-  const float* q = static_cast<const float*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
-  const float* dout = static_cast<const float*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-  const float* k = static_cast<const float*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
-  const float* v = static_cast<const float*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
+  const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
   load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
   load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, p.Tq, p.D, dp);
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) sdQ[idx] = 0.0f;
@@ -315,36 +318,45 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     smem_gemm<false, false>(sdQ, dp, sDS, BN, sK, dp, BM, dp, BN, true);  // dQ += dS K
   }
   __syncthreads();
-  float* dq = static_cast<float*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  T* dq = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
-    if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = sdQ[idx] * p.scale;
+    if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = from_f<T>(sdQ[idx] * p.scale);
   }
 }
 
 // ------------------------------------------------------------------------------ launch
 
-// Launches the fp32 KERNEL<BM> with the largest BM in {64, 32, 16} whose shared memory fits (the
-// launch fails with "invalid argument" when not even 16 does; the glue explains that error).
-#define TFK_ATTN_LAUNCH(KERNEL, SMEM, GRID_X, ROWS)                                                 \
+// Launches the FMA path's KERNEL<T, BM> with the largest BM in {64, 32, 16} whose shared memory fits
+// (the launch fails with "invalid argument" when not even 16 does; the glue explains that error).
+#define TFK_ATTN_LAUNCH(KERNEL, SMEM, GRID_X, ROWS, T)                                              \
   do {                                                                                           \
     const int limit_ = max_smem_optin();                                                         \
     if (SMEM<64>(dp) <= static_cast<size_t>(limit_)) {                                           \
       const size_t bytes_ = SMEM<64>(dp);                                                        \
-      cudaFuncSetAttribute(KERNEL<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
-      KERNEL<64><<<dim3(GRID_X, (ROWS + 63) / 64), kThreads, bytes_, stream>>>(p, dp);           \
+      cudaFuncSetAttribute(KERNEL<T, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<T, 64><<<dim3(GRID_X, (ROWS + 63) / 64), kThreads, bytes_, stream>>>(p, dp);           \
     } else if (SMEM<32>(dp) <= static_cast<size_t>(limit_)) {                                    \
       const size_t bytes_ = SMEM<32>(dp);                                                        \
-      cudaFuncSetAttribute(KERNEL<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
-      KERNEL<32><<<dim3(GRID_X, (ROWS + 31) / 32), kThreads, bytes_, stream>>>(p, dp);           \
+      cudaFuncSetAttribute(KERNEL<T, 32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<T, 32><<<dim3(GRID_X, (ROWS + 31) / 32), kThreads, bytes_, stream>>>(p, dp);           \
     } else {                                                                                     \
       const size_t bytes_ = SMEM<16>(dp);                                                        \
-      cudaFuncSetAttribute(KERNEL<16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
-      KERNEL<16><<<dim3(GRID_X, (ROWS + 15) / 16), kThreads, bytes_, stream>>>(p, dp);           \
+      cudaFuncSetAttribute(KERNEL<T, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes_); \
+      KERNEL<T, 16><<<dim3(GRID_X, (ROWS + 15) / 16), kThreads, bytes_, stream>>>(p, dp);           \
     }                                                                                            \
   } while (0)
 
 int padded_dim(int D) { return (D + 15) / 16 * 16; }
+
+// The tensor-core kernels need sm_80 (mma.sync m16n8k16 for fp16 and bf16, cp.async); before that
+// fp16/bf16 take the FMA path too (converted to fp32 as the tiles are loaded).
+bool has_tensor_core_path() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 8;
+}
 
 }  // namespace
 
@@ -352,10 +364,10 @@ cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue fills those
   if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16)
     return cudaErrorInvalidValue;
-  if (p.dtype != DType::F32) return attention_fwd_tc(p, stream);
+  if (p.dtype != DType::F32 && has_tensor_core_path()) return attention_fwd_tc(p, stream);
   const int dp = padded_dim(p.D);
   const unsigned grid_x = static_cast<unsigned>(p.B) * p.Hq;
-  TFK_ATTN_LAUNCH(attn_fwd_kernel, fwd_smem, grid_x, p.Tq);
+  TFK_DISPATCH(p.dtype, [&] { TFK_ATTN_LAUNCH(attn_fwd_kernel, fwd_smem, grid_x, p.Tq, scalar_t); });
   return cudaGetLastError();
 }
 
@@ -367,13 +379,15 @@ cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   const unsigned delta_blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
   TFK_DISPATCH(p.dtype, [&] { attn_bwd_delta_kernel<scalar_t><<<delta_blocks, kThreads, 0, stream>>>(p); });
-  if (p.dtype != DType::F32) {
+  if (p.dtype != DType::F32 && has_tensor_core_path()) {
     const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : attention_bwd_tc(p, stream);
   }
   const int dp = padded_dim(p.D);
-  TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk);
-  TFK_ATTN_LAUNCH(attn_bwd_dq_kernel, dq_smem, static_cast<unsigned>(p.B) * p.Hq, p.Tq);
+  TFK_DISPATCH(p.dtype, [&] {
+    TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk, scalar_t);
+    TFK_ATTN_LAUNCH(attn_bwd_dq_kernel, dq_smem, static_cast<unsigned>(p.B) * p.Hq, p.Tq, scalar_t);
+  });
   return cudaGetLastError();
 }
 

@@ -42,7 +42,20 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], c
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
-#ifndef TFKERNELS_CUDA_EMULATION
+#if !defined(TFKERNELS_CUDA_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+
+// Compiled for an older GPU (a JIT build for the local sm_70/sm_75 card): the tensor-core kernels
+// still compile, and are never launched there (attention.cu checks the compute capability).
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&)[4], const void*) { __trap(); }
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&)[4], const uint32_t (&)[4], uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void cp_async_16(void*, const void*, bool) { __trap(); }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+
+#elif !defined(TFKERNELS_CUDA_EMULATION)
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

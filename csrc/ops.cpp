@@ -56,9 +56,8 @@ void check_attn_launch(cudaError_t err, const char* op, const tfk::AttnParams& p
   const bool fp32 = p.dtype == tfk::DType::F32;
   TORCH_CHECK(err != cudaErrorInvalidValue, "tfkernels_cuda.", op, ": CUDA error: ", cudaGetErrorString(err),
               " (head dim ", p.D, " in ", fp32 ? "float32" : p.dtype == tfk::DType::F16 ? "float16" : "bfloat16",
-              " needs more shared memory per block than this GPU allows",
-              fp32 ? ", even with 16-row tiles; use the triton backend, or a 16-bit dtype)"
-                   : ", even with one pipeline stage (sm_80 and newer GPUs have enough); use the triton backend)");
+              " needs more shared memory per block than this GPU allows, even with the smallest tiles; "
+              "use the triton backend", fp32 ? ", or a 16-bit dtype on an sm_80 or newer GPU)" : ")");
   check_launch(err, op);
 }
 

@@ -268,6 +268,19 @@ def _check_gqa_and_mask(capfd, D, dtype) -> str:
     return trace
 
 
+# Before sm_80 (T4, RTX 20xx: where Triton's support ends, so where this backend matters most) there
+# is no mma.sync m16n8k16 or cp.async: fp16/bf16 attention takes the FMA path, tiles converted to fp32.
+# The emulated sm_75 fails any launch that uses the sm_80 instructions, so passing here proves the path.
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's compute capability is settable; a GPU's is not")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_16bit_before_sm80(monkeypatch, capfd, dtype):
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_TRACE", "1")
+    assert _launch_tiles(_check_gqa_and_mask(capfd, 72, dtype)) == {64}
+    q = torch.randn(2, 2, 33, 256, device=DEV, dtype=dtype)
+    _att_check(q, q.flip(2), q.flip(1), dtype, is_causal=True)
+
+
 @pytest.mark.skipif(not CUDA_EMULATED, reason="the emulated device's shared-memory limit is settable; a GPU's is not")
 @pytest.mark.parametrize("dtype, what", [
     (torch.float32, "head dim 256 in float32 needs more shared memory"),   # 64 KiB: sm_75

@@ -319,6 +319,10 @@ def test_tensor_core_fragments_and_async_copies(tmp_path, runtime_obj):
     assert exited.startswith("719 ") and "in flight at thread exit" in exited
     assert bad_copy.startswith("719 ") and "cp.async" in bad_copy
     assert bad_ldmatrix.startswith("719 ") and "ldmatrix" in bad_ldmatrix
+    # on an emulated sm_75 GPU the sm_80 instructions fail the launch
+    old_gpu = run_cuda(tmp_path, runtime_obj, TENSOR_CORES, env={"TFKERNELS_CUDA_EMU_CC": "75"}).splitlines()
+    assert old_gpu[0].startswith("719 ") and old_gpu[1].startswith("719 ")  # the products
+    assert old_gpu[3].startswith("719 ") and "cp.async: needs an sm_80 GPU" in old_gpu[3]
 
 
 CONVERT = r"""

@@ -255,6 +255,13 @@ float half_bits_to_f32(uint32_t h, bool bf16) {
 
 // Every lane posts a pointer, then reads the others'; the caller ends with syncwarp() (after which
 // a lane may post again: everyone has read).
+// The sm_80 instructions on an emulated older GPU: the launch fails, as with an illegal instruction.
+bool sm80(const char* what) {
+  if (compute_capability() >= 80) return true;
+  set_error(cudaErrorLaunchFailure, what);
+  return false;
+}
+
 const void* const* warp_table(const void* mine) {
   Warp& w = g_block->warps[g_block->cur->linear / 32];
   w.table[g_block->cur->linear & 31] = mine;
@@ -269,6 +276,7 @@ uint16_t u16(const void* row, int i) { return static_cast<const uint16_t*>(row)[
 // matrix j. Lane l receives in r[j] row l/4, columns 2(l%4) and 2(l%4)+1 of matrix j, or with
 // .trans the transposed elements: rows 2(l%4) and 2(l%4)+1 of column l/4.
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  sm80("ldmatrix with mma.sync: needs an sm_80 GPU");
   if ((reinterpret_cast<uintptr_t>(row) & 15u) != 0 || !in_smem(row, 16))
     set_error(cudaErrorLaunchFailure, "ldmatrix: row address not 16-byte aligned or not in shared memory");
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
@@ -294,6 +302,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
   struct Frag {
     uint32_t a[4], b[2];
   };
+  sm80("mma.sync m16n8k16: needs an sm_80 GPU");
   const Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
   const void* const* all = warp_table(&mine);
@@ -316,6 +325,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
 // cp.async.cg.shared.global (16 bytes, zero-filled when !valid): queued on the issuing thread, and
 // done by the cp.async.wait_group that covers its group.
 void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  if (!sm80("cp.async: needs an sm_80 GPU")) return;
   if ((reinterpret_cast<uintptr_t>(dst) & 15u) != 0 || !in_smem(dst, bytes) ||
       (valid && (reinterpret_cast<uintptr_t>(src) & 15u) != 0)) {
     set_error(cudaErrorLaunchFailure, "cp.async: destination not 16-byte aligned shared memory, or source not 16-byte aligned");
@@ -347,6 +357,12 @@ int smem_optin() {
   const char* env = std::getenv("TFKERNELS_CUDA_EMU_SMEM");
   const int v = env ? std::atoi(env) : 0;
   return v > 0 ? v : 232448;  // H100: 227 KiB
+}
+
+int compute_capability() {
+  const char* env = std::getenv("TFKERNELS_CUDA_EMU_CC");
+  const int v = env ? std::atoi(env) : 0;
+  return v > 0 ? v : 90;
 }
 
 void set_func_smem(const void* func, int bytes) {
@@ -488,6 +504,8 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = 48 * 1024; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = tfk_emu::smem_optin(); return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = tfk_emu::compute_capability() / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = tfk_emu::compute_capability() % 10; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }

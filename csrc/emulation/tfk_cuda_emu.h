@@ -17,6 +17,8 @@
 //
 // Device: TFKERNELS_CUDA_EMU_SMEM (bytes, default 232448 = H100) is the opt-in shared memory limit,
 // read at each query, so tests can shrink it to reach the kernels' smaller tile configurations.
+// TFKERNELS_CUDA_EMU_CC (default 90) is the compute capability it reports; below 80 the sm_80
+// instructions (mma.sync, cp.async, and ldmatrix with them) fail the launch, as on such a GPU.
 // TFKERNELS_CUDA_EMU_TRACE=1 prints every launch's configuration to stderr.
 #pragma once
 
@@ -63,6 +65,8 @@ enum cudaDeviceAttr : int {
   cudaDevAttrMaxThreadsPerBlock = 1,
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -94,6 +98,7 @@ void cp_async(void* dst, const void* src, int bytes, bool valid);
 void cp_async_commit();
 void cp_async_wait(int pending);
 int smem_optin();
+int compute_capability();  // TFKERNELS_CUDA_EMU_CC, e.g. 90 (default) or 75
 void set_func_smem(const void* func, int bytes);
 
 template <typename... P>
