@@ -1,5 +1,6 @@
 // fp16/bf16 attention forward and backward on tensor cores, FlashAttention-2 style, with the op's
-// semantics from attention_common.cuh (see attention.cu for the math and the contract).
+// semantics from attention_common.cuh (see attention.cu for the math and the contract). sm_80 and newer
+// (mma.sync m16n8k16, cp.async); attention.cu sends older GPUs to its FMA path.
 //
 // Each warp owns 16 rows of a 64-row block and keeps its products in registers as mma.sync
 // m16n8k16 fragments (csrc/mma.cuh): S = Q K^T is an fp32 C fragment; the online softmax works on it
