@@ -26,6 +26,8 @@
 #   CPU_CHECK=1        no GPU here: say so, skip GPU-only steps, run the rest with small sizes (how this
 #                      script is checked off-GPU). Without it, a machine with no GPU is an error.
 #   PARTS=triton,cuda  tests: PARTS=triton skips the CUDA build; PARTS=cuda runs only the backend="cuda" cases
+#   SANITIZE=0         tests: 1 ends the stage with compute-sanitizer racecheck + memcheck on the C++
+#                      attention cases (SANITIZE_K selects them, SANITIZE_CAP=200 s for both)
 #   TESTS=tests        tests: the pytest targets (space-separated words)
 #   PYTHON=python3  MAXFAIL=20  XDIST=8 (pytest -n, when pytest-xdist is installed; 0 = off)
 #   BUILD_CAP=330  TRAIN_STEPS=60   step timeout / sizes
@@ -154,8 +156,21 @@ case "$STAGE" in
       log "== NO GPU: no CUDA extension build; the pytest step runs a small CPU selection"
       read -r -a targets <<<"${TESTS:-tests/test_backend.py tests/test_benchmarks_smoke.py::test_finetune_bench_smoke}"
     fi
-    # 2. the whole suite on CUDA, what is left of the stage
-    pytest_run "pytest ${targets[*]}" 600 junit.xml "${targets[@]}"
+    # 2. the whole suite on CUDA (SANITIZE=1: all but SANITIZE_CAP seconds of what is left)
+    pytest_run "pytest ${targets[*]}" $(($(left) - (${SANITIZE:-0} == 1 ? ${SANITIZE_CAP:-200} : 0))) junit.xml "${targets[@]}"
+    # 3. SANITIZE=1: the C++ attention cases under compute-sanitizer: racecheck (shared-memory hazards
+    #    between threads, which the CPU emulation cannot show), then memcheck (out-of-bounds global
+    #    accesses). Slow (10-100x), hence a small selection, SANITIZE_K.
+    if [ "${SANITIZE:-0}" = 1 ] && ((GPU)); then
+      if command -v compute-sanitizer >/dev/null; then
+        for tool in racecheck memcheck; do
+          step "compute-sanitizer --tool $tool" $((${SANITIZE_CAP:-200} / 2)) compute-sanitizer --tool "$tool" \
+            --error-exitcode 3 "$PY" -m pytest -q -x tests/test_cuda_backend.py -k "${SANITIZE_K:-test_attention and 128}"
+        done
+      else
+        log "== SANITIZE=1 but compute-sanitizer is not on PATH: skipped"
+      fi
+    fi
     ;;
   bench)
     install

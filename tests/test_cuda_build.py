@@ -87,3 +87,22 @@ def test_glue_compiles(tmp_path):
            f"-I{cinc}", f"-I{stubs}", f"-I{CSRC}", str(CSRC / "ops.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, "ops.cpp does not compile:\n" + proc.stderr[-6000:]
+
+
+def test_a_killed_build_does_not_block_the_next(tmp_path, monkeypatch):
+    """torch's build lock is a plain file that a killed build leaves behind; the next build (JIT or
+    emulated) would wait on it forever. locked_load holds an flock instead and clears the stale file."""
+    from torch.utils import cpp_extension
+
+    from tfkernels import _cuda_ext
+
+    (tmp_path / "lock").write_text("")  # what a build killed mid-compile leaves
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs, lock_left=(tmp_path / "lock").exists())
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert _cuda_ext.locked_load(str(tmp_path), name="x", sources=["a.cpp"]) == "module"
+    assert seen == {"build_directory": str(tmp_path), "name": "x", "sources": ["a.cpp"], "lock_left": False}

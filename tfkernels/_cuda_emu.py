@@ -56,7 +56,8 @@ def _inputs() -> list[str]:
 def build():
     """Compile (or reuse the cached build of) the emulated extension; returns its module."""
     import torch
-    from torch.utils import cpp_extension
+
+    from ._cuda_ext import locked_load
 
     if not os.path.isdir(_EMU):
         raise RuntimeError(f"the csrc/ sources are not available (looked in {_CSRC}); install from a source checkout")
@@ -82,12 +83,12 @@ def build():
                     fh.write(text)
             sources.append(dst)
     sources += [os.path.join(_CSRC, "ops.cpp"), os.path.join(_EMU, "tfk_cuda_emu.cpp")]
-    return cpp_extension.load(
+    return locked_load(
+        build_dir,
         name=NAME,
         sources=sources,
         # the stand-in CUDA headers come first; csrc/ for kernels.h and common.cuh
         extra_include_paths=[os.path.join(_EMU, "include"), _CSRC],
         extra_cflags=FLAGS,
-        build_directory=build_dir,
         verbose=os.environ.get("TFKERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
     )

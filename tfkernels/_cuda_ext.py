@@ -110,6 +110,28 @@ def _source_files() -> list[str]:
     return sorted(os.path.join(_CSRC, f) for f in os.listdir(_CSRC) if f.endswith((".cu", ".cpp", ".h", ".cuh")))
 
 
+def locked_load(build_dir: str, **kwargs):
+    """torch.utils.cpp_extension.load(build_directory=build_dir, **kwargs) under an OS file lock.
+
+    torch's own build lock is a plain file (`lock` in the build directory): a build that is killed
+    leaves it behind, and every later build then waits for it forever, or gives up and fails to
+    import a module that was never built. An flock dies with its process, so whoever holds it knows
+    that any `lock` file left in the directory is stale and removes it.
+    """
+    from torch.utils import cpp_extension
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        return cpp_extension.load(build_directory=build_dir, **kwargs)
+    with open(os.path.join(build_dir, "tfkernels-build.flock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # held until this build ends; released by the OS if it dies
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+        return cpp_extension.load(build_directory=build_dir, **kwargs)
+
+
 def _arch_flags() -> list[str]:
     import torch
 
@@ -163,13 +185,13 @@ def _load_jit() -> None:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     build_dir = os.path.join(cache, "tfkernels", f"{torch.__version__}-{h.hexdigest()[:16]}")
     os.makedirs(build_dir, exist_ok=True)
-    cpp_extension.load(
+    locked_load(
+        build_dir,
         name=_JIT_NAME,
         sources=sources,
         extra_include_paths=[_CSRC],
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=cuda_flags,
-        build_directory=build_dir,
         verbose=os.environ.get("TFKERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
     )
     _state["ops"] = _registered()
