@@ -157,7 +157,7 @@ case "$STAGE" in
       read -r -a targets <<<"${TESTS:-tests/test_backend.py tests/test_benchmarks_smoke.py::test_finetune_bench_smoke}"
     fi
     # 2. the whole suite on CUDA (SANITIZE=1: all but SANITIZE_CAP seconds of what is left)
-    pytest_run "pytest ${targets[*]}" $(($(left) - (${SANITIZE:-0} == 1 ? ${SANITIZE_CAP:-200} : 0))) junit.xml "${targets[@]}"
+    pytest_run "pytest ${targets[*]}" $(($(left) - (${SANITIZE:-0} == 1 && GPU ? ${SANITIZE_CAP:-200} : 0))) junit.xml "${targets[@]}"
     # 3. SANITIZE=1: the C++ attention cases under compute-sanitizer: racecheck (shared-memory hazards
     #    between threads, which the CPU emulation cannot show), then memcheck (out-of-bounds global
     #    accesses). Slow (10-100x), hence a small selection, SANITIZE_K.
