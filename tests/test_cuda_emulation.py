@@ -323,6 +323,7 @@ def test_tensor_core_fragments_and_async_copies(tmp_path, runtime_obj):
     old_gpu = run_cuda(tmp_path, runtime_obj, TENSOR_CORES, env={"TFKERNELS_CUDA_EMU_CC": "75"}).splitlines()
     assert old_gpu[0].startswith("719 ") and old_gpu[1].startswith("719 ")  # the products
     assert old_gpu[3].startswith("719 ") and "cp.async: needs an sm_80 GPU" in old_gpu[3]
+    assert "ldmatrix: row address not 16-byte aligned" in old_gpu[6]  # ldmatrix itself exists on sm_75
 
 
 CONVERT = r"""

@@ -255,9 +255,10 @@ float half_bits_to_f32(uint32_t h, bool bf16) {
 
 // Every lane posts a pointer, then reads the others'; the caller ends with syncwarp() (after which
 // a lane may post again: everyone has read).
-// The sm_80 instructions on an emulated older GPU: the launch fails, as with an illegal instruction.
-bool sm80(const char* what) {
-  if (compute_capability() >= 80) return true;
+// An instruction newer than the emulated GPU (TFKERNELS_CUDA_EMU_CC): the launch fails, as with an
+// illegal instruction.
+bool needs_arch(int cc, const char* what) {
+  if (compute_capability() >= cc) return true;
   set_error(cudaErrorLaunchFailure, what);
   return false;
 }
@@ -276,7 +277,7 @@ uint16_t u16(const void* row, int i) { return static_cast<const uint16_t*>(row)[
 // matrix j. Lane l receives in r[j] row l/4, columns 2(l%4) and 2(l%4)+1 of matrix j, or with
 // .trans the transposed elements: rows 2(l%4) and 2(l%4)+1 of column l/4.
 void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
-  sm80("ldmatrix with mma.sync: needs an sm_80 GPU");
+  needs_arch(75, "ldmatrix: needs an sm_75 GPU");
   if ((reinterpret_cast<uintptr_t>(row) & 15u) != 0 || !in_smem(row, 16))
     set_error(cudaErrorLaunchFailure, "ldmatrix: row address not 16-byte aligned or not in shared memory");
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
@@ -302,7 +303,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
   struct Frag {
     uint32_t a[4], b[2];
   };
-  sm80("mma.sync m16n8k16: needs an sm_80 GPU");
+  needs_arch(80, "mma.sync m16n8k16 (f16/bf16): needs an sm_80 GPU");
   const Frag mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
   const int lane = lane_id(), g = lane / 4, t = lane % 4;
   const void* const* all = warp_table(&mine);
@@ -325,7 +326,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
 // cp.async.cg.shared.global (16 bytes, zero-filled when !valid): queued on the issuing thread, and
 // done by the cp.async.wait_group that covers its group.
 void cp_async(void* dst, const void* src, int bytes, bool valid) {
-  if (!sm80("cp.async: needs an sm_80 GPU")) return;
+  if (!needs_arch(80, "cp.async: needs an sm_80 GPU")) return;
   if ((reinterpret_cast<uintptr_t>(dst) & 15u) != 0 || !in_smem(dst, bytes) ||
       (valid && (reinterpret_cast<uintptr_t>(src) & 15u) != 0)) {
     set_error(cudaErrorLaunchFailure, "cp.async: destination not 16-byte aligned shared memory, or source not 16-byte aligned");

@@ -17,8 +17,8 @@
 //
 // Device: TFKERNELS_CUDA_EMU_SMEM (bytes, default 232448 = H100) is the opt-in shared memory limit,
 // read at each query, so tests can shrink it to reach the kernels' smaller tile configurations.
-// TFKERNELS_CUDA_EMU_CC (default 90) is the compute capability it reports; below 80 the sm_80
-// instructions (mma.sync, cp.async, and ldmatrix with them) fail the launch, as on such a GPU.
+// TFKERNELS_CUDA_EMU_CC (default 90) is the compute capability it reports; an instruction newer
+// than it (mma.sync m16n8k16 and cp.async: 80, ldmatrix: 75) fails the launch, as on such a GPU.
 // TFKERNELS_CUDA_EMU_TRACE=1 prints every launch's configuration to stderr.
 #pragma once
 
