@@ -31,6 +31,15 @@ def _cuda_extension():
         if flag == "1":
             raise RuntimeError("TFKERNELS_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit (CUDA_HOME)")
         return [], {}
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
+        # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc)
+        # gives a root without the toolkit's headers, and the build would die deep inside g++
+        msg = (f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime_api.h; set CUDA_HOME to the CUDA toolkit's "
+               "root (e.g. /usr/local/cuda)")
+        if flag == "1":
+            raise RuntimeError(f"TFKERNELS_BUILD_CUDA=1: {msg}")
+        print(f"tfkernels: skipping the CUDA extension build: {msg}")
+        return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join(here, "csrc", "*.cu")) + glob.glob(os.path.join(here, "csrc", "*.cpp")))
     if not sources:

@@ -1,8 +1,8 @@
 // Torch glue for the tfkernels CUDA kernels: schemas (TORCH_LIBRARY) and CUDA implementations
 // (TORCH_LIBRARY_IMPL) of the torch.ops.tfkernels_cuda.* ops that tfkernels/ops/*.py call for
 // backend="cuda". Each op returns the same outputs, dtypes and shapes as its Triton launcher.
-// Only a CUDA build of torch compiles this file (it needs ATen/cuda and c10/cuda headers); the
-// kernels themselves live in the *.cu files behind the plain launch functions of kernels.h.
+// Only a CUDA build of torch compiles this file (it needs c10/cuda headers); the kernels themselves
+// live in the *.cu files behind the plain launch functions of kernels.h.
 #include <torch/extension.h>
 #ifdef TFKERNELS_CUDA_EMULATION
 // The host emulation of the kernels (csrc/emulation, tfkernels/_cuda_emu.py): the same ops, for CPU
@@ -10,8 +10,10 @@
 #define TFK_DISPATCH_KEY CPU
 #define TFK_DEVICE_GUARD(t) (void)(t)
 #else
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only, not ATen/cuda/CUDAContext.h: that one includes the cuBLAS, cuSPARSE and cuSOLVER
+// headers, which a minimal CUDA toolkit (nvcc and the runtime) does not have, and we use none of them.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #define TFK_DISPATCH_KEY CUDA
 #define TFK_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard_((t).device())
 #endif
@@ -31,7 +33,7 @@ cudaStream_t stream() { return nullptr; }
 bool on_device(const Tensor& t) { return t.is_cpu(); }
 constexpr const char* kDeviceName = "a CPU tensor (the CUDA backend is emulated)";
 #else
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 bool on_device(const Tensor& t) { return t.is_cuda(); }
 constexpr const char* kDeviceName = "a CUDA tensor";
 #endif

@@ -55,6 +55,26 @@ def test_cuda_jit_can_be_disabled(monkeypatch):
     assert "TFKERNELS_CUDA_JIT=0" in _cuda_ext.unavailable_reason()
 
 
+def test_cuda_jit_names_a_cuda_home_without_headers(monkeypatch, tmp_path):
+    """torch takes CUDA_HOME from the nvcc on PATH; when that is a wrapper script (/usr/local/bin/nvcc)
+    the root has no toolkit headers: say so, instead of failing deep inside g++."""
+    from torch.utils import cpp_extension
+
+    from tfkernels import _cuda_ext
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexec /usr/local/cuda-13.0/bin/nvcc \"$@\"\n")
+    monkeypatch.setenv("TFKERNELS_CUDA_JIT", "1")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setitem(_cuda_ext._state, "error", "the CUDA C++ extension is not built")
+    monkeypatch.setattr(_cuda_ext, "locked_load", lambda *a, **k: pytest.fail("must not start a build"))
+    _cuda_ext._load_jit()
+    reason = _cuda_ext.unavailable_reason()
+    assert f"CUDA_HOME={tmp_path} has no include/cuda_runtime_api.h" in reason and "/usr/local/cuda" in reason
+
+
 def test_triton_needs_cuda_or_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(tfkernels.BackendUnavailableError, match="TRITON_INTERPRET"):

@@ -1,10 +1,15 @@
 """CI guard for the CUDA fallback: compile the csrc/ sources with the machine's toolchain, no GPU needed.
 
 - every csrc/*.cu with nvcc, compile only (-c), for sm_75, sm_80 and sm_90 (skipped only without nvcc);
-- csrc/ops.cpp (the torch glue) syntax-checked against the installed torch headers. A CPU build of
-  torch ships ATen/cuda and c10/cuda headers but not the cuBLAS/cuSPARSE/cuSOLVER headers they
-  include (nor does the toolkit here), so a few opaque typedefs stand in for those; the glue uses
-  none of them. Skipped when the torch headers or the CUDA runtime headers are missing.
+- csrc/ops.cpp (the torch glue) syntax-checked against the installed torch headers and the CUDA
+  runtime headers alone. A CPU build of torch ships the c10/cuda headers but not the cmake-generated
+  macros header they include, so an empty one stands in for it. No stand-ins for cuBLAS/cuSPARSE/
+  cuSOLVER: the glue must not need them (ATen/cuda/CUDAContext.h does), because a minimal CUDA
+  toolkit, like this machine's, does not have them. Skipped when the torch or CUDA runtime headers
+  are missing.
+
+The nvcc flags include the ones torch's CUDAExtension adds (no implicit half/bfloat16 conversions
+or operators), so a kernel that compiles here also compiles in the real build.
 """
 import os
 import shutil
@@ -19,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ARCHS = ["75", "80", "90"]  # 75: a JIT build on a T4 / RTX 20 card, where Triton support ends
+# what torch.utils.cpp_extension adds to every nvcc command (COMMON_NVCC_FLAGS)
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 
 NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                 if os.environ.get("CUDA_HOME") else None)
@@ -38,7 +46,7 @@ def test_kernels_compile(tmp_path):
     def compile_one(job):
         src, arch = job
         cmd = [NVCC, "-std=c++17", "-O2", "-c", str(src), "-o", str(tmp_path / f"{src.stem}.sm{arch}.o"),
-               "-I", str(CSRC), "-Xcompiler", "-Wall", "-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+               "-I", str(CSRC), "-Xcompiler", "-Wall", "-gencode", f"arch=compute_{arch},code=sm_{arch}", *TORCH_NVCC_FLAGS]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         return f"{src.name} (sm_{arch})", proc.returncode, proc.stdout + proc.stderr
 
@@ -50,14 +58,7 @@ def test_kernels_compile(tmp_path):
     assert not failed, "nvcc failed:\n" + "\n".join(failed)
 
 
-_STUBS = {
-    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\ntypedef int cublasStatus_t;\n",
-    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;\n",
-    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\ntypedef int cusparseStatus_t;\n",
-    "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
-    "cusolver_common.h": "typedef int cusolverStatus_t;\n",
-    "c10/cuda/impl/cuda_cmake_macros.h": "",
-}
+_STUBS = {"c10/cuda/impl/cuda_cmake_macros.h": ""}  # generated at torch's build; absent from its CPU wheels
 
 
 def _cuda_include():
@@ -74,14 +75,13 @@ def test_glue_compiles(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
     tinc = Path(torch.__file__).parent / "include"
     cinc = _cuda_include()
-    if cxx is None or cinc is None or not (tinc / "ATen" / "cuda" / "CUDAContext.h").exists():
-        pytest.skip("needs g++, the CUDA runtime headers and torch's ATen/cuda headers")
-    stubs = tmp_path / "stubs"
+    if cxx is None or cinc is None or not (tinc / "c10" / "cuda" / "CUDAStream.h").exists():
+        pytest.skip("needs g++, the CUDA runtime headers and torch's c10/cuda headers")
+    stubs = tmp_path / "stubs"  # searched after torch's own include dir, so a real header wins
     for name, text in _STUBS.items():
         path = stubs / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        real = [d for d in (tinc, cinc) if (d / name).exists()]
-        path.write_text("#pragma once\n" + ("" if real else text))
+        path.write_text("#pragma once\n" + text)
     cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
            f"-I{tinc}", f"-I{tinc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{sysconfig.get_paths()['include']}",
            f"-I{cinc}", f"-I{stubs}", f"-I{CSRC}", str(CSRC / "ops.cpp")]

@@ -171,6 +171,10 @@ def _load_jit() -> None:
         _state["error"] = ("nvcc was not found (set CUDA_HOME to a CUDA toolkit), so the CUDA C++ extension cannot be "
                            "JIT-compiled; or build it at install: TFKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .")
         return
+    if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime_api.h")):
+        _state["error"] = (f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime_api.h (an nvcc wrapper "
+                           "on PATH?); set CUDA_HOME to the CUDA toolkit's root, e.g. /usr/local/cuda")
+        return
     files = _source_files()
     sources = [f for f in files if f.endswith((".cu", ".cpp"))]
     if not sources:
