@@ -7,6 +7,7 @@ torch's. CUDA-only tests apply FlashAttention's rule to fp16/bf16.
 """
 import importlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,32 @@ def test_dropout_statistics(backend):
     mean = out.mean().item()
     assert abs(mean - 1.0) < 0.03, mean
     assert out.std().item() > 0.01  # it did drop something
+
+
+def _philox_uniform(seed: int, offset: int) -> np.float32:
+    """The dropout contract written out in plain Python: Philox-4x32, 10 rounds, key (lo, hi) of the
+    seed, counter (lo, hi, 0, 0) of the offset; c0 as int32 (negatives to -x - 1) times 2^-31."""
+    m32 = 0xFFFFFFFF
+    c0, c1, c2, c3 = offset & m32, (offset >> 32) & m32, 0, 0
+    k0, k1 = seed & m32, (seed >> 32) & m32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & m32, (p0 >> 32) ^ c3 ^ k1, p0 & m32
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    x = c0 - (1 << 32) if c0 >> 31 else c0
+    return np.float32(-x - 1 if x < 0 else x) * np.float32(4.6566127342e-10)
+
+
+def test_dropout_stream_is_the_contract():
+    """The keep mask is a fixed function of (seed, offset), whatever Triton is installed (3.2's
+    tl.rand drew another stream for int64 offsets); the cuda backend's tests check that it matches
+    the Triton kernels. Offsets past 2^32 (B*H*T_q*T_k > 4G elements) use the counter's high word;
+    seeds past 2^32 the key's."""
+    p = 0.5
+    for seed, base in [(987654, 0), (2**31 - 2, 5 * 2**32 - 40), (2**40 + 12345, 3 * 2**32 + 7)]:
+        got = attn_mod._dropout_keep_at(seed, base, 64, p, device=DEVICE).cpu().tolist()
+        want = [bool(_philox_uniform(seed, base + i) >= p) for i in range(64)]
+        assert got == want, (seed, base)
 
 
 @pytest.mark.parametrize("case", [(1, 2, 2, 37, 45, 32, False), (1, 4, 2, 29, 37, 40, True)], ids=["plain", "gqa_causal"])

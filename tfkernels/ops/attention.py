@@ -44,7 +44,7 @@ Semantics and limits:
 - dtypes: float16, bfloat16, float32, with fp32 accumulation everywhere. fp32 inputs use TF32 dot
   products when `torch.backends.cuda.matmul.allow_tf32` is True (read at each call), IEEE fp32
   otherwise.
-- Dropout: counter-based Philox RNG, `tl.rand(seed, offset)` with
+- Dropout: counter-based Philox RNG, `_keep(seed, offset)` (Triton 3.6's `tl.rand` stream) with
   offset = ((b * H_q + h) * T_q + i) * T_k + j (int64) and keep = (uniform >= dropout_p). The seed is
   drawn from torch's default CPU generator (`torch.randint`), so `torch.manual_seed` reproduces a
   call; the backward regenerates Z from the seed instead of storing it.
@@ -64,7 +64,7 @@ with exactly these arguments and results):
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
     To reproduce the Triton kernels' dropout bit for bit (tests replay it through `_dropout_mask`),
-    a CUDA implementation uses Triton's `tl.rand` with int64 offsets: Philox-4x32 (10 rounds,
+    a CUDA implementation uses `_keep`'s stream (Triton 3.6's `tl.rand` for int64 offsets): Philox-4x32 (10 rounds,
     key (lo(seed), hi(seed)), counter (lo(offset), hi(offset), 0, 0)), keep = uniform(c0) >= dropout_p,
     uniform(c0) = (c0 as int32, negatives mapped to -x - 1) * 4.6566127342e-10 in fp32.
 """
@@ -113,6 +113,19 @@ if triton is not None:
             tl.store(ptrs, x, mask=offs_c[None, :] < n_c)
         else:
             tl.store(ptrs, x)
+
+    @triton.jit
+    def _keep(seed, offset, dropout_p):
+        """Dropout's keep mask: uniform(seed, offset) >= dropout_p, the Philox stream of the contract.
+
+        Written out rather than `tl.rand(seed, offset)`: that is the same stream on Triton 3.6, but
+        Triton 3.2 ran int64 offsets through Philox-4x64, so the mask (and the cuda backend's
+        bit-for-bit match) would change with the installed Triton."""
+        lo = offset.to(tl.uint32)
+        hi = (offset >> 32).to(tl.uint32)
+        zero = lo * 0
+        c0, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+        return tl.uint_to_uniform_float(c0) >= dropout_p
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -237,7 +250,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
             acc = acc * alpha[:, None]
             if HAS_DROPOUT:
-                keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+                keep_d = _keep(seed, rng_row[:, None] + offs_n[None, :], dropout_p)
                 p = tl.where(keep_d, p, 0.0)
             v = _load_tile(V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                            offs_n, offs_d, Tk, D, MASKED_STAGE, not EVEN_D)  # (BLOCK_N, BLOCK_D)
@@ -366,7 +379,7 @@ if triton is not None:
             dpT = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
             if HAS_DROPOUT:
                 rng = (rng_base + offs_m[None, :]).to(tl.int64) * Tk + offs_n[:, None]
-                keep_d = tl.rand(seed, rng) >= dropout_p
+                keep_d = _keep(seed, rng, dropout_p)
                 pdT = tl.where(keep_d, pT * rp_keep, 0.0)
                 dpT = tl.where(keep_d, dpT * rp_keep, 0.0)
             else:
@@ -472,7 +485,7 @@ if triton is not None:
                 p = tl.where(_stage_valid(offs_m, offs_n, Tk, IS_CAUSAL), p, 0.0)
             dp = _dot(do, vT, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
             if HAS_DROPOUT:
-                keep_d = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+                keep_d = _keep(seed, rng_row[:, None] + offs_n[None, :], dropout_p)
                 dp = tl.where(keep_d, dp * rp_keep, 0.0)
             ds = p * (dp - delta[:, None])
             dq = _dot_acc(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)
@@ -531,9 +544,15 @@ if triton is not None:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk  # the same int64 offsets as the kernels
-        keep = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+        keep = _keep(seed, rng_row[:, None] + offs_n[None, :], dropout_p)
         tl.store(Out + rng_row[:, None] + offs_n[None, :], keep.to(tl.int8),
                  mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+    @triton.jit
+    def _dropout_keep_kernel(Out, seed, base, dropout_p, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        keep = _keep(seed, base + offs.to(tl.int64), dropout_p)
+        tl.store(Out + offs, keep.to(tl.int8), mask=offs < N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -719,6 +738,14 @@ def _dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float,
     if out.numel():
         _dropout_mask_kernel[(triton.cdiv(Tq, 16), triton.cdiv(Tk, 16), B * H)](
             out, int(seed), float(dropout_p), Tq, Tk, BLOCK_M=16, BLOCK_N=16)
+    return out.bool()
+
+
+def _dropout_keep_at(seed: int, base: int, n: int, dropout_p: float, device="cpu") -> Tensor:
+    """The keep decisions (n,) bool at RNG offsets base .. base + n - 1 (tests pin the stream with it)."""
+    out = torch.empty(n, dtype=torch.int8, device=device)
+    if n:
+        _dropout_keep_kernel[(triton.cdiv(n, 64),)](out, int(seed), int(base), float(dropout_p), n, BLOCK=64)
     return out.bool()
 
 
