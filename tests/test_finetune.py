@@ -106,17 +106,22 @@ def test_finetune_improves_and_pretrained_beats_scratch(tmp_path, gpt_ckpt):
     y, p, untrained_loss = predict(model, val(), "cpu")
     untrained = classification_metrics(confusion_matrix(y, p, 4))["accuracy"]
 
-    res = {}
-    for init in ("pretrained", "scratch"):
-        s = finetune(FinetuneConfig(ckpt=gpt_ckpt, out=str(tmp_path / init), init=init, max_steps=40, seed=1, **FT))
-        res[init] = s["eval"]
-    pre, scratch = res["pretrained"], res["scratch"]
+    # means over three seeds: one 40-step run of a model this small is noisy (on torch 2.6, whose
+    # random init differs, seed 1 alone left the pretrained run behind scratch)
+    res = {"pretrained": [], "scratch": []}
+    for seed in (1, 2, 3):
+        for init in res:
+            s = finetune(FinetuneConfig(ckpt=gpt_ckpt, out=str(tmp_path / f"{init}{seed}"), init=init, max_steps=40,
+                                        seed=seed, **FT))
+            res[init].append(s["eval"])
+    pre, scratch = ({k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "val_acc")} for runs in res.values())
     assert pre["val_acc"] > untrained + 0.2 and pre["val_loss"] < untrained_loss - 0.3, (untrained, pre)
     assert pre["val_loss"] < scratch["val_loss"] - 0.05 and pre["val_acc"] > scratch["val_acc"], res
-    rep = evaluate_checkpoint(tmp_path / "pretrained")
-    assert rep["accuracy"] == pytest.approx(pre["val_acc"]) and rep["n"] == len(read_examples("builtin:eval"))
-    assert (tmp_path / "pretrained" / "confusion.png").is_file()
-    assert (tmp_path / "pretrained" / "metrics.csv").read_text().splitlines()[0].endswith("val_acc,val_f1")
+    rep = evaluate_checkpoint(tmp_path / "pretrained1")
+    assert rep["accuracy"] == pytest.approx(res["pretrained"][0]["val_acc"])
+    assert rep["n"] == len(read_examples("builtin:eval"))
+    assert (tmp_path / "pretrained1" / "confusion.png").is_file()
+    assert (tmp_path / "pretrained1" / "metrics.csv").read_text().splitlines()[0].endswith("val_acc,val_f1")
 
 
 def _write_pairs(path, labels=("same", "diff"), n=24, fmt="csv"):

@@ -302,7 +302,18 @@ def test_swap_then_torch_compile_hf():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     ids, mask = _batch()
     with torch.no_grad():
-        out = compiled(input_ids=ids, attention_mask=mask).logits
+        try:
+            out = compiled(input_ids=ids, attention_mask=mask).logits
+        except Exception as err:
+            # some torch/transformers pairs (torch 2.6 with transformers 5) cannot compile the model at
+            # all; that is theirs to fix. A failure only the swapped model has is ours.
+            torch._dynamo.reset()
+            try:
+                torch.compile(copy.deepcopy(ref), backend="aot_eager", fullgraph=True)(input_ids=ids, attention_mask=mask)
+            except Exception as plain_err:
+                pytest.skip(f"torch {torch.__version__} cannot compile this transformers model even unswapped: "
+                            f"{type(plain_err).__name__}: {str(plain_err)[:200]}")
+            raise err
         expected = ref(input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()
     _close(out[valid], expected[valid], 2e-5, "compiled logits")

@@ -358,7 +358,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
             snap = snapshot()
             loss_avg = loss_sum / cfg.grad_accum
             if ddp:
-                torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.AVG)
+                # SUM, then divide: Gloo refuses ReduceOp.AVG on older torch (2.6 raised)
+                torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.SUM)
+                loss_avg = loss_avg / world
             loss_val = loss_avg.item()  # synchronizes: the timings below are real
             losses[step] = loss_val
             tok_log += tokens_per_step if task is None else task.tokens_seen(cfg, world)
