@@ -20,8 +20,9 @@ inline int max_smem_optin() {
 
 // ------------------------------------------------------------------------------ dropout RNG
 
-// Triton's tl.rand(seed, offset) for an int64 offset: Philox-4x32, 10 rounds, counter
-// (lo(offset), hi(offset), 0, 0), key (lo(seed), hi(seed)); first word -> float in [0, 1).
+// The Triton kernels' dropout draw (`_keep` in tfkernels/ops/attention.py; Triton 3.6's tl.rand for
+// an int64 offset): Philox-4x32, 10 rounds, counter (lo(offset), hi(offset), 0, 0), key (lo(seed),
+// hi(seed)); first word -> float in [0, 1).
 __device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t offset) {
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
