@@ -32,6 +32,7 @@ constexpr int kWarps = 4;
 constexpr int kTcThreads = 32 * kWarps;
 constexpr int kRows = 16 * kWarps;  // rows of the block's own tile: queries (fwd, dQ) or keys (dK/dV)
 constexpr int kPad = 8;             // elements (16 bytes) of padding per shared-memory row
+constexpr float kLog2e = 1.4426950408889634f;
 
 template <int DP>
 struct Tile {
@@ -215,42 +216,72 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
 
   const int i0 = blk.m0 + warp * 16 + (lane >> 2);  // this lane's rows: i0 and i0 + 8
   const T* qrow = a_row<DP>(sQ, warp * 16, lane);
+  // Tiles that need no per-element rule (no mask, no dropout, every key in range and, when causal,
+  // below this warp's first row) take a lean path: at fp16/bf16 tensor-core rates, the FP32/integer
+  // work per score is what bounds the loop, and the general rules cost ~20 instructions a score.
+  const bool plain_kernel = p.mask_kind == 0 && p.dropout_p <= 0.0f;
+  const int warp_row0 = blk.m0 + warp * 16;
   float o[DT][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // this lane's part; the group's 4 lanes are summed at the end
   for (int it = 0; it < blk.steps; ++it) {
     pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
     const int n0 = it * Block::BN;
+    // warp-uniform: no divergence between the two paths
+    const bool plain = plain_kernel && n0 + Block::BN <= p.Tk && (!p.causal || n0 + Block::BN - 1 <= warp_row0);
     float s[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
+    if (plain) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = score(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-      }
-    float alpha[2];
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] *= p.scale;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] = score(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+    }
+    float alpha[2], max_log2[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       const float m_new = fmaxf(row_max[r], mx[r]);
-      alpha[r] = m_new == -INFINITY ? 1.0f : expf(row_max[r] - m_new);  // exp(-inf) = 0 on the first tile
+      // exp(x - m) as exp2(x log2e - m log2e): one FFMA and ex2, where expf costs ~8 instructions
+      alpha[r] = m_new == -INFINITY ? 1.0f : exp2f((row_max[r] - m_new) * kLog2e);  // 0 on the first tile
       row_max[r] = m_new;
+      max_log2[r] = m_new * kLog2e;
       row_sum[r] *= alpha[r];
     }
     // P (unnormalised; dropped and rescaled for P V, not for the sum) in place of S
+    if (plain) {  // this tile's scores are finite, so the row max is too
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float pr = row_max[r] == -INFINITY ? 0.0f : expf(s[n][e] - row_max[r]);
-        row_sum[r] += pr;
-        s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
-      }
+        for (int e = 0; e < 4; ++e) {
+          const float pr = exp2f(fmaf(s[n][e], kLog2e, -max_log2[e >> 1]));
+          row_sum[e >> 1] += pr;
+          s[n][e] = pr;
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const float pr = row_max[r] == -INFINITY ? 0.0f : exp2f(fmaf(s[n][e], kLog2e, -max_log2[r]));
+          row_sum[r] += pr;
+          s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
+        }
+    }
 #pragma unroll
     for (int d = 0; d < DT; ++d) {
       o[d][0] *= alpha[0];

@@ -206,6 +206,17 @@ def test_attention(case, dtype):
     _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_attention_16bit_plain_tiles(dtype, causal):
+    """The forward's lean path for key tiles that need no per-element rule (no mask, no dropout, all
+    keys in range, and when causal, every key below the warp's first row), next to tiles that do:
+    T = 200 is three full 64-key tiles and a ragged one, and causal rows from 64 on see full tiles."""
+    torch.manual_seed(31 + causal)
+    q, k, v = (torch.randn(1, 2, 200, 64, device=DEV, dtype=dtype) for _ in range(3))
+    _att_check(q, k, v, dtype, is_causal=causal)
+
+
 def _launch_tiles(trace: str) -> set:
     """The fp32 attention tile heights BM seen in a TFKERNELS_CUDA_EMU_TRACE log: every attention kernel
     runs 128 threads on a (heads, ceil(T / BM)) grid; the test shapes below tell the BMs apart."""
