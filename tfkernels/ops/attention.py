@@ -27,7 +27,7 @@ Kernels (Triton, written like the fused-attention tutorial):
   heads and over query blocks (skipping, when causal, those entirely above the diagonal), keeps dK
   and dV in fp32 registers. No atomics: deterministic, and GQA's sum over heads happens in-kernel.
 - `_attn_bwd_dq`: one program per (BLOCK_M2 query rows, b*H_q + h); walks K/V blocks like the forward.
-- `_dropout_mask_kernel`: materialises the keep mask Z for tests (same RNG call as the kernels).
+- `_dropout_keep_kernel`: materialises the keep mask Z for tests (same RNG call as the kernels).
 
 Semantics and limits:
 - q (B, H_q, T_q, D), k (B, H_kv, T_k, D), v (B, H_kv, T_k, D); any strides (incl. 0); output
@@ -64,8 +64,9 @@ with exactly these arguments and results):
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
     To reproduce the Triton kernels' dropout bit for bit (tests replay it through `_dropout_mask`),
-    a CUDA implementation uses `_keep`'s stream (Triton 3.6's `tl.rand` for int64 offsets): Philox-4x32 (10 rounds,
-    key (lo(seed), hi(seed)), counter (lo(offset), hi(offset), 0, 0)), keep = uniform(c0) >= dropout_p,
+    a CUDA implementation uses `_keep`'s stream (Triton 3.6's `tl.rand` for int64 offsets):
+    Philox-4x32 (10 rounds, key (lo(seed), hi(seed)), counter (lo(offset), hi(offset), 0, 0)),
+    keep = uniform(c0) >= dropout_p,
     uniform(c0) = (c0 as int32, negatives mapped to -x - 1) * 4.6566127342e-10 in fp32.
 """
 from __future__ import annotations
@@ -535,21 +536,8 @@ if triton is not None:
                     dq.to(DQ.dtype.element_ty), offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
 
     @triton.jit
-    def _dropout_mask_kernel(
-        Out,  # pointer to the keep mask, shape (B*H, Tq, Tk), int8 contiguous
-        seed, dropout_p, Tq, Tk,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        bh = tl.program_id(2)
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk  # the same int64 offsets as the kernels
-        keep = _keep(seed, rng_row[:, None] + offs_n[None, :], dropout_p)
-        tl.store(Out + rng_row[:, None] + offs_n[None, :], keep.to(tl.int8),
-                 mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
-
-    @triton.jit
     def _dropout_keep_kernel(Out, seed, base, dropout_p, N, BLOCK: tl.constexpr):
+        """Out[i] = keep at RNG offset base + i, i < N (int8)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         keep = _keep(seed, base + offs.to(tl.int64), dropout_p)
         tl.store(Out + offs, keep.to(tl.int8), mask=offs < N)
@@ -733,12 +721,9 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
 
 
 def _dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device="cpu") -> Tensor:
-    """The keep mask (B, H, Tq, Tk) bool that the kernels apply for `seed` (tests replay it)."""
-    out = torch.empty((B, H, Tq, Tk), dtype=torch.int8, device=device)
-    if out.numel():
-        _dropout_mask_kernel[(triton.cdiv(Tq, 16), triton.cdiv(Tk, 16), B * H)](
-            out, int(seed), float(dropout_p), Tq, Tk, BLOCK_M=16, BLOCK_N=16)
-    return out.bool()
+    """The keep mask (B, H, Tq, Tk) bool that the kernels apply for `seed` (tests replay it): the RNG
+    offset of (b, h, i, j), ((b * H + h) * Tq + i) * Tk + j, is the element's index in that layout."""
+    return _dropout_keep_at(seed, 0, B * H * Tq * Tk, dropout_p, device).view(B, H, Tq, Tk)
 
 
 def _dropout_keep_at(seed: int, base: int, n: int, dropout_p: float, device="cpu") -> Tensor:
