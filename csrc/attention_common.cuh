@@ -52,11 +52,13 @@ __device__ __forceinline__ float load_mask_f(const void* m, int64_t off, DType d
 }
 
 // The masked, scaled score for query i, key j of head (b, h) from the raw q.k product; -inf when
-// masked or out of bounds.
+// masked or out of bounds. RULES = false compiles the mask out (for launches without one, see
+// needs_rules): bounds and causality are all that is left.
+template <bool RULES = true>
 __device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk) {
   if (i >= p.Tq || j >= p.Tk || (p.causal && j > i)) return -INFINITY;
   float s = qk * p.scale;
-  if (p.mask_kind != 0) {
+  if (RULES && p.mask_kind != 0) {
     const int64_t off = b * p.m_s[0] + h * p.m_s[1] + static_cast<int64_t>(i) * p.m_s[2] + static_cast<int64_t>(j) * p.m_s[3];
     if (p.mask_kind == 1) {
       if (static_cast<const uint8_t*>(p.mask)[off] == 0) return -INFINITY;
@@ -67,12 +69,17 @@ __device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i,
   return s;
 }
 
-// Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout.
+// Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout (or with RULES = false).
+template <bool RULES = true>
 __device__ __forceinline__ float dropout_scale(const AttnParams& p, int b, int h, int i, int j) {
-  if (p.dropout_p <= 0.0f) return 1.0f;
+  if (!RULES || p.dropout_p <= 0.0f) return 1.0f;
   const uint64_t off = ((static_cast<uint64_t>(b) * p.Hq + h) * p.Tq + i) * static_cast<uint64_t>(p.Tk) + j;
   return philox_uniform(p.seed, off) >= p.dropout_p ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
 }
+
+// Whether a launch needs a mask or dropout decision per score. The tensor-core kernels are compiled
+// both ways: without them the kernels carry neither the mask loads nor Philox, in code or registers.
+inline bool needs_rules(const AttnParams& p) { return p.mask_kind != 0 || p.dropout_p > 0.0f; }
 
 // fp16/bf16 on tensor cores (attention_tc.cu); attention_bwd_tc expects delta computed.
 cudaError_t attention_fwd_tc(const AttnParams& p, cudaStream_t stream);

@@ -18,6 +18,9 @@
 //   dK, dV   grid (B*Hkv, Tk/64): the warp's 16 keys are rows: S^T = K Q^T, dP^T = V dO^T over
 //            every query tile of every query head of the GQA group (so no atomics), dV += P^T dO,
 //            dK += dS^T Q; writes the float mask's gradient when asked.
+// Each kernel is compiled twice: with the mask and dropout rules (RULES) for launches that have
+// either, and without them; there, key tiles that need no per-score check at all (is_plain) take a
+// lean path and only the ragged and causal-diagonal tiles test bounds and causality per score.
 // Register budget: S and dP take BN/2 fp32 per lane, O / dQ DP/2, dK + dV DP. For DP > 128 the
 // key tile shrinks to 32; dK/dV at DP 192/256 exceed the register file and spill (not tuned).
 #include "attention_common.cuh"
@@ -200,9 +203,19 @@ __device__ __forceinline__ void store_rows(T* out, const float (&acc)[DP / 8][4]
   }
 }
 
+// Whether the key tile [n0, n0 + bn) needs no per-score rule for the query rows from row0 on: no
+// mask or dropout (RULES = false, see needs_rules), every key in range and, when causal, every key
+// at or before row0. Such tiles take a lean path: at fp16/bf16 tensor-core rates the FP32/integer
+// work per score bounds the loop, and the general rules cost ~20 instructions a score. row0 is the
+// warp's first row, so the test is warp-uniform and the two paths never diverge.
+template <bool RULES>
+__device__ __forceinline__ bool is_plain(const AttnParams& p, int n0, int bn, int row0) {
+  return !RULES && n0 + bn <= p.Tk && (!p.causal || n0 + bn - 1 <= row0);
+}
+
 // ------------------------------------------------------------------------------ forward
 
-template <typename T, int DP, int STAGES>
+template <typename T, int DP, int STAGES, bool RULES>
 __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParams p, bool vec) {
   using Block = QueryBlock<T, DP, STAGES>;
   constexpr int NT = Block::BN / 8, DT = DP / 8;
@@ -216,10 +229,6 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
 
   const int i0 = blk.m0 + warp * 16 + (lane >> 2);  // this lane's rows: i0 and i0 + 8
   const T* qrow = a_row<DP>(sQ, warp * 16, lane);
-  // Tiles that need no per-element rule (no mask, no dropout, every key in range and, when causal,
-  // below this warp's first row) take a lean path: at fp16/bf16 tensor-core rates, the FP32/integer
-  // work per score is what bounds the loop, and the general rules cost ~20 instructions a score.
-  const bool plain_kernel = p.mask_kind == 0 && p.dropout_p <= 0.0f;
   const int warp_row0 = blk.m0 + warp * 16;
   float o[DT][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
@@ -227,8 +236,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
   for (int it = 0; it < blk.steps; ++it) {
     pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
     const int n0 = it * Block::BN;
-    // warp-uniform: no divergence between the two paths
-    const bool plain = plain_kernel && n0 + Block::BN <= p.Tk && (!p.causal || n0 + Block::BN - 1 <= warp_row0);
+    const bool plain = is_plain<RULES>(p, n0, Block::BN, warp_row0);
     float s[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
@@ -245,7 +253,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[n][e] = score(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
+          s[n][e] = score<RULES>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
     }
@@ -279,7 +287,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
           const int r = e >> 1;
           const float pr = row_max[r] == -INFINITY ? 0.0f : exp2f(fmaf(s[n][e], kLog2e, -max_log2[r]));
           row_sum[r] += pr;
-          s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
+          s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale<RULES>(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
         }
     }
 #pragma unroll
@@ -309,19 +317,29 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
 // ------------------------------------------------------------------------------ backward
 
 // One fragment element of the backward: from the raw q.k product `s` and dP = dO.v `dp`, with P
-// recomputed from the row's LSE, the dropped probability Pd (into s) and dS = P (Z dP - delta)
-// (into dp).
-__device__ __forceinline__ void ds_element(const AttnParams& p, int b, int h, int i, int j, float lse,
+// recomputed from the row's LSE (given as lse log2(e), the forward's exp2 form), the dropped
+// probability Pd (into s) and dS = P (Z dP - delta) (into dp).
+template <bool RULES>
+__device__ __forceinline__ void ds_element(const AttnParams& p, int b, int h, int i, int j, float lse_log2,
                                            float delta, float& s, float& dp) {
-  const float sc = score(p, b, h, i, j, s);
-  const float prob = sc == -INFINITY ? 0.0f : expf(sc - lse);  // lse = +inf (empty or padding row) -> 0
-  const float z = prob == 0.0f ? 0.0f : dropout_scale(p, b, h, i, j);
+  const float sc = score<RULES>(p, b, h, i, j, s);
+  // lse = +inf (an empty or padding row) gives 0
+  const float prob = sc == -INFINITY ? 0.0f : exp2f(fmaf(sc, kLog2e, -lse_log2));
+  const float z = prob == 0.0f ? 0.0f : dropout_scale<RULES>(p, b, h, i, j);
   const float ds = prob * (dp * z - delta);
   s = prob * z;  // Pd
   dp = ds;
 }
 
-template <typename T, int DP, int STAGES>
+// The same for a plain tile (is_plain): every score real and visible, no dropout. The scale is
+// folded into `scale_log2` = scale log2(e).
+__device__ __forceinline__ void ds_plain(float scale_log2, float lse_log2, float delta, float& s, float& dp) {
+  const float prob = exp2f(fmaf(s, scale_log2, -lse_log2));
+  dp = prob * (dp - delta);
+  s = prob;
+}
+
+template <typename T, int DP, int STAGES, bool RULES>
 __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnParams p, bool vec) {
   using Block = QueryBlock<T, DP, STAGES>;
   constexpr int NT = Block::BN / 8, DT = DP / 8, LD = Block::LD;
@@ -335,12 +353,13 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
   if (STAGES == 2) blk.load_kv(0, 0);
   cp_async_commit();
 
-  const int i0 = blk.m0 + warp * 16 + (lane >> 2);
-  float lse[2], delta[2];
+  const int i0 = blk.m0 + warp * 16 + (lane >> 2), warp_row0 = blk.m0 + warp * 16;
+  const float scale_log2 = p.scale * kLog2e;
+  float lse_log2[2], delta[2];  // rows past Tq: lse = +inf, so P = 0 there
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int i = i0 + r * 8;
-    lse[r] = i < p.Tq ? p.lse[static_cast<int64_t>(blk.bh) * p.Tq + i] : INFINITY;
+    lse_log2[r] = i < p.Tq ? p.lse[static_cast<int64_t>(blk.bh) * p.Tq + i] * kLog2e : INFINITY;
     delta[r] = i < p.Tq ? p.delta[static_cast<int64_t>(blk.bh) * p.Tq + i] : 0.0f;
   }
   const T* qrow = a_row<DP>(sQ, warp * 16, lane);
@@ -352,19 +371,26 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
     float s[NT][4] = {}, dp[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);      // S = Q K^T
     mma_abt<T, DP, NT>(dp, dorow, blk.value_tile(it), lane);  // dP = dO V^T
+    if (is_plain<RULES>(p, n0, Block::BN, warp_row0)) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        ds_element(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse[e >> 1], delta[e >> 1], s[n][e],
-                   dp[n][e]);
+        for (int e = 0; e < 4; ++e) ds_plain(scale_log2, lse_log2[e >> 1], delta[e >> 1], s[n][e], dp[n][e]);
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          ds_element<RULES>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse_log2[e >> 1],
+                            delta[e >> 1], s[n][e], dp[n][e]);
+    }
     mma_pb<T, DP, NT>(dq, dp, blk.key_tile(it), lane);  // dQ += dS K
   }
   const float scale[2] = {p.scale, p.scale};
   store_rows<T, DP>(static_cast<T*>(p.dq) + static_cast<int64_t>(blk.bh) * p.Tq * p.D, dq, i0, p.Tq, p.D, scale);
 }
 
-template <typename T, int DP, int STAGES>
+template <typename T, int DP, int STAGES, bool RULES>
 __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p, bool vec) {
   using C = Tile<DP>;
   constexpr int BQ = C::BQ, LD = C::LD, NT = BQ / 8, DT = DP / 8;
@@ -396,6 +422,11 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   cp_async_commit();
 
   const int j0 = n0 + warp * 16 + g;  // this lane's keys: j0 and j0 + 8
+  const int warp_key0 = n0 + warp * 16;
+  // is_plain with rows and columns swapped: no rules, the warp's 16 keys in range, and per query
+  // tile: all its queries in range and, when causal, the first at or past the warp's last key.
+  const bool keys_plain = !RULES && warp_key0 + 16 <= p.Tk;
+  const float scale_log2 = p.scale * kLog2e;
   const T* krow = a_row<DP>(sK, warp * 16, lane);
   const T* vrow = a_row<DP>(sV, warp * 16, lane);
   float dk[DT][4] = {}, dv[DT][4] = {};
@@ -409,20 +440,34 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     mma_abt<T, DP, NT>(s, krow, tq, lane);    // S^T = K Q^T
     mma_abt<T, DP, NT>(dp, vrow, tdo, lane);  // dP^T = V dO^T
     const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
+    const float* lse_row = p.lse + bh * p.Tq;
+    const float* delta_row = p.delta + bh * p.Tq;
+    if (keys_plain && m0 + BQ <= p.Tq && (!p.causal || m0 >= warp_key0 + 15)) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int i = m0 + n * 8 + 2 * t + c;  // the fragment's column is the query
-        const float lse = i < p.Tq ? p.lse[bh * p.Tq + i] : INFINITY;
-        const float delta = i < p.Tq ? p.delta[bh * p.Tq + i] : 0.0f;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int j = j0 + r * 8, e = 2 * r + c;
-          ds_element(p, b, h, i, j, lse, delta, s[n][e], dp[n][e]);
-          if (p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dp[n][e];
+        for (int c = 0; c < 2; ++c) {
+          const int i = m0 + n * 8 + 2 * t + c;  // the fragment's column is the query
+          const float lse_log2 = lse_row[i] * kLog2e, delta = delta_row[i];
+          ds_plain(scale_log2, lse_log2, delta, s[n][c], dp[n][c]);
+          ds_plain(scale_log2, lse_log2, delta, s[n][2 + c], dp[n][2 + c]);
         }
-      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int i = m0 + n * 8 + 2 * t + c;
+          const float lse_log2 = i < p.Tq ? lse_row[i] * kLog2e : INFINITY;
+          const float delta = i < p.Tq ? delta_row[i] : 0.0f;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int j = j0 + r * 8, e = 2 * r + c;
+            ds_element<RULES>(p, b, h, i, j, lse_log2, delta, s[n][e], dp[n][e]);
+            if (RULES && p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dp[n][e];
+          }
+        }
+    }
     mma_pb<T, DP, NT>(dv, s, tdo, lane);  // dV += Pd^T dO
     mma_pb<T, DP, NT>(dk, dp, tq, lane);  // dK += dS^T Q
   }
@@ -450,15 +495,20 @@ cudaError_t launch_tc(TcKernel two, TcKernel one, size_t smem2, size_t smem1, di
   return cudaGetLastError();
 }
 
-// The one-stage variants exist only for head dims whose two stages can exceed kMinSmemOptin.
-#define TFK_TC_LAUNCH(KERNEL, SMEM, GRID)                                                              \
-  do {                                                                                               \
-    if constexpr (Tile<DP>::SMEM(2) <= static_cast<size_t>(kMinSmemOptin))                           \
-      return launch_tc(KERNEL<T, DP, 2>, KERNEL<T, DP, 2>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(2), GRID, p, vec, \
-                       stream);                                                                      \
-    else                                                                                             \
-      return launch_tc(KERNEL<T, DP, 2>, KERNEL<T, DP, 1>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(1), GRID, p, vec, \
-                       stream);                                                                      \
+// The one-stage variants exist only for head dims whose two stages can exceed kMinSmemOptin; the
+// RULES variant only for launches with a mask or dropout.
+#define TFK_TC_LAUNCH(KERNEL, SMEM, GRID)                                                               \
+  do {                                                                                                \
+    auto launch = [&](auto rules) -> cudaError_t {                                                    \
+      constexpr bool R = decltype(rules)::value;                                                      \
+      if constexpr (Tile<DP>::SMEM(2) <= static_cast<size_t>(kMinSmemOptin))                          \
+        return launch_tc(KERNEL<T, DP, 2, R>, KERNEL<T, DP, 2, R>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(2), GRID, p, \
+                         vec, stream);                                                                \
+      else                                                                                            \
+        return launch_tc(KERNEL<T, DP, 2, R>, KERNEL<T, DP, 1, R>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(1), GRID, p, \
+                         vec, stream);                                                                \
+    };                                                                                                \
+    return needs_rules(p) ? launch(std::true_type{}) : launch(std::false_type{});                     \
   } while (0)
 
 // Calls f(std::integral_constant<int, DP>) with the head dim padded to the nearest compiled size.

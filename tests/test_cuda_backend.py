@@ -206,15 +206,20 @@ def test_attention(case, dtype):
     _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv)
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 200, 200, 64), (4, 2, 136, 200, 128)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_attention_16bit_plain_tiles(dtype, causal):
-    """The forward's lean path for key tiles that need no per-element rule (no mask, no dropout, all
-    keys in range, and when causal, every key below the warp's first row), next to tiles that do:
-    T = 200 is three full 64-key tiles and a ragged one, and causal rows from 64 on see full tiles."""
-    torch.manual_seed(31 + causal)
-    q, k, v = (torch.randn(1, 2, 200, 64, device=DEV, dtype=dtype) for _ in range(3))
-    _att_check(q, k, v, dtype, is_causal=causal)
+def test_attention_16bit_plain_tiles(dtype, causal, shape):
+    """The lean path for tiles that need no per-score rule (no mask, no dropout, every score in
+    range and, when causal, visible), next to tiles that do, in all three kernels. T = 200 is three
+    full 64-key tiles and a ragged one; causal rows from 64 on see full key tiles (forward, dQ), and
+    the dK/dV kernel's key warps see full query tiles (64 at D = 64, 32 at D = 128) past their last
+    key; T_q = 136 leaves the dK/dV kernel a ragged query tile."""
+    Hq, Hkv, Tq, Tk, D = shape
+    torch.manual_seed(31 + causal + D)
+    q = torch.randn(1, Hq, Tq, D, device=DEV, dtype=dtype)
+    k, v = (torch.randn(1, Hkv, Tk, D, device=DEV, dtype=dtype) for _ in range(2))
+    _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv)
 
 
 def _launch_tiles(trace: str) -> set:
