@@ -284,13 +284,18 @@ def test_matches_sdpa(backend):
         assert_close(ours, theirs.double(), torch.float32, str(kw))
 
 
-def test_empty_keys_and_queries(backend):
+@pytest.mark.parametrize("which", ["kernel", "torch"])
+def test_empty_keys_and_queries(backend, which):
+    """No keys: every row is empty and returns zeros (the documented rule for fully masked rows), on
+    the kernels and on the torch reference alike; no queries: an empty output."""
+    backend = backend if which == "kernel" else "torch"
     q = _rand(1, 2, 5, 16, dtype=torch.float32).requires_grad_(True)
     k = _rand(1, 2, 0, 16).requires_grad_(True)
-    out = tfkernels.attention(q, k, k, backend=backend)
-    assert out.shape == q.shape and (out == 0).all()
-    out.sum().backward()
-    assert (q.grad == 0).all()
+    for kw in ({}, dict(is_causal=True), dict(attn_mask=torch.zeros(5, 0, device=DEVICE, dtype=torch.bool))):
+        out = tfkernels.attention(q, k, k, backend=backend, **kw)
+        assert out.shape == q.shape and (out == 0).all(), kw
+        (gq,) = torch.autograd.grad(out.sum(), q)
+        assert (gq == 0).all(), kw
     e = _rand(1, 2, 0, 16)
     assert tfkernels.attention(e, q.detach(), q.detach(), backend=backend).shape == e.shape
 

@@ -153,3 +153,43 @@ def test_over_2_31_elements(op, backend):
     t64 = tail.requires_grad_(True)
     (r,) = torch.autograd.grad(_ref(op, t64, (N,), None, None), t64, torch.ones_like(t64))
     assert_close(dx[-16:], r, torch.bfloat16, scale=4.0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_strided_and_expanded_weight(op, backend):
+    """weight/bias as views: a column of a wider tensor (stride 2) and an expanded scalar (stride 0),
+    in the fused and the looped kernels' row lengths; gradients reach the viewed tensors."""
+    torch.manual_seed(5)
+    for N in (33, 20000):
+        x = torch.randn(3, N, device=DEVICE) * 2 + 0.5
+        packed = torch.randn(N, 2, device=DEVICE) * 0.5 + 1  # weight = packed[:, 0]
+        scalar = torch.randn(1, device=DEVICE)  # bias = scalar.expand(N)
+        leaves = [t.requires_grad_(True) for t in (x, packed, scalar)]
+        leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+        outs = []
+        for (xx, pp, ss), run in ((leaves, _run), (leaves64, _ref)):
+            args = (xx, (N,), pp[:, 0], ss.expand(N) if op == "layer_norm" else None)
+            outs.append(run(op, *args, backend) if run is _run else run(op, *args))
+        y, y64 = outs
+        assert_close(y, y64, torch.float32, "y")
+        dy = torch.randn_like(y)
+        used = 3 if op == "layer_norm" else 2
+        grads = torch.autograd.grad(y, leaves[:used], dy)
+        refs = torch.autograd.grad(y64, leaves64[:used], dy.double())
+        for name, g, r in zip(["dx", "dweight", "dbias"], grads, refs):
+            assert_close(g, r, torch.float32, name, scale=1.0 if name == "dx" else 4.0)
+
+
+@pytest.mark.parametrize("op", OPS + ["softmax"])
+def test_zero_length_rows(op, backend):
+    """A normalized dim of size 0 (rows with no elements) gives an empty result, as torch does."""
+    x = torch.randn(3, 0, device=DEVICE, requires_grad=True)
+    if op == "softmax":
+        y = tfkernels.softmax(x, -1, backend=backend)
+        assert tfkernels.softmax(torch.randn(0, 3, device=DEVICE), 0, backend=backend).shape == (0, 3)
+    else:
+        w = torch.randn(0, device=DEVICE, requires_grad=True)
+        y = _run(op, x, (0,), w, None, backend)
+    assert y.shape == (3, 0)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0)

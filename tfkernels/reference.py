@@ -52,6 +52,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
             s = s + attn_mask.to(s.dtype)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    if Tk == 0:  # no keys: every row is empty and returns zeros (amax cannot reduce nothing)
+        return s @ v
     row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)

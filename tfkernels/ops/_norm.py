@@ -283,8 +283,10 @@ def norm_fwd(x: torch.Tensor, weight, bias, eps: float, is_rms: bool):
     if M == 0 or N == 0:
         mean.zero_(); rstd.zero_()
         return y, mean, rstd
-    w = weight if weight is not None else y  # dummy pointer, never read
-    b = bias if bias is not None else y
+    # the kernels read W and B with unit stride: a strided or expanded (stride-0) view is copied,
+    # N elements against the (M, N) input
+    w = weight.contiguous() if weight is not None else y  # y: a dummy pointer, never read
+    b = bias.contiguous() if bias is not None else y
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, x.element_size())
         _norm_fwd_fused[(triton.cdiv(M, block_m),)](
@@ -316,7 +318,7 @@ def norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     if M == 0 or N == 0:
         z = torch.zeros(N, dtype=torch.float32, device=dev)
         return dx, (z if has_w else empty()), (z.clone() if has_bias else empty())
-    w = weight if has_w else dx  # dummy pointer when there is no weight
+    w = weight.contiguous() if has_w else dx  # unit stride, as in norm_fwd; dx: a dummy pointer
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, x.element_size())
         # a few row tiles per program amortises the partial write; enough programs to fill the GPU

@@ -111,7 +111,9 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     if be == "torch":
         return reference.layer_norm(x, shape, weight, bias, eps)
     N = math.prod(shape)
-    x2 = x.reshape(-1, N)  # a view where strides allow; the kernels take any row/column stride
+    # a view where strides allow (the kernels take any row/column stride); rows counted explicitly,
+    # as reshape(-1, N) cannot infer them when N = 0
+    x2 = x.reshape(math.prod(x.shape[:x.dim() - len(shape)]), N)
     w = weight.reshape(N) if weight is not None else None
     b = bias.reshape(N) if bias is not None else None
     y, _, _ = layer_norm_fwd(x2, w, b, float(eps), be)

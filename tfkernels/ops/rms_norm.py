@@ -95,5 +95,5 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
         return reference.rms_norm(x, shape, weight, eps)
     N = math.prod(shape)
     w = weight.reshape(N) if weight is not None else None
-    y, _ = rms_norm_fwd(x.reshape(-1, N), w, float(eps), be)
+    y, _ = rms_norm_fwd(x.reshape(math.prod(x.shape[:x.dim() - len(shape)]), N), w, float(eps), be)  # N may be 0
     return y.view(x.shape)

@@ -14,6 +14,7 @@ The op works on a 2-D (M, N) view with any strides (the softmax dim moved last);
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -216,5 +217,6 @@ def softmax(x: Tensor, dim: int = -1, *, backend: Optional[str] = None) -> Tenso
         return softmax(x.reshape(1), 0, backend=be).reshape(())
     xt = x.movedim(d, -1)  # (..., N), a view
     N = xt.shape[-1]
-    y = softmax_fwd(xt.reshape(-1, N), be)
+    # rows counted explicitly: reshape(-1, N) cannot infer them when N = 0
+    y = softmax_fwd(xt.reshape(math.prod(xt.shape[:-1]), N), be)
     return y.view(xt.shape).movedim(-1, d)
