@@ -414,6 +414,30 @@ def test_mha_causal_kdim_bias(backend):
     _compare_mha(ref, ours, (x[0], x[0], x[0]), {})
 
 
+def test_mha_mask_shapes_are_checked():
+    """A mask with the right number of elements but another layout (a (S, B) key_padding_mask, an
+    (S, L) attn_mask) would be silently scrambled by a view: like torch, it is refused, by name."""
+    E, H, B, L, S = 16, 2, 3, 4, 6
+    _, ours = _mha_pair(31, embed_dim=E, num_heads=H, batch_first=True)
+    x, kv = _rand(B, L, E), _rand(B, S, E)
+    bad = [("key_padding_mask", torch.zeros(S, B, dtype=torch.bool, device=DEVICE)),
+           ("key_padding_mask", torch.zeros(B, 1, S, dtype=torch.bool, device=DEVICE)),
+           ("attn_mask", torch.zeros(S, L, device=DEVICE)),
+           ("attn_mask", torch.zeros(L, S + 1, device=DEVICE)),
+           ("attn_mask", torch.zeros(B, L, S, device=DEVICE))]  # 3-D must be (B*H, L, S)
+    for name, mask in bad:
+        with pytest.raises(ValueError, match=name):
+            ours(x, kv, kv, need_weights=False, **{name: mask})
+    with pytest.raises(ValueError, match="attn_mask"):  # checked with the is_causal hint too
+        ours(x, x, x, need_weights=False, attn_mask=torch.zeros(L + 1, L, device=DEVICE), is_causal=True)
+    # unbatched: key_padding_mask (S,), attn_mask (L, S) or (H, L, S)
+    out = ours(x[0], kv[0], kv[0], need_weights=False, key_padding_mask=torch.zeros(S, dtype=torch.bool, device=DEVICE),
+               attn_mask=torch.zeros(H, L, S, device=DEVICE))[0]
+    assert out.shape == (L, E)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        ours(x[0], kv[0], kv[0], need_weights=False, key_padding_mask=torch.zeros(1, S, dtype=torch.bool, device=DEVICE))
+
+
 def test_mha_drop_in(backend):
     """Same state_dict keys; need_weights=True and add_bias_kv take torch's path; from_torch shares
     parameters."""
