@@ -241,6 +241,8 @@ def _bad_cases():
         ("dropout_p", ValueError, lambda: tfkernels.attention(q, k, v, dropout_p=-0.1)),
         ("dropout_p", TypeError, lambda: tfkernels.attention(q, k, v, dropout_p="0.1")),
         ("scale", TypeError, lambda: tfkernels.attention(q, k, v, scale="x")),
+        ("scale must be finite", ValueError, lambda: tfkernels.attention(q, k, v, scale=float("nan"))),
+        ("scale must be finite", ValueError, lambda: tfkernels.attention(q, k, v, scale=float("inf"))),
         ("head dim D=288", ValueError, lambda: tfkernels.attention(_rand(1, 1, 4, 288), _rand(1, 1, 4, 288), _rand(1, 1, 4, 288), backend="triton")),
         ("backend", ValueError, lambda: tfkernels.attention(q, k, v, backend="nope")),
     ]

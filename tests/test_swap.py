@@ -270,6 +270,10 @@ def test_bad_input():
         tfkernels.swap("not a model")
     with pytest.raises(TypeError, match="backend"):
         tfkernels.swap(nn.LayerNorm(4), backend=3)
+    model = nn.Sequential(nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="backend='bogus'"):  # at swap time, not at the first forward
+        tfkernels.swap(model, backend="bogus")
+    assert type(model[0]) is nn.LayerNorm  # nothing was replaced
 
 
 def test_import_is_cheap_and_works_without_transformers():

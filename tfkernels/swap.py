@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from . import hf
+from . import _config, hf
 from . import nn as tnn
 
 __all__ = ["swap", "unswap"]
@@ -107,6 +107,8 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend is not None and backend not in _config.BACKENDS:  # here, not at the first forward
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
     state = getattr(model, _STATE, None)
     if state is None:
         state = {"modules": [], "configs": [], "flags": [], "backend_attrs": []}

@@ -839,6 +839,8 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):  # the backends would disagree on what NaN/inf give
+        raise ValueError(f"attention: scale must be finite, got {scale}")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
