@@ -10,6 +10,7 @@ Environment:
 CUDA builds need torch in the build environment: `pip install --no-build-isolation -e .`
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -48,12 +49,17 @@ def _cuda_extension():
     gencode = []
     for arch in filter(None, (a.strip() for a in archs)):
         gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # tfkernels/_nvcc.py by path: the package itself is not importable while it is being built
+    spec = importlib.util.spec_from_file_location("_tfk_nvcc", os.path.join(here, "tfkernels", "_nvcc.py"))
+    nvcc_flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nvcc_flags)
     ext = CUDAExtension(
         name="tfkernels._C",
         sources=[os.path.relpath(s, here) for s in sources],
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode},
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode
+                                    + nvcc_flags.parallel_flags(os.path.join(CUDA_HOME, "bin", "nvcc"))},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

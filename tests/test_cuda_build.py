@@ -106,3 +106,16 @@ def test_a_killed_build_does_not_block_the_next(tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     assert _cuda_ext.locked_load(str(tmp_path), name="x", sources=["a.cpp"]) == "module"
     assert seen == {"build_directory": str(tmp_path), "name": "x", "sources": ["a.cpp"], "lock_left": False}
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_parallel_flags_are_accepted(tmp_path):
+    """The build adds tfkernels._nvcc.parallel_flags (--split-compile) only where nvcc takes them."""
+    from tfkernels import _nvcc
+
+    src = tmp_path / "k.cu"
+    src.write_text("__global__ void k(float* x) { x[threadIdx.x] = 1.0f; }\n")
+    flags = _nvcc.parallel_flags(NVCC)
+    proc = subprocess.run([NVCC, "-c", str(src), "-o", str(tmp_path / "k.o"), *flags], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _nvcc.parallel_flags(str(tmp_path / "no-such-nvcc")) == []
