@@ -222,8 +222,11 @@ def _bad_cases():
     q, k, v = _rand(2, 4, 8, 16), _rand(2, 4, 10, 16), _rand(2, 4, 10, 16)
     return [
         ("q", TypeError, lambda: tfkernels.attention(q.numpy() if DEVICE == "cpu" else None, k, v)),
-        ("q must be 4-D", ValueError, lambda: tfkernels.attention(q[0], k, v)),
-        ("k must be 4-D", ValueError, lambda: tfkernels.attention(q, k[0], v)),
+        ("k has shape", ValueError, lambda: tfkernels.attention(q[0], k, v)),
+        ("k has shape", ValueError, lambda: tfkernels.attention(q, k[0], v)),
+        ("q has shape", ValueError, lambda: tfkernels.attention(q[0, 0], k[0, 0], v[0, 0])),
+        ("leading dims of k", ValueError, lambda: tfkernels.attention(q[None], k[None].expand(2, -1, -1, -1, -1), v[None])),
+        ("attn_mask", ValueError, lambda: tfkernels.attention(q[None], k[None], v[None], attn_mask=torch.ones(3, 1, 1, 1, 10, device=DEVICE))),
         ("head dims", ValueError, lambda: tfkernels.attention(q, _rand(2, 4, 10, 8), v)),
         ("head dims", ValueError, lambda: tfkernels.attention(q, k, _rand(2, 4, 10, 8))),
         ("k has dtype", TypeError, lambda: tfkernels.attention(q, k.half(), v)),
@@ -284,6 +287,30 @@ def test_matches_sdpa(backend):
         ours = tfkernels.attention(q, k, v, enable_gqa=True, backend=backend, **kw)
         theirs = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
         assert_close(ours, theirs.double(), torch.float32, str(kw))
+
+
+def test_sdpa_layouts_with_more_or_fewer_dims(backend):
+    """SDPA also takes (N, ..., H, T, D) and (N, T, D): folded into the kernels' (B, H, T, D) and back,
+    with a broadcast mask (and its gradient) and GQA over dim -3, against SDPA in float64."""
+    torch.manual_seed(41)
+    cases = [((2, 3, 4, 9, 16), (2, 3, 2, 11, 16), (1, 3, 1, 9, 11), True),   # 5-D, GQA, mask over dim 1
+             ((4, 9, 16), (2, 11, 16), (9, 11), True),                        # 3-D: dim 0 is the heads
+             ((4, 9, 16), (4, 11, 16), (4, 1, 11), False)]
+    for q_shape, kv_shape, m_shape, gqa in cases:
+        q = _rand(*q_shape).requires_grad_(True)
+        k, v = (_rand(*kv_shape).requires_grad_(True) for _ in range(2))
+        mask = torch.randn(m_shape, device=DEVICE).requires_grad_(True)
+        out = tfkernels.attention(q, k, v, attn_mask=mask, enable_gqa=gqa, backend=backend)
+        leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v, mask)]
+        ref = F.scaled_dot_product_attention(*leaves64[:3], attn_mask=leaves64[3], enable_gqa=gqa)
+        assert out.shape == ref.shape
+        assert_close(out, ref, torch.float32, "out")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v, mask), dout)
+        refs = torch.autograd.grad(ref, leaves64, dout.double())
+        for name, g, r in zip(["dq", "dk", "dv", "dmask"], grads, refs):
+            assert g.shape == r.shape, name
+            assert_close(g, r, torch.float32, name, scale=2.0)
 
 
 @pytest.mark.parametrize("which", ["kernel", "torch"])

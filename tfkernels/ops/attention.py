@@ -807,11 +807,35 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # public function
 # ----------------------------------------------------------------------------------------------
 
-def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _fold_to_4d(q, k, v, attn_mask):
+    """SDPA's layouts, (N, ..., H, T, D) with any number of leading dims or (N, T, D), as the kernels'
+    (B, H, T, D) views; the mask as a view that broadcasts to them. Returns the unfolded q's leading
+    shape, for the output. Three dims: the first is the head dim, as SDPA's enable_gqa reads it."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _validate.check_tensor(t, name)
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {list(t.shape)}")
+        if t.dim() < 3 or t.dim() != q.dim():
+            raise ValueError(f"attention: q, k and v must be 4-D (B, H, T, D), or like SDPA (N, ..., H, T, D) or (N, T, D) "
+                             f"with the same number of dims; {name} has shape {list(t.shape)}")
+    lead = q.shape[:-3]
+    if q.dim() == 4:
+        return q, k, v, attn_mask, None
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[:-3] != lead:
+            raise ValueError(f"attention: the leading dims of {name} {list(t.shape)} and q {list(q.shape)} differ")
+    if attn_mask is not None:
+        _validate.check_tensor(attn_mask, "attn_mask")
+        target = (*lead, q.shape[-3], q.shape[-2], k.shape[-2])
+        try:
+            attn_mask = attn_mask.expand(target)  # a stride-0 view where the mask broadcasts
+        except RuntimeError:
+            raise ValueError(f"attention: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                             f"{list(target)}") from None
+        attn_mask = attn_mask.reshape(-1, *target[-3:])  # a view unless broadcast dims must merge
+    fold = lambda t: t.reshape(-1, *t.shape[-3:])  # noqa: E731
+    return fold(q), fold(k), fold(v), attn_mask, lead
+
+
+def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"attention: {name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
@@ -862,6 +886,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
     q (B, H_q, T_q, D), k and v (B, H_kv, T_k, D) -> (B, H_q, T_q, D). H_q == H_kv, or with
     `enable_gqa=True` H_q a multiple of H_kv (query head h uses K/V head h // (H_q // H_kv)).
+    As in SDPA, more leading dims (N, ..., H, T, D) or three, (N, T, D), are taken too: they are
+    folded into B (as views where the strides allow).
     D <= 256, the same for q, k and v. float16, bfloat16 or float32 (fp32 dots use TF32 when
     `torch.backends.cuda.matmul.allow_tf32`).
 
@@ -882,6 +908,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     scale: defaults to 1/sqrt(D).
     backend: "triton", "cuda", "torch" or None (automatic).
     """
+    q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
+    if lead is not None:
+        out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
+        return out.reshape(*lead, *out.shape[-3:])
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     be = _backend.resolve(backend, q, "attention")
     _validate.check_float(q, "q", be)
