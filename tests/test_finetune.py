@@ -200,3 +200,36 @@ def test_bad_input(tmp_path, gpt_ckpt, capsys):
     (tmp_path / "one.csv").write_text("text,label\na,x\nb,x\n")
     assert main(base + ["--train", str(tmp_path / "one.csv")]) == 2
     assert "at least 2 labels" in capsys.readouterr().err
+
+
+def test_cli_out_holding_a_run_and_bad_options(tmp_path, gpt_ckpt, capsys):
+    out = tmp_path / "ft"
+    base = ["finetune", "--ckpt", gpt_ckpt, "--train", "builtin", "--out", str(out), "--max-steps", "1",
+            "--kernels", "torch", "--max-len", "32", "--no-progress", "--no-tensorboard", "--no-plot"]
+    two_steps = base + ["--max-steps", "2"]  # the last flag wins
+    assert main(base) == 0  # --eval-steps 0 (the default): the whole eval set
+    assert "eval on builtin:eval (36 examples)" in capsys.readouterr().out
+    # a second run into the same --out is refused; --overwrite starts over
+    assert main(two_steps) == 2
+    assert capsys.readouterr().err.strip() == (f"tfkernels finetune: error: --out {out} already holds a run (ckpt.pt); "
+                                               f"pass --resume to continue it or --overwrite to start over")
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
+    assert main(two_steps + ["--overwrite"]) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 2
+    # fine-tuning into the pretrained run's own directory would replace (with --overwrite: delete) it
+    assert main(base + ["--out", gpt_ckpt, "--overwrite"]) == 2
+    assert "is the pretrained run's directory (--ckpt)" in capsys.readouterr().err
+    assert torch.load(f"{gpt_ckpt}/ckpt.pt", weights_only=False).get("kind") != "classifier"
+    # bad numbers: one line naming the option
+    for argv, message in [(["--eval-steps", "-1"], "--eval-steps must be >= 0, got -1"),
+                          (["--max-len", "0"], "--max-len must be >= 1, got 0"),
+                          (["--head-dropout", "1.5"], "--head-dropout must be in [0, 1), got 1.5"),
+                          (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                          (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite")]:
+        assert main(base + argv) == 2
+        assert capsys.readouterr().err.startswith(f"tfkernels finetune: error: {message}")
+    # `sample` on the classifier says what it is instead of listing state-dict keys
+    assert main(["sample", "--ckpt", str(out), "--max-new-tokens", "3"]) == 2
+    assert f"{out} is a fine-tuned classifier (labels compound, debugger, formatstrings, typesseq), not a " \
+           f"language model" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     tfkernels pretrain --model gpt --preset tiny --max-steps 200 --out runs/tiny
     tfkernels pretrain --config run.toml --lr 3e-4          # flags override the config file
     tfkernels pretrain --out runs/tiny --resume             # continue from runs/tiny/ckpt.pt
+    tfkernels pretrain --out runs/tiny --overwrite          # start over (an --out holding a run needs one of the two)
     tfkernels sample --ckpt runs/tiny --prompt "def " --max-new-tokens 100
     tfkernels eval --ckpt runs/tiny
 
@@ -18,7 +19,7 @@ import json
 import typing
 from pathlib import Path
 
-from .trainer import TrainConfig
+from .trainer import TrainConfig, flag, resolve_device
 
 HELP = {
     "model": "gpt (causal LM) or bert (masked LM)", "preset": "tiny, gpt2-124m or bert-base",
@@ -27,11 +28,15 @@ HELP = {
     "data": "builtin (offline, from the Python installation), a text/JSONL file or directory, hf:NAME[:CONFIG], or random",
     "data_dir": "where the tokenizer and shards are cached (default ~/.cache/tfkernels/data/...)",
     "out": "run directory: ckpt.pt, metrics.csv, loss.png, tb/", "resume": "continue from OUT/ckpt.pt",
+    "overwrite": "start over in an OUT that already holds a run: delete its ckpt.pt, metrics.csv, loss.png, "
+                 "tb/ and tokenizer.json first (without --resume or --overwrite, such an OUT is an error)",
     "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (default depends on the preset)", "schedule": "cosine, wsd or constant (after warmup)",
     "precision": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler) or fp32",
     "compile": "torch.compile the model", "nsp": "BERT next-sentence prediction head and pairs",
-    "eval_interval": "evaluate every N steps (and at the end)", "ckpt_interval": "checkpoint every N steps (and at the end, and on Ctrl-C)",
+    "eval_interval": "evaluate every N steps (and at the end); 0 = only at the end",
+    "eval_steps": "validation batches per evaluation (>= 1)",
+    "ckpt_interval": "checkpoint every N steps (and at the end, and on Ctrl-C); 0 = only then",
 }
 
 
@@ -81,7 +86,8 @@ def pretrain_config(args: argparse.Namespace) -> TrainConfig:
     if flags.get("resume", file_cfg.get("resume")) and out and (Path(out) / "ckpt.pt").is_file():
         from . import checkpoint
         saved = checkpoint.load(Path(out) / "ckpt.pt")["train_config"]
-        merged.update({k: v for k, v in saved.items() if k not in ("resume", "backend")})
+        # not overwrite: a run started with --overwrite is resumed with --resume, which excludes it
+        merged.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "backend")})
     merged.update(file_cfg)
     merged.update(flags)
     return TrainConfig.from_dict(merged)
@@ -109,16 +115,28 @@ def cmd_pretrain(args) -> int:
 
 # ----------------------------------------------------------------------------- sample / eval
 
+def check_at_least(args: argparse.Namespace, **lowest) -> None:
+    """ValueError naming the flag of the first option below its lowest allowed value (None = not given)."""
+    for name, low in lowest.items():
+        v = getattr(args, name)
+        if v is not None and not v >= low:  # `not >=`: NaN fails too
+            raise ValueError(f"{flag(name)} must be >= {low}, got {v}")
+
+
 def load_run(ckpt_path: str, kernels=None, backend=None, device="auto"):
     """(model in eval mode, tokenizer or None, checkpoint dict, device) from a checkpoint file or run dir."""
-    import torch
-
     from ..model import ModelConfig, build_model
     from . import checkpoint
     from .tokenizer import load_tokenizer
 
+    dev = resolve_device(device)
     ck = checkpoint.load(ckpt_path)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if ck.get("kind") == "classifier":  # its weights do not load into a GPT/BERT: say why, not which keys
+        labels = ", ".join(map(str, ck.get("labels", [])))
+        raise ValueError(f"{ckpt_path} is a fine-tuned classifier (labels {labels}), not a language model: it "
+                         f"cannot generate text or fill [MASK]s. Sample from the checkpoint it "
+                         f"was fine-tuned from ({ck.get('pretrained_from', '?')}); `tfkernels eval --ckpt {ckpt_path}` "
+                         f"reports its accuracy")
     mcfg = ModelConfig.from_dict(ck["model_config"])
     if kernels:
         mcfg.kernels = kernels
@@ -141,6 +159,8 @@ def cmd_sample(args) -> int:
 
     from .tokenizer import MASK
 
+    # before loading anything: --num-samples 0 crashed in generate(), negative --max-new-tokens printed the prompt
+    check_at_least(args, num_samples=1, max_new_tokens=0, top_k=1, temperature=0)
     model, tok, ck, dev = load_run(args.ckpt, args.kernels, args.backend, args.device)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer.json next to {args.ckpt} (was it trained on --data random?)")
@@ -180,11 +200,15 @@ def cmd_eval(args) -> int:
     from .trainer import evaluate, make_loaders
 
     from . import checkpoint
+    check_at_least(args, eval_steps=1, batch_size=1)  # 0 eval steps reported val_loss 0, a perfect model
     if checkpoint.load(args.ckpt).get("kind") == "classifier":  # a fine-tuned classifier: accuracy, F1, confusion
         from .finetune_cli import cmd_eval_classifier
         return cmd_eval_classifier(args)
     model, tok, ck, dev = load_run(args.ckpt, args.kernels, args.backend, args.device)
-    tcfg = TrainConfig.from_dict({**ck["train_config"], "resume": False})
+    # only what the validation loader needs: the run's other options (resume, eval_steps, ...) play no part here
+    saved = ck["train_config"]
+    tcfg = TrainConfig.from_dict({k: saved[k] for k in ("batch_size", "seed", "mlm_prob", "val_fraction", "max_bytes")
+                                  if k in saved})
     if args.batch_size:
         tcfg.batch_size = args.batch_size
     if args.data:
@@ -209,7 +233,7 @@ def _add_run_flags(p):
     p.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
     p.add_argument("--kernels", choices=["tfkernels", "torch"], help="override the checkpoint's kernels")
     p.add_argument("--backend", help="tfkernels backend (default automatic; torch on CPU)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
 
 
 def register(sub) -> None:
@@ -223,10 +247,10 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="generate text (GPT) or fill [MASK]s (BERT) from a checkpoint")
     _add_run_flags(p)
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="GPT: tokens to generate after the prompt (>= 0)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (GPT, default 50); candidates shown (BERT, default 5)")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="GPT: how many continuations (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
@@ -238,6 +262,7 @@ def register(sub) -> None:
     p.add_argument("--png", help="classifier: where to save the confusion matrix (default CKPT_DIR/confusion.png)")
     p.add_argument("--json", action="store_true", help="classifier: also print the report as JSON")
     p.add_argument("--data-dir")
-    p.add_argument("--eval-steps", type=int, default=50)
+    p.add_argument("--eval-steps", type=int, default=50, help="validation batches (>= 1; a classifier is "
+                   "evaluated on its whole eval set)")
     p.add_argument("--batch-size", type=int)
     p.set_defaults(func=cmd_eval)

@@ -393,7 +393,9 @@ class RandomLoader(_Loader):
 
     def __init__(self, arch, vocab_size, block_size, batch_size, seed=0, rank=0, world=1, **_):
         self.arch, self.V, self.T = arch, vocab_size, block_size
-        super().__init__(1 << 30, batch_size, seed, rank, world, shuffle=False)
+        # the items are never read (collate draws from self.gen), so an "epoch" of one global batch gives
+        # the same tokens; 1 << 30 items made _order() build an 8 GiB arange, seconds per loader
+        super().__init__(batch_size * world, batch_size, seed, rank, world, shuffle=False)
 
     def collate(self, items):
         x = torch.randint(N_SPECIAL, self.V, (len(items), self.T + 1), generator=self.gen)

@@ -24,7 +24,8 @@ from ..model import ModelConfig, build_model
 from . import checkpoint as ckpt_io
 from .classify_data import ClassifyLoader, check_labels, encode, label_set, read_examples
 from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, strict_from_dict, train
+from .trainer import (AT_LEAST_0, AT_LEAST_1, RANGES, TrainConfig, check_ranges, resolve_device, strict_from_dict,
+                      train)
 
 CLASSIFIER_KIND = "classifier"
 
@@ -232,6 +233,7 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 1337
     resume: bool = False
+    overwrite: bool = False               # start over in an --out that holds a run
     eval_interval: int = 50
     eval_steps: int = 0                   # 0 = the whole eval set
     log_interval: int = 10
@@ -245,6 +247,10 @@ class FinetuneConfig:
             raise ValueError(f"task={self.task!r}; only 'classify' is supported")
         if self.init not in ("pretrained", "scratch"):
             raise ValueError(f"init={self.init!r}; expected 'pretrained' or 'scratch'")
+        # the trainer's ranges (checked again by TrainConfig), but here before the checkpoint and data are read;
+        # eval_steps may be 0 here: the whole eval set
+        check_ranges(self, {**RANGES, "eval_steps": AT_LEAST_0, "max_len": AT_LEAST_1,
+                            "head_dropout": RANGES["dropout"]})
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
@@ -352,14 +358,18 @@ class ClassifyTask:
 def finetune(fcfg: FinetuneConfig, on_step=None) -> dict:
     """Fine-tune; returns the trainer's summary plus the final evaluation report (see evaluate_model)."""
     task = ClassifyTask(fcfg)
+    if Path(fcfg.out).resolve() == _run_dir(fcfg.ckpt).resolve():  # --overwrite would delete the pretrained run
+        raise ValueError(f"--out {fcfg.out} is the pretrained run's directory (--ckpt); fine-tune into another one")
     arch = task.pre["model_config"]["arch"]
+    # the trainer counts eval batches from 1; the whole eval set (eval_steps 0) is this many
+    eval_steps = fcfg.eval_steps or max(1, -(-len(task.eval_ex) // fcfg.batch_size))
     tcfg = TrainConfig(
         model=arch, preset="finetune", kernels=fcfg.kernels or task.pre["model_config"].get("kernels", "tfkernels"),
         backend=fcfg.backend, data="finetune", max_steps=fcfg.max_steps, batch_size=fcfg.batch_size,
         grad_accum=fcfg.grad_accum, lr=fcfg.lr, min_lr_ratio=fcfg.min_lr_ratio, schedule=fcfg.schedule,
         warmup_steps=fcfg.warmup_steps, weight_decay=fcfg.weight_decay, grad_clip=fcfg.grad_clip,
         precision=fcfg.precision, compile=fcfg.compile, seed=fcfg.seed, device=fcfg.device, out=fcfg.out,
-        resume=fcfg.resume, eval_interval=fcfg.eval_interval, eval_steps=fcfg.eval_steps,
+        resume=fcfg.resume, overwrite=fcfg.overwrite, eval_interval=fcfg.eval_interval, eval_steps=eval_steps,
         log_interval=fcfg.log_interval, ckpt_interval=fcfg.ckpt_interval, tensorboard=fcfg.tensorboard,
         progress=fcfg.progress, plot=fcfg.plot)
     summary = train(tcfg, on_step=on_step, task=task)
@@ -375,7 +385,7 @@ def load_classifier(path, kernels=None, backend=None, device="auto"):
     if ck.get("kind") != CLASSIFIER_KIND:
         raise ValueError(f"{path} is not a fine-tuned classifier checkpoint (it is a pretraining checkpoint; "
                          f"fine-tune it with `tfkernels finetune --ckpt {path} ...`)")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     mcfg = ModelConfig.from_dict(ck["model_config"])
     if kernels:
         mcfg.kernels = kernels

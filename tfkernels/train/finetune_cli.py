@@ -23,6 +23,10 @@ HELP = {
     "train": "labelled CSV/JSONL (text, optional text_pair, label), builtin, or hf:NAME[:CONFIG][@SPLIT]",
     "eval": "labelled evaluation file (default: builtin:eval for --train builtin)",
     "out": "run directory: ckpt.pt, metrics.csv, confusion.png, tb/",
+    "resume": "continue from OUT/ckpt.pt",
+    "overwrite": "start over in an OUT that already holds a run: delete its ckpt.pt, metrics.csv, loss.png, "
+                 "confusion.png, tb/ and tokenizer.json first (without --resume or --overwrite, such an OUT is an "
+                 "error)",
     "init": "pretrained (default) or scratch (same architecture, random weights: the baseline)",
     "freeze": "train the classification head only", "max_len": "truncate inputs to this many tokens",
     "eval_steps": "eval batches per evaluation (0 = the whole eval set)",

@@ -30,6 +30,77 @@ from .metrics import MetricsLog, peak_flops, plot_loss
 DEFAULT_LR = {"tiny": 2e-3, "gpt2-124m": 6e-4, "bert-base": 1e-4}
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a config field (block_size -> --block-size): errors name what users type."""
+    return "--" + name.replace("_", "-")
+
+
+# Allowed values of the numeric options, as (test, description); None (unset: the preset's value or
+# the default) is always allowed. Checked up front, so that a bad value is one clear error instead of
+# a crash deep in the model or the loop, or a silently meaningless run (eval_steps=0 reported val_loss 0).
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+RANGES = {
+    **dict.fromkeys(("max_steps", "batch_size", "grad_accum", "eval_steps", "log_interval", "max_bytes",
+                     "block_size", "vocab_size", "n_layer", "n_head", "n_embd"), AT_LEAST_1),
+    **dict.fromkeys(("eval_interval", "ckpt_interval", "warmup_steps", "weight_decay", "grad_clip"), AT_LEAST_0),
+    "lr": (lambda v: v > 0, "> 0"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "mlm_prob": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), (lambda v: 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(("min_lr_ratio", "decay_frac"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
+}
+
+
+def check_ranges(cfg, ranges: dict) -> None:
+    """ValueError naming the flag of the first field of `cfg` outside its range (fields it lacks are skipped)."""
+    for name, (ok, what) in ranges.items():
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        try:
+            good = not isinstance(v, bool) and ok(v)
+        except TypeError:  # a string from a config file
+            good = False
+        if not good:
+            raise ValueError(f"{flag(name)} must be {what}, got {v!r}")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """--device: auto (cuda when available, else cpu), cpu, cuda, cuda:N, ...; one clear error for a
+    device this torch cannot use (torch itself fails later with an AssertionError traceback)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {spec!r}: {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {spec}: {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+# What a run writes into --out; --overwrite deletes these, not the whole directory (which may be `.`
+# or hold the user's own files), so that nothing stale (a checkpoint of a run with save=False,
+# TensorBoard events, a plot, another corpus's tokenizer) mixes with the new run.
+RUN_FILES = ("ckpt.pt", "metrics.csv", "loss.png", "tokenizer.json", "confusion.png", "tb")
+
+
+def check_out(cfg: "TrainConfig") -> Path:
+    """--out must be a directory (or not exist yet); one that holds a run needs --resume or --overwrite."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must be a run directory (a new one, or a run to --resume)")
+    if (out / "ckpt.pt").is_file() and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--out {out} already holds a run (ckpt.pt); pass --resume to continue it "
+                         f"or --overwrite to start over")
+    return out
+
+
 def strict_from_dict(cls, d: dict, what: str):
     """cls(**d) for a config dataclass, naming unknown keys instead of a bare TypeError."""
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
@@ -83,6 +154,7 @@ class TrainConfig:
     # bookkeeping
     out: str = "runs/run"
     resume: bool = False
+    overwrite: bool = False              # start over in an --out that holds a run (else that is an error)
     eval_interval: int = 100             # also at the last step; 0 = only at the last step
     eval_steps: int = 10
     log_interval: int = 10
@@ -99,9 +171,9 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}; expected 'cosine', 'wsd' or 'constant'")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision={self.precision!r}; expected 'auto', 'bf16', 'fp16' or 'fp32'")
-        for name in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, RANGES)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -150,6 +222,8 @@ def _forward(model, batch: dict, arch: str):
 @torch.no_grad()
 def evaluate(model, loader, steps: int, arch: str, device, autocast) -> dict:
     """Validation loss and perplexity (GPT: LM loss; BERT: MLM loss), MLM and NSP accuracy."""
+    if steps < 1:  # 0 batches would report loss 0 / perplexity 1, a perfect model
+        raise ValueError(f"--eval-steps must be >= 1, got {steps}")
     was_training = model.training
     model.eval()
     tot_loss = n = mlm_hit = mlm_n = nsp_hit = nsp_n = 0
@@ -213,10 +287,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp = world > 1
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
+    out = check_out(cfg)  # before anything slow (data preparation) or destructive
+    ckpt_path = out / "ckpt.pt"
     if ddp:
         import torch.distributed as dist
         if device.type == "cuda":
@@ -234,21 +307,14 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         autocast = lambda: torch.autocast(device.type, dtype=amp_dtype)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
-    out = Path(cfg.out)
-    ckpt_path = out / "ckpt.pt"
     resume = ckpt_io.load(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
     if cfg.resume and resume is None:
         _log0(f"--resume: no checkpoint at {ckpt_path}; starting from scratch", rank)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
 
     # ---- data (rank 0 prepares; the others wait, then read the cache)
     mcfg = cfg.model_config() if task is None else task.model_config(cfg)
     prepared = None
-    if task is not None:
-        if rank == 0 and task.tokenizer_path is not None:
-            shutil.copyfile(task.tokenizer_path, out / "tokenizer.json")
-    elif cfg.data != "random":
+    if task is None and cfg.data != "random":
         def prep():
             return prepare(cfg.data, mcfg.vocab_size, cfg.data_dir, cfg.val_fraction, cfg.max_bytes,
                            cfg.shard_dtype, log=lambda m: _log0(m, rank))
@@ -258,8 +324,6 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                 prepared = prep()
             dist.barrier()
         prepared = prepared or prep()
-        if rank == 0:
-            shutil.copyfile(prepared.dir / "tokenizer.json", out / "tokenizer.json")
     if resume is not None:
         mcfg = ModelConfig.from_dict(resume["model_config"])
         mcfg.kernels, mcfg.backend = cfg.kernels, cfg.backend  # the kernels may change between runs
@@ -267,6 +331,23 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         train_loader, val_loader_fn = make_loaders(cfg, mcfg, prepared, rank, world)
     else:
         train_loader, val_loader_fn = task.loaders(cfg, mcfg, rank, world)
+
+    # ---- the run directory: only now that the options, the data and the loaders are known to be good,
+    # so that a mistake in them does not cost an --overwrite'd run
+    if rank == 0:
+        if cfg.overwrite:
+            for old in (out / name for name in RUN_FILES):
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. a parent is a file, or no permission
+            raise ValueError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+        tokenizer = prepared.dir / "tokenizer.json" if prepared is not None else getattr(task, "tokenizer_path", None)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, out / "tokenizer.json")
 
     # ---- model, optimizer, schedule
     torch.manual_seed(cfg.seed)
