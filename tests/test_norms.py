@@ -110,10 +110,20 @@ def test_sum_backward_expanded_grad(op, backend):
     assert_close(w.grad, w64.grad, torch.float32, "dw")
 
 
-def test_rms_norm_default_eps(backend):
-    x = torch.randn(4, 64, device=DEVICE, dtype=torch.float16)
-    y = tfkernels.rms_norm(x, (64,), backend=backend)
-    assert_close(y, reference.rms_norm(x.double(), (64,), eps=torch.finfo(torch.float16).eps), torch.float16)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_default_eps(backend, dtype):
+    """eps=None is what the installed torch's F.rms_norm takes (torch 2.6: x's dtype's eps; later:
+    float32's for fp16/bf16): activations of RMS 0.05 make the two differ by O(1) in the output, and a
+    swapped nn.RMSNorm(eps=None) must keep its outputs."""
+    torch.manual_seed(6)
+    x = torch.randn(4, 64, device=DEVICE, dtype=dtype) * 0.05
+    torch_y = F.rms_norm(x, (64,))
+    assert_close(tfkernels.rms_norm(x, (64,), backend=backend), torch_y.double(), dtype)
+    model = torch.nn.Sequential(torch.nn.RMSNorm(64, device=DEVICE, dtype=dtype))
+    before = model(x)
+    tfkernels.swap(model, backend=backend)
+    assert isinstance(model[0], tfkernels.nn.RMSNorm)
+    assert_close(model(x), before.double(), dtype)
 
 
 def test_mixed_dtype_weight(backend):

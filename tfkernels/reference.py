@@ -11,11 +11,30 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
 
 
+def _probe_rms_eps(dtype: torch.dtype) -> float:
+    # a row whose mean square (1e-4) the two candidate eps values (bf16: 7.8e-3 vs 1.2e-7) tell apart
+    x = torch.full((1, 1), 1e-2, dtype=dtype)
+    want = F.rms_norm(x, (1,))
+    candidates = (torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return next((e for e in candidates if torch.equal(F.rms_norm(x, (1,), eps=e), want)), candidates[0])
+
+
+# rms_norm's eps=None, as the installed torch's F.rms_norm / nn.RMSNorm read it: torch 2.6 takes
+# finfo(x.dtype).eps; later versions (2.11 and 2.13 checked) take float32's for fp16/bf16 inputs, the
+# dtype they compute in. Probed once here (not inside a call, which torch.compile would trace), so
+# that swap() of an nn.RMSNorm(eps=None) keeps its outputs on either.
+RMS_NORM_DEFAULT_EPS = {torch.float16: _probe_rms_eps(torch.float16), torch.bfloat16: _probe_rms_eps(torch.bfloat16)}
+
+
+def rms_norm_default_eps(dtype: torch.dtype) -> float:
+    return RMS_NORM_DEFAULT_EPS.get(dtype) or torch.finfo(dtype).eps
+
+
 def rms_norm(x, normalized_shape, weight=None, eps=None):
-    # Written out (not F.rms_norm) so that float64 references and torch<2.4 behave the same:
+    # Written out (not F.rms_norm) so that float64 references of low-precision runs can be computed:
     # y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32 for low-precision inputs.
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = rms_norm_default_eps(x.dtype)
     dims = tuple(range(-len(normalized_shape), 0))
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     y = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)

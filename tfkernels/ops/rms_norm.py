@@ -1,6 +1,6 @@
 """RMSNorm: `tfkernels.rms_norm`, same semantics as `torch.nn.functional.rms_norm`.
 
-y = x / sqrt(mean(x^2) + eps) * weight, eps=None meaning torch.finfo(x.dtype).eps. Kernels live in
+y = x / sqrt(mean(x^2) + eps) * weight, eps=None meaning what F.rms_norm takes. Kernels live in
 `_norm.py` (shared with LayerNorm); limits as there: float16/bfloat16/float32, rows of any length,
 fp32 statistics.
 """
@@ -82,7 +82,9 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     """Root-mean-square normalization over the trailing `normalized_shape` dims of `x`.
 
     Same semantics as `torch.nn.functional.rms_norm`: y = x / sqrt(mean(x^2) + eps) * weight, where
-    eps=None means `torch.finfo(x.dtype).eps`. Statistics in fp32; y has x's dtype.
+    eps=None means what it means to the installed torch's F.rms_norm (`reference.rms_norm_default_eps`:
+    float32's eps for fp16/bf16 on current torch, x's dtype's on torch 2.6). Statistics in fp32; y
+    has x's dtype.
     """
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "rms_norm")
@@ -90,7 +92,7 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     if eps is not None and not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float or None, got {type(eps).__name__}")
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = reference.rms_norm_default_eps(x.dtype)
     if be == "torch":
         return reference.rms_norm(x, shape, weight, eps)
     N = math.prod(shape)
