@@ -381,6 +381,17 @@ def test_torch_compile_fullgraph(backend):
         assert_close(a, e.double(), torch.float32, scale=2.0)
 
 
+def test_torch_compile_dynamic_float_scale(backend):
+    """dynamic=True makes a Python-float scale symbolic (Hugging Face passes scaling= as one): the
+    op must still trace with fullgraph, and give eager's result at two lengths."""
+    torch._dynamo.reset()
+    fn = lambda q, k, v, s: tfkernels.attention(q, k, v, scale=s, is_causal=True, backend=backend)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T, s in ((9, 0.3), (14, 0.7)):
+        q, k, v = (_rand(1, 2, T, 16) for _ in range(3))
+        assert_close(compiled(q, k, v, s), fn(q, k, v, s).double(), torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # nn.MultiheadAttention
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,10 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
+# torch.compile runs this eagerly and takes its answer as a constant: the first call may load (or
+# JIT-build) the extension under a lock, which dynamo cannot trace (fullgraph would fail on a first
+# backend="cuda" call inside a compiled function).
+@torch.compiler.assume_constant_result
 def cuda_ext_available(load: bool = False) -> bool:
     """True when the CUDA C++ extension is (or, with load=True, can be made) importable."""
     try:

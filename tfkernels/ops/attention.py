@@ -863,7 +863,9 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
-    if scale is not None and not math.isfinite(scale):  # the backends would disagree on what NaN/inf give
+    # the backends would disagree on what NaN/inf give; not while torch.compile traces, where a
+    # dynamic float is symbolic (HF passes scaling= as a float) and math.isfinite cannot be traced
+    if scale is not None and not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
