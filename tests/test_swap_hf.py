@@ -130,6 +130,19 @@ def test_from_config_attn_implementation(attention_calls):
     _close(out[valid], expected[valid], 2e-5, "logits")
 
 
+def test_output_attentions_warns(monkeypatch):
+    """output_attentions=True cannot be served by a fused kernel: say so (once), as 'sdpa' does,
+    rather than hand back no attentions silently."""
+    from tfkernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    cfg = transformers.LlamaConfig(**_small(num_key_value_heads=2))
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="tfkernels").to(DEVICE).eval()
+    ids, _ = _batch()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+
+
 def test_registered_at_import():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS

@@ -53,6 +53,17 @@ def test_bert_mlm_nsp_loss_falls(tmp_path, data_dir):
     assert 0 <= s["eval"]["mlm_acc"] <= 1 and 0 <= s["eval"]["nsp_acc"] <= 1
 
 
+@pytest.mark.parametrize("model,nsp", [("gpt", False), ("bert", False), ("bert", True)])
+def test_random_data_every_head(tmp_path, model, nsp):
+    """--data random (the throughput benchmarks' input) feeds every head, NSP included (bert-base has
+    it by default): training and the final eval run and report, and the checkpoint is written."""
+    s = train(TrainConfig(model=model, nsp=nsp, data="random", max_steps=3, eval_steps=1, out=str(tmp_path / "r"),
+                          plot=False, **{k: v for k, v in FAST.items() if k not in ("max_bytes", "eval_steps")}))
+    assert s["eval"]["val_loss"] > 0 and (tmp_path / "r" / "ckpt.pt").is_file()
+    if nsp:
+        assert 0 <= s["eval"]["nsp_acc"] <= 1
+
+
 @pytest.mark.parametrize("kernels,schedule", [("tfkernels", "cosine"), ("torch", "wsd")])
 def test_resume_is_exact(tmp_path, data_dir, kernels, schedule):
     cfg = dict(model="gpt", kernels=kernels, schedule=schedule, dropout=0.1, grad_accum=2, max_steps=8,

@@ -261,6 +261,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise ValueError("attn_implementation='tfkernels' does not support `softcap`; use 'eager' for this model")
     if kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='tfkernels' does not support attention sinks (`s_aux`); use 'eager'")
+    if kwargs.get("output_attentions"):  # as 'sdpa' says: the fused kernel never forms the weights
+        from ._backend import warn_once
+
+        warn_once("hf-output-attentions", "attn_implementation='tfkernels' does not form the attention weights: "
+                  "output_attentions=True gets none from these layers; use attn_implementation='eager' for them")
     cache = kwargs.get("cache")
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
         key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)

@@ -391,8 +391,8 @@ class MLMLoader(_Loader):
 class RandomLoader(_Loader):
     """Uniform random tokens (for throughput benchmarks: no tokenizer, no disk)."""
 
-    def __init__(self, arch, vocab_size, block_size, batch_size, seed=0, rank=0, world=1, **_):
-        self.arch, self.V, self.T = arch, vocab_size, block_size
+    def __init__(self, arch, vocab_size, block_size, batch_size, seed=0, rank=0, world=1, nsp=False, **_):
+        self.arch, self.V, self.T, self.nsp = arch, vocab_size, block_size, nsp
         # the items are never read (collate draws from self.gen), so an "epoch" of one global batch gives
         # the same tokens; 1 << 30 items made _order() build an 8 GiB arange, seconds per loader
         super().__init__(batch_size * world, batch_size, seed, rank, world, shuffle=False)
@@ -402,4 +402,9 @@ class RandomLoader(_Loader):
         if self.arch == "gpt":
             return {"idx": x[:, :-1], "targets": x[:, 1:]}
         inputs, labels = mask_tokens(x[:, :-1], self.V, 0.15, self.gen)
-        return {"input_ids": inputs, "mlm_labels": labels}
+        batch = {"input_ids": inputs, "mlm_labels": labels}
+        if self.nsp:  # BERT with the NSP head (bert-base's default): two segments, random labels
+            B, T = inputs.shape
+            batch["segment_ids"] = (torch.arange(T) >= T // 2).long().expand(B, T)
+            batch["nsp_labels"] = torch.randint(0, 2, (B,), generator=self.gen)
+        return batch

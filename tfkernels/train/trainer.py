@@ -251,8 +251,9 @@ def make_loaders(cfg: TrainConfig, mcfg: ModelConfig, prepared, rank: int, world
     """(train loader for this rank, a function making a fresh deterministic val loader)."""
     B, T = cfg.batch_size, mcfg.block_size
     if prepared is None:  # random tokens
-        train_loader = RandomLoader(mcfg.arch, mcfg.vocab_size, T, B, seed=cfg.seed, rank=rank, world=world)
-        return train_loader, lambda: RandomLoader(mcfg.arch, mcfg.vocab_size, T, B, seed=cfg.seed + 7)
+        train_loader = RandomLoader(mcfg.arch, mcfg.vocab_size, T, B, seed=cfg.seed, rank=rank, world=world,
+                                    nsp=mcfg.nsp)
+        return train_loader, lambda: RandomLoader(mcfg.arch, mcfg.vocab_size, T, B, seed=cfg.seed + 7, nsp=mcfg.nsp)
 
     def loader(split, shuffle, seed, rank, world):
         tokens = prepared.tokens(split)
