@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -47,6 +48,21 @@ def parse_args(argv):
             p.error(f"--only: unknown benchmark {name!r}; expected a comma list of {', '.join(ONLY)}")
         wanted += [o for o in ONLY[name] if o not in wanted]
     args.ops = wanted
+    # mistakes that would otherwise surface only after the whole sweep (a GPU session's minutes)
+    if args.budget is not None and args.budget <= 0:
+        p.error(f"--budget must be > 0 seconds, got {args.budget}")
+    for name in ("warmup", "rep"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1 ms, got {getattr(args, name)}")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file; it must be a folder (new or existing)")
+    if args.compare:
+        try:
+            old = json.loads(Path(args.compare).read_text())
+            if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
+                raise ValueError("it has no 'rows' list (is it a results.json of this suite?)")
+        except (OSError, ValueError) as err:
+            p.error(f"--compare {args.compare}: {err}")
     return args
 
 
@@ -65,6 +81,13 @@ def main(argv=None) -> int:
         return 2
 
     from . import _util, bench_attention, bench_e2e, bench_norms, report
+
+    known = set(bench_norms.PROVIDERS) | set(bench_attention.PROVIDERS)
+    unknown = sorted({s.strip() for s in args.skip.split(",") if s.strip()} - known)
+    if unknown:  # a misspelt provider would silently still run
+        print(f"python -m benchmarks: error: --skip: unknown provider(s) {', '.join(unknown)}; expected a comma "
+              f"list of {', '.join(sorted(known))}", file=sys.stderr)
+        return 2
 
     dtype_name = args.dtype or ("fp32" if args.smoke else "bf16")
     cfg = _util.BenchConfig(

@@ -74,6 +74,27 @@ def test_bad_only_is_rejected():
         benchmarks.main(["--smoke", "--only", "nope"])
 
 
+def test_mistakes_rejected_before_the_sweep(tmp_path, capsys):
+    """Options that used to fail only after the whole run (a GPU session's minutes), or never."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    not_results = tmp_path / "other.json"
+    not_results.write_text('{"a": 1}')
+    for argv, message in ((["--out", str(a_file)], "is a file"),
+                          (["--compare", str(tmp_path / "missing.json")], "--compare"),
+                          (["--compare", str(not_results)], "no 'rows'"),
+                          (["--compare", str(a_file)], "--compare"),  # not JSON
+                          (["--budget", "-5"], "--budget must be > 0"),
+                          (["--rep", "0"], "--rep must be >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            benchmarks.main(["--smoke", "--only", "softmax", "--out", str(tmp_path / "run"), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+    # a misspelt provider would still have run
+    assert benchmarks.main(["--smoke", "--only", "softmax", "--skip", "torch.compil", "--out", str(tmp_path / "r")]) == 2
+    assert "--skip: unknown provider(s) torch.compil" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "r").exists()
+
+
 def test_finetune_bench_smoke(tmp_path):
     """benchmarks/bench_finetune.py on CPU (tiny BERT classifier, 2 timed steps): both kernel sets
     time a step, the rows are stamped, and they start from the same loss (same weights, same data)."""
