@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tfkernels
-from tfkernels import _backend
+from tfkernels import _backend, _config
 
 from conftest import DEVICE
 
@@ -122,10 +122,16 @@ def test_integer_dtype_rejected(backend):
 
 
 def test_float64_needs_torch_backend(backend):
+    """A kernel backend named for float64 is an error; the automatic choice takes the torch reference
+    (so a swapped model in float64, e.g. for gradcheck, runs), even where it would pick `backend`."""
     x = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
         tfkernels.softmax(x, backend=backend)
     assert tfkernels.softmax(x, backend="torch").dtype == torch.float64
+    assert _backend.resolve(None, x, "softmax") == "torch"
+    assert _backend.resolve(None, x.float(), "softmax") != "torch" or not (x.is_cuda or _config.triton_interpret())
+    model = tfkernels.swap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))).to(DEVICE).double()
+    assert torch.autograd.gradcheck(model, (x.requires_grad_(True),))
 
 
 def test_not_a_tensor():
