@@ -6,6 +6,7 @@ through the kernels' own keep mask, bad input, opcheck, torch.compile; Multihead
 torch's. CUDA-only tests apply FlashAttention's rule to fp16/bf16.
 """
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -256,6 +257,22 @@ def test_bad_input(i):
     expected, exc, fn = _bad_cases()[i]
     with pytest.raises(exc, match=expected):
         fn()
+
+
+def test_head_dim_over_the_kernels_limit(monkeypatch):
+    """D > 256: a kernel backend asked for by name refuses (test_bad_input); the automatic choice
+    falls back to the PyTorch reference and says so once."""
+    from tfkernels import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("TFKERNELS_BACKEND", raising=False)
+    q, k, v = (_rand(1, 2, 5, 288) for _ in range(3))
+    kernel_chosen = _backend.resolve(None, q, "attention") != "torch"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tfkernels.attention(q, k, v, is_causal=True)
+    assert_close(out, reference.attention(q.double(), k.double(), v.double(), is_causal=True), torch.float32)
+    assert any("head dim 288" in str(w.message) for w in caught) == kernel_chosen
 
 
 def test_bad_device():

@@ -922,6 +922,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if D > MAX_HEAD_DIM:
+        if backend is None and _config.env_backend() is None:  # the automatic choice falls back, once said
+            _backend.warn_once(("head-dim", D), f"tfkernels: attention head dim {D} exceeds the kernels' limit of "
+                               f"{MAX_HEAD_DIM}; using the PyTorch reference")
+            return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         raise ValueError(f"attention: head dim D={D} exceeds the kernels' limit of {MAX_HEAD_DIM} "
                          "(use backend='torch')")
     mask = None
