@@ -75,11 +75,14 @@ def warn_once(key, message: str) -> None:
 _triton_broken: set = set()
 
 
-def resolve(backend: str | None, x: torch.Tensor, op: str) -> str:
+def resolve(backend: str | None, x: torch.Tensor, op: str, unfit: str | None = None) -> str:
     """Return the backend that serves `op` on tensors like `x`.
 
     Returns "triton", "cuda", "torch", or "auto" (= try Triton, fall back to cuda if the Triton
     kernel fails to compile; only produced when both are usable and nothing was named).
+    `unfit`: why no kernel can take this call (the op's own limits, e.g. attention's head dim), or
+    None; the automatic choice then runs the reference and says so once, a named kernel backend is
+    returned as asked and the op raises.
     """
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
@@ -116,7 +119,16 @@ def resolve(backend: str | None, x: torch.Tensor, op: str) -> str:
     # automatic
     if x.dtype == torch.float64:  # no kernel takes it: gradchecks and references of a swapped model run
         return "torch"
-    if on_cuda:
+    choice = _automatic(x, op)
+    if unfit is not None and choice != "torch":
+        warn_once(("unfit", op, unfit), f"tfkernels: {op}: {unfit}; using the PyTorch reference")
+        return "torch"
+    return choice
+
+
+def _automatic(x: torch.Tensor, op: str) -> str:
+    """The automatic choice for `op` on tensors like `x`, as far as the backends' availability goes."""
+    if x.is_cuda:
         # the emulated cuda backend (CPU tensors only) is never an automatic choice
         real_cuda = not _config.cuda_emulation()
         if triton_available() and op not in _triton_broken:

@@ -90,13 +90,15 @@ class Softmax(nn.Softmax):
         return new
 
 
-def _mha_mask_to_sdpa(mask: Optional[torch.Tensor], allowed: dict, name: str) -> Optional[torch.Tensor]:
+def _mha_mask_to_sdpa(mask: Optional[torch.Tensor], allowed: dict, name: str,
+                      convert: bool = True) -> Optional[torch.Tensor]:
     """torch.nn.MultiheadAttention's mask convention -> tfkernels.attention's, as a 4-D view.
 
     `allowed` maps each shape torch accepts for the mask to its 4-D view: a mask of another shape
     is an error (viewing any mask with the right number of elements would silently scramble, say,
     a (S, B) key_padding_mask). MHA: a bool mask is True where attention is NOT allowed; a float
     mask is added. SDPA (and tfkernels.attention): a bool mask is True where attention IS allowed.
+    convert=False: check only, return None (a mask the kernel replaces, under the is_causal hint).
     """
     if mask is None:
         return None
@@ -105,6 +107,8 @@ def _mha_mask_to_sdpa(mask: Optional[torch.Tensor], allowed: dict, name: str) ->
     shape4 = allowed.get(tuple(mask.shape))
     if shape4 is None:
         raise ValueError(f"{name} must have shape {' or '.join(str(a) for a in allowed)}, got {tuple(mask.shape)}")
+    if not convert:
+        return None
     mask = mask.reshape(shape4)
     return ~mask if mask.dtype == torch.bool else mask
 
@@ -173,9 +177,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         v = F.linear(value, w_v, b_v).view(B, S, H, hd).transpose(1, 2)  # (B, H, S, hd)
         kpm = _mha_mask_to_sdpa(key_padding_mask, {(B, S) if batched else (S,): (B, 1, 1, S)}, "key_padding_mask")
         # (B*H, L, S) is (H, L, S) for unbatched input (B = 1), as in torch
-        am = _mha_mask_to_sdpa(attn_mask, {(L, S): (1, 1, L, S), (B * H, L, S): (B, H, L, S)}, "attn_mask")
-        if is_causal:  # with the is_causal hint, attn_mask is the causal mask: the kernel does it
-            am = None
+        # with the is_causal hint, attn_mask is the causal mask: checked, then left to the kernel
+        am = _mha_mask_to_sdpa(attn_mask, {(L, S): (1, 1, L, S), (B * H, L, S): (B, H, L, S)}, "attn_mask",
+                               convert=not is_causal)
         mask = _merge_masks(am, kpm, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         out = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,

@@ -915,17 +915,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
         return out.reshape(*lead, *out.shape[-3:])
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    be = _backend.resolve(backend, q, "attention")
+    D = q.shape[-1]
+    unfit = f"head dim {D} exceeds the kernels' limit of {MAX_HEAD_DIM}" if D > MAX_HEAD_DIM else None
+    be = _backend.resolve(backend, q, "attention", unfit)
     _validate.check_float(q, "q", be)
     if be == "torch":
         return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
-    if D > MAX_HEAD_DIM:
-        if backend is None and _config.env_backend() is None:  # the automatic choice falls back, once said
-            _backend.warn_once(("head-dim", D), f"tfkernels: attention head dim {D} exceeds the kernels' limit of "
-                               f"{MAX_HEAD_DIM}; using the PyTorch reference")
-            return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if unfit is not None:  # a kernel backend asked for by name
         raise ValueError(f"attention: head dim D={D} exceeds the kernels' limit of {MAX_HEAD_DIM} "
                          "(use backend='torch')")
     mask = None

@@ -19,7 +19,7 @@ import json
 import typing
 from pathlib import Path
 
-from .trainer import TrainConfig, flag, resolve_device
+from .trainer import AT_LEAST_0, AT_LEAST_1, TrainConfig, check_ranges, resolve_device
 
 HELP = {
     "model": "gpt (causal LM) or bert (masked LM)", "preset": "tiny, gpt2-124m or bert-base",
@@ -115,14 +115,6 @@ def cmd_pretrain(args) -> int:
 
 # ----------------------------------------------------------------------------- sample / eval
 
-def check_at_least(args: argparse.Namespace, **lowest) -> None:
-    """ValueError naming the flag of the first option below its lowest allowed value (None = not given)."""
-    for name, low in lowest.items():
-        v = getattr(args, name)
-        if v is not None and not v >= low:  # `not >=`: NaN fails too
-            raise ValueError(f"{flag(name)} must be >= {low}, got {v}")
-
-
 def load_run(ckpt_path: str, kernels=None, backend=None, device="auto"):
     """(model in eval mode, tokenizer or None, checkpoint dict, device) from a checkpoint file or run dir."""
     from ..model import ModelConfig, build_model
@@ -160,7 +152,8 @@ def cmd_sample(args) -> int:
     from .tokenizer import MASK
 
     # before loading anything: --num-samples 0 crashed in generate(), negative --max-new-tokens printed the prompt
-    check_at_least(args, num_samples=1, max_new_tokens=0, top_k=1, temperature=0)
+    check_ranges(args, {"num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_0, "top_k": AT_LEAST_1,
+                        "temperature": AT_LEAST_0})
     model, tok, ck, dev = load_run(args.ckpt, args.kernels, args.backend, args.device)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer.json next to {args.ckpt} (was it trained on --data random?)")
@@ -200,7 +193,8 @@ def cmd_eval(args) -> int:
     from .trainer import evaluate, make_loaders
 
     from . import checkpoint
-    check_at_least(args, eval_steps=1, batch_size=1)  # 0 eval steps reported val_loss 0, a perfect model
+    # 0 eval steps reported val_loss 0, a perfect model
+    check_ranges(args, {"eval_steps": AT_LEAST_1, "batch_size": AT_LEAST_1})
     if checkpoint.load(args.ckpt).get("kind") == "classifier":  # a fine-tuned classifier: accuracy, F1, confusion
         from .finetune_cli import cmd_eval_classifier
         return cmd_eval_classifier(args)
