@@ -58,7 +58,7 @@ def _cuda_extension():
         sources=[os.path.relpath(s, here) for s in sources],
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode
+                            "nvcc": nvcc_flags.COMMON_FLAGS + gencode
                                     + nvcc_flags.parallel_flags(os.path.join(CUDA_HOME, "bin", "nvcc"))},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -180,9 +180,9 @@ def _load_jit() -> None:
     if not sources:
         _state["error"] = f"the csrc/ sources are not available (looked in {_CSRC}); install from a source checkout"
         return
-    from ._nvcc import parallel_flags
+    from ._nvcc import COMMON_FLAGS, parallel_flags
 
-    cuda_flags = ["-O3", "-std=c++17", "-lineinfo"] + _arch_flags() + parallel_flags(nvcc)
+    cuda_flags = COMMON_FLAGS + _arch_flags() + parallel_flags(nvcc)
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:

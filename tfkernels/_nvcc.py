@@ -8,6 +8,11 @@ import functools
 import subprocess
 
 
+# every nvcc command of the extension's builds, at install and JIT (plus the architectures and
+# parallel_flags); -lineinfo so that compute-sanitizer and ncu can name source lines
+COMMON_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+
+
 @functools.lru_cache(maxsize=None)
 def _help(nvcc: str) -> str:
     try:
