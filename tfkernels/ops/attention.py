@@ -561,18 +561,39 @@ _FWD_CONFIGS = {
 }
 # backward (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages): the dK/dV kernel keeps a
 # tall K/V tile (BLOCK_N1) and streams thin Q/dO tiles (BLOCK_M1); the dQ kernel the reverse — the
-# tutorial's (32, 128, 128, 32), 4 warps, 5 stages on Hopper.
+# tutorial's (32, 128, 128, 32), 5 stages on Hopper. Warps: the dK/dV kernel holds two
+# (BLOCK_N1, D) fp32 accumulators, 2 * 128 * D / (32 * num_warps) registers per thread; with 4 warps
+# at D = 128 that alone is 256, and ptxas spills 660-880 bytes per thread (bf16, sm_90, Triton 3.6;
+# `python -m benchmarks.static`), so D = 128 on Hopper and D = 64 on Ampere (160 bytes) take 8 warps:
+# no spills. D = 64 on Hopper keeps the tutorial's 4 warps (255 registers, 0-24 bytes spilled).
 _BWD_CONFIGS = {
     (9, 64): (32, 128, 128, 32, 4, 5),
-    (9, 128): (32, 128, 128, 32, 4, 5),
+    (9, 128): (32, 128, 128, 32, 8, 5),
     (9, 256): (16, 64, 64, 16, 8, 2),
-    (8, 64): (32, 128, 128, 32, 4, 3),
+    (8, 64): (32, 128, 128, 32, 8, 3),
     (8, 128): (32, 64, 64, 32, 4, 2),
     (8, 256): (16, 32, 32, 16, 4, 1),
 }
-# used when the table's choice runs out of shared memory / registers (e.g. sm_86, fp32 at D=256)
-_FWD_FALLBACK = (64, 32, 4, 1)
-_BWD_FALLBACK = (16, 32, 32, 16, 4, 1)
+# fp32 with IEEE dots (torch.backends.cuda.matmul.allow_tf32 False, PyTorch's default) multiplies
+# on the FP32 pipe, not the tensor cores, and Triton keeps far more of each operand in registers
+# there: the tables above (halved for fp32) spill 0.5-7 KB per thread. These tiles are the largest
+# without spills in a sweep with `python -m benchmarks.static` (Triton 3.6, sm_80 and sm_90).
+_FWD_IEEE = {
+    (9, 64): (64, 32, 8, 2),
+    (9, 128): (32, 16, 4, 2),
+    (9, 256): (64, 16, 8, 2),
+    (8, 64): (64, 32, 8, 2),
+    (8, 128): (64, 32, 8, 2),
+    (8, 256): (32, 16, 4, 2),
+}
+_BWD_IEEE = {
+    (9, 64): (32, 64, 64, 32, 8, 2),
+    (9, 128): (16, 64, 64, 16, 8, 2),
+    (9, 256): (16, 32, 32, 16, 4, 2),
+    (8, 64): (32, 64, 64, 32, 8, 2),
+    (8, 128): (16, 64, 64, 16, 8, 2),
+    (8, 256): (16, 32, 32, 16, 4, 2),
+}
 # the interpreter executes tiles with numpy: small tiles keep CPU tests fast
 _INTERP_FWD = (16, 16, 1, 1)
 _INTERP_BWD = (16, 16, 16, 16, 1, 1)
@@ -582,24 +603,94 @@ def _d_bucket(D: int) -> int:
     return 64 if D <= 64 else (128 if D <= 128 else 256)
 
 
-def _fwd_configs(q: Tensor) -> list:
-    if not q.is_cuda:
+def _gpu_major(x: Tensor) -> Optional[int]:
+    """The config tables' GPU generation for x (compute-capability major clamped to 8..9), or None
+    when the kernels run in the interpreter (CPU tensors). benchmarks/static.py replaces this to
+    compile the launches for a GPU that is not there."""
+    if not x.is_cuda:
+        return None
+    return max(8, min(9, torch.cuda.get_device_capability(x.device)[0]))
+
+
+def _fwd_fallbacks(bm: int, bn: int, w: int, s: int) -> list:
+    """The tuned forward config, then smaller ones to try when a launch runs out of shared memory or
+    registers (a mask tile adds to the pipeline's buffers; sm_86/89 have 99 KB): the same tiles
+    with fewer stages first (the stage buffers are most of the shared memory), then the key and
+    the query block halved in turn (K/V stages scale with BLOCK_N, the Q tile with BLOCK_M).
+    Keeps BLOCK_M % BLOCK_N == 0."""
+    out = []
+    while True:
+        out += [(bm, bn, w, st) for st in range(s, 0, -1)]
+        if bm > 16 and (bm >= 2 * bn or bn == 16):
+            bm //= 2
+        elif bn > 16:
+            bn //= 2
+        else:
+            return out
+        s, w = min(s, 2), min(w, 4)
+
+
+def _bwd_fallbacks(m1: int, n1: int, m2: int, n2: int, w: int, s: int) -> list:
+    """As _fwd_fallbacks for the backward: fewer stages, then the tall blocks (BLOCK_N1, BLOCK_M2)
+    halved down to the thin ones, then all four halved. Keeps BLOCK_N1 % BLOCK_M1 == 0 and
+    BLOCK_M2 % BLOCK_N2 == 0."""
+    out = []
+    while True:
+        out += [(m1, n1, m2, n2, w, st) for st in range(s, 0, -1)]
+        if n1 > m1 or m2 > n2:
+            n1, m2 = max(m1, n1 // 2), max(n2, m2 // 2)
+        elif m1 > 16 or n2 > 16:
+            m1, n1, m2, n2 = max(16, m1 // 2), max(16, n1 // 2), max(16, m2 // 2), max(16, n2 // 2)
+        else:
+            return out
+        s, w = min(s, 2), min(w, 4)
+
+
+def _fwd_configs(q: Tensor, has_rules: bool) -> list:
+    """has_rules: a mask or dropout. Their tiles add to the key block's shared memory (the mask tile
+    is pipelined with K and V) and registers (the RNG): at Hopper's BLOCK_N = 128, D = 128 a masked
+    launch needs 256-288 KB (over the 227 KB limit) and dropout spills 56-560 bytes per thread; at
+    BLOCK_N = 64 both fit with no spills (`python -m benchmarks.static`)."""
+    major = _gpu_major(q)
+    if major is None:
         return [_INTERP_FWD]
-    major = max(8, min(9, torch.cuda.get_device_capability(q.device)[0]))
-    bm, bn, w, s = _FWD_CONFIGS[(major, _d_bucket(q.shape[-1]))]
-    if q.dtype == torch.float32:
-        bn, s = max(16, bn // 2), min(s, 2)
-    return [(bm, bn, w, s), _FWD_FALLBACK]
+    key = (major, _d_bucket(q.shape[-1]))
+    if _dot_precision(q.dtype) == "ieee":
+        bm, bn, w, s = _FWD_IEEE[key]
+    else:
+        bm, bn, w, s = _FWD_CONFIGS[key]
+        if q.dtype == torch.float32:  # TF32: twice the bytes per tile
+            bn, s = max(16, bn // 2), min(s, 2)
+    if has_rules:
+        bn = min(bn, 64)
+    return _fwd_fallbacks(bm, bn, w, s)
 
 
 def _bwd_configs(q: Tensor) -> list:
-    if not q.is_cuda:
+    major = _gpu_major(q)
+    if major is None:
         return [_INTERP_BWD]
-    major = max(8, min(9, torch.cuda.get_device_capability(q.device)[0]))
-    m1, n1, m2, n2, w, s = _BWD_CONFIGS[(major, _d_bucket(q.shape[-1]))]
-    if q.dtype == torch.float32:
+    key = (major, _d_bucket(q.shape[-1]))
+    if _dot_precision(q.dtype) == "ieee":
+        return _bwd_fallbacks(*_BWD_IEEE[key])
+    m1, n1, m2, n2, w, s = _BWD_CONFIGS[key]
+    if q.dtype == torch.float32:  # TF32: twice the bytes per tile
         n1, m2, s = max(m1, n1 // 2), max(n2, m2 // 2), min(s, 2)
-    return [(m1, n1, m2, n2, w, s), _BWD_FALLBACK]
+    return _bwd_fallbacks(m1, n1, m2, n2, w, s)
+
+
+# launch key -> index of the first config in its chain that fit, so that a launch whose tuned
+# config does not fit pays the failed compiles and the OutOfResources once, not at every call
+_FIRST_FIT: dict = {}
+
+
+def _launch_chain(key: tuple, configs: list) -> list:
+    return configs[_FIRST_FIT.get(key, 0):]
+
+
+def _remember_fit(key: tuple, configs: list, cfg: tuple) -> None:
+    if cfg != configs[0]:
+        _FIRST_FIT[key] = configs.index(cfg)
 
 
 def _out_of_resources(err: Exception) -> bool:
@@ -614,7 +705,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _upcast(q: Tensor) -> bool:
-    return q.dtype == torch.bfloat16 and not q.is_cuda  # see _dot: interpreter-only workaround
+    return q.dtype == torch.bfloat16 and _gpu_major(q) is None  # see _dot: interpreter-only workaround
 
 
 def _block_d(D: int) -> int:
@@ -652,8 +743,10 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
         return o, lse
     m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
     has_dropout = dropout_p > 0.0
+    configs = _fwd_configs(q, has_mask or has_dropout)
+    key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, bool(is_causal), _dot_precision(q.dtype))
     err = None
-    for bm, bn, warps, stages in _fwd_configs(q):
+    for bm, bn, warps, stages in _launch_chain(key, configs):
         try:
             _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
                 q, k, v, m_ptr, o, lse,
@@ -664,8 +757,9 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
                 EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
                 num_warps=warps, num_stages=stages)
+            _remember_fit(key, configs, (bm, bn, warps, stages))
             return o, lse
-        except Exception as e:  # noqa: BLE001 — retried with the conservative config
+        except Exception as e:  # noqa: BLE001 — retried with the next, smaller config
             if not _out_of_resources(e):
                 raise
             err = e
@@ -690,14 +784,16 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
     BD = _block_d(D)
     prec = _dot_precision(q.dtype)
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess[(triton.cdiv(Tq, 16 if not q.is_cuda else 64), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D,
-        BLOCK_M=16 if not q.is_cuda else 64, BLOCK_D=BD)
+    pre_m = 16 if _gpu_major(q) is None else 64
+    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_m), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=BD)
     common = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                   HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
     rp_keep = 1.0 / (1.0 - dropout_p)
+    configs = _bwd_configs(q)
+    key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, bool(is_causal), prec, bool(mask_grad))
     err = None
-    for m1, n1, m2, n2, warps, stages in _bwd_configs(q):
+    for m1, n1, m2, n2, warps, stages in _launch_chain(key, configs):
         try:
             _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
                 q, k, v, m_ptr, dout, lse, delta, dk, dv, dm_ptr,
@@ -712,8 +808,10 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
                 *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
                 Hq, Tq, Tk, D, Hq // Hkv,
                 EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
+            _remember_fit(key, configs, (m1, n1, m2, n2, warps, stages))
             return dq, dk, dv, dmask
-        except Exception as e:  # noqa: BLE001 — retried with the conservative config
+        except Exception as e:  # noqa: BLE001 — retried with the next, smaller config (both kernels
+            # rerun: they overwrite dk, dv, dq and dmask, nothing accumulates across attempts)
             if not _out_of_resources(e):
                 raise
             err = e

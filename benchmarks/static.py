@@ -1,0 +1,278 @@
+"""Static check of the Triton kernels for a GPU that is not here: compile, shared memory, registers.
+
+The CPU tests run the Triton kernels in the interpreter, which never compiles them, uses small
+tiles, and widens bf16 dots (see attention._dot). This tool compiles the launches a real GPU would
+get instead: it calls the ops' own launchers (attention, softmax, LayerNorm/RMSNorm; their real
+block sizes, warps and stages for the chosen GPU) on CPU tensors, with a stand-in Triton driver
+that answers the device queries for that GPU and launches nothing. Triton's ahead-of-time
+compiler turns each launch into a cubin for the target; the report gives, per kernel launch:
+
+- shared memory, against the GPU's per-block limit. As on the real GPU, a launch over the limit
+  raises OutOfResources and the launcher retries its fallback config, so the report shows whether
+  the tuned config fits or the launch silently drops to the slow fallback;
+- registers per thread and local memory per thread (stack frame + local: register spills, as
+  Triton kernels have no local arrays), from `cuobjdump -res-usage` on the cubin.
+
+No GPU, CUDA driver or CUDA build of torch is needed, only Triton (3.3 or newer) and its bundled
+ptxas. Run it without TRITON_INTERPRET:
+
+    python -m benchmarks.static --gpu sm_90                  # the full matrix, a table
+    python -m benchmarks.static --gpu sm_80 --quick --json out.json
+
+tests/test_triton_static.py runs the quick matrix for sm_80 and sm_90 in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+# per-block shared-memory opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), SM count
+GPUS = {
+    "sm_80": SimpleNamespace(arch=80, major=8, max_shared=166912, sms=108, name="A100"),
+    "sm_86": SimpleNamespace(arch=86, major=8, max_shared=101376, sms=84, name="RTX 3090 / A10"),
+    "sm_89": SimpleNamespace(arch=89, major=8, max_shared=101376, sms=128, name="L40 / RTX 4090"),
+    "sm_90": SimpleNamespace(arch=90, major=9, max_shared=232448, sms=132, name="H100"),
+}
+
+
+@dataclass
+class Launch:
+    """One compiled kernel launch."""
+    case: str
+    kernel: str
+    config: dict  # the launch's constexpr block sizes, num_warps, num_stages
+    shared: int  # bytes per block
+    fits: bool  # shared <= the GPU's limit (False: the launch raised OutOfResources)
+    regs: Optional[int] = None  # per thread (None when the launch did not fit: never loaded)
+    spill: Optional[int] = None  # bytes of local memory per thread (stack frame + local): register spills
+    compile_s: float = 0.0
+
+
+@dataclass
+class Report:
+    gpu: str
+    triton: str
+    launches: list = field(default_factory=list)
+    errors: list = field(default_factory=list)  # (case, message) for launches that failed to compile
+
+
+# ----------------------------------------------------------------------------------------------
+# the stand-in driver
+# ----------------------------------------------------------------------------------------------
+
+def _cuobjdump() -> Optional[str]:
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{'REG': n, 'LOCAL': bytes, 'SHARED': bytes, ...} from `cuobjdump -res-usage` of one cubin."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)", text)}
+
+
+def _make_driver(gpu: SimpleNamespace, report: Report):
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    state = {"case": "?", "t0": time.perf_counter()}
+
+    class StaticDriver(DriverBase):
+        """Answers Triton's device queries for `gpu`; compiles, never loads or launches."""
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def __init__(self):
+            super().__init__()
+            props = {"max_shared_mem": gpu.max_shared, "multiprocessor_count": gpu.sms, "arch": f"sm_{gpu.arch}",
+                     "max_num_regs": 65536, "warpSize": 32}
+            self.utils = SimpleNamespace(get_device_properties=lambda device: props, load_binary=self._load_binary)
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError
+
+        def get_current_target(self):
+            return GPUTarget("cuda", gpu.arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("the static driver does not run kernels")
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def launcher_cls(self, src, metadata):
+            # called once the kernel is compiled, before the shared-memory check: record it here
+            consts = {}
+            for key, value in getattr(src, "constants", {}).items():
+                name = src.fn.arg_names[key[0]] if isinstance(key, tuple) else key
+                if name.isupper():  # the constexpr parameters (BLOCK_M, IS_CAUSAL, ...)
+                    consts[name] = getattr(value, "value", value)
+            consts.update(num_warps=metadata.num_warps, num_stages=metadata.num_stages)
+            now = time.perf_counter()
+            report.launches.append(Launch(state["case"], metadata.name, consts, metadata.shared,
+                                          metadata.shared <= gpu.max_shared, compile_s=round(now - state["t0"], 2)))
+            state["t0"] = now
+            return lambda *args, **kwargs: None
+
+        def _load_binary(self, name, cubin, shared, device):
+            use = resource_usage(cubin)
+            launch = report.launches[-1]
+            launch.regs = use.get("REG")
+            launch.spill = use.get("STACK", 0) + use.get("LOCAL", 0) if use else None
+            return None, None, launch.regs or 0, 0, 1024
+
+    return StaticDriver(), state
+
+
+# ----------------------------------------------------------------------------------------------
+# the cases: the ops' launchers on CPU tensors
+# ----------------------------------------------------------------------------------------------
+
+def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, T=1024, Hq=4, Hkv=4, backward=True):
+    import torch
+    A = importlib.import_module("tfkernels.ops.attention")  # the package exports a function by that name
+
+    def run():
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 inputs: TF32 or IEEE dots (read per call)
+        q = torch.randn(1, Hq, T, D, dtype=dtype)
+        k = torch.randn(1, Hkv, T, D, dtype=dtype)
+        v = torch.randn(1, Hkv, T, D, dtype=dtype)
+        m = None
+        if mask == "bool":
+            m = torch.ones(T, T, dtype=torch.bool).expand(1, Hq, T, T)
+        elif mask == "float":
+            m = torch.zeros(1, 1, T, T, dtype=dtype).expand(1, Hq, T, T)
+        seed = torch.tensor([1234], dtype=torch.int64) if dropout else None
+        scale = D ** -0.5
+        out, lse = A._triton_fwd(q, k, v, m, dropout, seed, causal, scale)
+        if backward:
+            A._triton_bwd(torch.randn_like(q), q, k, v, m, out, lse, dropout, seed, causal, scale, mask == "float")
+    return run
+
+
+def _rows_case(op, dtype, N, M=64):
+    import torch
+    _norm = importlib.import_module("tfkernels.ops._norm")
+    softmax = importlib.import_module("tfkernels.ops.softmax")
+
+    def run():
+        x = torch.randn(M, N, dtype=dtype)
+        if op == "softmax":
+            y = softmax._triton_fwd(x)
+            softmax._triton_bwd(torch.randn_like(y), y)
+        else:
+            is_rms = op == "rms_norm"
+            w = torch.randn(N, dtype=dtype)
+            b = None if is_rms else torch.randn(N, dtype=dtype)
+            y, mean, rstd = _norm.norm_fwd(x, w, b, 1e-5, is_rms)
+            _norm.norm_bwd(torch.randn_like(y), x, w, mean, rstd, b is not None, is_rms)
+    return run
+
+
+def cases(quick: bool) -> dict[str, Callable[[], None]]:
+    """name -> a callable that makes the launches. `quick`: the subset CI compiles (about a minute
+    per GPU on 2 cores)."""
+    import torch
+    # name -> (dtype, allow_tf32): fp32 attention runs IEEE or TF32 dots, per torch's matmul flag
+    dts = {"fp16": (torch.float16, False), "bf16": (torch.bfloat16, False), "fp32": (torch.float32, False),
+           "fp32-tf32": (torch.float32, True)}
+    if quick:  # (dtype, D, causal, mask, dropout_p)
+        attn = [("bf16", 128, True, None, 0.0), ("fp16", 64, False, None, 0.0), ("bf16", 256, False, None, 0.0),
+                ("fp32", 64, True, None, 0.0), ("fp16", 128, False, "bool", 0.1), ("fp32-tf32", 128, False, None, 0.0)]
+        rows = [("softmax", "bf16", 4096), ("layer_norm", "bf16", 4096), ("rms_norm", "fp32", 65536)]
+    else:
+        attn = [(dt, D, c, None, 0.0) for dt in dts for D in (64, 128, 256) for c in (False, True)]
+        attn += [("bf16", 128, False, "bool", 0.0), ("bf16", 128, True, "float", 0.0), ("bf16", 128, False, None, 0.1),
+                 ("fp16", 80, False, None, 0.0), ("bf16", 96, True, None, 0.0)]
+        rows = [(op, dt, N) for op in ("softmax", "layer_norm", "rms_norm") for dt in ("fp16", "bf16", "fp32")
+                for N in (768, 4096, 65536)]
+    out = {}
+    for dt, D, causal, mask, p in attn:
+        name = f"attention {dt} D={D}" + (" causal" if causal else "") + (f" {mask}-mask" if mask else "") \
+               + (f" dropout={p}" if p else "")
+        out[name] = _attention_case(dts[dt][0], D, causal, mask, p, tf32=dts[dt][1])
+    for op, dt, N in rows:
+        out[f"{op} {dt} N={N}"] = _rows_case(op, dts[dt][0], N)
+    return out
+
+
+def run(gpu_name: str, quick: bool = False, only: Optional[str] = None) -> Report:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("benchmarks.static compiles kernels: run it without TRITON_INTERPRET=1")
+    import triton
+    from triton.runtime import driver as triton_driver
+    attention = importlib.import_module("tfkernels.ops.attention")
+
+    gpu = GPUS[gpu_name]
+    report = Report(gpu=f"{gpu_name} ({gpu.name})", triton=triton.__version__)
+    drv, state = _make_driver(gpu, report)
+    triton_driver.set_active(drv)
+    attention._gpu_major = lambda x: gpu.major  # the launchers pick this GPU's configs
+    for name, make_launches in cases(quick).items():
+        if only and only not in name:
+            continue
+        state["case"], state["t0"] = name, time.perf_counter()
+        try:
+            make_launches()
+        except Exception as e:  # noqa: BLE001 — reported, the other cases still run
+            report.errors.append((name, f"{type(e).__name__}: {e}".splitlines()[0][:500]))
+    return report
+
+
+def _table(report: Report) -> str:
+    lines = [f"# Triton kernels compiled for {report.gpu}, Triton {report.triton}", "",
+             "| case | kernel | config | shared KB | fits | regs | spill B |", "|---|---|---|---:|:-:|---:|---:|"]
+    for l in report.launches:
+        cfg = ", ".join(f"{k}={v}" for k, v in l.config.items() if k.startswith("BLOCK") or k.startswith("num_"))
+        lines.append(f"| {l.case} | {l.kernel} | {cfg} | {l.shared / 1024:.1f} | {'yes' if l.fits else '**no**'} "
+                     f"| {'' if l.regs is None else l.regs} | {'' if l.spill is None else l.spill} |")
+    for case, msg in report.errors:
+        lines.append(f"| {case} | **compile error** | {msg} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="sm_90")
+    ap.add_argument("--quick", action="store_true", help="the CI subset")
+    ap.add_argument("--only", help="run the cases whose name contains this")
+    ap.add_argument("--json", help="also write the report here")
+    args = ap.parse_args(argv)
+    report = run(args.gpu, args.quick, args.only)
+    print(_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": report.gpu, "triton": report.triton, "launches": [asdict(l) for l in report.launches],
+                       "errors": report.errors}, f, indent=1)
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""CI guard for the Triton kernels on real GPUs, no GPU needed.
+
+The rest of the suite runs the Triton kernels in the interpreter, which never compiles them, runs
+small tiles and widens bf16 dots. `benchmarks.static` compiles the launches an A100 (sm_80) and an
+H100 (sm_90) would get — the launchers' own configs, through Triton's compiler and ptxas — and
+reports shared memory, registers and spills. Here:
+
+- every launch compiles, and every case ends in a launch that fits the GPU's shared memory;
+- the unmasked fp16/bf16 launches fit with their tuned config (no silent drop to a fallback on the
+  fast path), and no fp16/bf16 launch spills more than a few registers;
+- the fallback chains the launchers walk on OutOfResources are well formed.
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# bytes of local memory per thread tolerated in a 16-bit launch: a few registers' worth, which ptxas
+# parks outside the hot loop (sm_80's softmax backward: one 8-byte store and load). The regressions
+# this guards against are hundreds of bytes: the D = 128 backward on sm_90 with 4 warps spilled 660-880.
+MAX_SPILL = 32
+A = importlib.import_module("tfkernels.ops.attention")  # tfkernels.ops exports a function of that name
+
+
+def _triton_compiler_available() -> bool:
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except Exception:  # noqa: BLE001 — no Triton, or one without the NVIDIA backend
+        return False
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 3)  # the driver interface benchmarks.static stands in for
+
+
+# ----------------------------------------------------------------------------------------------
+# the fallback chains (pure Python)
+# ----------------------------------------------------------------------------------------------
+
+def _all_chains(monkeypatch, which):
+    """Every config chain the launchers can pick on a GPU: (major, D, dtype, TF32, mask/dropout)."""
+    import torch
+    chains = []
+    for major in (8, 9):
+        monkeypatch.setattr(A, "_gpu_major", lambda x, major=major: major)
+        for D in (32, 64, 96, 128, 192, 256):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for tf32 in (False, True):
+                    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+                    q = torch.empty(1, 1, 1, D, dtype=dtype)
+                    if which == "fwd":
+                        chains += [A._fwd_configs(q, False), A._fwd_configs(q, True)]
+                    else:
+                        chains.append(A._bwd_configs(q))
+    return chains
+
+
+def test_forward_fallback_chains(monkeypatch):
+    for chain in _all_chains(monkeypatch, "fwd"):
+        assert len(set(chain)) == len(chain), chain
+        for bm, bn, w, s in chain:
+            assert bm >= bn >= 16 and bm % bn == 0, chain  # _kv_stages needs BLOCK_M % BLOCK_N == 0
+            assert w >= 1 and s >= 1
+        assert chain[-1][:2] == (16, 16) and chain[-1][3] == 1, chain  # ends at the smallest launch
+        # the first retries keep the tiles and drop pipeline stages
+        bm, bn, w, s = chain[0]
+        assert chain[:s] == [(bm, bn, w, st) for st in range(s, 0, -1)], chain
+
+
+def test_backward_fallback_chains(monkeypatch):
+    for chain in _all_chains(monkeypatch, "bwd"):
+        assert len(set(chain)) == len(chain), chain
+        for m1, n1, m2, n2, w, s in chain:
+            assert n1 >= m1 >= 16 and n1 % m1 == 0, chain  # the dK/dV kernel's causal split
+            assert m2 >= n2 >= 16 and m2 % n2 == 0, chain  # _kv_stages in the dQ kernel
+            assert w >= 1 and s >= 1
+        assert chain[-1][:4] == (16, 16, 16, 16) and chain[-1][5] == 1, chain
+
+
+def test_configs_follow_the_inputs(monkeypatch):
+    import torch
+    monkeypatch.setattr(A, "_gpu_major", lambda x: 9)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    assert A._fwd_configs(q, False)[0] == A._FWD_CONFIGS[(9, 128)]
+    assert A._fwd_configs(q, True)[0][1] == 64  # a mask or dropout: BLOCK_N 64
+    assert A._bwd_configs(q)[0] == A._BWD_CONFIGS[(9, 128)]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    q32 = q.float()
+    assert A._fwd_configs(q32, False)[0] == A._FWD_IEEE[(9, 128)]
+    assert A._bwd_configs(q32)[0] == A._BWD_IEEE[(9, 128)]
+    monkeypatch.setattr(A, "_gpu_major", lambda x: None)  # the interpreter: small tiles only
+    assert A._fwd_configs(q, True) == [A._INTERP_FWD] and A._bwd_configs(q) == [A._INTERP_BWD]
+
+
+def test_first_fit_is_remembered(monkeypatch):
+    monkeypatch.setattr(A, "_FIRST_FIT", {})
+    chain = A._fwd_fallbacks(128, 128, 8, 3)
+    key = ("fwd", "test")
+    assert A._launch_chain(key, chain) == chain
+    A._remember_fit(key, chain, chain[0])  # the tuned config fit: nothing to remember
+    assert A._FIRST_FIT == {}
+    A._remember_fit(key, chain, chain[3])
+    assert A._launch_chain(key, chain) == chain[3:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the compiled launches
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+def report(request, tmp_path_factory):
+    if not _triton_compiler_available():
+        pytest.skip("needs Triton >= 3.3 with its NVIDIA backend")
+    out = tmp_path_factory.mktemp("static") / f"{request.param}.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.static", "--gpu", request.param, "--quick",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if not out.exists():
+        pytest.fail(f"benchmarks.static wrote no report (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(out.read_text())
+    data["table"] = proc.stdout
+    return data
+
+
+def _cases(report):
+    by_case = {}
+    for launch in report["launches"]:
+        by_case.setdefault(launch["case"], []).append(launch)
+    return by_case
+
+
+def test_every_launch_compiles_and_fits(report):
+    assert report["errors"] == [], report["errors"]
+    cases = _cases(report)
+    assert any(c.startswith("attention") for c in cases) and any(c.startswith("layer_norm") for c in cases)
+    for case, launches in cases.items():
+        kernels = {l["kernel"] for l in launches}
+        for kernel in kernels:
+            last = [l for l in launches if l["kernel"] == kernel][-1]
+            assert last["fits"], f"{case}: {kernel} never fit\n{report['table']}"
+        if case.startswith("attention"):
+            assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= kernels, case
+
+
+def test_fast_path_uses_tuned_configs_without_spills(report):
+    for case, launches in _cases(report).items():
+        if not any(dt in case for dt in (" fp16 ", " bf16 ")):
+            continue
+        if "mask" not in case and "dropout" not in case:
+            assert all(l["fits"] for l in launches), f"{case}: a tuned config does not fit\n{report['table']}"
+        for l in launches:
+            if l["fits"] and l["spill"] is not None:
+                assert l["spill"] <= MAX_SPILL, f"{case}: {l['kernel']} spills {l['spill']} bytes\n{report['table']}"
