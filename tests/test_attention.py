@@ -574,3 +574,31 @@ def test_cuda_fp32_tf32_flag(backend):
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert (ieee.double() - ref).abs().max().item() < 1e-5
     assert (tf32.double() - ref).abs().max().item() < 5e-3
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: one TF32 API")
+def test_tf32_flag_read_through_either_api():
+    """The fp32 dot precision follows PyTorch's flag set through either API; reading the legacy
+    allow_tf32 after the new fp32_precision was set raises in torch >= 2.11, so the op must not."""
+    matmul = torch.backends.cuda.matmul
+    assert matmul.fp32_precision == "none"  # the suite's default; restored below
+    try:
+        matmul.fp32_precision = "tf32"
+        assert attn_mod._dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert attn_mod._dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "none"
+        matmul.allow_tf32 = True
+        assert attn_mod._dot_precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert attn_mod._dot_precision(torch.float32) == "ieee"
+        assert attn_mod._dot_precision(torch.bfloat16) == "tf32"  # 16-bit: native tensor-core dots
+    finally:
+        matmul.fp32_precision = "none"
+    x = torch.randn(1, 2, 20, 16)
+    matmul.fp32_precision = "tf32"
+    try:  # the whole op with the new API set (the Triton kernels read the flag on every call)
+        out = tfkernels.attention(x, x, x, is_causal=True)
+    finally:
+        matmul.fp32_precision = "none"
+    torch.testing.assert_close(out, reference.attention(x, x, x, is_causal=True), atol=5e-3, rtol=0)

@@ -42,8 +42,9 @@ Semantics and limits:
 - A query row whose every key is masked returns 0 (and gets zero gradients); its saved LSE is +inf.
   (SDPA's math backend returns NaN there.)
 - dtypes: float16, bfloat16, float32, with fp32 accumulation everywhere. fp32 inputs use TF32 dot
-  products when `torch.backends.cuda.matmul.allow_tf32` is True (read at each call), IEEE fp32
-  otherwise.
+  products when PyTorch allows TF32 in fp32 matmuls (`torch.backends.cuda.matmul.fp32_precision`
+  == "tf32", which `allow_tf32 = True` and `set_float32_matmul_precision("high")` also set; the
+  legacy `allow_tf32` on torch < 2.9; read at each call), IEEE fp32 otherwise.
 - Dropout: counter-based Philox RNG, `_keep(seed, offset)` (Triton 3.6's `tl.rand` stream) with
   offset = ((b * H_q + h) * T_q + i) * T_k + j (int64) and keep = (uniform >= dropout_p). The seed is
   drawn from torch's default CPU generator (`torch.randint`), so `torch.manual_seed` reproduces a
@@ -697,9 +698,19 @@ def _out_of_resources(err: Exception) -> bool:
     return type(err).__name__ == "OutOfResources"
 
 
+def _tf32_allowed() -> bool:
+    """PyTorch's switch for TF32 in fp32 matmuls. torch >= 2.9's `matmul.fp32_precision` reflects
+    both APIs (the legacy `allow_tf32` and `set_float32_matmul_precision` set it too), while reading
+    the legacy flag after the new API was used raises a RuntimeError (torch 2.11, 2.13)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows PyTorch's matmul flag; half types always run native tensor-core dots
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not _tf32_allowed():
         return "ieee"
     return "tf32"
 
