@@ -51,7 +51,7 @@ def _all_chains(monkeypatch, which):
         for D in (32, 64, 96, 128, 192, 256):
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 for tf32 in (False, True):
-                    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+                    monkeypatch.setattr(A, "_tf32_allowed", lambda tf32=tf32: tf32)
                     q = torch.empty(1, 1, 1, D, dtype=dtype)
                     if which == "fwd":
                         chains += [A._fwd_configs(q, False), A._fwd_configs(q, True)]
@@ -89,7 +89,7 @@ def test_configs_follow_the_inputs(monkeypatch):
     assert A._fwd_configs(q, False)[0] == A._FWD_CONFIGS[(9, 128)]
     assert A._fwd_configs(q, True)[0][1] == 64  # a mask or dropout: BLOCK_N 64
     assert A._bwd_configs(q)[0] == A._BWD_CONFIGS[(9, 128)]
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(A, "_tf32_allowed", lambda: False)
     q32 = q.float()
     assert A._fwd_configs(q32, False)[0] == A._FWD_IEEE[(9, 128)]
     assert A._bwd_configs(q32)[0] == A._BWD_IEEE[(9, 128)]
