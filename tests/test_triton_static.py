@@ -69,7 +69,7 @@ def test_forward_fallback_chains(monkeypatch):
         assert chain[-1][:2] == (16, 16) and chain[-1][3] == 1, chain  # ends at the smallest launch
         # the first retries keep the tiles and drop pipeline stages
         bm, bn, w, s = chain[0]
-        assert chain[:s] == [(bm, bn, w, st) for st in range(s, 0, -1)], chain
+        assert chain[:s] == tuple((bm, bn, w, st) for st in range(s, 0, -1)), chain
 
 
 def test_backward_fallback_chains(monkeypatch):
@@ -94,18 +94,34 @@ def test_configs_follow_the_inputs(monkeypatch):
     assert A._fwd_configs(q32, False)[0] == A._FWD_IEEE[(9, 128)]
     assert A._bwd_configs(q32)[0] == A._BWD_IEEE[(9, 128)]
     monkeypatch.setattr(A, "_gpu_major", lambda x: None)  # the interpreter: small tiles only
-    assert A._fwd_configs(q, True) == [A._INTERP_FWD] and A._bwd_configs(q) == [A._INTERP_BWD]
+    assert A._fwd_configs(q, True) == (A._INTERP_FWD,) and A._bwd_configs(q) == (A._INTERP_BWD,)
 
 
 def test_first_fit_is_remembered(monkeypatch):
+    class OutOfResources(Exception):  # matched by name, as Triton's is
+        pass
+
     monkeypatch.setattr(A, "_FIRST_FIT", {})
     chain = A._fwd_fallbacks(128, 128, 8, 3)
+    tried = []
+
+    def launch(*cfg):
+        tried.append(cfg)
+        if cfg in chain[:3]:
+            raise OutOfResources("shared memory")
+
     key = ("fwd", "test")
-    assert A._launch_chain(key, chain) == chain
-    A._remember_fit(key, chain, chain[0])  # the tuned config fit: nothing to remember
-    assert A._FIRST_FIT == {}
-    A._remember_fit(key, chain, chain[3])
-    assert A._launch_chain(key, chain) == chain[3:]
+    A._launch_first_fit(key, chain, launch)
+    assert tried == list(chain[:4])  # walked the chain to the first config that fits
+    tried.clear()
+    A._launch_first_fit(key, chain, launch)
+    assert tried == [chain[3]]  # remembered: no failed attempts the second time
+    A._launch_first_fit(("fwd", "fits"), chain, lambda *cfg: None)  # the tuned config fit: nothing to remember
+    assert A._FIRST_FIT == {key: 3}
+    with pytest.raises(ValueError):  # anything but running out of resources propagates at once
+        A._launch_first_fit(("fwd", "bad"), chain, lambda *cfg: (_ for _ in ()).throw(ValueError("x")))
+    with pytest.raises(OutOfResources):  # nothing fits: the last OutOfResources
+        A._launch_first_fit(("fwd", "none"), chain, lambda *cfg: (_ for _ in ()).throw(OutOfResources("x")))
 
 
 # ----------------------------------------------------------------------------------------------

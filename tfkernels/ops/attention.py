@@ -72,6 +72,7 @@ with exactly these arguments and results):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -613,7 +614,8 @@ def _gpu_major(x: Tensor) -> Optional[int]:
     return max(8, min(9, torch.cuda.get_device_capability(x.device)[0]))
 
 
-def _fwd_fallbacks(bm: int, bn: int, w: int, s: int) -> list:
+@functools.lru_cache(maxsize=None)  # pure, and asked for at every launch
+def _fwd_fallbacks(bm: int, bn: int, w: int, s: int) -> tuple:
     """The tuned forward config, then smaller ones to try when a launch runs out of shared memory or
     registers (a mask tile adds to the pipeline's buffers; sm_86/89 have 99 KB): the same tiles
     with fewer stages first (the stage buffers are most of the shared memory), then the key and
@@ -627,11 +629,12 @@ def _fwd_fallbacks(bm: int, bn: int, w: int, s: int) -> list:
         elif bn > 16:
             bn //= 2
         else:
-            return out
+            return tuple(out)
         s, w = min(s, 2), min(w, 4)
 
 
-def _bwd_fallbacks(m1: int, n1: int, m2: int, n2: int, w: int, s: int) -> list:
+@functools.lru_cache(maxsize=None)
+def _bwd_fallbacks(m1: int, n1: int, m2: int, n2: int, w: int, s: int) -> tuple:
     """As _fwd_fallbacks for the backward: fewer stages, then the tall blocks (BLOCK_N1, BLOCK_M2)
     halved down to the thin ones, then all four halved. Keeps BLOCK_N1 % BLOCK_M1 == 0 and
     BLOCK_M2 % BLOCK_N2 == 0."""
@@ -643,18 +646,18 @@ def _bwd_fallbacks(m1: int, n1: int, m2: int, n2: int, w: int, s: int) -> list:
         elif m1 > 16 or n2 > 16:
             m1, n1, m2, n2 = max(16, m1 // 2), max(16, n1 // 2), max(16, m2 // 2), max(16, n2 // 2)
         else:
-            return out
+            return tuple(out)
         s, w = min(s, 2), min(w, 4)
 
 
-def _fwd_configs(q: Tensor, has_rules: bool) -> list:
+def _fwd_configs(q: Tensor, has_rules: bool) -> tuple:
     """has_rules: a mask or dropout. Their tiles add to the key block's shared memory (the mask tile
     is pipelined with K and V) and registers (the RNG): at Hopper's BLOCK_N = 128, D = 128 a masked
     launch needs 256-288 KB (over the 227 KB limit) and dropout spills 56-560 bytes per thread; at
     BLOCK_N = 64 both fit with no spills (`python -m benchmarks.static`)."""
     major = _gpu_major(q)
     if major is None:
-        return [_INTERP_FWD]
+        return (_INTERP_FWD,)
     key = (major, _d_bucket(q.shape[-1]))
     if _dot_precision(q.dtype) == "ieee":
         bm, bn, w, s = _FWD_IEEE[key]
@@ -667,10 +670,10 @@ def _fwd_configs(q: Tensor, has_rules: bool) -> list:
     return _fwd_fallbacks(bm, bn, w, s)
 
 
-def _bwd_configs(q: Tensor) -> list:
+def _bwd_configs(q: Tensor) -> tuple:
     major = _gpu_major(q)
     if major is None:
-        return [_INTERP_BWD]
+        return (_INTERP_BWD,)
     key = (major, _d_bucket(q.shape[-1]))
     if _dot_precision(q.dtype) == "ieee":
         return _bwd_fallbacks(*_BWD_IEEE[key])
@@ -685,13 +688,22 @@ def _bwd_configs(q: Tensor) -> list:
 _FIRST_FIT: dict = {}
 
 
-def _launch_chain(key: tuple, configs: list) -> list:
-    return configs[_FIRST_FIT.get(key, 0):]
-
-
-def _remember_fit(key: tuple, configs: list, cfg: tuple) -> None:
-    if cfg != configs[0]:
-        _FIRST_FIT[key] = configs.index(cfg)
+def _launch_first_fit(key: tuple, configs: tuple, launch) -> None:
+    """launch(*config) with the first config of the chain (from the remembered one on) that does not
+    run out of shared memory or registers; any other error propagates."""
+    err = None
+    for cfg in configs[_FIRST_FIT.get(key, 0):]:
+        try:
+            launch(*cfg)
+        except Exception as e:  # noqa: BLE001 — retried with the next, smaller config
+            if not _out_of_resources(e):
+                raise
+            err = e
+            continue
+        if cfg != configs[0]:
+            _FIRST_FIT[key] = configs.index(cfg)
+        return
+    raise err
 
 
 def _out_of_resources(err: Exception) -> bool:
@@ -754,27 +766,21 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
         return o, lse
     m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
     has_dropout = dropout_p > 0.0
-    configs = _fwd_configs(q, has_mask or has_dropout)
     key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, bool(is_causal), _dot_precision(q.dtype))
-    err = None
-    for bm, bn, warps, stages in _launch_chain(key, configs):
-        try:
-            _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
-                q, k, v, m_ptr, o, lse,
-                _seed_value(seed, dropout_p), float(dropout_p), 1.0 / (1.0 - dropout_p), float(scale) * LOG2E,
-                *q.stride(), *k.stride(), *v.stride(), *m_str,
-                Hq, Tq, Tk, D, Hq // Hkv,
-                IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_DROPOUT=has_dropout,
-                EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
-                num_warps=warps, num_stages=stages)
-            _remember_fit(key, configs, (bm, bn, warps, stages))
-            return o, lse
-        except Exception as e:  # noqa: BLE001 — retried with the next, smaller config
-            if not _out_of_resources(e):
-                raise
-            err = e
-    raise err
+
+    def launch(bm, bn, warps, stages):
+        _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
+            q, k, v, m_ptr, o, lse,
+            _seed_value(seed, dropout_p), float(dropout_p), 1.0 / (1.0 - dropout_p), float(scale) * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *m_str,
+            Hq, Tq, Tk, D, Hq // Hkv,
+            IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_DROPOUT=has_dropout,
+            EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
+            num_warps=warps, num_stages=stages)
+
+    _launch_first_fit(key, _fwd_configs(q, has_mask or has_dropout), launch)
+    return o, lse
 
 
 def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad):
@@ -801,32 +807,26 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
     common = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                   HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
     rp_keep = 1.0 / (1.0 - dropout_p)
-    configs = _bwd_configs(q)
     key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, bool(is_causal), prec, bool(mask_grad))
-    err = None
-    for m1, n1, m2, n2, warps, stages in _launch_chain(key, configs):
-        try:
-            _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
-                q, k, v, m_ptr, dout, lse, delta, dk, dv, dm_ptr,
-                seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
-                *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
-                Hq, Hkv, Tq, Tk, D, Hq // Hkv,
-                MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
-                BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
-            _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
-                q, k, v, m_ptr, dout, lse, delta, dq,
-                seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
-                *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
-                Hq, Tq, Tk, D, Hq // Hkv,
-                EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
-            _remember_fit(key, configs, (m1, n1, m2, n2, warps, stages))
-            return dq, dk, dv, dmask
-        except Exception as e:  # noqa: BLE001 — retried with the next, smaller config (both kernels
-            # rerun: they overwrite dk, dv, dq and dmask, nothing accumulates across attempts)
-            if not _out_of_resources(e):
-                raise
-            err = e
-    raise err
+
+    def launch(m1, n1, m2, n2, warps, stages):
+        # a retry reruns both kernels: they overwrite dk, dv, dq and dmask, nothing accumulates
+        _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
+            q, k, v, m_ptr, dout, lse, delta, dk, dv, dm_ptr,
+            seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
+            Hq, Hkv, Tq, Tk, D, Hq // Hkv,
+            MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
+            BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
+        _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
+            q, k, v, m_ptr, dout, lse, delta, dq,
+            seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
+            Hq, Tq, Tk, D, Hq // Hkv,
+            EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
+
+    _launch_first_fit(key, _bwd_configs(q), launch)
+    return dq, dk, dv, dmask
 
 
 def _dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float, device="cpu") -> Tensor:
