@@ -121,7 +121,7 @@ def test_integer_dtype_rejected(backend):
         tfkernels.softmax(xi, backend=backend)
 
 
-def test_float64_needs_torch_backend(backend):
+def test_float64_needs_torch_backend(backend, monkeypatch):
     """A kernel backend named for float64 is an error; the automatic choice takes the torch reference
     (so a swapped model in float64, e.g. for gradcheck, runs), even where it would pick `backend`."""
     x = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
@@ -130,6 +130,11 @@ def test_float64_needs_torch_backend(backend):
     assert tfkernels.softmax(x, backend="torch").dtype == torch.float64
     assert _backend.resolve(None, x, "softmax") == "torch"
     assert _backend.resolve(None, x.float(), "softmax") != "torch" or not (x.is_cuda or _config.triton_interpret())
+    # TFKERNELS_BACKEND sets the automatic choice's default; float64 still takes the reference
+    monkeypatch.setenv("TFKERNELS_BACKEND", backend)
+    assert _backend.resolve(None, x, "softmax") == "torch"
+    assert _backend.resolve(None, x.float(), "softmax") == backend
+    monkeypatch.delenv("TFKERNELS_BACKEND")
     model = tfkernels.swap(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))).to(DEVICE).double()
     assert torch.autograd.gradcheck(model, (x.requires_grad_(True),))
 

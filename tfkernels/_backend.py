@@ -9,6 +9,9 @@
 
 A backend named explicitly that cannot serve the call raises BackendUnavailableError. The
 automatic choice may fall back, and warns once per (op, reason) when it does — never per call.
+Whatever TFKERNELS_BACKEND says, the automatic choice runs the reference for float64 and under
+autodiff the kernels have no rule for (forward-mode AD, torch.func transforms; see
+`autodiff_transform`).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import importlib.util
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from . import _config
 
@@ -75,14 +79,56 @@ def warn_once(key, message: str) -> None:
 _triton_broken: set = set()
 
 
-def resolve(backend: str | None, x: torch.Tensor, op: str, unfit: str | None = None) -> str:
+def autodiff_transform(tensors) -> str | None:
+    """The autodiff mode active for this call that the kernel ops have no rule for, or None.
+
+    The custom ops register a backward only. Under forward-mode AD (torch.autograd.forward_ad) a
+    custom op without a forward-AD rule gives a zero tangent, silently, and under torch.func's
+    differentiating transforms (jvp, grad, jacrev, jacfwd, hessian) it gives zero tangents or fails
+    with a misleading error; the reference is plain torch and right under all of them. Not checked while torch.compile
+    traces (dynamo cannot trace the checks, and a compiled graph calls the ops, not this wrapper).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # cheap; the stack only when set
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        # vmap alone is fine: torch runs the ops once per sample (its batched fallback)
+        if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
+            return "torch.func's grad/jvp transforms"
+    if _fwad._current_level >= 0 and any(
+            t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors):
+        return "forward-mode AD"
+    return None
+
+
+def differentiable_backward() -> bool:
+    """True in a backward that autograd runs with create_graph=True (it runs it in grad mode then):
+    the ops then compute their gradients through the reference's autograd, as a graph that can be
+    differentiated again (gradient penalties, Hessian-vector products); the kernels' backward is
+    first-order only. False while torch.compile traces: it traces the backward without grad mode,
+    and a compiled graph keeps the kernels."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def reference_vjp(fn, inputs, needs, grad):
+    """The vector-Jacobian products grad . d fn(*inputs) / d input for the inputs whose `needs` is
+    True (None for the others), built with create_graph=True so that they are differentiable."""
+    wanted = [t for t, n in zip(inputs, needs) if n]
+    got = iter(torch.autograd.grad(fn(*inputs), wanted, grad, create_graph=True) if wanted else ())
+    return [next(got) if n else None for n in needs]
+
+
+def resolve(backend: str | None, x: torch.Tensor, op: str, unfit: str | None = None, others=()) -> str:
     """Return the backend that serves `op` on tensors like `x`.
 
     Returns "triton", "cuda", "torch", or "auto" (= try Triton, fall back to cuda if the Triton
     kernel fails to compile; only produced when both are usable and nothing was named).
     `unfit`: why no kernel can take this call (the op's own limits, e.g. attention's head dim), or
     None; the automatic choice then runs the reference and says so once, a named kernel backend is
-    returned as asked and the op raises.
+    returned as asked and the op raises. `others`: the op's other tensor inputs (for the autodiff
+    check: any of them may carry a forward-mode tangent).
     """
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
@@ -90,6 +136,19 @@ def resolve(backend: str | None, x: torch.Tensor, op: str, unfit: str | None = N
         backend = backend.lower()
         if backend not in _config.BACKENDS:
             raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
+    if backend == "torch":
+        return "torch"
+    transform = autodiff_transform((x, *others))
+    if transform is not None:
+        if backend is not None:
+            raise BackendUnavailableError(
+                f"{op}: backend={backend!r} cannot run under {transform}: the kernels define a backward "
+                "only; use backend=None (runs the PyTorch reference there) or backend='torch'")
+        warn_once(("transform", op, transform),
+                  f"tfkernels: {op} under {transform}: the kernels define a backward only; using the PyTorch reference")
+        return "torch"
+    if backend is None and x.dtype == torch.float64:  # no kernel takes it: gradchecks of a swapped model run
+        return "torch"
     explicit = backend if backend is not None else _config.env_backend()
     on_cuda = x.is_cuda
     if explicit == "torch":
@@ -117,8 +176,6 @@ def resolve(backend: str | None, x: torch.Tensor, op: str, unfit: str | None = N
                 f"tensors (got device {x.device}); unset it to use the CUDA kernels on the GPU")
         return "cuda"
     # automatic
-    if x.dtype == torch.float64:  # no kernel takes it: gradchecks and references of a swapped model run
-        return "torch"
     choice = _automatic(x, op)
     if unfit is not None and choice != "torch":
         warn_once(("unfit", op, unfit), f"tfkernels: {op}: {unfit}; using the PyTorch reference")

@@ -902,11 +902,33 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, backend = ctx.args
+    if _backend.differentiable_backward():  # create_graph=True: through the reference's autograd
+        return (*_reference_backward(ctx, dout), None, None, None, None, None)
     mask_grad = bool(ctx.needs_input_grad[3])
     dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale,
                                       mask_grad, backend)
     dmask = dmask.to(mask.dtype) if mask_grad else None
     return dq, dk, dv, dmask, None, None, None, None, None
+
+
+def _reference_backward(ctx, dout):
+    """dq, dk, dv, dmask through the reference's autograd, differentiable (double backward). It
+    stores the (B, H, T_q, T_k) probabilities, as the reference does; dropout replays the kernels'
+    keep mask for the call's seed (drawn by the Triton kernel that defines the stream)."""
+    q, k, v, mask, out, lse, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale, _ = ctx.args
+    B, Hq, Tq, _ = q.shape
+    keep = None
+    if dropout_p > 0.0:
+        if not _backend.triton_available():
+            raise NotImplementedError("attention: a double backward with dropout replays the dropout mask with the "
+                                      "Triton kernel that defines it, and Triton is not installed")
+        keep = _dropout_mask(int(seed.item()), B, Hq, Tq, k.shape[2], dropout_p, device=q.device)
+
+    def fn(q, k, v, mask):
+        return reference.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                   enable_gqa=k.shape[1] != Hq, dropout_mask=keep)
+    return _backend.reference_vjp(fn, (q, k, v, mask), ctx.needs_input_grad[:4], dout)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1026,7 +1048,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     D = q.shape[-1]
     unfit = f"head dim {D} exceeds the kernels' limit of {MAX_HEAD_DIM}" if D > MAX_HEAD_DIM else None
-    be = _backend.resolve(backend, q, "attention", unfit)
+    be = _backend.resolve(backend, q, "attention", unfit, others=(k, v, attn_mask))
     _validate.check_float(q, "q", be)
     if be == "torch":
         return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -73,6 +73,7 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.eps = eps
     ctx.backend = backend
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -80,6 +81,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     has_bias = ctx.bias_dtype is not None
+    if _backend.differentiable_backward():  # create_graph=True: through the reference's autograd
+        N = x.shape[-1]
+        dx, dw = _backend.reference_vjp(lambda x, w: reference.layer_norm(x, (N,), w, None, ctx.eps), (x, weight),
+                                        ctx.needs_input_grad[:2], dy)
+        db = dy.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None  # the bias adds: dy summed
+        return dx, dw, db, None, None
     dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd, has_bias, ctx.backend)
     dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(ctx.bias_dtype) if has_bias else None
@@ -104,7 +111,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
         backend: "triton", "cuda", "torch" or None (automatic; see `tfkernels._backend`).
     """
     _validate.check_tensor(x, "x")
-    be = _backend.resolve(backend, x, "layer_norm")
+    be = _backend.resolve(backend, x, "layer_norm", others=(weight, bias))
     shape = _validate.check_norm_args(x, normalized_shape, weight, bias, be, "layer_norm")
     if not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")

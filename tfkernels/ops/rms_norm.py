@@ -64,12 +64,18 @@ def _(dy, x, weight, rstd, backend):
 def _setup_context(ctx, inputs, output):
     x, weight, eps, backend = inputs
     ctx.save_for_backward(x, weight, output[1])
+    ctx.eps = eps
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
+    if _backend.differentiable_backward():  # create_graph=True: through the reference's autograd
+        N = x.shape[-1]
+        dx, dw = _backend.reference_vjp(lambda x, w: reference.rms_norm(x, (N,), w, ctx.eps), (x, weight),
+                                        ctx.needs_input_grad[:2], dy)
+        return dx, dw, None, None
     dx, dw = rms_norm_bwd(dy, x, weight, rstd, ctx.backend)
     return dx, (dw.to(weight.dtype) if weight is not None else None), None, None
 
@@ -87,7 +93,7 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     has x's dtype.
     """
     _validate.check_tensor(x, "x")
-    be = _backend.resolve(backend, x, "rms_norm")
+    be = _backend.resolve(backend, x, "rms_norm", others=(weight,))
     shape = _validate.check_norm_args(x, normalized_shape, weight, None, be, "rms_norm")
     if eps is not None and not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float or None, got {type(eps).__name__}")

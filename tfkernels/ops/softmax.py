@@ -195,6 +195,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
+    if _backend.differentiable_backward():  # create_graph=True: the same formula in torch ops
+        return y * (dy - (dy * y).sum(-1, keepdim=True)), None
     return softmax_bwd(dy, y, ctx.backend), None
 
 
