@@ -47,6 +47,11 @@ def ckpt_step(out: Path) -> int:
     (["--device", "nonsense"], "--device 'nonsense'"),
     (["--device", "cuda:99"], "--device cuda:99: "),
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite deletes it"),
+    # BERT sequences too short for an example: a negative sequence count / ZeroDivisionError / nan loss before
+    (["--model", "bert", "--block-size", "1"], "--block-size must be >= 3 for BERT"),
+    (["--model", "bert", "--block-size", "2"], "--block-size must be >= 3 for BERT"),
+    (["--model", "bert", "--nsp", "--block-size", "3"], "--block-size must be >= 7 for BERT with --nsp"),
+    (["--model", "gpt", "--nsp"], "--nsp (next-sentence prediction) is a BERT option"),  # was silently dropped
 ])
 def test_pretrain_bad_option_is_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "run"

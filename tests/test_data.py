@@ -135,3 +135,20 @@ def test_bad_inputs(tmp_path):
     assert D.shard_dtype(70_000) == np.uint32 and D.shard_dtype(65_536) == np.uint16
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(TEXTS, 100)
+
+
+def test_bert_shortest_block_sizes():
+    """The smallest block sizes BERT accepts make real examples (at 1 and 2 the sequence count was
+    negative / a ZeroDivisionError; NSP at 3 had empty A and B and trained with nan loss)."""
+    tokens = np.asarray([N_SPECIAL + i % 50 for i in range(200)], np.uint16)
+    segs = np.asarray([(i * 10, i * 10 + 10, i // 4) for i in range(20)], np.int64)
+    packed = next(D.MLMLoader(tokens, segs, D.MLM_MIN_BLOCK, 4, 100, mask_prob=1.0, seed=0))
+    assert packed["input_ids"].shape == (4, 3) and (packed["mlm_labels"][:, 1] != -100).all()
+    nsp = D.MLMLoader(tokens, segs, D.NSP_MIN_BLOCK, 4, 100, nsp=True, seed=0)
+    for i in range(len(segs)):
+        ids, _, _ = nsp.nsp_pair(i)
+        first_sep = int(np.flatnonzero(ids == SEP)[0])
+        assert first_sep > 1 and len(ids) - first_sep > 2 and len(ids) <= D.NSP_MIN_BLOCK  # A and B non-empty
+    for T, flag in ((D.MLM_MIN_BLOCK - 1, False), (D.NSP_MIN_BLOCK - 1, True)):
+        with pytest.raises(ValueError, match=f"--block-size must be >= {T + 1} for BERT"):
+            D.MLMLoader(tokens, segs, T, 4, 100, nsp=flag)

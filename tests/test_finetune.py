@@ -233,3 +233,12 @@ def test_cli_out_holding_a_run_and_bad_options(tmp_path, gpt_ckpt, capsys):
     assert main(["sample", "--ckpt", str(out), "--max-new-tokens", "3"]) == 2
     assert f"{out} is a fine-tuned classifier (labels compound, debugger, formatstrings, typesseq), not a " \
            f"language model" in capsys.readouterr().err
+
+
+def test_files_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the first column is still `text` (it read as '\\ufefftext',
+    and the file was refused for a missing 'text' column)."""
+    (tmp_path / "bom.csv").write_bytes("text,label\nhello world,a\nbye world,b\n".encode("utf-8-sig"))
+    (tmp_path / "bom.jsonl").write_bytes('{"text": "hi", "label": "a"}\n'.encode("utf-8-sig"))
+    assert [(e.text, e.label) for e in read_examples(str(tmp_path / "bom.csv"))] == [("hello world", "a"), ("bye world", "b")]
+    assert [(e.text, e.label) for e in read_examples(str(tmp_path / "bom.jsonl"))] == [("hi", "a")]

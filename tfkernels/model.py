@@ -337,8 +337,11 @@ class BERT(_Base):
             nsp_logits = self.nsp_head(pooled)                                # (B, 2)
         mlm_loss = nsp_loss = None
         if mlm_labels is not None:
-            mlm_loss = F.cross_entropy(mlm_logits.float().view(-1, mlm_logits.size(-1)), mlm_labels.reshape(-1),
-                                       ignore_index=-100)
+            # mean over the masked tokens as a sum / max(count, 1): a batch with no masked token (short
+            # sequences, few real tokens) gives loss 0 and no gradient, where the mean was 0/0 = nan
+            labels = mlm_labels.reshape(-1)
+            mlm_loss = F.cross_entropy(mlm_logits.float().view(-1, mlm_logits.size(-1)), labels,
+                                       ignore_index=-100, reduction="sum") / (labels != -100).sum().clamp(min=1)
         if nsp_labels is not None and nsp_logits is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         losses = [v for v in (mlm_loss, nsp_loss) if v is not None]

@@ -81,7 +81,8 @@ def read_examples(source: str) -> list[Example]:
     if not p.is_file():
         raise FileNotFoundError(f"labelled data file not found: {p}")
     if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+        with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             cols = reader.fieldnames or []
             for col in ("text", "label"):
@@ -90,7 +91,7 @@ def read_examples(source: str) -> list[Example]:
             exs = [_check_record(r, f"{p}:{i}") for i, r in enumerate(reader, 2)]
     elif p.suffix.lower() in (".jsonl", ".json"):
         exs = []
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8-sig") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -319,6 +319,20 @@ class LMLoader(_Loader):
         return {"idx": x[:, :-1], "targets": x[:, 1:]}          # (B, T) each
 
 
+# The shortest BERT sequences that hold a training example: packed "[CLS] x [SEP]" needs one token x;
+# an NSP pair "[CLS] A [SEP] B [SEP]" needs block_size - 3 >= 4 so that A (a quarter to three quarters
+# of that budget) and B (the rest) both get at least one token.
+MLM_MIN_BLOCK, NSP_MIN_BLOCK = 3, 7
+
+
+def check_bert_block_size(block_size: int, nsp: bool) -> None:
+    need = NSP_MIN_BLOCK if nsp else MLM_MIN_BLOCK
+    if block_size < need:
+        what = "[CLS] A [SEP] B [SEP] with A and B non-empty" if nsp else "[CLS] tokens [SEP]"
+        raise ValueError(f"--block-size must be >= {need} for BERT{' with --nsp' if nsp else ''} "
+                         f"({what}), got {block_size}")
+
+
 class MLMLoader(_Loader):
     """BERT. Without NSP: packed windows "[CLS] tokens [SEP]" (no padding). With NSP: one item per
     paragraph, "[CLS] A [SEP] B [SEP]" padded to T, where A starts at that paragraph and B is the text
@@ -328,6 +342,7 @@ class MLMLoader(_Loader):
                  seed=0, rank=0, world=1, shuffle=True):
         self.tokens, self.segs, self.T, self.V = tokens, np.asarray(segments), block_size, vocab_size
         self.mask_prob, self.nsp = mask_prob, nsp
+        check_bert_block_size(block_size, nsp)
         n = len(self.segs) if nsp else (len(tokens) - 1) // (block_size - 2)
         super().__init__(n, batch_size, seed, rank, world, shuffle)
 

@@ -24,7 +24,7 @@ import torch
 from .. import _config
 from ..model import ModelConfig, build_model, flops_per_token, make_config
 from . import checkpoint as ckpt_io
-from .data import LMLoader, MLMLoader, RandomLoader, prepare
+from .data import LMLoader, MLMLoader, RandomLoader, check_bert_block_size, prepare
 from .metrics import MetricsLog, peak_flops, plot_loss
 
 DEFAULT_LR = {"tiny": 2e-3, "gpt2-124m": 6e-4, "bert-base": 1e-4}
@@ -172,6 +172,8 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision={self.precision!r}; expected 'auto', 'bf16', 'fp16' or 'fp32'")
         check_ranges(self, RANGES)
+        if self.model == "gpt" and self.nsp:  # model_config() would drop it: say so instead of training without it
+            raise ValueError("--nsp (next-sentence prediction) is a BERT option; --model gpt has no NSP head")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
@@ -314,6 +316,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
 
     # ---- data (rank 0 prepares; the others wait, then read the cache)
     mcfg = cfg.model_config() if task is None else task.model_config(cfg)
+    if task is None and mcfg.arch == "bert":  # before the data is prepared (minutes on a big corpus)
+        check_bert_block_size(mcfg.block_size, mcfg.nsp)
     prepared = None
     if task is None and cfg.data != "random":
         def prep():
