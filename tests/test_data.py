@@ -152,3 +152,39 @@ def test_bert_shortest_block_sizes():
     for T, flag in ((D.MLM_MIN_BLOCK - 1, False), (D.NSP_MIN_BLOCK - 1, True)):
         with pytest.raises(ValueError, match=f"--block-size must be >= {T + 1} for BERT"):
             D.MLMLoader(tokens, segs, T, 4, 100, nsp=flag)
+
+
+def test_cache_follows_the_corpus_files(tmp_path):
+    """The prepared shards are reused only while the corpus files are the same (path, size, mtime): a
+    document added to (or edited in) --data prepares again; it used to keep training on the old shards."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, t in enumerate(TEXTS):
+        (corpus / f"doc{i:02d}.txt").write_text(t)
+    messages = []
+    a = D.prepare(str(corpus), 300, tmp_path / "prep", log=messages.append)
+    assert D.prepare(str(corpus), 300, tmp_path / "prep", log=pytest.fail).meta == a.meta  # unchanged: cached
+    (corpus / "new.txt").write_text("a new document about graphs and nodes\n" * 5)
+    b = D.prepare(str(corpus), 300, tmp_path / "prep", log=messages.append)
+    assert messages[-1].startswith("data: ") and any("the corpus changed" in m for m in messages)
+    assert b.meta["train_docs"] + b.meta["val_docs"] == len(TEXTS) + 1
+    assert b.meta["train_tokens"] + b.meta["val_tokens"] > a.meta["train_tokens"] + a.meta["val_tokens"]
+
+
+def test_prepare_with_a_given_tokenizer(tmp_path):
+    """prepare(tokenizer=...) encodes with that tokenizer (what `eval --data` needs) instead of training one."""
+    tok = train_tokenizer(TEXTS, 300, tmp_path / "run_tok.json")
+    docs = [f"document {i}: " + "some words that repeat " * 5 for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    p = D.prepare(str(tmp_path / "c.jsonl"), 300, tmp_path / "prep", log=lambda m: None,
+                  tokenizer=tmp_path / "run_tok.json")
+    assert (p.dir / "tokenizer.json").read_bytes() == (tmp_path / "run_tok.json").read_bytes()
+    stream = np.concatenate([p.tokens("train"), p.tokens("val")]).astype(np.int64).tolist()
+    expected = sorted(tuple(tok.encode(d, add_special_tokens=False).ids + [0]) for d in docs)
+    got, cur = [], []
+    for t in stream:  # cut the stream at <|endoftext|> (id 0) into documents
+        cur.append(t)
+        if t == 0:
+            got.append(tuple(cur))
+            cur = []
+    assert sorted(got) == expected

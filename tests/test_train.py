@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,30 @@ def test_ddp_two_processes_gloo(tmp_path, data_dir):
     assert "x2" in r.stdout + r.stderr and "done: 3 steps" in r.stdout
     ck = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 3 and not any(k.startswith("module.") for k in ck["model"])
+
+
+def test_eval_on_another_corpus_uses_the_runs_tokenizer(tmp_path, data_dir, monkeypatch, capsys):
+    """`eval --data CORPUS` feeds the model CORPUS encoded with the run's tokenizer (it trained a new
+    tokenizer on CORPUS, whose ids mean other tokens to the model)."""
+    from tfkernels.train import trainer
+    from tfkernels.train.tokenizer import load_tokenizer
+    run = tmp_path / "run"
+    train(TrainConfig(model="gpt", max_steps=1, out=str(run), data_dir=data_dir, plot=False, **FAST))
+    docs = [f"graph {i} has nodes and edges; " * 12 for i in range(20)]  # one paragraph each
+    (tmp_path / "corpus").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "corpus" / f"{i:02d}.txt").write_text(d)
+    seen = {}
+
+    def spy(tcfg, mcfg, prepared, rank, world):
+        seen["val"] = np.asarray(prepared.tokens("val"), dtype=np.int64).tolist()
+        return make_loaders(tcfg, mcfg, prepared, rank, world)
+
+    make_loaders = trainer.make_loaders
+    monkeypatch.setattr(trainer, "make_loaders", spy)
+    assert main(["eval", "--ckpt", str(run), "--data", str(tmp_path / "corpus"), "--data-dir", str(tmp_path / "d"),
+                 "--eval-steps", "1", "--batch-size", "1"]) == 0
+    assert '"val_loss"' in capsys.readouterr().out
+    tok = load_tokenizer(run / "tokenizer.json")
+    encodings = [tok.encode(d, add_special_tokens=False).ids + [0] for d in docs]
+    assert seen["val"] in encodings  # the one held-out document (5% of 20), as the run's tokenizer encodes it

@@ -206,7 +206,10 @@ def cmd_eval(args) -> int:
     if args.batch_size:
         tcfg.batch_size = args.batch_size
     if args.data:
-        prepared = prepare(args.data, model.cfg.vocab_size, args.data_dir, tcfg.val_fraction, tcfg.max_bytes)
+        # the run's own tokenizer: a new one trained on --data would give the model ids it never learned
+        from .finetune import find_tokenizer
+        prepared = prepare(args.data, model.cfg.vocab_size, args.data_dir, tcfg.val_fraction, tcfg.max_bytes,
+                           tokenizer=find_tokenizer(args.ckpt, ck))
     elif ck.get("data_dir"):
         meta_path = Path(ck["data_dir"]) / "meta.json"
         if not meta_path.is_file():
@@ -251,8 +254,8 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="validation loss / perplexity / MLM and NSP accuracy of a checkpoint; "
                        "accuracy, macro-F1 and confusion matrix of a fine-tuned classifier")
     _add_run_flags(p)
-    p.add_argument("--data", help="evaluate on this corpus instead of the run's validation split "
-                   "(classifier: a labelled CSV/JSONL file, builtin:eval, hf:...)")
+    p.add_argument("--data", help="evaluate on this corpus's held-out split (encoded with the run's tokenizer) "
+                   "instead of the run's validation split (classifier: a labelled CSV/JSONL file, builtin:eval, hf:...)")
     p.add_argument("--png", help="classifier: where to save the confusion matrix (default CKPT_DIR/confusion.png)")
     p.add_argument("--json", action="store_true", help="classifier: also print the report as JSON")
     p.add_argument("--data-dir")

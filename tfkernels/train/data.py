@@ -12,7 +12,9 @@ Sources (`--data`):
   train.bin, val.bin                  the token stream, uint16 or uint32; <|endoftext|> ends each document
   train_segments.npy, val_segments.npy   (n, 3) int64 rows (start, end, doc) of paragraphs — the
                                       "sentences" that BERT's next-sentence pairs are built from
-  meta.json                           written last: its presence marks a complete preparation
+  meta.json                           written last: its presence marks a complete preparation; it
+                                      records the settings and a fingerprint of the corpus files (paths,
+                                      sizes, modification times): a change to either prepares again
 
 Loaders yield batches and keep their position in `state_dict()` (epoch, offset, RNG state), which
 the checkpoints save, so a resumed run sees exactly the batches the uninterrupted run would have.
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -91,15 +94,36 @@ def _file_documents(path: Path) -> list[str]:
     return [path.read_text(encoding="utf-8", errors="replace")]
 
 
-def path_documents(path: str | Path) -> list[str]:
-    """Documents from a text/JSONL file or a directory of them (searched recursively)."""
+def corpus_files(path: str | Path) -> list[Path]:
+    """The files of a --data path: the file itself, or the text files under a directory (recursively, sorted)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data path not found: {p}")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise ValueError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {p}")
-    return [d for f in files for d in _file_documents(f)]
+    return files
+
+
+def path_documents(path: str | Path) -> list[str]:
+    """Documents from a text/JSONL file or a directory of them (searched recursively)."""
+    return [d for f in corpus_files(path) for d in _file_documents(f)]
+
+
+def corpus_fingerprint(source: str) -> Optional[str]:
+    """What the prepared data of a user's files depends on besides the settings: every file's path
+    (relative to --data), size and modification time, so that an edited, added or removed file
+    re-prepares instead of silently training on the old shards. Not a content hash: that would read
+    a large corpus at every start. None for builtin (fixed per Python version) and hf: sources."""
+    if source == "builtin" or source.startswith("hf:"):
+        return None
+    root = Path(source).expanduser()
+    h = hashlib.sha1()
+    for f in corpus_files(root):
+        st = f.stat()
+        rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def hf_documents(spec: str, max_bytes: int) -> list[str]:
@@ -151,14 +175,15 @@ def shard_dtype(vocab_size: int, requested: Optional[str] = None) -> np.dtype:
     return np.dtype("uint16" if vocab_size <= limits["uint16"] else "uint32")
 
 
-def default_data_dir(source: str, vocab_size: int) -> Path:
+def default_data_dir(source: str, vocab_size: int, tokenizer_sha: Optional[str] = None) -> Path:
     if source == "builtin":
         name = f"builtin-py{sys.version_info.major}{sys.version_info.minor}"
     else:
         key = source if source.startswith("hf:") else str(Path(source).expanduser().resolve())
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.rstrip("/")).name or "data")[:40]
         name = f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-    return default_data_root() / f"{name}-{vocab_size}"
+    # encoded with a given tokenizer: its own directory, next to (not replacing) the corpus's own preparation
+    return default_data_root() / (f"{name}-tok{tokenizer_sha[:8]}" if tokenizer_sha else f"{name}-{vocab_size}")
 
 
 @dataclass
@@ -187,28 +212,43 @@ def _split_paragraphs(doc: str) -> list[str]:
 
 def prepare(source: str = "builtin", vocab_size: int = 2048, data_dir: str | Path | None = None,
             val_fraction: float = 0.05, max_bytes: int = 4_000_000, dtype: Optional[str] = None,
-            seed: int = 1234, log=print) -> PreparedData:
-    """Tokenize `source` into shards under data_dir (reused when already prepared the same way)."""
+            seed: int = 1234, log=print, tokenizer: str | Path | None = None) -> PreparedData:
+    """Tokenize `source` into shards under data_dir (reused when already prepared the same way).
+
+    `tokenizer`: the tokenizer.json to encode with (e.g. a trained model's, to evaluate it on another
+    corpus) instead of training a new one on `source`."""
     dt = shard_dtype(vocab_size, dtype)  # fail before any work
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if source != "builtin" and not source.startswith("hf:") and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"data path not found: {source}")
-    out = Path(data_dir).expanduser() if data_dir else default_data_dir(source, vocab_size)
+    tok_sha = hashlib.sha1(Path(tokenizer).read_bytes()).hexdigest() if tokenizer is not None else None
+    out = Path(data_dir).expanduser() if data_dir else default_data_dir(source, vocab_size, tok_sha)
     settings = dict(version=PREP_VERSION, source=source, requested_vocab=vocab_size, val_fraction=val_fraction,
-                    max_bytes=max_bytes, dtype=dt.name, seed=seed)
+                    max_bytes=max_bytes, dtype=dt.name, seed=seed, corpus=corpus_fingerprint(source),
+                    tokenizer=tok_sha)
     meta_path = out / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if all(meta.get(k) == v for k, v in settings.items()):
             return PreparedData(out, meta)
-        log(f"data: settings changed, re-preparing {out}")
+        changed = "the corpus changed" if meta.get("corpus") != settings["corpus"] else "settings changed"
+        log(f"data: {changed}, re-preparing {out}")
     out.mkdir(parents=True, exist_ok=True)
 
     docs = load_documents(source, max_bytes)
-    log(f"data: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text from {source}; "
-        f"training a {vocab_size}-entry byte-level BPE")
-    tok = train_tokenizer(docs, vocab_size, out / "tokenizer.json")
+    if tokenizer is not None:
+        log(f"data: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text from {source}; "
+            f"encoding with {tokenizer}")
+        if Path(tokenizer).resolve() != (out / "tokenizer.json").resolve():
+            shutil.copyfile(tokenizer, out / "tokenizer.json")
+        tok = load_tokenizer(out / "tokenizer.json")
+        if tok.get_vocab_size() > vocab_size:
+            raise ValueError(f"{tokenizer} has {tok.get_vocab_size()} tokens, more than the model's {vocab_size}")
+    else:
+        log(f"data: {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text from {source}; "
+            f"training a {vocab_size}-entry byte-level BPE")
+        tok = train_tokenizer(docs, vocab_size, out / "tokenizer.json")
 
     # split documents into train / val (a single document: split its paragraphs instead)
     pieces = [_split_paragraphs(d) for d in docs]
