@@ -276,6 +276,55 @@ def test_bad_input():
     assert type(model[0]) is nn.LayerNorm  # nothing was replaced
 
 
+def test_backend_name_is_read_as_the_ops_read_it():
+    model = tfkernels.swap(nn.Sequential(nn.LayerNorm(4)), backend="TRITON")
+    assert type(model[0]) is tnn.LayerNorm and model[0].backend == "triton"
+
+
+def test_hooks_keep_firing_and_their_handles_still_remove_them():
+    """Forward, pre-forward and full backward hooks on replaced modules stay registered (the
+    replacement shares the hook tables): outputs stay the original model's, and a handle taken
+    before the swap removes its hook after it."""
+    model = _mixer()
+    calls = []
+    zero = model.ln.register_forward_hook(lambda m, i, o: torch.zeros_like(o))  # changes the output
+    model.rms.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.sm.register_full_backward_hook(lambda m, gin, gout: calls.append("sm-backward"))
+    x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
+    want = model(x)
+    want.sum().backward()
+    tfkernels.swap(model, backend=BACKEND)
+    assert type(model.ln) is tnn.LayerNorm and type(model.rms) is tnn.RMSNorm and type(model.sm) is tnn.Softmax
+    calls.clear()
+    got = model(x)
+    got.sum().backward()
+    assert calls == ["sm-backward"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    zero.remove()  # the handle from before the swap
+    assert not model.ln._forward_hooks
+    assert model(x).abs().sum() > 0 and not torch.allclose(model(x), want)
+
+
+def test_parametrized_and_instance_forward_modules_are_left_alone(caplog):
+    """A parametrized norm computes its weight at every access, so a replacement would freeze it;
+    a forward set on the instance (accelerate's offload hooks do that) would be lost."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.LayerNorm(8), nn.RMSNorm(8), nn.LayerNorm(8), nn.LayerNorm(8))
+    parametrize.register_parametrization(model[0], "weight", Double())
+    parametrize.register_parametrization(model[1], "weight", Double())
+    model[2].forward = lambda x: x  # noqa: E731 (what a hook library does)
+    with caplog.at_level("WARNING", logger="tfkernels.swap"):
+        tfkernels.swap(model, backend=BACKEND)
+    assert [type(m) for m in model] == [type(model[0]), type(model[1]), nn.LayerNorm, tnn.LayerNorm]
+    assert parametrize.is_parametrized(model[0]) and parametrize.is_parametrized(model[1])
+    assert "parametrization" in caplog.text and "instance" in caplog.text
+
+
 def test_import_is_cheap_and_works_without_transformers():
     code = (
         "import sys\n"

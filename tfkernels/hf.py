@@ -197,8 +197,6 @@ def hf_norm_kind(module: nn.Module) -> Optional[str]:
     w = getattr(module, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1:
         return None
-    if module._forward_hooks or module._forward_pre_hooks:
-        return None
     kind = _class_kind(cls)
     if kind is None or not isinstance(getattr(module, _KIND_EPS_ATTR[kind], None), (int, float)):
         return None

@@ -12,7 +12,11 @@ What is replaced (each new module shares the old one's Parameter objects, so opt
     paths of nn.TransformerEncoder(Layer) that would bypass the modules are switched off
   - Hugging Face models: attention implementation -> "tfkernels" (tfkernels.hf.attention_forward)
 Only modules whose class is exactly the torch one (or one whose `forward` is not overridden) are
-replaced; anything else is left alone. unswap puts back the very same module objects.
+replaced; anything else is left alone, and so are modules with a parametrization (its weight is
+computed at every access: a replacement would freeze it) or a `forward` set on the instance (e.g.
+accelerate's offloading hooks). Hooks registered on a replaced module (forward, pre-forward,
+backward, state_dict) stay registered: the replacement shares the module's hook tables, so they
+keep firing and their handles still remove them. unswap puts back the very same module objects.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import logging
 from typing import List, Optional, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _config, hf
 from . import nn as tnn
@@ -36,6 +41,29 @@ def _plain(module: nn.Module, cls: type) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward and not type(module).__module__.startswith("tfkernels")
 
 
+# the hook tables nn.Module.__init__ creates (torch 2.6 to 2.13): shared, not copied, with the
+# replacement, so that a RemovableHandle taken on the original still removes its hook
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook",
+                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                "_load_state_dict_post_hooks")
+
+
+def _share_hooks(old: nn.Module, new: nn.Module) -> None:
+    for name in _HOOK_TABLES:
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
+
+
+def _left_alone(module: nn.Module) -> Optional[str]:
+    """Why a module of a replaceable class must stay as it is, or None."""
+    if parametrize.is_parametrized(module):
+        return "it has a parametrization (torch.nn.utils.parametrize)"
+    if "forward" in module.__dict__:
+        return "its forward is set on the instance (e.g. by accelerate's hooks)"
+    return None
+
+
 def _qualname(cls: type) -> str:
     mod = cls.__module__
     if mod.startswith("torch.nn.modules."):
@@ -48,6 +76,18 @@ def _mha_class():
 
 
 def _replacement(module: nn.Module, *, norms: bool, softmax: bool, attention: bool, backend) -> Optional[nn.Module]:
+    new = _new_module(module, norms=norms, softmax=softmax, attention=attention, backend=backend)
+    if new is None:
+        return None
+    why = _left_alone(module)
+    if why is not None:
+        logger.warning("tfkernels.swap: leaving a %s as it is: %s", type(module).__name__, why)
+        return None
+    _share_hooks(module, new)
+    return new
+
+
+def _new_module(module: nn.Module, *, norms: bool, softmax: bool, attention: bool, backend) -> Optional[nn.Module]:
     if norms:
         if _plain(module, nn.LayerNorm):
             return tnn.LayerNorm.from_torch(module, backend=backend)
@@ -107,8 +147,10 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend is not None and backend not in _config.BACKENDS:  # here, not at the first forward
-        raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
+    if backend is not None:
+        backend = backend.lower()  # as the ops read it
+        if backend not in _config.BACKENDS:  # here, not at the first forward
+            raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
     state = getattr(model, _STATE, None)
     if state is None:
         state = {"modules": [], "configs": [], "flags": [], "backend_attrs": []}
