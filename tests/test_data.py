@@ -188,3 +188,22 @@ def test_prepare_with_a_given_tokenizer(tmp_path):
             got.append(tuple(cur))
             cur = []
     assert sorted(got) == expected
+
+
+def test_ranks_draw_their_own_masks_and_pairs():
+    """Under DDP each rank's loader has its own example-level stream (every rank drew the same MLM masks
+    and NSP coin flips); rank 0 keeps the single-process stream, so single-process runs are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(N_SPECIAL, 300, (4000,), generator=g).numpy().astype(np.uint16)
+    segs = np.asarray([(i * 20, i * 20 + 20, i // 5) for i in range(200)], np.int64)
+    for nsp in (False, True):
+        single, r0, r1 = (D.MLMLoader(tokens, segs, 32, 8, 300, nsp=nsp, seed=1337, rank=r, world=w)
+                          for r, w in ((0, 1), (0, 2), (1, 2)))
+        assert torch.equal(single.gen.get_state(), r0.gen.get_state())
+        assert torch.equal(single.gen.get_state(), torch.Generator().manual_seed(1337 + 1).get_state())
+        b0, b1 = next(r0), next(r1)
+        m0, m1 = b0["mlm_labels"] != -100, b1["mlm_labels"] != -100
+        assert (m0 != m1).float().mean() > 0.1  # independent 15% masks differ at ~25% of positions
+        if nsp:
+            flips0, flips1 = zip(*[(r0.nsp_pair(i)[2], r1.nsp_pair(i)[2]) for i in range(0, 200, 5)])
+            assert flips0 != flips1

@@ -306,6 +306,15 @@ def mask_tokens(ids: torch.Tensor, vocab_size: int, mask_prob: float, generator:
     return inputs, labels
 
 
+def example_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s example-level generator: seed + 1 on rank 0 (as single-process runs
+    always had), a SeedSequence mix of (seed, rank) elsewhere. Not seed + 1 + (rank << 32): torch's
+    CPU generator seeds from the low 32 bits only, so that is rank 0's stream again."""
+    if rank == 0:
+        return seed + 1
+    return int(np.random.SeedSequence((seed % 2**64, rank)).generate_state(1)[0])
+
+
 class _Loader:
     """Epoch-shuffled items; this rank's share of each global batch; resumable position."""
 
@@ -314,7 +323,9 @@ class _Loader:
             raise ValueError(f"the data has {n_items} sequences, fewer than one global batch "
                              f"({batch_size} x {world} ranks); use a bigger corpus or a smaller batch/block size")
         self.n, self.B, self.seed, self.rank, self.world, self.shuffle = n_items, batch_size, seed, rank, world, shuffle
-        self.gen = torch.Generator().manual_seed(seed + 1)  # example-level randomness (masks, pairs)
+        # example-level randomness (masks, NSP pairs, random tokens): a stream of its own per rank, or every
+        # rank would draw the same masks and coin flips; rank 0 keeps the single-process stream (seed + 1)
+        self.gen = torch.Generator().manual_seed(example_seed(seed, rank))
         self.epoch, self.offset = 0, 0
         self._perm = None
 
