@@ -160,3 +160,20 @@ def test_module_entry_point_prints_no_traceback(tmp_path):
                         str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "tfkernels pretrain: error: --block-size must be >= 1, got 0"
+
+
+def test_pretrain_validation_split_smaller_than_a_batch(tmp_path, capsys):
+    """A corpus whose held-out split has fewer sequences than one batch is an error before training
+    (it trained every step, then crashed at the first evaluation without a checkpoint)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i:02d}.txt").write_text(f"document {i} says hello to the world and the world answers. " * 3)
+    out = tmp_path / "run"
+    argv = ["pretrain", *TINY, "--data", str(corpus), "--data-dir", str(tmp_path / "prep"), "--vocab-size", "300",
+            "--batch-size", "8", "--max-steps", "2", "--out", str(out)]  # the last --data/--vocab-size/--batch-size win
+    assert main(argv) == 2
+    msg = error_line(capsys, "pretrain")
+    assert msg.startswith("the validation split: the data has ") and "--val-fraction" in msg
+    assert not out.exists()
+    assert main(argv + ["--val-fraction", "0.5"]) == 0  # the remedy it names works

@@ -336,6 +336,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         train_loader, val_loader_fn = make_loaders(cfg, mcfg, prepared, rank, world)
     else:
         train_loader, val_loader_fn = task.loaders(cfg, mcfg, rank, world)
+    try:  # now, not at the first evaluation: a too-small validation split failed there, after training, unsaved
+        val_loader_fn()
+    except ValueError as err:
+        raise ValueError(f"the validation split: {err}, or a larger --val-fraction") from None
 
     # ---- the run directory: only now that the options, the data and the loaders are known to be good,
     # so that a mistake in them does not cost an --overwrite'd run
