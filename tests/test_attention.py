@@ -117,6 +117,15 @@ def test_fully_masked_row_returns_zero(backend):
 def test_custom_scale(backend):
     torch.manual_seed(16)
     _check(_rand(1, 2, 33, 48), _rand(1, 2, 40, 48), _rand(1, 2, 40, 48), backend, scale=0.37, is_causal=True)
+    # numpy scalars, as SDPA takes them (a config's np.float32, np.sqrt of a head dim)
+    q, k, v = _rand(1, 2, 9, 16), _rand(1, 2, 11, 16), _rand(1, 2, 11, 16)
+    want = tfkernels.attention(q, k, v, scale=0.25, backend=backend)
+    assert torch.equal(tfkernels.attention(q, k, v, scale=np.float32(0.25), backend=backend), want)
+    assert torch.equal(tfkernels.attention(q, k, v, scale=1 / np.sqrt(np.float64(16)), backend=backend), want)
+    torch.manual_seed(3)
+    a = tfkernels.attention(q, k, v, dropout_p=np.float32(0.5), backend=backend)
+    torch.manual_seed(3)
+    assert torch.equal(a, tfkernels.attention(q, k, v, dropout_p=0.5, backend=backend))
 
 
 def test_non_contiguous_and_expanded(backend):

@@ -16,6 +16,7 @@ def _check(x, dim, dtype, backend, dy=None):
     x = x.detach().requires_grad_(True)
     y = tfkernels.softmax(x, dim, backend=backend)
     assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.is_contiguous()  # as torch's: a model may .view() it (nn.Softmax(dim=1) then view)
     x64 = x.detach().double().requires_grad_(True)
     y64 = torch.softmax(x64, dim)
     assert_close(y, y64, dtype, "y")

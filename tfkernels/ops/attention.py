@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -1041,6 +1042,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     scale: defaults to 1/sqrt(D).
     backend: "triton", "cuda", "torch" or None (automatic).
     """
+    # numpy scalars (np.float32 from a config or an array) are Reals but not floats, which the
+    # op's schema takes; a float is left as it is (under torch.compile it may be symbolic)
+    if not isinstance(scale, (bool, int, float)) and isinstance(scale, numbers.Real):
+        scale = float(scale)
+    if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
+        dropout_p = float(dropout_p)
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
     if lead is not None:
         out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)

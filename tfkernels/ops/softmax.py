@@ -206,8 +206,9 @@ softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 def softmax(x: Tensor, dim: int = -1, *, backend: Optional[str] = None) -> Tensor:
     """Softmax of `x` along `dim`; same semantics as `torch.softmax(x, dim)`.
 
-    Any dim and any strides: the dim is moved last as a view, the kernels read rows with their
-    strides, the result is laid out like that view. fp32 accumulation; y has x's dtype.
+    Any dim and any strides: the dim is moved last as a view and the kernels read rows with their
+    strides. y is contiguous, as torch's is (over a dim that is not the last, that costs a copy of
+    y: a model may `view` the result). fp32 accumulation; y has x's dtype.
     """
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "softmax")
@@ -221,4 +222,4 @@ def softmax(x: Tensor, dim: int = -1, *, backend: Optional[str] = None) -> Tenso
     N = xt.shape[-1]
     # rows counted explicitly: reshape(-1, N) cannot infer them when N = 0
     y = softmax_fwd(xt.reshape(math.prod(xt.shape[:-1]), N), be)
-    return y.view(xt.shape).movedim(-1, d)
+    return y.view(xt.shape).movedim(-1, d).contiguous()
