@@ -114,6 +114,21 @@ def test_fully_masked_row_returns_zero(backend):
     assert (out[:, :, 5] == 0).all() and torch.isfinite(out).all()
 
 
+def test_autocast_casts_like_sdpa(backend):
+    """Under torch.autocast, SDPA casts fp32 (and mixed fp32/bf16) q, k, v to the autocast dtype; so
+    does tfkernels.attention, instead of rejecting the mix."""
+    torch.manual_seed(21)
+    q, k, v = _rand(1, 2, 9, 16), _rand(1, 2, 11, 16, dtype=torch.bfloat16), _rand(1, 2, 11, 16)
+    want = tfkernels.attention(q.bfloat16(), k, v.bfloat16(), is_causal=True, backend=backend)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = tfkernels.attention(q, k, v, is_causal=True, backend=backend)
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert got.dtype == sdpa.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="k has dtype"):  # outside autocast the mix is still an error
+        tfkernels.attention(q, k, v, backend=backend)
+
+
 def test_custom_scale(backend):
     torch.manual_seed(16)
     _check(_rand(1, 2, 33, 48), _rand(1, 2, 40, 48), _rand(1, 2, 40, 48), backend, scale=0.37, is_causal=True)

@@ -1012,6 +1012,19 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
                              f"(B, H_q, T_q, T_k) = {list(target)}")
 
 
+def _autocast(q, k, v):
+    """Under torch.autocast, q, k and v in the autocast dtype, as SDPA takes them (it is on autocast's
+    lower-precision list: fp32 inputs, or a mix of fp32 and bf16, are cast; float64 is not). The
+    float mask keeps its dtype: the kernels read it in fp32 anyway."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return q, k, v  # the argument checks name the culprit
+    device = q.device.type
+    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
               backend: Optional[str] = None) -> Tensor:
@@ -1048,6 +1061,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
         dropout_p = float(dropout_p)
+    q, k, v = _autocast(q, k, v)
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
     if lead is not None:
         out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
