@@ -162,3 +162,23 @@ def test_eval_on_another_corpus_uses_the_runs_tokenizer(tmp_path, data_dir, monk
     tok = load_tokenizer(run / "tokenizer.json")
     encodings = [tok.encode(d, add_special_tokens=False).ids + [0] for d in docs]
     assert seen["val"] in encodings  # the one held-out document (5% of 20), as the run's tokenizer encodes it
+
+
+def test_resume_with_new_hyperparameters(tmp_path, data_dir):
+    """--resume with a new --lr / --weight-decay / --beta1 / --beta2: the optimizer runs with them (the
+    loaded optimizer state put the saved ones back while the checkpoint recorded the new ones), and the
+    schedule continues at its step on the new peak lr."""
+    cfg = dict(model="gpt", max_steps=6, warmup_steps=1, eval_interval=0, data_dir=data_dir, plot=False, **FAST)
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, **{**cfg, "max_steps": 3}))
+    new = dict(lr=4e-3, weight_decay=0.02, beta1=0.8, beta2=0.99)
+    train(TrainConfig(out=str(out), resume=True, **new, **cfg))
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    groups = ck["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.02]  # no decay on norms/biases/embeddings, as before
+    assert all(g["betas"] == (0.8, 0.99) and g["initial_lr"] == 4e-3 for g in groups)
+    assert {k: ck["train_config"][k] for k in new} == new  # what is recorded is what ran
+    f = lr_lambda(TrainConfig(**new, **cfg))
+    logged = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert logged[4] == pytest.approx(4e-3 * f(3)) and logged[5] == pytest.approx(4e-3 * f(4))  # the lr of step s is f(s-1)
+    assert all(g["lr"] == pytest.approx(4e-3 * f(6)) for g in groups)

@@ -370,8 +370,16 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     step = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
+        # The checkpoint gives the optimizer its state (moments, step counts); the hyperparameters are this
+        # run's: load_state_dict also puts back the saved lr, weight_decay, betas, eps, so a new --lr or
+        # --weight-decay given with --resume was recorded in the checkpoint but never used.
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
+        for group, h in zip(opt.param_groups, hyper):
+            group.update(h)
+        # the schedule at the saved step on this run's peak lr (and --max-steps/--schedule: see the README):
+        # LambdaLR steps once on creation, so last_epoch=step-1 gives lr = lr * schedule(step)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg), last_epoch=resume["step"] - 1)
         scaler.load_state_dict(resume["scaler"])
         train_loader.load_state_dict(resume["data"])
         ckpt_io.set_rng_state(resume["rng"])
