@@ -114,6 +114,22 @@ def test_fully_masked_row_returns_zero(backend):
     assert (out[:, :, 5] == 0).all() and torch.isfinite(out).all()
 
 
+def test_batch_and_single_head_broadcast_like_sdpa(backend):
+    """SDPA broadcasts batch dims (one K/V batch for every query batch, and the reverse) and a single
+    K/V head over q's heads without enable_gqa; so does tfkernels.attention (stride-0 views), with
+    the gradients of the broadcast inputs summed."""
+    torch.manual_seed(22)
+    _check(_rand(3, 2, 13, 16), _rand(1, 2, 17, 16), _rand(1, 2, 17, 16), backend, is_causal=True)
+    _check(_rand(2, 4, 13, 16), _rand(2, 1, 17, 16), _rand(1, 1, 17, 16), backend)  # MQA by broadcast
+    q, k, v = _rand(1, 2, 5, 8), _rand(2, 2, 6, 8), _rand(2, 2, 6, 8)  # the output takes k's batch
+    assert_close(tfkernels.attention(q, k, v, backend=backend),
+                 F.scaled_dot_product_attention(q.double(), k.double(), v.double()), torch.float32)
+    q5 = _rand(2, 3, 2, 5, 8)  # (N, ..., H, T, D) with broadcast leading dims
+    k5, v5 = _rand(1, 3, 2, 6, 8), _rand(2, 1, 2, 6, 8)
+    assert_close(tfkernels.attention(q5, k5, v5, backend=backend),
+                 F.scaled_dot_product_attention(q5.double(), k5.double(), v5.double()), torch.float32)
+
+
 def test_autocast_casts_like_sdpa(backend):
     """Under torch.autocast, SDPA casts fp32 (and mixed fp32/bf16) q, k, v to the autocast dtype; so
     does tfkernels.attention, instead of rejecting the mix."""
@@ -250,13 +266,13 @@ def _bad_cases():
         ("k has shape", ValueError, lambda: tfkernels.attention(q[0], k, v)),
         ("k has shape", ValueError, lambda: tfkernels.attention(q, k[0], v)),
         ("q has shape", ValueError, lambda: tfkernels.attention(q[0, 0], k[0, 0], v[0, 0])),
-        ("leading dims of k", ValueError, lambda: tfkernels.attention(q[None], k[None].expand(2, -1, -1, -1, -1), v[None])),
+        ("leading dims of k", ValueError, lambda: tfkernels.attention(q[None], k[None].expand(2, -1, -1, -1, -1), v[None].expand(3, -1, -1, -1, -1))),
         ("attn_mask", ValueError, lambda: tfkernels.attention(q[None], k[None], v[None], attn_mask=torch.ones(3, 1, 1, 1, 10, device=DEVICE))),
         ("head dims", ValueError, lambda: tfkernels.attention(q, _rand(2, 4, 10, 8), v)),
         ("head dims", ValueError, lambda: tfkernels.attention(q, k, _rand(2, 4, 10, 8))),
         ("k has dtype", TypeError, lambda: tfkernels.attention(q, k.half(), v)),
         ("v has dtype", TypeError, lambda: tfkernels.attention(q, k, v.double())),
-        ("batch", ValueError, lambda: tfkernels.attention(q, _rand(1, 4, 10, 16), _rand(1, 4, 10, 16))),
+        ("batch", ValueError, lambda: tfkernels.attention(q, _rand(3, 4, 10, 16), _rand(3, 4, 10, 16))),
         ("same heads and length", ValueError, lambda: tfkernels.attention(q, k, _rand(2, 4, 9, 16))),
         ("enable_gqa", ValueError, lambda: tfkernels.attention(q, _rand(2, 2, 10, 16), _rand(2, 2, 10, 16))),
         ("multiple", ValueError, lambda: tfkernels.attention(q, _rand(2, 3, 10, 16), _rand(2, 3, 10, 16), enable_gqa=True)),

@@ -985,7 +985,7 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         raise ValueError("attention: head dim D must be at least 1")
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hq != Hkv:
-        if not enable_gqa:
+        if not enable_gqa and Hkv != 1:  # one K/V head broadcasts over q's, as in SDPA
             raise ValueError(f"attention: q has {Hq} heads but k/v have {Hkv}; pass enable_gqa=True for GQA/MQA")
         if Hkv == 0 or Hq % Hkv != 0:
             raise ValueError(f"attention: with enable_gqa, q's heads ({Hq}) must be a multiple of k/v's heads ({Hkv})")
@@ -1012,6 +1012,19 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
                              f"(B, H_q, T_q, T_k) = {list(target)}")
 
 
+def _broadcast_batch(q, k, v):
+    """SDPA broadcasts the dims before (H, T, D) of q, k and v against one another (one K/V batch
+    for many queries, say): the same here, as stride-0 views the kernels read in place (autograd
+    sums the gradient of an expanded input)."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)) or q.dim() < 4 or not q.dim() == k.dim() == v.dim():
+        return q, k, v  # three dims have no batch dims to broadcast; _fold_to_4d checks the rest
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        return q, k, v  # _check_args names the mismatch
+    return tuple(t if t.shape[:-3] == lead else t.expand(*lead, *t.shape[-3:]) for t in (q, k, v))
+
+
 def _autocast(q, k, v):
     """Under torch.autocast, q, k and v in the autocast dtype, as SDPA takes them (it is on autocast's
     lower-precision list: fp32 inputs, or a mix of fp32 and bf16, are cast; float64 is not). The
@@ -1031,8 +1044,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     """Scaled dot-product attention with the signature and semantics of
     `torch.nn.functional.scaled_dot_product_attention`; FlashAttention-2 kernels in Triton.
 
-    q (B, H_q, T_q, D), k and v (B, H_kv, T_k, D) -> (B, H_q, T_q, D). H_q == H_kv, or with
-    `enable_gqa=True` H_q a multiple of H_kv (query head h uses K/V head h // (H_q // H_kv)).
+    q (B, H_q, T_q, D), k and v (B, H_kv, T_k, D) -> (B, H_q, T_q, D). H_q == H_kv, or H_kv == 1, or
+    with `enable_gqa=True` H_q a multiple of H_kv (query head h uses K/V head h // (H_q // H_kv)).
+    Batch sizes broadcast, as in SDPA (a K/V batch of 1 serves every query batch).
     As in SDPA, more leading dims (N, ..., H, T, D) or three, (N, T, D), are taken too: they are
     folded into B (as views where the strides allow).
     D <= 256, the same for q, k and v. float16, bfloat16 or float32 (fp32 dots use TF32 when
@@ -1061,7 +1075,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
         dropout_p = float(dropout_p)
-    q, k, v = _autocast(q, k, v)
+    q, k, v = _broadcast_batch(*_autocast(q, k, v))
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
     if lead is not None:
         out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
