@@ -5,6 +5,7 @@ slow to train with; the kernels themselves are tested in their own files.
 """
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tfkernels.__main__ import main
 from tfkernels.train import TrainConfig, train
@@ -182,3 +184,41 @@ def test_resume_with_new_hyperparameters(tmp_path, data_dir):
     logged = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(open(out / "metrics.csv"))}
     assert logged[4] == pytest.approx(4e-3 * f(3)) and logged[5] == pytest.approx(4e-3 * f(4))  # the lr of step s is f(s-1)
     assert all(g["lr"] == pytest.approx(4e-3 * f(6)) for g in groups)
+
+
+def test_ctrl_c_inside_a_step_stops_after_it(tmp_path, data_dir):
+    """Ctrl-C (a real SIGINT) landing right after the optimizer update, before the step is recorded: the
+    run finishes that step, saves it, and the resumed run equals an uninterrupted one (a KeyboardInterrupt
+    there saved the updated weights with the previous step's position, so resuming applied it twice).
+    A second Ctrl-C quits at once without saving; the previous SIGINT handler is back afterwards."""
+    cfg = dict(model="gpt", dropout=0.1, max_steps=5, eval_interval=0, data_dir=data_dir, plot=False, **FAST)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))["losses"]
+    before = signal.getsignal(signal.SIGINT)
+
+    def interrupt_at(step, times):
+        calls = []
+
+        def hook(opt, args, kwargs):  # runs inside opt.step(), after the parameters were updated
+            calls.append(1)
+            if len(calls) == step:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+        return register_optimizer_step_post_hook(hook)
+
+    handle = interrupt_at(3, times=1)
+    try:
+        first = train(TrainConfig(out=str(tmp_path / "cut"), **cfg))
+    finally:
+        handle.remove()
+    assert first["interrupted"] and first["step"] == 3 and sorted(first["losses"]) == [1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is before
+    second = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **cfg))
+    assert {**first["losses"], **second["losses"]} == full
+
+    handle = interrupt_at(2, times=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(out=str(tmp_path / "twice"), **cfg))
+    finally:
+        handle.remove()
+    assert not (tmp_path / "twice" / "ckpt.pt").exists() and signal.getsignal(signal.SIGINT) is before

@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
         print(f"tfkernels {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # e.g. a second Ctrl-C during training (the first one stops and saves)
+        print(f"tfkernels {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

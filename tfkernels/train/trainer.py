@@ -14,6 +14,8 @@ import contextlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -82,6 +84,38 @@ def resolve_device(spec: str) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+class StopOnCtrlC:
+    """While training: the first Ctrl-C (SIGINT) only sets `requested`, which the loop checks between
+    whole steps, so it stops after the step in progress, saves and returns; a second Ctrl-C raises
+    KeyboardInterrupt at once. A KeyboardInterrupt raised wherever the signal happened to land could
+    fall between the optimizer update and the bookkeeping of its step, and the checkpoint then held
+    updated weights with the previous step's position: resuming applied that step twice.
+    Installed in the main thread only (signal handlers can only be set there, and only it gets
+    signals); the previous handler is restored on exit."""
+
+    def __init__(self, on_first=None):
+        self.requested, self.on_first, self._previous = False, on_first, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.on_first is not None:
+            self.on_first()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            if self._previous is None:  # a handler not set from Python: restore the usual one
+                self._previous = signal.default_int_handler
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 # What a run writes into --out; --overwrite deletes these, not the whole directory (which may be `.`
@@ -276,9 +310,10 @@ def _log0(msg: str, rank: int) -> None:
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None, task=None) -> dict:
     """Run (or resume) a pretraining run; returns a summary (losses per step, last eval, throughput).
 
-    `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt a run).
-    Ctrl-C (KeyboardInterrupt) saves a checkpoint at the last completed step and returns with
-    summary["interrupted"] = True.
+    `on_step(step, loss)` is called after every optimizer step; a KeyboardInterrupt it raises stops the
+    run like Ctrl-C (tests use it; under DDP it must raise on every rank at the same step).
+    Ctrl-C stops after the step in progress, saves a checkpoint there and returns with
+    summary["interrupted"] = True; a second Ctrl-C raises KeyboardInterrupt at once, without saving.
 
     `task` (optional) replaces the pretraining objective while keeping everything else (fine-tuning,
     see finetune.py). It provides: model_config(cfg), tokenizer_path, build(mcfg, resumed) -> model,
@@ -420,7 +455,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0 or not cfg.progress, dynamic_ncols=True,
                desc=f"{mcfg.arch}-{cfg.preset}")
-    losses, last_eval, interrupted = {}, None, False
+    losses, last_eval = {}, None
     start_step, t_run = step, time.perf_counter()
     t_log, tok_log = time.perf_counter(), 0
     steady = {"t": None, "step": None}  # throughput after the first steps (compilation, warmup)
@@ -428,76 +463,89 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         torch.cuda.reset_peak_memory_stats(device)
     snap = snapshot()
     run_model.train()
-    try:
-        while step < cfg.max_steps:
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(train_loader).items()}
-                sync = contextlib.nullcontext()
-                if ddp and micro < cfg.grad_accum - 1:
-                    sync = run_model.no_sync()
-                with sync:
-                    with autocast():
+    stop = False
+    with StopOnCtrlC(lambda: _log0("Ctrl-C: stopping after this step and saving (press it again to quit "
+                                   "at once, without saving)", rank)) as ctrl_c:
+        try:
+            while step < cfg.max_steps and not stop:
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in next(train_loader).items()}
+                    sync = contextlib.nullcontext()
+                    if ddp and micro < cfg.grad_accum - 1:
+                        sync = run_model.no_sync()
+                    with sync:
+                        with autocast():
+                            if task is None:
+                                loss, _ = _forward(run_model, batch, mcfg.arch)
+                            else:
+                                loss, _ = task.forward(run_model, batch)
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr_now = opt.param_groups[0]["lr"]
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                snap = snapshot()
+                loss_avg = loss_sum / cfg.grad_accum
+                stop = ctrl_c.requested
+                if ddp:
+                    # the mean loss and whether any rank got Ctrl-C, in one all-reduce, so that all ranks stop
+                    # after the same step; SUM, then divide: Gloo refuses ReduceOp.AVG on older torch (2.6 raised)
+                    red = torch.stack([loss_avg.float(), torch.tensor(float(stop), device=device)])
+                    torch.distributed.all_reduce(red, op=torch.distributed.ReduceOp.SUM)
+                    loss_avg, stop = red[0] / world, bool(red[1] > 0)
+                loss_val = loss_avg.item()  # synchronizes: the timings below are real
+                losses[step] = loss_val
+                tok_log += tokens_per_step if task is None else task.tokens_seen(cfg, world)
+                if steady["t"] is None and step - start_step >= min(10, max(1, (cfg.max_steps - start_step) // 5)):
+                    steady.update(t=time.perf_counter(), step=step)
+                bar.update(1)
+                do_eval = step == cfg.max_steps or (cfg.eval_interval and step % cfg.eval_interval == 0)
+                if step % cfg.log_interval == 0 or do_eval or step == start_step + 1:
+                    dt = time.perf_counter() - t_log
+                    tps = tok_log / dt if dt > 0 else 0.0
+                    t_log, tok_log = time.perf_counter(), 0
+                    mfu = fpt * tps / (peak * world) if peak else None
+                    row = {"step": step, "loss": loss_val, "lr": lr_now, "tokens_per_s": tps, "mfu": mfu,
+                           "elapsed_s": time.perf_counter() - t_run}
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
+                    if do_eval:
+                        t_eval = time.perf_counter()
                         if task is None:
-                            loss, _ = _forward(run_model, batch, mcfg.arch)
+                            last_eval = evaluate(model, val_loader_fn(), cfg.eval_steps, mcfg.arch, device, autocast)
                         else:
-                            loss, _ = task.forward(run_model, batch)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr_now = opt.param_groups[0]["lr"]
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            snap = snapshot()
-            loss_avg = loss_sum / cfg.grad_accum
-            if ddp:
-                # SUM, then divide: Gloo refuses ReduceOp.AVG on older torch (2.6 raised)
-                torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.SUM)
-                loss_avg = loss_avg / world
-            loss_val = loss_avg.item()  # synchronizes: the timings below are real
-            losses[step] = loss_val
-            tok_log += tokens_per_step if task is None else task.tokens_seen(cfg, world)
-            if steady["t"] is None and step - start_step >= min(10, max(1, (cfg.max_steps - start_step) // 5)):
-                steady.update(t=time.perf_counter(), step=step)
-            bar.update(1)
-            do_eval = step == cfg.max_steps or (cfg.eval_interval and step % cfg.eval_interval == 0)
-            if step % cfg.log_interval == 0 or do_eval or step == start_step + 1:
-                dt = time.perf_counter() - t_log
-                tps = tok_log / dt if dt > 0 else 0.0
-                t_log, tok_log = time.perf_counter(), 0
-                mfu = fpt * tps / (peak * world) if peak else None
-                row = {"step": step, "loss": loss_val, "lr": lr_now, "tokens_per_s": tps, "mfu": mfu,
-                       "elapsed_s": time.perf_counter() - t_run}
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-                if do_eval:
-                    t_eval = time.perf_counter()
-                    if task is None:
-                        last_eval = evaluate(model, val_loader_fn(), cfg.eval_steps, mcfg.arch, device, autocast)
-                    else:
-                        last_eval = task.evaluate(model, val_loader_fn(), cfg.eval_steps, device, autocast)
-                    if steady["t"] is not None:
-                        steady["t"] += time.perf_counter() - t_eval  # eval time is not training throughput
-                    row.update(last_eval)
-                    extra = "".join(f" {k} {v:.3f}" for k, v in last_eval.items() if v is not None and k != "val_loss")
-                    _log0(f"step {step}: loss {loss_val:.4f} val_loss {last_eval['val_loss']:.4f}{extra}", rank)
-                    t_log = time.perf_counter()  # eval time is not training throughput
-                if metrics is not None:
-                    metrics.write(row)
-            if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
-                save(snap)
-            if on_step is not None:
-                on_step(step, loss_val)
-    except KeyboardInterrupt:
-        interrupted = True
-        opt.zero_grad(set_to_none=True)
+                            last_eval = task.evaluate(model, val_loader_fn(), cfg.eval_steps, device, autocast)
+                        if steady["t"] is not None:
+                            steady["t"] += time.perf_counter() - t_eval  # eval time is not training throughput
+                        row.update(last_eval)
+                        extra = "".join(f" {k} {v:.3f}" for k, v in last_eval.items() if v is not None and k != "val_loss")
+                        _log0(f"step {step}: loss {loss_val:.4f} val_loss {last_eval['val_loss']:.4f}{extra}", rank)
+                        t_log = time.perf_counter()  # eval time is not training throughput
+                    if metrics is not None:
+                        metrics.write(row)
+                if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < cfg.max_steps:
+                    save(snap)
+                if on_step is not None:
+                    try:
+                        on_step(step, loss_val)
+                    except KeyboardInterrupt:  # after a whole step: a stop request, as the first Ctrl-C
+                        stop = True
+        except KeyboardInterrupt:  # the second Ctrl-C: the step in progress may be half applied, so no save
+            _log0(f"interrupted again: quitting without saving ({ckpt_path} holds the last checkpoint written)", rank)
+            if metrics is not None:
+                metrics.close()
+            raise
+        finally:
+            bar.close()
+    interrupted = stop and step < cfg.max_steps  # a Ctrl-C during the last step stopped nothing
+    if interrupted:
         _log0(f"interrupted: saving a checkpoint at step {snap['step']} to {ckpt_path} (continue with --resume)", rank)
-    finally:
-        bar.close()
     t_end = time.perf_counter()
     save(snap)
     summary = {"step": snap["step"], "losses": losses, "eval": last_eval, "interrupted": interrupted,
