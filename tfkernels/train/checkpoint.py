@@ -2,6 +2,8 @@
 
 Contents: model, optimizer, LR scheduler and grad-scaler state; the step; the train loader's
 position; every RNG state (Python, NumPy, torch CPU, torch CUDA); the train and model configs.
+Under DDP the loader generator and RNG states of every rank ("rank_states"; "data" and "rng" are
+rank 0's, as in checkpoints from before).
 Writes are atomic: a temporary file in the same directory, fsync, then os.replace — an interrupted
 save never leaves a truncated checkpoint behind.
 """

@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -301,6 +302,28 @@ def make_loaders(cfg: TrainConfig, mcfg: ModelConfig, prepared, rank: int, world
     return loader("train", True, cfg.seed, rank, world), lambda: loader("val", False, cfg.seed + 7, 0, 1)
 
 
+def restore_rank_state(resume: dict, train_loader, seed: int, rank: int, world: int, ckpt_path) -> None:
+    """This rank's loader position and generator and its RNG states from a checkpoint.
+
+    Checkpoints hold every rank's ("rank_states"; older ones rank 0's only, as "data" and "rng"). From
+    a run with another number of processes the continuation cannot be exact: each rank takes the saved
+    state of its own rank where there is one, else rank 0's data position with its own freshly seeded
+    generator and RNG (taking rank 0's would give two ranks the same masks and dropout)."""
+    states = resume.get("rank_states") or [{"data": resume["data"], "rng": resume["rng"]}]
+    if len(states) != world and rank == 0:
+        warnings.warn(f"{ckpt_path} holds the data and RNG states of {len(states)} process(es), this run has "
+                      f"{world}: resuming from them, but not exactly where an uninterrupted run would be")
+    if rank < len(states):
+        train_loader.load_state_dict(states[rank]["data"])
+        ckpt_io.set_rng_state(states[rank]["rng"])
+        return
+    data = dict(states[0]["data"])
+    if "gen" in data:
+        data["gen"] = train_loader.state_dict()["gen"]
+    train_loader.load_state_dict(data)
+    torch.manual_seed(seed + rank)
+
+
 def _log0(msg: str, rank: int) -> None:
     if rank == 0:
         from tqdm import tqdm
@@ -416,8 +439,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         # LambdaLR steps once on creation, so last_epoch=step-1 gives lr = lr * schedule(step)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg), last_epoch=resume["step"] - 1)
         scaler.load_state_dict(resume["scaler"])
-        train_loader.load_state_dict(resume["data"])
-        ckpt_io.set_rng_state(resume["rng"])
+        restore_rank_state(resume, train_loader, cfg.seed, rank, world, ckpt_path)
         step = resume["step"]
         _log0(f"resumed from {ckpt_path} at step {step}", rank)
     else:
@@ -441,11 +463,21 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         return {"step": step, "data": train_loader.state_dict(), "rng": ckpt_io.rng_state()}
 
     def save(snap):
-        if rank != 0 or not cfg.save:
+        if not cfg.save:
+            return
+        # every rank's loader generator and RNG states (its MLM masks, dropout), not rank 0's alone; all
+        # ranks save at the same steps, so this collective is matched
+        own = {"data": snap["data"], "rng": snap["rng"]}
+        rank_states = [own]
+        if ddp:
+            rank_states = [None] * world
+            torch.distributed.all_gather_object(rank_states, own)
+        if rank != 0:
             return
         ckpt_io.save_atomic({
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "step": snap["step"], "data": snap["data"], "rng": snap["rng"],
+            "rank_states": rank_states,
             "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
             "data_dir": str(prepared.dir) if prepared is not None else None,
             **(task.ckpt_extra() if task is not None else {}),
