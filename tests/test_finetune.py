@@ -242,3 +242,32 @@ def test_files_with_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes('{"text": "hi", "label": "a"}\n'.encode("utf-8-sig"))
     assert [(e.text, e.label) for e in read_examples(str(tmp_path / "bom.csv"))] == [("hello world", "a"), ("bye world", "b")]
     assert [(e.text, e.label) for e in read_examples(str(tmp_path / "bom.jsonl"))] == [("hi", "a")]
+
+
+def test_cli_resume_restores_the_runs_options(tmp_path, gpt_ckpt, capsys):
+    """`finetune --out RUN --resume` with no other flag continues RUN with its saved options, as
+    `pretrain --resume` does (it ran on the defaults: another max_len, lr, seed), and ends where an
+    uninterrupted run does; flags given with --resume override the saved options and take effect."""
+    opts = dict(ckpt=gpt_ckpt, max_steps=4, max_len=24, lr=1e-3, seed=5, batch_size=8, eval_steps=1,
+                kernels="torch", eval_interval=0, progress=False, tensorboard=False, plot=False)
+    finetune(FinetuneConfig(out=str(tmp_path / "full"), **opts))
+
+    def stop(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+    assert finetune(FinetuneConfig(out=str(tmp_path / "cut"), **opts), on_step=stop)["step"] == 2
+    assert main(["finetune", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "done: 4 steps" in capsys.readouterr().out
+    full, cut = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("full", "cut"))
+    assert {**cut["finetune_config"], "resume": False, "out": full["finetune_config"]["out"]} == full["finetune_config"]
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])
+
+    assert main(["finetune", "--out", str(tmp_path / "cut"), "--resume", "--max-steps", "5", "--lr", "2e-3",
+                 "--weight-decay", "0.05"]) == 0
+    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 5 and ck["finetune_config"]["max_len"] == 24 and ck["finetune_config"]["lr"] == 2e-3
+    assert all(g["initial_lr"] == 2e-3 for g in ck["optimizer"]["param_groups"])
+    assert sorted(g["weight_decay"] for g in ck["optimizer"]["param_groups"]) == [0.0, 0.05]
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(tmp_path / "new")]) == 2  # no --ckpt and nothing to resume
+    assert "--ckpt is required" in capsys.readouterr().err

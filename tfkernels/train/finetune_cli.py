@@ -5,7 +5,9 @@
     tfkernels eval --ckpt runs/ft [--data dev.jsonl] [--png cm.png]
     tfkernels export --ckpt runs/tiny --out hf/tiny --format hf
 
-Every FinetuneConfig field is a flag (`max_steps` -> `--max-steps`).
+Every FinetuneConfig field is a flag (`max_steps` -> `--max-steps`). With --resume the run's saved
+options are restored (as `pretrain --resume` does) and the flags given override them, e.g.
+`tfkernels finetune --out runs/ft --resume --max-steps 200`.
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from pathlib import Path
 from .finetune import FinetuneConfig
 
 HELP = {
-    "ckpt": "pretrained checkpoint file or run directory (from `tfkernels pretrain`)",
+    "ckpt": "pretrained checkpoint file or run directory (from `tfkernels pretrain`; required, except "
+            "with --resume, which takes the run's)",
     "task": "classify (sequence classification)",
     "train": "labelled CSV/JSONL (text, optional text_pair, label), builtin, or hf:NAME[:CONFIG][@SPLIT]",
     "eval": "labelled evaluation file (default: builtin:eval for --train builtin)",
     "out": "run directory: ckpt.pt, metrics.csv, confusion.png, tb/",
-    "resume": "continue from OUT/ckpt.pt",
+    "resume": "continue from OUT/ckpt.pt with the run's saved options (flags given override them)",
     "overwrite": "start over in an OUT that already holds a run: delete its ckpt.pt, metrics.csv, loss.png, "
                  "confusion.png, tb/ and tokenizer.json first (without --resume or --overwrite, such an OUT is an "
                  "error)",
@@ -39,11 +42,29 @@ def _flag_type(field):
     return args[0] if args else hint
 
 
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The flags, over the run's saved options when resuming (the defaults otherwise)."""
+    flags = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
+    merged = {}
+    out = flags.get("out")
+    if flags.get("resume") and out and (Path(out) / "ckpt.pt").is_file():
+        from . import checkpoint
+        saved = checkpoint.load(Path(out) / "ckpt.pt").get("finetune_config")
+        if saved is None:
+            raise ValueError(f"--out {out} holds a pretraining run, not a fine-tuning run; resume it with "
+                             f"`tfkernels pretrain --out {out} --resume`")
+        # as pretrain --resume: not the saved resume/overwrite (they exclude each other) nor the backend
+        merged.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "backend")})
+    merged.update(flags)
+    if "ckpt" not in merged:
+        raise ValueError("--ckpt is required: the pretrained checkpoint (or run directory) to fine-tune")
+    return FinetuneConfig.from_dict(merged)
+
+
 def cmd_finetune(args) -> int:
     from .finetune import evaluate_checkpoint, finetune
 
-    flags = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}}
-    fcfg = FinetuneConfig.from_dict(flags)
+    fcfg = finetune_config(args)
     s = finetune(fcfg)
     if s["interrupted"]:
         return 130
@@ -92,9 +113,7 @@ def register(sub) -> None:
         flag = "--" + f.name.replace("_", "-")
         typ = _flag_type(f)
         kw = dict(default=argparse.SUPPRESS, help=HELP.get(f.name))
-        if f.name == "ckpt":
-            p.add_argument(flag, required=True, help=HELP["ckpt"])
-        elif typ is bool:
+        if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
