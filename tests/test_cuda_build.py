@@ -8,10 +8,15 @@
   toolkit, like this machine's, does not have them. Skipped when the torch or CUDA runtime headers
   are missing.
 
-The nvcc flags include the ones torch's CUDAExtension adds (no implicit half/bfloat16 conversions
-or operators), so a kernel that compiles here also compiles in the real build.
+The nvcc flags are the real build's (tfkernels._nvcc.COMMON_FLAGS) plus the ones torch's
+CUDAExtension adds (no implicit half/bfloat16 conversions or operators), so a kernel that compiles
+here also compiles in the real build. For sm_80 and sm_90, ptxas reports each kernel's register
+spills (-Xptxas -v): none is allowed beyond a few bytes, except where the README documents it (the
+tensor-core dK/dV kernel at head dims 192 and 256, whose two accumulators exceed the register
+file), so a change that makes a kernel spill fails here, not on the first GPU that times it.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,12 +26,31 @@ from pathlib import Path
 
 import pytest
 
+from tfkernels import _nvcc
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 ARCHS = ["75", "80", "90"]  # 75: a JIT build on a T4 / RTX 20 card, where Triton support ends
 # what torch.utils.cpp_extension adds to every nvcc command (COMMON_NVCC_FLAGS)
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+
+VERBOSE_ARCHS = ("80", "90")  # spills checked where the tensor-core kernels are built for real
+SPILL_BYTES = 16  # a few registers' worth, parked outside the hot loop (dQ at D = 32 with rules: 8 on sm_80)
+
+
+def _documented_spill(mangled: str) -> bool:
+    """The spills the README documents: the tensor-core dK/dV kernel at head dims 192 and 256 (its
+    first template int is the padded head dim DP)."""
+    return "attn_bwd_dkdv_tc_kernel" in mangled and re.search(r"Li(\d+)E", mangled).group(1) in ("192", "256")
+
+
+def _spills(ptxas_output: str) -> list:
+    """(kernel, spill-store bytes) of every function ptxas -v reports."""
+    rows = re.findall(r"Function properties for (\S+)\n\s+\d+ bytes stack frame, (\d+) bytes spill stores",
+                      ptxas_output)
+    return [(name, int(n)) for name, n in rows]
+
 
 NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
                                 if os.environ.get("CUDA_HOME") else None)
@@ -45,8 +69,10 @@ def test_kernels_compile(tmp_path):
 
     def compile_one(job):
         src, arch = job
-        cmd = [NVCC, "-std=c++17", "-O2", "-c", str(src), "-o", str(tmp_path / f"{src.stem}.sm{arch}.o"),
-               "-I", str(CSRC), "-Xcompiler", "-Wall", "-gencode", f"arch=compute_{arch},code=sm_{arch}", *TORCH_NVCC_FLAGS]
+        verbose = ["-Xptxas", "-v"] if arch in VERBOSE_ARCHS else []
+        cmd = [NVCC, *_nvcc.COMMON_FLAGS, "-c", str(src), "-o", str(tmp_path / f"{src.stem}.sm{arch}.o"),
+               "-I", str(CSRC), "-Xcompiler", "-Wall", "-gencode", f"arch=compute_{arch},code=sm_{arch}",
+               *TORCH_NVCC_FLAGS, *verbose]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         return f"{src.name} (sm_{arch})", proc.returncode, proc.stdout + proc.stderr
 
@@ -56,6 +82,23 @@ def test_kernels_compile(tmp_path):
         results = list(pool.map(compile_one, jobs))
     failed = [f"{name}:\n{out}" for name, rc, out in results if rc != 0]
     assert not failed, "nvcc failed:\n" + "\n".join(failed)
+    reported = [(name, kernel, n) for name, _, out in results for kernel, n in _spills(out)]
+    assert any("attn_fwd_tc_kernel" in kernel for _, kernel, _ in reported), "ptxas -v reported no tensor-core kernel"
+    spilled = [f"{name}: {kernel} spills {n} bytes" for name, kernel, n in reported
+               if n > SPILL_BYTES and not _documented_spill(kernel)]
+    assert not spilled, "register spills (ptxas -v):\n" + "\n".join(spilled)
+
+
+def test_spill_report_parsing():
+    """The ptxas -v format the guard reads, and which kernels may spill."""
+    out = ("ptxas info    : Function properties for _ZN3tfk12_GLOBAL__N_123attn_bwd_dkdv_tc_kernelI6__halfLi256ELi2ELb1EEEvNS_10AttnParamsEb\n"
+           "    496 bytes stack frame, 1060 bytes spill stores, 1000 bytes spill loads\n"
+           "ptxas info    : Function properties for _ZN3tfk12_GLOBAL__N_118attn_fwd_tc_kernelI6__halfLi128ELi2ELb0EEEvNS_10AttnParamsEb\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    (dkdv, n1), (fwd, n2) = _spills(out)
+    assert (n1, n2) == (1060, 0)
+    assert _documented_spill(dkdv) and not _documented_spill(fwd)
+    assert not _documented_spill(dkdv.replace("Li256E", "Li128E"))
 
 
 _STUBS = {"c10/cuda/impl/cuda_cmake_macros.h": ""}  # generated at torch's build; absent from its CPU wheels
