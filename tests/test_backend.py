@@ -144,6 +144,20 @@ def test_not_a_tensor():
         tfkernels.softmax([1.0, 2.0])
 
 
+@pytest.mark.parametrize("backend", [None, "triton", "torch"])
+def test_nested_and_sparse_tensors_are_named(backend):
+    """A jagged nested tensor or a sparse one gets an error that says so (they failed deep inside,
+    with torch's view/matmul messages)."""
+    jag = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 7, 8)], layout=torch.jagged)
+    with pytest.raises(TypeError, match="q is a nested tensor"):
+        tfkernels.attention(jag, jag, jag, backend=backend)
+    rows = torch.nested.nested_tensor([torch.randn(5, 8), torch.randn(7, 8)], layout=torch.jagged)
+    with pytest.raises(TypeError, match="x is a nested tensor"):
+        tfkernels.layer_norm(rows, (8,), backend=backend)
+    with pytest.raises(TypeError, match="x has layout torch.sparse_coo"):
+        tfkernels.softmax(torch.randn(4, 8).to_sparse(), -1, backend=backend)
+
+
 def test_weight_shape_mismatch(backend):
     x = torch.randn(3, 8, device=DEVICE)
     with pytest.raises(ValueError, match="weight has shape"):

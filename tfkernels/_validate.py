@@ -9,6 +9,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    # the kernels index memory through sizes and strides: a nested (jagged) or sparse tensor has
+    # neither, and failed deep inside with torch's own view/matmul errors
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; tfkernels takes dense tensors: pad the sequences "
+                        "(attention: with a key-padding attn_mask) or run them one by one")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; tfkernels takes dense (strided) tensors")
 
 
 def check_float(t: torch.Tensor, name: str, backend: str) -> None:

@@ -1016,7 +1016,7 @@ def _broadcast_batch(q, k, v):
     """SDPA broadcasts the dims before (H, T, D) of q, k and v against one another (one K/V batch
     for many queries, say): the same here, as stride-0 views the kernels read in place (autograd
     sums the gradient of an expanded input)."""
-    if not all(isinstance(t, Tensor) for t in (q, k, v)) or q.dim() < 4 or not q.dim() == k.dim() == v.dim():
+    if q.dim() < 4 or not q.dim() == k.dim() == v.dim():
         return q, k, v  # three dims have no batch dims to broadcast; _fold_to_4d checks the rest
     try:
         lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
@@ -1029,8 +1029,6 @@ def _autocast(q, k, v):
     """Under torch.autocast, q, k and v in the autocast dtype, as SDPA takes them (it is on autocast's
     lower-precision list: fp32 inputs, or a mix of fp32 and bf16, are cast; float64 is not). The
     float mask keeps its dtype: the kernels read it in fp32 anyway."""
-    if not all(isinstance(t, Tensor) for t in (q, k, v)):
-        return q, k, v  # the argument checks name the culprit
     device = q.device.type
     if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
         return q, k, v
@@ -1071,6 +1069,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     """
     # numpy scalars (np.float32 from a config or an array) are Reals but not floats, which the
     # op's schema takes; a float is left as it is (under torch.compile it may be symbolic)
+    for name, t in (("q", q), ("k", k), ("v", v)):  # first: the steps below read their shapes
+        _validate.check_tensor(t, name)
     if not isinstance(scale, (bool, int, float)) and isinstance(scale, numbers.Real):
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
