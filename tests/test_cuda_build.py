@@ -91,9 +91,10 @@ def test_kernels_compile(tmp_path):
 
 def test_spill_report_parsing():
     """The ptxas -v format the guard reads, and which kernels may spill."""
-    out = ("ptxas info    : Function properties for _ZN3tfk12_GLOBAL__N_123attn_bwd_dkdv_tc_kernelI6__halfLi256ELi2ELb1EEEvNS_10AttnParamsEb\n"
+    info = "ptxas info    : Function properties for _ZN3tfk12_GLOBAL__N_1"
+    out = (f"{info}23attn_bwd_dkdv_tc_kernelI6__halfLi256ELi2ELb1EEEvNS_10AttnParamsEb\n"
            "    496 bytes stack frame, 1060 bytes spill stores, 1000 bytes spill loads\n"
-           "ptxas info    : Function properties for _ZN3tfk12_GLOBAL__N_118attn_fwd_tc_kernelI6__halfLi128ELi2ELb0EEEvNS_10AttnParamsEb\n"
+           f"{info}18attn_fwd_tc_kernelI6__halfLi128ELi2ELb0EEEvNS_10AttnParamsEb\n"
            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
     (dkdv, n1), (fwd, n2) = _spills(out)
     assert (n1, n2) == (1060, 0)

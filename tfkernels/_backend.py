@@ -85,8 +85,8 @@ def autodiff_transform(tensors) -> str | None:
     The custom ops register a backward only. Under forward-mode AD (torch.autograd.forward_ad) a
     custom op without a forward-AD rule gives a zero tangent, silently, and under torch.func's
     differentiating transforms (jvp, grad, jacrev, jacfwd, hessian) it gives zero tangents or fails
-    with a misleading error; the reference is plain torch and right under all of them. Not checked while torch.compile
-    traces (dynamo cannot trace the checks, and a compiled graph calls the ops, not this wrapper).
+    with a misleading error; the reference is plain torch and right under all of them. Not checked
+    while torch.compile traces (dynamo cannot trace the checks; a compiled graph calls the ops).
     """
     if torch.compiler.is_compiling():
         return None
