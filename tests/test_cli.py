@@ -5,6 +5,7 @@ replaced without --overwrite.
 Runs are tiny (`--data random`, 1-layer model, a few steps, under a second each on CPU); most cases
 fail in argument checking before anything is loaded.
 """
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,48 @@ def test_pretrain_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     # a run started with --overwrite resumes with --resume (the saved overwrite=True is not carried over)
     assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "2", "--no-progress"]) == 0
     assert "resumed from" in capsys.readouterr().out and ckpt_step(out) == 2
+
+
+def signal_at_step(step, *signums):
+    """A hook sending this process `signums` from inside the optimizer step `step` (after the update)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    calls = []
+
+    def hook(opt, args, kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            for signum in signums:
+                signal.raise_signal(signum)
+    return register_optimizer_step_post_hook(hook)
+
+
+@pytest.mark.parametrize("signums,code,saved", [
+    ((signal.SIGTERM,), 143, True),                  # a scheduler's stop: saved, and "not finished" = 128 + 15
+    ((signal.SIGINT,), 130, True),                   # Ctrl-C, as before
+    ((signal.SIGTERM, signal.SIGTERM), 143, False),  # a second signal quits at once, unsaved
+    ((signal.SIGTERM, signal.SIGINT), 130, False),
+])
+def test_pretrain_stopped_by_a_signal_exits_128_plus_it(tmp_path, capsys, signums, code, saved):
+    """SIGTERM (SLURM preemption, Kubernetes, torchrun tearing down workers) stops after the step and
+    saves like Ctrl-C (it killed the process, losing the steps since the last checkpoint), and the exit
+    status tells the scheduler that the run did not finish: 128 + the signal (143; Ctrl-C keeps 130).
+    `--resume` then finishes it with status 0."""
+    def unhandled(signum, frame):  # instead of the default SIGTERM action, which would end pytest
+        raise RuntimeError(f"signal {signum} was not handled by the trainer")
+    out = tmp_path / "run"
+    handle, before = signal_at_step(2, *signums), signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(["pretrain", *TINY, "--max-steps", "4", "--out", str(out)]) == code
+    finally:
+        handle.remove()
+        signal.signal(signal.SIGTERM, before)
+    captured = capsys.readouterr()
+    if saved:
+        assert ckpt_step(out) == 2 and f"interrupted ({signal.Signals(signums[0]).name})" in captured.out
+        assert main(["pretrain", "--out", str(out), "--resume", "--no-progress"]) == 0 and ckpt_step(out) == 4
+    else:
+        assert not (out / "ckpt.pt").exists()
+        assert captured.err.strip() == f"tfkernels pretrain: {'terminated' if code == 143 else 'interrupted'}"
 
 
 def test_sample_and_eval_bad_options(tmp_path, capsys):

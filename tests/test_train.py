@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from tfkernels.__main__ import main
 from tfkernels.train import TrainConfig, train
 from tfkernels.train.cli import read_config_file
-from tfkernels.train.trainer import lr_lambda
+from tfkernels.train.trainer import Terminated, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(preset="tiny", backend="torch", vocab_size=512, max_bytes=400_000, batch_size=8, block_size=64,
@@ -250,3 +250,63 @@ def test_checkpoint_holds_every_ranks_state(tmp_path, data_dir):
     with pytest.warns(UserWarning, match="states of 2 process"):
         second = train(TrainConfig(out=str(out), resume=True, **cfg))
     assert {**first["losses"], **second["losses"]} == full
+
+
+class SignalAtStep:
+    """Sends the process the given signals from inside the optimizer step `step` (after the update,
+    before the trainer records the step), as a scheduler's SIGTERM or a Ctrl-C may land."""
+
+    def __init__(self, step, *signums):
+        self.step, self.signums, self.calls = step, signums, 0
+
+    def __enter__(self):
+        def hook(opt, args, kwargs):
+            self.calls += 1
+            if self.calls == self.step:
+                for signum in self.signums:
+                    signal.raise_signal(signum)
+        self.handle = register_optimizer_step_post_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class Reached(Exception):
+    pass
+
+
+def test_sigterm_inside_a_step_stops_after_it(tmp_path):
+    """SIGTERM (what SLURM preemption, Kubernetes and torchrun send before they kill a job) stops the run
+    like Ctrl-C: after the step in progress, saved there, summary["stop_signal"] = SIGTERM, and the
+    resumed run equals an uninterrupted one. A second signal (either) quits at once without saving. The
+    previous SIGINT and SIGTERM handlers are back afterwards. (Before, the SIGTERM reached the handler
+    this test installs, standing in for the default one that kills the process unsaved.)"""
+    cfg = dict(model="bert", nsp=True, data="random", dropout=0.1, max_steps=4, eval_interval=0, plot=False,
+               **{**FAST, "block_size": 32, "batch_size": 4, "vocab_size": 128, "kernels": "torch", "eval_steps": 1})
+
+    def unexpected(signum, frame):
+        raise Reached(f"signal {signum} reached the handler outside the training loop")
+    before_int = signal.getsignal(signal.SIGINT)
+    before_term = signal.signal(signal.SIGTERM, unexpected)
+    try:
+        full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))["losses"]
+        with SignalAtStep(2, signal.SIGTERM):
+            first = train(TrainConfig(out=str(tmp_path / "cut"), **cfg))
+        assert first["interrupted"] and first["stop_signal"] == signal.SIGTERM and first["step"] == 2
+        assert sorted(first["losses"]) == [1, 2] and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 2
+        assert signal.getsignal(signal.SIGTERM) is unexpected and signal.getsignal(signal.SIGINT) is before_int
+        second = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **cfg))
+        assert not second["interrupted"] and second["stop_signal"] is None
+        assert {**first["losses"], **second["losses"]} == full  # bit-exact on CPU
+
+        for signums, raised in [((signal.SIGTERM, signal.SIGTERM), Terminated),
+                                ((signal.SIGTERM, signal.SIGINT), KeyboardInterrupt),
+                                ((signal.SIGINT, signal.SIGTERM), Terminated)]:
+            out = tmp_path / f"twice-{signums[0]}-{signums[1]}"
+            with SignalAtStep(2, *signums), pytest.raises(KeyboardInterrupt) as info:
+                train(TrainConfig(out=str(out), **cfg))
+            assert info.type is raised and not (out / "ckpt.pt").exists()  # Terminated: the CLI exits 143
+            assert signal.getsignal(signal.SIGTERM) is unexpected and signal.getsignal(signal.SIGINT) is before_int
+    finally:
+        signal.signal(signal.SIGTERM, before_term)

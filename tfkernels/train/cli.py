@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 
-from .trainer import AT_LEAST_0, AT_LEAST_1, TrainConfig, check_ranges, resolve_device
+from .trainer import AT_LEAST_0, AT_LEAST_1, TrainConfig, check_ranges, interrupted_exit_code, resolve_device
 
 HELP = {
     "model": "gpt (causal LM) or bert (masked LM)", "preset": "tiny, gpt2-124m or bert-base",
@@ -94,12 +95,16 @@ def pretrain_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_pretrain(args) -> int:
-    from .trainer import train
+    from .trainer import Terminated, train
 
     cfg = pretrain_config(args)
-    summary = train(cfg)
-    if summary["interrupted"]:
-        return 130
+    try:
+        summary = train(cfg)
+    except Terminated:  # a second signal, SIGTERM: quit at once (a second Ctrl-C is 130, in __main__)
+        print("tfkernels pretrain: terminated", file=sys.stderr)
+        return 143
+    if summary["interrupted"]:  # stopped by Ctrl-C / SIGTERM and saved: 130 / 143
+        return interrupted_exit_code(summary)
     rank0 = __import__("os").environ.get("RANK", "0") == "0"
     if rank0:
         losses = summary["losses"]

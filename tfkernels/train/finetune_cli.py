@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 
@@ -63,11 +64,16 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def cmd_finetune(args) -> int:
     from .finetune import evaluate_checkpoint, finetune
+    from .trainer import Terminated, interrupted_exit_code
 
     fcfg = finetune_config(args)
-    s = finetune(fcfg)
-    if s["interrupted"]:
-        return 130
+    try:
+        s = finetune(fcfg)
+    except Terminated:  # a second signal, SIGTERM: quit at once (a second Ctrl-C is 130, in __main__)
+        print("tfkernels finetune: terminated", file=sys.stderr)
+        return 143
+    if s["interrupted"]:  # stopped by Ctrl-C / SIGTERM and saved: 130 / 143
+        return interrupted_exit_code(s)
     losses = s["losses"]
     if losses:
         print(f"done: {s['step']} steps in {s['seconds']:.1f}s, loss {losses[min(losses)]:.3f} -> {losses[max(losses)]:.3f}")

@@ -87,36 +87,60 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-class StopOnCtrlC:
-    """While training: the first Ctrl-C (SIGINT) only sets `requested`, which the loop checks between
-    whole steps, so it stops after the step in progress, saves and returns; a second Ctrl-C raises
-    KeyboardInterrupt at once. A KeyboardInterrupt raised wherever the signal happened to land could
-    fall between the optimizer update and the bookkeeping of its step, and the checkpoint then held
-    updated weights with the previous step's position: resuming applied that step twice.
-    Installed in the main thread only (signal handlers can only be set there, and only it gets
-    signals); the previous handler is restored on exit."""
+class Terminated(KeyboardInterrupt):
+    """A second stop signal that was SIGTERM: quit at once, as a second Ctrl-C does (a KeyboardInterrupt,
+    so that whatever handles that still does), and let the command exit with 143 (128 + SIGTERM)."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopOnSignal:
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send before they
+    kill a job: SLURM preemption, Kubernetes, torchrun tearing down its workers) only sets `requested`
+    and records `signum`; the loop checks it between whole steps, so it stops after the step in
+    progress, saves and returns. A second signal of either kind raises at once: KeyboardInterrupt for
+    SIGINT, Terminated (a KeyboardInterrupt) for SIGTERM. A KeyboardInterrupt raised wherever the signal
+    happened to land could fall between the optimizer update and the bookkeeping of its step, and the
+    checkpoint then held updated weights with the previous step's position: resuming applied that step
+    twice. Installed in the main thread only (signal handlers can only be set there, and only it gets
+    signals); the previous handlers are restored on exit."""
 
     def __init__(self, on_first=None):
-        self.requested, self.on_first, self._previous = False, on_first, None
+        self.requested, self.signum, self.on_first, self._previous = False, None, on_first, {}
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.requested, self.signum = True, signum
         if self.on_first is not None:
-            self.on_first()
+            self.on_first(signum)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            if self._previous is None:  # a handler not set from Python: restore the usual one
-                self._previous = signal.default_int_handler
+            for sig in STOP_SIGNALS:
+                previous = signal.signal(sig, self._handle)
+                if previous is None:  # a handler not set from Python: restore the usual one
+                    previous = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+                self._previous[sig] = previous
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
         return False
+
+
+StopOnCtrlC = StopOnSignal  # the name before SIGTERM was handled too
+
+
+def interrupted_exit_code(summary: dict) -> int:
+    """The exit status of a command whose run a signal stopped (saved, resumable, but not finished):
+    128 + the signal's number, as a shell reports a process a signal ended, so that a scheduler sees the
+    run did not finish: 130 after Ctrl-C (as before), 143 after SIGTERM (what SLURM, Kubernetes and
+    torchrun send before they kill a job; a requeued / restarted job then continues with --resume)."""
+    return 128 + (summary.get("stop_signal") or signal.SIGINT)
 
 
 # What a run writes into --out; --overwrite deletes these, not the whole directory (which may be `.`
@@ -335,8 +359,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
 
     `on_step(step, loss)` is called after every optimizer step; a KeyboardInterrupt it raises stops the
     run like Ctrl-C (tests use it; under DDP it must raise on every rank at the same step).
-    Ctrl-C stops after the step in progress, saves a checkpoint there and returns with
-    summary["interrupted"] = True; a second Ctrl-C raises KeyboardInterrupt at once, without saving.
+    Ctrl-C (SIGINT) or SIGTERM stops after the step in progress, saves a checkpoint there and returns
+    with summary["interrupted"] = True and summary["stop_signal"] = the signal's number (SIGINT for a
+    stop requested by on_step; under DDP, SIGTERM if any rank got one); a second signal of either kind
+    raises at once, without saving: KeyboardInterrupt, or Terminated (a KeyboardInterrupt) for SIGTERM.
 
     `task` (optional) replaces the pretraining objective while keeping everything else (fine-tuning,
     see finetune.py). It provides: model_config(cfg), tokenizer_path, build(mcfg, resumed) -> model,
@@ -495,9 +521,13 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         torch.cuda.reset_peak_memory_stats(device)
     snap = snapshot()
     run_model.train()
-    stop = False
-    with StopOnCtrlC(lambda: _log0("Ctrl-C: stopping after this step and saving (press it again to quit "
-                                   "at once, without saving)", rank)) as ctrl_c:
+    stop, stop_signal = False, None
+
+    def on_signal(signum):
+        _log0(f"{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: stopping after this "
+              f"step and saving (a second Ctrl-C or SIGTERM quits at once, without saving)", rank)
+
+    with StopOnSignal(on_signal) as stopper:
         try:
             while step < cfg.max_steps and not stop:
                 loss_sum = torch.zeros((), device=device)
@@ -525,13 +555,17 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                 step += 1
                 snap = snapshot()
                 loss_avg = loss_sum / cfg.grad_accum
-                stop = ctrl_c.requested
+                stop_signal = stopper.signum
                 if ddp:
-                    # the mean loss and whether any rank got Ctrl-C, in one all-reduce, so that all ranks stop
-                    # after the same step; SUM, then divide: Gloo refuses ReduceOp.AVG on older torch (2.6 raised)
-                    red = torch.stack([loss_avg.float(), torch.tensor(float(stop), device=device)])
+                    # the mean loss and whether any rank got SIGINT / SIGTERM, in one all-reduce, so that all
+                    # ranks stop after the same step (and agree on why: SIGTERM if any rank got one); SUM, then
+                    # divide: Gloo refuses ReduceOp.AVG on older torch (2.6 raised)
+                    red = torch.stack([loss_avg.float(), torch.tensor(float(stop_signal == signal.SIGINT), device=device),
+                                       torch.tensor(float(stop_signal == signal.SIGTERM), device=device)])
                     torch.distributed.all_reduce(red, op=torch.distributed.ReduceOp.SUM)
-                    loss_avg, stop = red[0] / world, bool(red[1] > 0)
+                    loss_avg = red[0] / world
+                    stop_signal = signal.SIGTERM if red[2] > 0 else signal.SIGINT if red[1] > 0 else None
+                stop = stop_signal is not None
                 loss_val = loss_avg.item()  # synchronizes: the timings below are real
                 losses[step] = loss_val
                 tok_log += tokens_per_step if task is None else task.tokens_seen(cfg, world)
@@ -567,20 +601,22 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                     try:
                         on_step(step, loss_val)
                     except KeyboardInterrupt:  # after a whole step: a stop request, as the first Ctrl-C
-                        stop = True
-        except KeyboardInterrupt:  # the second Ctrl-C: the step in progress may be half applied, so no save
+                        stop, stop_signal = True, stop_signal or signal.SIGINT
+        except KeyboardInterrupt:  # the second signal: the step in progress may be half applied, so no save
             _log0(f"interrupted again: quitting without saving ({ckpt_path} holds the last checkpoint written)", rank)
             if metrics is not None:
                 metrics.close()
             raise
         finally:
             bar.close()
-    interrupted = stop and step < cfg.max_steps  # a Ctrl-C during the last step stopped nothing
+    interrupted = stop and step < cfg.max_steps  # a signal during the last step stopped nothing
     if interrupted:
-        _log0(f"interrupted: saving a checkpoint at step {snap['step']} to {ckpt_path} (continue with --resume)", rank)
+        _log0(f"interrupted ({signal.Signals(stop_signal).name}): saving a checkpoint at step {snap['step']} "
+              f"to {ckpt_path} (continue with --resume)", rank)
     t_end = time.perf_counter()
     save(snap)
     summary = {"step": snap["step"], "losses": losses, "eval": last_eval, "interrupted": interrupted,
+               "stop_signal": int(stop_signal) if interrupted else None,
                "n_params": n_params, "tokens_per_step": tokens_per_step, "out": str(out), "checkpoint": str(ckpt_path),
                "seconds": t_end - t_run, "device": str(device), "precision": precision,
                "kernels": mcfg.kernels, "backend": mcfg.backend, "compile": cfg.compile}
