@@ -123,18 +123,20 @@ def test_presets():
 
 def test_bert_mlm_loss_without_masked_tokens_is_zero():
     """A micro-batch in which no token is masked (short sequences) gives MLM loss 0 and no gradient,
-    not nan (the mean over no tokens was 0/0); otherwise the loss is still the mean over masked tokens,
-    so gradient accumulation (the mean of the micro-batch losses) is unchanged."""
+    not nan (the mean over no tokens was 0/0); otherwise the loss is still the mean over masked tokens.
+    mlm_loss_sum is the sum over them (the trainer divides it by the masked tokens of the whole step)."""
     torch.manual_seed(0)
     model = build_model(make_config("bert", "tiny", kernels="torch", nsp=True, **SMALL))
     ids = torch.randint(5, 64, (2, 16))
     none = torch.full_like(ids, -100)
     out = model(ids, mlm_labels=none, nsp_labels=torch.tensor([0, 1]))
-    assert out.mlm_loss.item() == 0.0 and torch.isfinite(out.loss)
+    assert out.mlm_loss.item() == 0.0 and out.mlm_loss_sum.item() == 0.0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.mlm_dense.weight.grad.abs().sum() == 0  # only NSP trains on such a batch
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     labels = torch.where(torch.rand(ids.shape) < 0.3, ids, none)
     logits = model(ids).mlm_logits
     expected = torch.nn.functional.cross_entropy(logits.view(-1, 64), labels.view(-1), ignore_index=-100)
-    torch.testing.assert_close(model(ids, mlm_labels=labels).mlm_loss, expected)
+    out = model(ids, mlm_labels=labels)
+    torch.testing.assert_close(out.mlm_loss, expected)
+    torch.testing.assert_close(out.mlm_loss_sum, expected * (labels != -100).sum())

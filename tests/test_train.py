@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from tfkernels.__main__ import main
 from tfkernels.train import TrainConfig, train
@@ -310,3 +310,107 @@ def test_sigterm_inside_a_step_stops_after_it(tmp_path):
             assert signal.getsignal(signal.SIGTERM) is unexpected and signal.getsignal(signal.SIGINT) is before_int
     finally:
         signal.signal(signal.SIGTERM, before_term)
+
+
+class FixedBatches:
+    """A train loader cycling through `batch_size`-row slices of one fixed batch (position = row offset)."""
+
+    def __init__(self, big, batch_size):
+        self.big, self.B, self.offset = big, batch_size, 0
+
+    def __next__(self):
+        n = next(iter(self.big.values())).shape[0]
+        batch = {k: v[self.offset:self.offset + self.B] for k, v in self.big.items()}
+        self.offset = (self.offset + self.B) % n
+        return batch
+
+    def state_dict(self):
+        return {"offset": self.offset}
+
+    def load_state_dict(self, s):
+        self.offset = s["offset"]
+
+
+def uneven_mlm_batch(second_half_masked: int, V=128, T=32, B=4) -> dict:
+    """2B BERT sequences (with NSP labels): 12 masked tokens in each of the first B, `second_half_masked`
+    (0 or 1) in all of the last B."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, V, (2 * B, T), generator=g)
+    labels = torch.full((2 * B, T), -100)
+    for r in range(B):
+        pos = torch.randperm(T, generator=g)[:12]
+        labels[r, pos] = ids[r, pos]
+    if second_half_masked:
+        labels[B + 1, 5] = ids[B + 1, 5]
+    return {"input_ids": ids, "mlm_labels": labels, "segment_ids": (torch.arange(T) >= T // 2).long().expand(2 * B, T),
+            "nsp_labels": torch.randint(0, 2, (2 * B,), generator=g)}
+
+
+def one_bert_step(out, big, grad_accum, batch_size, setattr=setattr) -> dict:
+    """One optimizer step of a tiny BERT (fp32, plain PyTorch) on the rows of `big`, this DDP rank's share
+    of them under torchrun: the step's loss, the gradients it applied and the weights after it."""
+    from tfkernels.train import trainer
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    n = len(big["input_ids"]) // world
+    mine = {k: v[rank * n:(rank + 1) * n] for k, v in big.items()}
+    setattr(trainer, "make_loaders", lambda cfg, mcfg, prepared, rank, world: (
+        FixedBatches(mine, cfg.batch_size), lambda: FixedBatches(big, cfg.batch_size)))
+    grads = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: grads.append([p.grad.clone() for gr in opt.param_groups for p in gr["params"]]))
+    try:
+        s = train(TrainConfig(model="bert", nsp=True, preset="tiny", kernels="torch", data="random", vocab_size=128,
+                              block_size=big["input_ids"].shape[1], batch_size=batch_size, grad_accum=grad_accum,
+                              max_steps=1, grad_clip=0, lr=1e-3, eval_steps=1, out=str(out), tensorboard=False,
+                              progress=False, plot=False))
+    finally:
+        handle.remove()
+    return {"loss": s["losses"][1], "grads": grads[0],
+            "weights": torch.load(Path(out) / "ckpt.pt", weights_only=False)["model"] if rank == 0 else None}
+
+
+def assert_same_step(a: dict, b: dict) -> None:
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    scale = max(g.abs().max().item() for g in a["grads"])
+    assert max((x - y).abs().max().item() for x, y in zip(a["grads"], b["grads"])) < 1e-5 * scale
+    for name, w in a["weights"].items():
+        torch.testing.assert_close(b["weights"][name], w, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("second_half_masked", [1, 0])
+def test_bert_grad_accum_weighs_every_masked_token_alike(tmp_path, monkeypatch, second_half_masked):
+    """BERT with --grad-accum 2 x batch B takes the same step as one batch of 2B: the MLM loss of the step
+    is the sum of its token losses / the masked tokens of the whole step (and NSP the mean over its
+    sequences). Averaging the micro-batches' own MLM means weighed the 1 masked token of the second
+    micro-batch as much as the 48 of the first (the "gradient accumulation bug"; with none there, the
+    first micro-batch's MLM gradient was halved); the logged loss is the step's mean per-token MLM loss
+    plus NSP, as for one batch."""
+    big = uneven_mlm_batch(second_half_masked)
+    one = one_bert_step(tmp_path / "one", big, grad_accum=1, batch_size=8, setattr=monkeypatch.setattr)
+    accumulated = one_bert_step(tmp_path / "accum", big, grad_accum=2, batch_size=4, setattr=monkeypatch.setattr)
+    assert_same_step(one, accumulated)
+
+
+DDP_STEP = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import one_bert_step, uneven_mlm_batch
+r = one_bert_step({out!r}, uneven_mlm_batch(1), grad_accum=2, batch_size=2)
+if r["weights"] is not None:
+    torch.save(r, {out!r} + ".pt")
+"""
+
+
+def test_bert_ddp_grad_accum_is_one_big_batch(tmp_path, monkeypatch):
+    """2 DDP processes x --grad-accum 2 x batch 2 take the step of one batch of 8: the masked tokens are
+    counted over all ranks, and each rank scales its MLM part by the number of ranks, since DDP
+    averages the gradients over them."""
+    one = one_bert_step(tmp_path / "one", uneven_mlm_batch(1), grad_accum=1, batch_size=8, setattr=monkeypatch.setattr)
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_STEP.format(tests=str(REPO / "tests"), out=str(tmp_path / "ddp")))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_step(one, torch.load(tmp_path / "ddp.pt", weights_only=False))

@@ -275,8 +275,9 @@ class BertOutput:
     loss: Optional[torch.Tensor]          # mlm_loss + nsp_loss (those given)
     mlm_logits: torch.Tensor              # (B, T, V)
     nsp_logits: Optional[torch.Tensor]    # (B, 2)
-    mlm_loss: Optional[torch.Tensor] = None
-    nsp_loss: Optional[torch.Tensor] = None
+    mlm_loss: Optional[torch.Tensor] = None      # mean over the masked tokens (0 when there are none)
+    nsp_loss: Optional[torch.Tensor] = None      # mean over the sequences
+    mlm_loss_sum: Optional[torch.Tensor] = None  # sum over the masked tokens: mlm_loss = mlm_loss_sum / max(count, 1)
 
 
 class BERT(_Base):
@@ -335,18 +336,20 @@ class BERT(_Base):
         if self.cfg.nsp:
             pooled = torch.tanh(self.pooler(x[:, 0]))                         # (B, C): the [CLS] position
             nsp_logits = self.nsp_head(pooled)                                # (B, 2)
-        mlm_loss = nsp_loss = None
+        mlm_loss = nsp_loss = mlm_loss_sum = None
         if mlm_labels is not None:
             # mean over the masked tokens as a sum / max(count, 1): a batch with no masked token (short
-            # sequences, few real tokens) gives loss 0 and no gradient, where the mean was 0/0 = nan
+            # sequences, few real tokens) gives loss 0 and no gradient, where the mean was 0/0 = nan. The
+            # sum is returned too: gradient accumulation divides it by the masked tokens of the whole step
             labels = mlm_labels.reshape(-1)
-            mlm_loss = F.cross_entropy(mlm_logits.float().view(-1, mlm_logits.size(-1)), labels,
-                                       ignore_index=-100, reduction="sum") / (labels != -100).sum().clamp(min=1)
+            mlm_loss_sum = F.cross_entropy(mlm_logits.float().view(-1, mlm_logits.size(-1)), labels,
+                                           ignore_index=-100, reduction="sum")
+            mlm_loss = mlm_loss_sum / (labels != -100).sum().clamp(min=1)
         if nsp_labels is not None and nsp_logits is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         losses = [v for v in (mlm_loss, nsp_loss) if v is not None]
         loss = sum(losses) if losses else None
-        return BertOutput(loss, mlm_logits, nsp_logits, mlm_loss, nsp_loss)
+        return BertOutput(loss, mlm_logits, nsp_logits, mlm_loss, nsp_loss, mlm_loss_sum)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

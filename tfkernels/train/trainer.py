@@ -348,6 +348,23 @@ def restore_rank_state(resume: dict, train_loader, seed: int, rank: int, world: 
     torch.manual_seed(seed + rank)
 
 
+def masked_tokens_per_rank(batches: list, world: int, device) -> float:
+    """What each rank divides its micro-batches' summed MLM token losses by, so that the step's gradient
+    is that of the mean over every masked token of the step, all micro-batches of all ranks together.
+
+    Averaging each micro-batch's own mean instead weighs a masked token of a micro-batch with few of
+    them more (the "gradient accumulation bug"): grad_accum=2 with batch B took a different step from
+    grad_accum=1 with batch 2B. The count is all-reduced once per step; DDP then averages the gradients
+    over the ranks (divides their sum by world), so each rank divides by count / world. A step without
+    masked tokens divides by 1: its MLM loss is 0, as for one batch without any (not 0/0 = nan)."""
+    count = sum(int((b["mlm_labels"] != -100).sum()) for b in batches)  # on the CPU: no device sync
+    if world > 1:
+        total = torch.tensor(count, dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        count = int(total.item())
+    return max(count, 1) / world
+
+
 def _log0(msg: str, rank: int) -> None:
     if rank == 0:
         from tqdm import tqdm
@@ -521,6 +538,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
         torch.cuda.reset_peak_memory_stats(device)
     snap = snapshot()
     run_model.train()
+    # BERT's MLM loss of a step is a mean over all its masked tokens, whichever micro-batch and rank they
+    # are in (one batch of grad_accum x world x batch_size sequences); see masked_tokens_per_rank
+    per_token = task is None and mcfg.arch == "bert"
     stop, stop_signal = False, None
 
     def on_signal(signum):
@@ -530,20 +550,31 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     with StopOnSignal(on_signal) as stopper:
         try:
             while step < cfg.max_steps and not stop:
-                loss_sum = torch.zeros((), device=device)
+                loss_sum = torch.zeros((), device=device)  # this rank's part of the step's loss
+                batches = mlm_denominator = None
+                if per_token:
+                    batches = [next(train_loader) for _ in range(cfg.grad_accum)]
+                    mlm_denominator = masked_tokens_per_rank(batches, world, device)
                 for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in next(train_loader).items()}
+                    batch = batches[micro] if batches is not None else next(train_loader)
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     sync = contextlib.nullcontext()
                     if ddp and micro < cfg.grad_accum - 1:
                         sync = run_model.no_sync()
                     with sync:
                         with autocast():
                             if task is None:
-                                loss, _ = _forward(run_model, batch, mcfg.arch)
+                                loss, res = _forward(run_model, batch, mcfg.arch)
                             else:
-                                loss, _ = task.forward(run_model, batch)
-                        scaler.scale(loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach()
+                                loss, res = task.forward(run_model, batch)
+                        if per_token:  # NSP: a mean over sequences, as many in every micro-batch
+                            part = res.mlm_loss_sum / mlm_denominator
+                            if res.nsp_loss is not None:
+                                part = part + res.nsp_loss / cfg.grad_accum
+                        else:  # as many tokens (GPT) or examples (fine-tuning) in every micro-batch
+                            part = loss / cfg.grad_accum
+                        scaler.scale(part).backward()
+                    loss_sum += part.detach()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -554,10 +585,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 snap = snapshot()
-                loss_avg = loss_sum / cfg.grad_accum
+                loss_avg = loss_sum  # the step's loss on this rank's data (the parts are already divided)
                 stop_signal = stopper.signum
                 if ddp:
-                    # the mean loss and whether any rank got SIGINT / SIGTERM, in one all-reduce, so that all
+                    # the step's loss (the mean over the ranks; for BERT's MLM, whose parts are scaled by world,
+                    # the sum) and whether any rank got SIGINT / SIGTERM, in one all-reduce, so that all
                     # ranks stop after the same step (and agree on why: SIGTERM if any rank got one); SUM, then
                     # divide: Gloo refuses ReduceOp.AVG on older torch (2.6 raised)
                     red = torch.stack([loss_avg.float(), torch.tensor(float(stop_signal == signal.SIGINT), device=device),
