@@ -3,6 +3,7 @@
 Runs use kernels="tfkernels" with backend="torch" (or kernels="torch"): the Triton interpreter is too
 slow to train with; the kernels themselves are tested in their own files.
 """
+import contextlib
 import csv
 import os
 import signal
@@ -414,3 +415,21 @@ def test_bert_ddp_grad_accum_is_one_big_batch(tmp_path, monkeypatch):
                        env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert_same_step(one, torch.load(tmp_path / "ddp.pt", weights_only=False))
+
+
+def test_bert_validation_loss_is_per_masked_token():
+    """evaluate() over batches with 48 and 1 masked tokens: the MLM loss summed over all of them / 49,
+    the same as one batch of both (a mean of the two batch means weighed the single token 24x)."""
+    from tfkernels.model import build_model, make_config
+    from tfkernels.train.trainer import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(make_config("bert", "tiny", vocab_size=128, block_size=32, nsp=True, kernels="torch"))
+    big = uneven_mlm_batch(1)
+
+    def run(batch_size):
+        return evaluate(model, FixedBatches(big, batch_size), 8 // batch_size, "bert", "cpu", contextlib.nullcontext)
+
+    two, one = run(4), run(8)
+    assert abs(two["val_loss"] - one["val_loss"]) <= 1e-5 * one["val_loss"], (two, one)
+    assert two["mlm_acc"] == one["mlm_acc"]

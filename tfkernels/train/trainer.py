@@ -282,7 +282,9 @@ def _forward(model, batch: dict, arch: str):
 
 @torch.no_grad()
 def evaluate(model, loader, steps: int, arch: str, device, autocast) -> dict:
-    """Validation loss and perplexity (GPT: LM loss; BERT: MLM loss), MLM and NSP accuracy."""
+    """Validation loss and perplexity (GPT: LM loss; BERT: MLM loss per masked token over all the
+    batches, not a mean of per-batch means, which weighs a batch with few masked tokens more), MLM
+    and NSP accuracy."""
     if steps < 1:  # 0 batches would report loss 0 / perplexity 1, a perfect model
         raise ValueError(f"--eval-steps must be >= 1, got {steps}")
     was_training = model.training
@@ -293,17 +295,18 @@ def evaluate(model, loader, steps: int, arch: str, device, autocast) -> dict:
         with autocast():
             loss, out = _forward(model, batch, arch)
         if arch == "bert":
-            loss = out.mlm_loss
             sel = batch["mlm_labels"] != -100
             mlm_hit += (out.mlm_logits.argmax(-1)[sel] == batch["mlm_labels"][sel]).sum().item()
             mlm_n += sel.sum().item()
+            tot_loss += out.mlm_loss_sum.item()
             if out.nsp_logits is not None:
                 nsp_hit += (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).sum().item()
                 nsp_n += batch["nsp_labels"].numel()
-        tot_loss += loss.item()
-        n += 1
+        else:
+            tot_loss += loss.item()
+            n += 1
     model.train(was_training)
-    val_loss = tot_loss / max(1, n)
+    val_loss = tot_loss / max(1, mlm_n if arch == "bert" else n)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
             "mlm_acc": mlm_hit / mlm_n if mlm_n else None, "nsp_acc": nsp_hit / nsp_n if nsp_n else None}
 
