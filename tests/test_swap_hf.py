@@ -115,6 +115,27 @@ def test_swap_matches_unswapped(name, attention_calls):
     assert torch.equal(again, expected)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_generate_with_kv_cache_matches_sdpa(name, attention_calls):
+    """Greedy generation from a left-padded batch: the prefill (T_q = T_k, padding mask) and then one
+    query against the growing KV cache per token (T_q = 1 < T_k, HF's mask, no is_causal; with
+    Mistral's sliding window shorter than the sequence), token for token what 'sdpa' generates,
+    with the step logits close."""
+    ref_model = _build(name)
+    model = tfkernels.swap(copy.deepcopy(ref_model), backend=BACKEND)
+    ids, mask = _batch("left")
+    ids, mask = ids[:, :8], mask[:, :8]
+    gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+               pad_token_id=0, attention_mask=mask)
+    with torch.no_grad():
+        want = ref_model.generate(ids, **gen)
+        got = model.generate(ids, **gen)
+    assert len(attention_calls) == 2 * 4  # two layers, prefill + 3 cached steps
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        _close(a, b, 2e-5, f"{name} logits of generated token {step}")
+
+
 def test_from_config_attn_implementation(attention_calls):
     cfg = transformers.LlamaConfig(**_small(num_key_value_heads=2))
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="tfkernels").to(DEVICE).eval()
