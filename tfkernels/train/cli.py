@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import typing
 from pathlib import Path
 
-from .trainer import AT_LEAST_0, AT_LEAST_1, TrainConfig, check_ranges, interrupted_exit_code, resolve_device
+from .trainer import AT_LEAST_0, AT_LEAST_1, TrainConfig, check_ranges, resolve_device
 
 HELP = {
     "model": "gpt (causal LM) or bert (masked LM)", "preset": "tiny, gpt2-124m or bert-base",
@@ -95,16 +94,12 @@ def pretrain_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_pretrain(args) -> int:
-    from .trainer import Terminated, train
+    from .trainer import run_command, train
 
     cfg = pretrain_config(args)
-    try:
-        summary = train(cfg)
-    except Terminated:  # a second signal, SIGTERM: quit at once (a second Ctrl-C is 130, in __main__)
-        print("tfkernels pretrain: terminated", file=sys.stderr)
-        return 143
-    if summary["interrupted"]:  # stopped by Ctrl-C / SIGTERM and saved: 130 / 143
-        return interrupted_exit_code(summary)
+    summary, status = run_command(train, cfg, "pretrain")
+    if summary is None:  # stopped by Ctrl-C / SIGTERM
+        return status
     rank0 = __import__("os").environ.get("RANK", "0") == "0"
     if rank0:
         losses = summary["losses"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import typing
 from pathlib import Path
 
@@ -64,16 +63,12 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def cmd_finetune(args) -> int:
     from .finetune import evaluate_checkpoint, finetune
-    from .trainer import Terminated, interrupted_exit_code
+    from .trainer import run_command
 
     fcfg = finetune_config(args)
-    try:
-        s = finetune(fcfg)
-    except Terminated:  # a second signal, SIGTERM: quit at once (a second Ctrl-C is 130, in __main__)
-        print("tfkernels finetune: terminated", file=sys.stderr)
-        return 143
-    if s["interrupted"]:  # stopped by Ctrl-C / SIGTERM and saved: 130 / 143
-        return interrupted_exit_code(s)
+    s, status = run_command(finetune, fcfg, "finetune")
+    if s is None:  # stopped by Ctrl-C / SIGTERM
+        return status
     losses = s["losses"]
     if losses:
         print(f"done: {s['step']} steps in {s['seconds']:.1f}s, loss {losses[min(losses)]:.3f} -> {losses[max(losses)]:.3f}")

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -141,6 +142,20 @@ def interrupted_exit_code(summary: dict) -> int:
     run did not finish: 130 after Ctrl-C (as before), 143 after SIGTERM (what SLURM, Kubernetes and
     torchrun send before they kill a job; a requeued / restarted job then continues with --resume)."""
     return 128 + (summary.get("stop_signal") or signal.SIGINT)
+
+
+def run_command(run, cfg, name: str):
+    """`run(cfg)` for a CLI command: (summary, None) when it finished, or (None, exit status) when a
+    signal stopped it (saved: `interrupted_exit_code`; a second SIGTERM quit at once: 143; a second
+    Ctrl-C propagates as KeyboardInterrupt, which __main__ turns into 130)."""
+    try:
+        summary = run(cfg)
+    except Terminated:
+        print(f"tfkernels {name}: terminated", file=sys.stderr)
+        return None, 143
+    if summary["interrupted"]:
+        return None, interrupted_exit_code(summary)
+    return summary, None
 
 
 # What a run writes into --out; --overwrite deletes these, not the whole directory (which may be `.`
