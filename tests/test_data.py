@@ -171,6 +171,21 @@ def test_cache_follows_the_corpus_files(tmp_path):
     assert b.meta["train_tokens"] + b.meta["val_tokens"] > a.meta["train_tokens"] + a.meta["val_tokens"]
 
 
+def test_single_document_corpus_holds_out_its_tail(tmp_path):
+    """One document is split by paragraphs: val_fraction of them (the tail) for validation, the rest for
+    training (the two were swapped: training saw 5% of the text). A cache from an older version says so."""
+    doc = tmp_path / "book.txt"
+    doc.write_text("\n\n".join(f"paragraph {i}: " + "words about trees and graphs " * 4 for i in range(40)))
+    messages = []
+    p = D.prepare(str(doc), 300, tmp_path / "prep", log=messages.append)
+    assert p.meta["train_tokens"] > 5 * p.meta["val_tokens"] > 0
+    meta = json.loads((p.dir / "meta.json").read_text())
+    meta.pop("corpus")  # what a cache written before the corpus fingerprint looks like
+    (p.dir / "meta.json").write_text(json.dumps(meta))
+    D.prepare(str(doc), 300, tmp_path / "prep", log=messages.append)
+    assert any("prepared by an older tfkernels" in m for m in messages)
+
+
 def test_prepare_with_a_given_tokenizer(tmp_path):
     """prepare(tokenizer=...) encodes with that tokenizer (what `eval --data` needs) instead of training one."""
     tok = train_tokenizer(TEXTS, 300, tmp_path / "run_tok.json")

@@ -37,7 +37,7 @@ import torch
 
 from .tokenizer import CLS, EOS, MASK, N_SPECIAL, PAD, SEP, load_tokenizer, train_tokenizer
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: a single-document corpus had train and val swapped (val got the 95%)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".json")
 
 
@@ -232,7 +232,12 @@ def prepare(source: str = "builtin", vocab_size: int = 2048, data_dir: str | Pat
         meta = json.loads(meta_path.read_text())
         if all(meta.get(k) == v for k, v in settings.items()):
             return PreparedData(out, meta)
-        changed = "the corpus changed" if meta.get("corpus") != settings["corpus"] else "settings changed"
+        if meta.get("version") != PREP_VERSION or "corpus" not in meta:
+            changed = "prepared by an older tfkernels"
+        elif meta.get("corpus") != settings["corpus"]:
+            changed = "the corpus changed"
+        else:
+            changed = "settings changed"
         log(f"data: {changed}, re-preparing {out}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -258,7 +263,7 @@ def prepare(source: str = "builtin", vocab_size: int = 2048, data_dir: str | Pat
             raise ValueError(f"the corpus {source!r} is too small to hold out a validation split")
         cut = max(1, int(len(para) * (1 - val_fraction)))
         pieces = [para[:cut], para[cut:]]
-        order = [0, 1]
+        order = [1, 0]  # the tail is the validation split (val_fraction of it), the head is train
         n_val = 1
     else:
         order = np.random.default_rng(seed).permutation(len(pieces)).tolist()
