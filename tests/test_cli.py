@@ -220,3 +220,17 @@ def test_pretrain_validation_split_smaller_than_a_batch(tmp_path, capsys):
     assert msg.startswith("the validation split: the data has ") and "--val-fraction" in msg
     assert not out.exists()
     assert main(argv + ["--val-fraction", "0.5"]) == 0  # the remedy it names works
+
+
+def test_resume_a_gpt_run_saved_with_nsp(tmp_path, capsys):
+    """Before --nsp was refused for GPT, a GPT run could be saved with nsp=True (ignored); resuming it must
+    not fail on the saved value."""
+    from tfkernels.train import checkpoint
+
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--model", "gpt", "--max-steps", "2", "--out", str(out)]) == 0
+    state = checkpoint.load(out / "ckpt.pt")
+    state["train_config"]["nsp"] = True  # what the older version wrote
+    torch.save(state, out / "ckpt.pt")
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 3

@@ -88,6 +88,8 @@ def pretrain_config(args: argparse.Namespace) -> TrainConfig:
         saved = checkpoint.load(Path(out) / "ckpt.pt")["train_config"]
         # not overwrite: a run started with --overwrite is resumed with --resume, which excludes it
         merged.update({k: v for k, v in saved.items() if k not in ("resume", "overwrite", "backend")})
+        if saved.get("model") == "gpt":  # runs from before --nsp was refused for GPT saved it (and ignored it)
+            merged.pop("nsp", None)
     merged.update(file_cfg)
     merged.update(flags)
     return TrainConfig.from_dict(merged)
