@@ -99,7 +99,7 @@ def cmd_pretrain(args) -> int:
     from .trainer import run_command, train
 
     cfg = pretrain_config(args)
-    summary, status = run_command(train, cfg, "pretrain")
+    summary, status = run_command(train, cfg)
     if summary is None:  # stopped by Ctrl-C / SIGTERM
         return status
     rank0 = __import__("os").environ.get("RANK", "0") == "0"

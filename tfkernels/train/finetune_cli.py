@@ -66,7 +66,7 @@ def cmd_finetune(args) -> int:
     from .trainer import run_command
 
     fcfg = finetune_config(args)
-    s, status = run_command(finetune, fcfg, "finetune")
+    s, status = run_command(finetune, fcfg)
     if s is None:  # stopped by Ctrl-C / SIGTERM
         return status
     losses = s["losses"]

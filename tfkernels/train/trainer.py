@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -88,11 +87,6 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-class Terminated(KeyboardInterrupt):
-    """A second stop signal that was SIGTERM: quit at once, as a second Ctrl-C does (a KeyboardInterrupt,
-    so that whatever handles that still does), and let the command exit with 143 (128 + SIGTERM)."""
-
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -100,8 +94,10 @@ class StopOnSignal:
     """While training: the first SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send before they
     kill a job: SLURM preemption, Kubernetes, torchrun tearing down its workers) only sets `requested`
     and records `signum`; the loop checks it between whole steps, so it stops after the step in
-    progress, saves and returns. A second signal of either kind raises at once: KeyboardInterrupt for
-    SIGINT, Terminated (a KeyboardInterrupt) for SIGTERM. A KeyboardInterrupt raised wherever the signal
+    progress, saves and returns. A second Ctrl-C raises KeyboardInterrupt at once (a person who wants
+    out now); a repeated SIGTERM is ignored: a scheduler signals every process of a job, and torchrun
+    forwards the one it gets, so a worker can get two within milliseconds, and the save is the point
+    (the scheduler kills the job after its grace period anyway). A KeyboardInterrupt raised wherever the signal
     happened to land could fall between the optimizer update and the bookkeeping of its step, and the
     checkpoint then held updated weights with the previous step's position: resuming applied that step
     twice. Installed in the main thread only (signal handlers can only be set there, and only it gets
@@ -112,7 +108,9 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.requested, self.signum = True, signum
         if self.on_first is not None:
             self.on_first(signum)
@@ -144,15 +142,11 @@ def interrupted_exit_code(summary: dict) -> int:
     return 128 + (summary.get("stop_signal") or signal.SIGINT)
 
 
-def run_command(run, cfg, name: str):
+def run_command(run, cfg):
     """`run(cfg)` for a CLI command: (summary, None) when it finished, or (None, exit status) when a
-    signal stopped it (saved: `interrupted_exit_code`; a second SIGTERM quit at once: 143; a second
-    Ctrl-C propagates as KeyboardInterrupt, which __main__ turns into 130)."""
-    try:
-        summary = run(cfg)
-    except Terminated:
-        print(f"tfkernels {name}: terminated", file=sys.stderr)
-        return None, 143
+    signal stopped it and it saved (`interrupted_exit_code`); a second Ctrl-C propagates as
+    KeyboardInterrupt, which __main__ turns into 130."""
+    summary = run(cfg)
     if summary["interrupted"]:
         return None, interrupted_exit_code(summary)
     return summary, None
@@ -396,8 +390,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     run like Ctrl-C (tests use it; under DDP it must raise on every rank at the same step).
     Ctrl-C (SIGINT) or SIGTERM stops after the step in progress, saves a checkpoint there and returns
     with summary["interrupted"] = True and summary["stop_signal"] = the signal's number (SIGINT for a
-    stop requested by on_step; under DDP, SIGTERM if any rank got one); a second signal of either kind
-    raises at once, without saving: KeyboardInterrupt, or Terminated (a KeyboardInterrupt) for SIGTERM.
+    stop requested by on_step; under DDP, SIGTERM if any rank got one); a second Ctrl-C raises
+    KeyboardInterrupt at once, without saving; a repeated SIGTERM is ignored (see StopOnSignal).
 
     `task` (optional) replaces the pretraining objective while keeping everything else (fine-tuning,
     see finetune.py). It provides: model_config(cfg), tokenizer_path, build(mcfg, resumed) -> model,
