@@ -943,8 +943,7 @@ def _fold_to_4d(q, k, v, attn_mask):
     """SDPA's layouts, (N, ..., H, T, D) with any number of leading dims or (N, T, D), as the kernels'
     (B, H, T, D) views; the mask as a view that broadcasts to them. Returns the unfolded q's leading
     shape, for the output. Three dims: the first is the head dim, as SDPA's enable_gqa reads it."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _validate.check_tensor(t, name)
+    for name, t in (("q", q), ("k", k), ("v", v)):  # tensors: attention() checked them first
         if t.dim() < 3 or t.dim() != q.dim():
             raise ValueError(f"attention: q, k and v must be 4-D (B, H, T, D), or like SDPA (N, ..., H, T, D) or (N, T, D) "
                              f"with the same number of dims; {name} has shape {list(t.shape)}")
