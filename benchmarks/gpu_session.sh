@@ -9,7 +9,8 @@
 #
 # What each stage leaves (the run tool brings back at most 8 files, at most 2 folders down):
 #   tests  log.txt, build.txt (CUDA build output), junit.xml
-#   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png}
+#   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png,
+#                         window.md}
 #   e2e    log.txt, e2e/{finetune.json,finetune.csv,bench_train.json,bench_train.md,
 #                        bench_swap_gpt2.json,bench_swap_gpt2.md}
 #   (+ build.txt in bench / e2e with BUILD_CUDA=1)
@@ -178,7 +179,12 @@ case "$STAGE" in
     args=()
     ((GPU)) || args=(--smoke)
     STEP_LOG=/dev/null step "benchmarks/gpu_run.sh" 600 \
-      env HARD_LIMIT=$(($(left) - 40)) BUDGET="${BUDGET:-330}" OUT="$OUT" PYTHON="$PY" bash benchmarks/gpu_run.sh "${args[@]}" "$@"
+      env HARD_LIMIT=$(($(left) - 100)) BUDGET="${BUDGET:-300}" OUT="$OUT" PYTHON="$PY" bash benchmarks/gpu_run.sh "${args[@]}" "$@"
+    # sliding-window attention (one more file: bench/window.md, the 8th)
+    wargs=(--quick)
+    ((GPU)) || wargs=(--smoke)
+    step "bench_window: sliding-window causal attention vs plain causal, SDPA's dense mask, FlashAttention" 75 \
+      env $( ((GPU)) || echo TRITON_INTERPRET=1) "$PY" -m benchmarks.bench_window "${wargs[@]}" --out "$OUT/bench"
     ;;
   e2e)
     install

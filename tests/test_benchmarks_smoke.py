@@ -115,3 +115,24 @@ def test_finetune_bench_smoke(tmp_path):
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-4)
     with open(cs) as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_window_bench_smoke(tmp_path):
+    """benchmarks/bench_window.py on CPU: the window and the full causal rows pass the correctness
+    check against SDPA's dense mask and are timed; the table is written. The pair count is exact."""
+    from benchmarks import bench_window
+    from benchmarks._util import BenchConfig
+
+    assert bench_window.pairs(5, 2) == 1 + 2 + 2 + 2 + 2 and bench_window.pairs(5, None) == 15
+    assert int(bench_window.dense_mask(40, 8, "cpu").sum()) == bench_window.pairs(40, 8)
+    cfg = BenchConfig(device="cpu", dtype=__import__("torch").float32, dtype_name="float32", quick=False, smoke=True,
+                      warmup_ms=1, rep_ms=1)
+    rows = bench_window.run(cfg, log=lambda *a: None)
+    ok = {(r["provider"], r["T"], r["W"], r["pass"]) for r in rows if r["status"] == "ok"}
+    assert all(r["status"] == "ok" for r in rows), rows
+    for pass_ in ("fwd", "fwd+bwd"):
+        assert ("tfkernels-triton", 48, 8, pass_) in ok and ("sdpa-mask", 48, 8, pass_) in ok
+        assert ("tfkernels-triton-full", 48, None, pass_) in ok
+    assert all(math.isfinite(r["tflops"]) and r["tflops"] > 0 for r in rows)
+    md = bench_window.table(rows, {"gpu": "cpu"}, "float32")
+    assert md.count("| tfkernels-triton |") == 1 and "| 48 | full | tfkernels-triton-full |" in md

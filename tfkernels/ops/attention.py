@@ -24,9 +24,10 @@ Kernels (Triton, written like the fused-attention tutorial):
   folded into the scale, exp2 is the hardware instruction), fp32 accumulators, P cast to V's dtype
   for the second dot. K/V blocks are walked in two stages: blocks that need no masking (the fast
   path: no `where`, no bounds checks) and blocks that do (the window's lower edge before them; the
-  causal diagonal / upper edge and the ragged last block after them), `_col_stages`. Blocks entirely
+  causal diagonal / upper edge and the ragged last block after them), `_kv_stages` / `_q_stages`. Blocks entirely
   outside the window (above the diagonal, when causal) are never visited: a window of W keys costs
-  O(T * W), not O(T^2).
+  O(T * W), not O(T^2). The window's sides are constexprs (WIN_LEFT, WIN_RIGHT; causal is a right
+  side at 0), so launches without a window compile to the causal / full kernels.
 - `_attn_bwd_preprocess`: delta.
 - `_attn_bwd_dkdv`: one program per (BLOCK_N1 key rows, b*H_kv + h_kv); loops over the group's query
   heads and over query blocks (skipping, when causal, those entirely above the diagonal), keeps dK
@@ -42,7 +43,7 @@ Semantics and limits:
   combined with attn_mask (SDPA forbids that).
 - window (left, right), FlashAttention's window_size: row i sees keys i - left .. i + right
   (-1: unbounded), top-left aligned like is_causal; the kernels take it as win_l, win_r >= 0 with
-  causality folded in (win_r = 0). softcap > 0: Gemma 2's logit soft-capping, before the mask.
+  constexpr flags for the bounded sides, causality folded in (a right side at 0). softcap > 0: Gemma 2's logit soft-capping, before the mask.
 - attn_mask: bool (True = keep) or float (added to the scores), broadcastable to (B, H_q, T_q, T_k);
   it reaches the kernels as a stride-0 `expand` view, never materialised. A float mask that
   requires grad gets d(mask) = dS: the dK/dV kernel then also writes dS into a (B, H_q, T_q, T_k)
@@ -180,30 +181,88 @@ if triton is not None:
         return start_m, bh, b, h, hk, offs_m, offs_d
 
     @triton.jit
-    def _col_stages(r0, ROWS: tl.constexpr, n_cols, left, right, BLOCK_C: tl.constexpr):
-        """Column-block bounds of a program over rows [r0, r0 + ROWS), where row r sees the columns
-        r - left .. r + right of [0, n_cols) (left, right >= 0; causal is right = 0): three stages,
-        [lo, u_lo) masked (the window's lower edge), [u_lo, u_hi) whole blocks every row sees in full
-        (no masking, no bounds checks), [u_hi, hi) masked (the diagonal / upper edge and the ragged
-        end). Blocks no row sees are never visited. u_lo, u_hi are multiples of BLOCK_C and so is lo.
-        Rows are queries and columns keys (forward, dQ), or rows keys and columns queries (dK/dV,
-        with left and right swapped)."""
-        lo_c = tl.maximum(r0 - left, 0)
-        hi = tl.maximum(tl.minimum(r0 + ROWS + right, n_cols), lo_c)  # exclusive
-        lo = (lo_c // BLOCK_C) * BLOCK_C
-        f_lo = tl.maximum(r0 + ROWS - 1 - left, 0)  # columns every row of the block sees
-        f_hi = tl.minimum(r0 + right, n_cols - 1)  # (inclusive)
-        u_lo = ((f_lo + BLOCK_C - 1) // BLOCK_C) * BLOCK_C
-        u_hi = ((f_hi + 1) // BLOCK_C) * BLOCK_C
-        if u_hi <= u_lo:  # no whole block: the first masked stage takes everything
-            u_lo = hi
-            u_hi = hi
+    def _kv_stages(r0, ROWS: tl.constexpr, Tk, win_l, win_r,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Key-block bounds (lo, u_lo, u_hi, hi) of a program over query rows [r0, r0 + ROWS), where
+        row i sees keys i - win_l .. i + win_r (a side only when WIN_LEFT / WIN_RIGHT; causal is
+        win_r = 0): [lo, u_lo) the window's lower edge (masked; empty without WIN_LEFT), [u_lo, u_hi)
+        whole blocks every row sees (no masking, no bounds checks), [u_hi, hi) the diagonal / upper
+        edge and the ragged end (masked). Blocks no row sees are never visited; lo, u_lo, u_hi are
+        multiples of BLOCK_N (or u_lo = u_hi = hi, when the masked stages take everything).
+        CAUSAL (right side 0): r0 is a multiple of BLOCK_N (BLOCK_M % BLOCK_N == 0), so the bounds
+        are the plain causal kernel's, computed as simply (no extra registers in the hot kernels)."""
+        if CAUSAL:
+            hi = tl.minimum(r0 + ROWS, Tk)
+            u_hi = tl.minimum(r0, (Tk // BLOCK_N) * BLOCK_N)
+        elif WIN_RIGHT:
+            hi = tl.minimum(r0 + ROWS + win_r, Tk)
+            u_hi = ((tl.minimum(r0 + win_r, Tk - 1) + 1) // BLOCK_N) * BLOCK_N  # after the last key every row sees
+        else:
+            hi = Tk
+            u_hi = (Tk // BLOCK_N) * BLOCK_N
+        if WIN_LEFT:
+            lo = (tl.maximum(r0 - win_l, 0) // BLOCK_N) * BLOCK_N
+            u_lo = ((tl.maximum(r0 + ROWS - 1 - win_l, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+            u_lo = tl.minimum(u_lo, hi)
+        else:
+            lo = 0
+            u_lo = 0
+        if WIN_LEFT:
+            u_hi = tl.maximum(u_hi, u_lo)
         return lo, u_lo, u_hi, hi
 
     @triton.jit
-    def _window_valid(offs_r, offs_c, left, right):
-        """Whether row r may see column c: r - left <= c <= r + right (broadcast offs_r / offs_c)."""
-        return (offs_c >= offs_r - left) & (offs_c <= offs_r + right)
+    def _q_stages(n0, ROWS: tl.constexpr, Tq, win_l, win_r,
+                  WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Query-block bounds (lo, u_lo, u_hi, hi) of the dK/dV program over key rows [n0, n0 + ROWS):
+        key j is seen by queries j - win_r .. j + win_l. [lo, u_lo) the lower edge (the causal
+        diagonal; masked, empty without WIN_RIGHT), [u_lo, u_hi) whole blocks, [u_hi, hi) the upper
+        edge (masked, empty without WIN_LEFT). Query rows past Tq need no masking (their LSE is +inf,
+        so P = 0): the ragged last block stays in the unmasked stage. CAUSAL: n0 is a multiple of
+        BLOCK_M (BLOCK_N % BLOCK_M == 0); the diagonal blocks are [n0, n0 + ROWS), as in _kv_stages."""
+        if WIN_LEFT:
+            hi = tl.minimum(n0 + ROWS + win_l, Tq)
+            full_end = n0 + win_l + 1  # queries below it see every key of the block (from u_lo on)
+            u_hi = tl.where(full_end >= Tq, Tq, (full_end // BLOCK_M) * BLOCK_M)
+        else:
+            hi = Tq
+            u_hi = Tq
+        if CAUSAL:
+            lo = n0
+            u_lo = tl.minimum(n0 + ROWS, hi)
+        elif WIN_RIGHT:
+            lo = (tl.maximum(n0 - win_r, 0) // BLOCK_M) * BLOCK_M
+            u_lo = ((tl.maximum(n0 + ROWS - 1 - win_r, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+            u_lo = tl.minimum(u_lo, hi)
+        else:
+            lo = 0
+            u_lo = 0
+        if WIN_LEFT:
+            u_hi = tl.maximum(u_hi, u_lo)
+        return lo, u_lo, u_hi, hi
+
+    @triton.jit
+    def _window_valid(offs_q, offs_k, win_l, win_r, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                      KEYS_BY_QUERIES: tl.constexpr):
+        """Whether query i may see key j under the window: i - win_l <= j (WIN_LEFT) and
+        j <= i + win_r (WIN_RIGHT). A (queries, keys) tile, or (keys, queries) with KEYS_BY_QUERIES.
+        The window is moved onto the 1-D query offsets first, so a side costs one compare per
+        element, as the plain causal test did."""
+        if KEYS_BY_QUERIES:
+            k2 = offs_k[:, None]
+            first = (offs_q - win_l)[None, :]
+            last = (offs_q + win_r)[None, :]
+        else:
+            k2 = offs_k[None, :]
+            first = (offs_q - win_l)[:, None]
+            last = (offs_q + win_r)[:, None]
+        if WIN_LEFT and WIN_RIGHT:
+            valid = (k2 >= first) & (k2 <= last)
+        elif WIN_LEFT:
+            valid = k2 >= first
+        else:  # WIN_RIGHT (callers skip the call without either side)
+            valid = k2 <= last
+        return valid
 
     @triton.jit
     def _tanh(x):
@@ -266,7 +325,7 @@ if triton is not None:
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
         qk_scale, cap2, win_l, win_r, dropout_p,
         MASKED_STAGE: tl.constexpr,  # blocks on the window's edges / ragged end: mask columns
-        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
+        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -279,7 +338,9 @@ if triton is not None:
             if HAS_MASK:
                 s = _add_mask(s, Mask_bh, offs_m, offs_n, Tq, Tk, stride_mq, stride_mk, MASK_BOOL)
             if MASKED_STAGE:
-                valid = (offs_n[None, :] < Tk) & _window_valid(offs_m[:, None], offs_n[None, :], win_l, win_r)
+                valid = offs_n[None, :] < Tk
+                if WIN_LEFT or WIN_RIGHT:
+                    valid = valid & _window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, False)
                 s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if MAY_EMPTY:
@@ -314,8 +375,8 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         Hq, Tq, Tk, D, GROUP,  # GROUP = Hq // Hkv
-        win_l, win_r,  # query i sees keys i - win_l .. i + win_r (causal: win_r = 0), both >= 0
-        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
+        win_l, win_r,  # query i sees keys i - win_l (WIN_LEFT) .. i + win_r (WIN_RIGHT; causal: 0)
+        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -333,22 +394,25 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         # the window's lower edge (masked), whole blocks that need no masking, then the diagonal /
         # upper edge and the ragged tail (masked); key blocks outside the window are never visited
-        lo, u_lo, u_hi, hi = _col_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, BLOCK_N)
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, True, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D, BLOCK_N,
-            DOT_PRECISION, UPCAST)
+        if CAUSAL:  # the right side at a constant 0: it folds into the bounds and the diagonal test
+            win_r = 0
+        lo, u_lo, u_hi, hi = _kv_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, WIN_LEFT, WIN_RIGHT, CAUSAL, BLOCK_N)
+        if WIN_LEFT:  # compiled only for a window with a lower edge
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+                dropout_p, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D,
+                BLOCK_N, DOT_PRECISION, UPCAST)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, False, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D, BLOCK_N,
-            DOT_PRECISION, UPCAST)
+            dropout_p, False, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D,
+            BLOCK_N, DOT_PRECISION, UPCAST)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, True, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D, BLOCK_N,
-            DOT_PRECISION, UPCAST)
+            dropout_p, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D,
+            BLOCK_N, DOT_PRECISION, UPCAST)
         if MAY_EMPTY:
             # every key masked: l = 0 -> output 0 and LSE = +inf (the backward's P is then 0)
             empty = l_i == 0.0
@@ -407,7 +471,7 @@ if triton is not None:
         stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
         qk_scale, cap2, win_l, win_r, dropout_p, rp_keep,
         MASKED_STAGE: tl.constexpr,  # query blocks on the window's edges (the causal diagonal)
-        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
+        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -424,7 +488,7 @@ if triton is not None:
                 sT = _add_mask(sT, Mask_bh, offs_n, offs_m, Tk, Tq, stride_mk, stride_mq, MASK_BOOL)
             pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
             if MASKED_STAGE:  # query i sees key j iff i - win_l <= j <= i + win_r
-                pT = tl.where(_window_valid(offs_n[:, None], offs_m[None, :], win_r, win_l), pT, 0.0)
+                pT = tl.where(_window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, True), pT, 0.0)
             do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                             offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
             dpT = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
@@ -460,7 +524,7 @@ if triton is not None:
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
         Hq, Hkv, Tq, Tk, D, GROUP, win_l, win_r,
-        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
+        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -479,10 +543,11 @@ if triton is not None:
                        offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        # key j is seen by queries j - win_r .. j + win_l: the same three stages as the forward's,
-        # over query blocks (causal: none before the diagonal, which is masked; every later one
-        # whole). Rows past Tq need no masking in the unmasked stage: their LSE is +inf, so P = 0.
-        lo, u_lo, u_hi, hi = _col_stages(start_n, BLOCK_N, Tq, win_r, win_l, BLOCK_M)
+        # key j is seen by queries j - win_r .. j + win_l (causal: no block before the diagonal, the
+        # diagonal masked, every later block whole)
+        if CAUSAL:  # as in _attn_fwd
+            win_r = 0
+        lo, u_lo, u_hi, hi = _q_stages(start_n, BLOCK_N, Tq, win_l, win_r, WIN_LEFT, WIN_RIGHT, CAUSAL, BLOCK_M)
         for g in range(0, GROUP):  # GQA: this K/V head serves GROUP query heads; sum over them
             h = hk * GROUP + g
             bh = b * Hq + h
@@ -493,21 +558,23 @@ if triton is not None:
             Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
             DMask_bh = DMask + bh.to(tl.int64) * Tq * Tk
             rng_base = bh.to(tl.int64) * Tq
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
-                offs_n, offs_d, lo, u_lo, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, SOFTCAP,
-                HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+            if WIN_RIGHT:  # the lower edge (the causal diagonal)
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                    offs_n, offs_d, lo, u_lo, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                    stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT,
+                    SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
                 offs_n, offs_d, u_lo, u_hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, False, SOFTCAP,
-                HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
-                offs_n, offs_d, u_hi, hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, SOFTCAP,
-                HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, False, WIN_LEFT, WIN_RIGHT,
+                SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+            if WIN_LEFT:  # the upper edge, for a window with a lower one
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                    offs_n, offs_d, u_hi, hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                    stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT,
+                    SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
         dk *= scale  # dK = scale * dS^T Q
         out_off = bhk.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
         _store_tile(DK + out_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
@@ -521,7 +588,7 @@ if triton is not None:
         offs_m, offs_d, lo, hi, Tq, Tk, D,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
         qk_scale, cap2, win_l, win_r, dropout_p, rp_keep,
-        MASKED_STAGE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
+        MASKED_STAGE: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -536,7 +603,9 @@ if triton is not None:
                 s = _add_mask(s, Mask_bh, offs_m, offs_n, Tq, Tk, stride_mq, stride_mk, MASK_BOOL)
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED_STAGE:
-                valid = (offs_n[None, :] < Tk) & _window_valid(offs_m[:, None], offs_n[None, :], win_l, win_r)
+                valid = offs_n[None, :] < Tk
+                if WIN_LEFT or WIN_RIGHT:
+                    valid = valid & _window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, False)
                 p = tl.where(valid, p, 0.0)
             dp = _dot(do, vT, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
             if HAS_DROPOUT:
@@ -559,7 +628,7 @@ if triton is not None:
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
         Hq, Tq, Tk, D, GROUP, win_l, win_r,
-        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -578,19 +647,25 @@ if triton is not None:
         Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
         rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        lo, u_lo, u_hi, hi = _col_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, BLOCK_N)
-        dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, rp_keep, True, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+        if CAUSAL:  # as in _attn_fwd
+            win_r = 0
+        lo, u_lo, u_hi, hi = _kv_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, WIN_LEFT, WIN_RIGHT, CAUSAL, BLOCK_N)
+        if WIN_LEFT:
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+                dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D,
+                BLOCK_N, DOT_PRECISION, UPCAST)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, rp_keep, False, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+            dropout_p, rp_keep, False, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D,
+            BLOCK_N, DOT_PRECISION, UPCAST)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, rp_keep, True, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+            dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D,
+            BLOCK_N, DOT_PRECISION, UPCAST)
         dq *= scale  # dQ = scale * dS K
         _store_tile(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
                     dq.to(DQ.dtype.element_ty), offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
@@ -812,16 +887,15 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
-def _window_args(Tq: int, Tk: int, is_causal: bool, window_left: int, window_right: int):
-    """The kernels' (win_l, win_r): query i sees keys i - win_l .. i + win_r, both >= 0. Unbounded
-    sides become Tq + Tk (past every key), causality is win_r = 0. MAY_EMPTY (a row may have seen no
-    key when a block starts, so its running max is -inf): only with a bounded left side."""
-    big = Tq + Tk
-    win_l = window_left if window_left >= 0 else big
-    win_r = window_right if window_right >= 0 else big
-    if is_causal:
-        win_r = 0
-    return min(win_l, big), min(win_r, big), window_left >= 0
+def _window_args(is_causal: bool, window_left: int, window_right: int):
+    """The kernels' window: (win_l, win_r, WIN_LEFT, WIN_RIGHT); query i sees keys i - win_l (when
+    WIN_LEFT) .. i + win_r (when WIN_RIGHT); causality is the right side at 0. Each flag compiles a
+    side in: without a window the kernels are the causal / full ones they always were."""
+    win_left = window_left >= 0
+    win_right = bool(is_causal) or window_right >= 0
+    win_l = window_left if win_left else 0
+    win_r = 0 if is_causal else max(window_right, 0)
+    return min(win_l, 2**31 - 1), min(win_r, 2**31 - 1), win_left, win_right
 
 
 def _softcap_args(scale: float, softcap: float):
@@ -849,10 +923,11 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, w
         return o, lse
     m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
     has_dropout = dropout_p > 0.0
-    win_l, win_r, left_bounded = _window_args(Tq, Tk, is_causal, window_left, window_right)
+    win_l, win_r, win_left, win_right = _window_args(is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
-    may_empty = has_mask or left_bounded
-    key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, may_empty, softcap > 0.0,
+    # a row may have seen no key when a block starts (running max -inf): only with a lower window edge
+    may_empty = has_mask or win_left
+    key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, win_left, win_right, bool(is_causal), softcap > 0.0,
            _dot_precision(q.dtype))
 
     def launch(bm, bn, warps, stages):
@@ -861,7 +936,8 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, w
             _seed_value(seed, dropout_p), float(dropout_p), _keep_scale(dropout_p), qk_scale, cap2,
             *q.stride(), *k.stride(), *v.stride(), *m_str,
             Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
-            SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool, MAY_EMPTY=may_empty,
+            WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+            MAY_EMPTY=may_empty,
             HAS_DROPOUT=has_dropout,
             EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
@@ -893,12 +969,14 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
     pre_m = 16 if _gpu_major(q) is None else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_m), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=BD)
-    win_l, win_r, _ = _window_args(Tq, Tk, is_causal, window_left, window_right)
+    win_l, win_r, win_left, win_right = _window_args(is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
-    common = dict(SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+    common = dict(WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                   HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
     rp_keep = _keep_scale(dropout_p)
-    key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, softcap > 0.0, prec, bool(mask_grad))
+    key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, win_left, win_right, bool(is_causal),
+           softcap > 0.0, prec,
+           bool(mask_grad))
 
     def launch(m1, n1, m2, n2, warps, stages):
         # a retry reruns both kernels: they overwrite dk, dv, dq and dmask, nothing accumulates
