@@ -136,6 +136,98 @@ def test_generate_with_kv_cache_matches_sdpa(name, attention_calls):
         _close(a, b, 2e-5, f"{name} logits of generated token {step}")
 
 
+# ---- sliding window, softcap ------------------------------------------------------------------
+
+W, TW = 8, 24  # window shorter than the sequence: the window bites
+
+WINDOW_MODELS = {
+    # every layer sliding, GQA; compared with 'sdpa'
+    "mistral": (lambda t: t.MistralForCausalLM(t.MistralConfig(**_small(num_key_value_heads=2, sliding_window=W))),
+                "sdpa"),
+    # layer 0 sliding, layer 1 global; logits soft-capped at 2 with scores large enough for it to bite.
+    # 'eager' is the reference: 'sdpa' raises on softcap in transformers 5.23 and ignores it in 5.17
+    "gemma2": (lambda t: t.Gemma2ForCausalLM(t.Gemma2Config(**_small(
+        num_key_value_heads=2, head_dim=8, sliding_window=W, attn_logit_softcapping=2.0, query_pre_attn_scalar=1,
+        initializer_range=0.2))), "eager"),
+}
+
+
+def _build_window(name):
+    factory, ref_impl = WINDOW_MODELS[name]
+    torch.manual_seed(0)
+    model = factory(transformers).to(DEVICE)
+    for p in model.parameters():
+        if p.dim() == 1:
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    model.set_attn_implementation(ref_impl)
+    return model.eval()
+
+
+def _window_batch(padding):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, TW), generator=g)
+    mask = torch.ones(2, TW, dtype=torch.long)
+    if padding == "left":
+        mask[1, :11] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.fixture
+def attention_kwargs(attention_calls, monkeypatch):
+    """The keyword arguments of every tfkernels.attention call (attn_mask as None or its shape)."""
+    fn = tfkernels.attention
+    seen = []
+
+    def spy(*args, **kwargs):
+        m = kwargs.get("attn_mask")
+        seen.append({**kwargs, "attn_mask": None if m is None else tuple(m.shape)})
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(tfkernels, "attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("name", list(WINDOW_MODELS))
+def test_sliding_window_and_softcap_match(name, padding, attention_kwargs):
+    """Sliding-window layers (window 8 < 24 tokens) and Gemma 2's logit soft-capping: logits and every
+    gradient as the reference implementation, with and without padding."""
+    ref = _build_window(name)
+    if name == "gemma2":  # the capping bites: without it the logits are clearly different
+        nocap = copy.deepcopy(ref)
+        nocap.config.attn_logit_softcapping = None
+        for layer in nocap.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        ids, mask = _window_batch("none")
+        with torch.no_grad():
+            diff = (nocap(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+        assert diff > 1e-2, diff
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    assert model.config._attn_implementation == "tfkernels"
+    ids, mask = _window_batch(padding)
+    ref_logits, ref_grads = _fwd_bwd(ref, ids, mask)
+    logits, grads = _fwd_bwd(model, ids, mask)
+
+    n = model.config.num_hidden_layers
+    assert len(attention_kwargs) == n
+    for i, kw in enumerate(attention_kwargs):
+        assert kw.get("softcap", 0.0) == (2.0 if name == "gemma2" else 0.0), (i, kw)
+
+    valid = mask.bool()
+    _close(logits[valid], ref_logits[valid], 2e-5, f"{name} logits")
+    assert grads.keys() == ref_grads.keys()
+    for n_ in grads:
+        _close(grads[n_], ref_grads[n_], 5e-5, f"{name} grad {n_}")
+
+
+def test_attention_sinks_refused():
+    q = torch.randn(1, 2, 4, 8)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="s_aux"):
+        hf.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
+
+
 def test_from_config_attn_implementation(attention_calls):
     cfg = transformers.LlamaConfig(**_small(num_key_value_heads=2))
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="tfkernels").to(DEVICE).eval()

@@ -11,6 +11,10 @@ Attention: `attention_forward` mirrors `transformers.integrations.sdpa_attention
 (same masks: the model builds them with the SDPA mask function, registered for "tfkernels" in
 `AttentionMaskInterface`; so padding, causal, sliding-window and chunked masks arrive as SDPA-style
 boolean masks, or None + is_causal when the mask is plain causal) and calls `tfkernels.attention`.
+Beyond SDPA:
+  - `softcap` (Gemma 2's attn_logit_softcapping) goes to the kernel's `softcap`, as eager applies it
+    (transformers' "sdpa" raises on it in 5.23 and silently ignores it in 5.17).
+Attention sinks (`s_aux`) are refused.
 
 Norms: each HF RMSNorm flavour rounds differently in half precision; the modules below reproduce
 each one's casts exactly and fuse the weight into the kernel only where that gives the same math:
@@ -255,8 +259,6 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`.
     The backend is the one `tfkernels.swap(model, backend=...)` recorded on the module, else automatic.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='tfkernels' does not support `softcap`; use 'eager' for this model")
     if kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='tfkernels' does not support attention sinks (`s_aux`); use 'eager'")
     if kwargs.get("output_attentions"):  # as 'sdpa' says: the fused kernel never forms the weights
@@ -277,6 +279,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if is_causal and kv_len > q_len:  # prefill into an empty static cache: top-left causal == crop
         key, value = key[:, :, :q_len], value[:, :, :q_len]
 
+    softcap = kwargs.get("softcap") or 0.0  # None / 0: off
+
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         if is_causal and position_bias.shape[-1] > key.shape[2]:
@@ -285,7 +289,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         is_causal = False
 
     out = _attention_fn()(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa,
+                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, softcap=softcap,
                           backend=getattr(module, "_tfkernels_backend", None))  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
