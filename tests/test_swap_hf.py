@@ -4,6 +4,8 @@ Every model is checked against an unswapped copy of itself (default "sdpa" atten
 logits and every parameter gradient, with a padded batch; then unswap must give bit-identical outputs.
 """
 import copy
+import inspect
+import re
 
 import pytest
 import torch
@@ -134,6 +136,223 @@ def test_generate_with_kv_cache_matches_sdpa(name, attention_calls):
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         _close(a, b, 2e-5, f"{name} logits of generated token {step}")
+
+
+# ---- sliding window, softcap ------------------------------------------------------------------
+
+W, TW = 8, 24  # window shorter than the sequence: the window bites
+
+WINDOW_MODELS = {
+    # every layer sliding, GQA; compared with 'sdpa'
+    "mistral": (lambda t: t.MistralForCausalLM(t.MistralConfig(**_small(num_key_value_heads=2, sliding_window=W))),
+                "sdpa"),
+    # layer 0 sliding, layer 1 global; logits soft-capped at 2 with scores large enough for it to bite.
+    # 'eager' is the reference: 'sdpa' raises on softcap in transformers 5.23 and ignores it in 5.17
+    "gemma2": (lambda t: t.Gemma2ForCausalLM(t.Gemma2Config(**_small(
+        num_key_value_heads=2, head_dim=8, sliding_window=W, attn_logit_softcapping=2.0, query_pre_attn_scalar=1,
+        initializer_range=0.2))), "eager"),
+}
+
+
+def _build_window(name):
+    factory, ref_impl = WINDOW_MODELS[name]
+    torch.manual_seed(0)
+    model = factory(transformers).to(DEVICE)
+    for p in model.parameters():
+        if p.dim() == 1:
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    model.set_attn_implementation(ref_impl)
+    return model.eval()
+
+
+def _window_batch(padding):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, TW), generator=g)
+    mask = torch.ones(2, TW, dtype=torch.long)
+    if padding == "left":
+        mask[1, :11] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.fixture
+def attention_kwargs(attention_calls, monkeypatch):
+    """The keyword arguments of every tfkernels.attention call (attn_mask as None or its shape)."""
+    fn = tfkernels.attention
+    seen = []
+
+    def spy(*args, **kwargs):
+        m = kwargs.get("attn_mask")
+        seen.append({**kwargs, "attn_mask": None if m is None else tuple(m.shape)})
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(tfkernels, "attention", spy)
+    return seen
+
+
+def _sliding_layers(model):
+    types = getattr(model.config, "layer_types", None)
+    n = model.config.num_hidden_layers
+    return [i for i in range(n) if types is None or types[i] == "sliding_attention"]
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("name", list(WINDOW_MODELS))
+def test_sliding_window_and_softcap_match(name, padding, attention_kwargs):
+    """Sliding-window layers (window 8 < 24 tokens) and Gemma 2's logit soft-capping: logits and every
+    gradient as the reference implementation. Without padding the sliding layers run the kernel's own
+    window (no mask, key tiles outside the window skipped); with padding they fall back to the mask."""
+    ref = _build_window(name)
+    if name == "gemma2":  # the capping bites: without it the logits are clearly different
+        nocap = copy.deepcopy(ref)
+        nocap.config.attn_logit_softcapping = None
+        for layer in nocap.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        ids, mask = _window_batch("none")
+        with torch.no_grad():
+            diff = (nocap(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
+        assert diff > 1e-2, diff
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    assert model.config._attn_implementation == "tfkernels"
+    ids, mask = _window_batch(padding)
+    ref_logits, ref_grads = _fwd_bwd(ref, ids, mask)
+    logits, grads = _fwd_bwd(model, ids, mask)
+
+    n = model.config.num_hidden_layers
+    assert len(attention_kwargs) == n
+    sliding = _sliding_layers(model)
+    assert sliding and (name != "gemma2" or len(sliding) < n)
+    for i, kw in enumerate(attention_kwargs):
+        assert kw.get("softcap", 0.0) == (2.0 if name == "gemma2" else 0.0), (i, kw)
+        if padding == "none":
+            assert kw["attn_mask"] is None and kw["is_causal"] is True, (i, kw)
+            assert kw.get("window_size") == ((W - 1, 0) if i in sliding else None), (i, kw)
+        else:
+            assert kw["attn_mask"] == (2, 1, TW, TW) and kw.get("window_size") is None, (i, kw)
+
+    valid = mask.bool()
+    _close(logits[valid], ref_logits[valid], 2e-5, f"{name} logits")
+    assert grads.keys() == ref_grads.keys()
+    for n_ in grads:
+        _close(grads[n_], ref_grads[n_], 5e-5, f"{name} grad {n_}")
+
+
+def test_sliding_window_with_cache_offset_uses_the_mask(attention_kwargs):
+    """A second chunk of several tokens against a KV cache (T_q = 8 < T_k, offset 16): the kernel's
+    top-left window would be wrong there, so the mask is used; the first chunk runs natively."""
+    ref = _build_window("mistral")
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    ids, _ = _window_batch("none")
+    out = {}
+    for key, m in (("ref", ref), ("tfk", model)):
+        with torch.no_grad():
+            first = m(input_ids=ids[:, :16], use_cache=True)
+            second = m(input_ids=ids[:, 16:], past_key_values=first.past_key_values, use_cache=True)
+        out[key] = (first.logits, second.logits)
+    assert [kw.get("window_size") for kw in attention_kwargs] == [(W - 1, 0)] * 2 + [None] * 2
+    assert attention_kwargs[0]["attn_mask"] is None
+    assert all(kw["attn_mask"] is not None for kw in attention_kwargs[2:])
+    for a, b, what in zip(out["tfk"], out["ref"], ("first chunk", "second chunk")):
+        _close(a, b, 2e-5, f"logits of the {what}")
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("name", list(WINDOW_MODELS))
+def test_generate_sliding_window_matches(name, padding, attention_kwargs):
+    """Greedy generation with a KV cache, window 8 shorter than the 12-token prompt and the 18 tokens
+    generated: the prefill runs the kernel's window when nothing is padded (the mask otherwise), every
+    decode step (T_q = 1 < T_k, bottom-right aligned) the mask; tokens as the reference generates them."""
+    ref = _build_window(name)
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    ids, mask = _window_batch(padding)
+    ids, mask = ids[:, :12], mask[:, :12]
+    steps = 6
+    gen = dict(max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+               pad_token_id=0, attention_mask=mask)
+    with torch.no_grad():
+        want = ref.generate(ids, **gen)
+        got = model.generate(ids, **gen)
+    n = model.config.num_hidden_layers
+    assert len(attention_kwargs) == n * steps
+    sliding = _sliding_layers(model)
+    for i, kw in enumerate(attention_kwargs):
+        native = i < n and i in sliding and padding == "none"  # the prefill's sliding layers
+        assert kw.get("window_size") == ((W - 1, 0) if native else None), (i, kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        _close(a, b, 2e-5, f"{name} logits of generated token {step}")
+
+
+def _mask_case(case):
+    """(attention implementation -> mask) for one case, built by transformers' own mask functions."""
+    from transformers import masking_utils as mu
+
+    assert hf.register()
+    cfg = transformers.MistralConfig(**_small(num_key_value_heads=2, sliding_window=W))
+    embeds = torch.zeros(2, TW, 32)
+    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, past_key_values=None)
+    fn = mu.create_sliding_window_causal_mask
+    if case == "left_padding":
+        kw["attention_mask"] = _window_batch("left")[1].cpu()
+    elif case == "all_ones_mask":
+        kw["attention_mask"] = torch.ones(2, TW, dtype=torch.long)
+    elif case == "packed":  # two sequences packed in each row, told by position_ids
+        kw["position_ids"] = torch.cat([torch.arange(10), torch.arange(TW - 10)])[None].expand(2, -1)
+    elif case == "and_mask":
+        kw["and_mask_function"] = lambda b, h, q, k: k != 3
+    elif case == "chunked":
+        cfg.attention_chunk_size = W
+        fn = mu.create_chunked_causal_mask
+    elif case == "other_model":  # a model not known to pass `sliding_window` to its attention function
+        cfg = transformers.Qwen2MoeConfig(**_small(num_key_value_heads=2, sliding_window=W, use_sliding_window=True))
+        kw["config"] = cfg
+    elif case == "short":  # the sequence fits in the window: sdpa_mask's own None
+        kw["inputs_embeds"] = embeds[:, : W - 1]
+    masks = {}
+    for impl in ("sdpa", "tfkernels"):
+        cfg._attn_implementation = impl
+        masks[impl] = fn(**kw)
+    return masks
+
+
+@pytest.mark.parametrize("case", ["plain", "all_ones_mask", "left_padding", "packed", "and_mask", "chunked",
+                                  "other_model", "short"])
+def test_sliding_window_mask_function(case):
+    """The mask function registered for "tfkernels" is sdpa_mask except for an exactly sliding-window
+    causal mask (no padding, no offset, no overlay) of a model that passes its window to attention."""
+    masks = _mask_case(case)
+    if case in ("plain", "all_ones_mask"):
+        assert masks["sdpa"] is not None and masks["tfkernels"] is None
+        keep = masks["sdpa"][0, 0]
+        q, k = torch.arange(TW)[:, None], torch.arange(TW)[None]
+        assert torch.equal(keep, (k <= q) & (k > q - W))  # HF's convention: W keys, the diagonal included
+    elif masks["sdpa"] is None:
+        assert case == "short" and masks["tfkernels"] is None
+    else:
+        assert torch.equal(masks["tfkernels"], masks["sdpa"]), case
+
+
+def test_native_window_models_pass_their_window():
+    """Every model type trusted with a None sliding mask passes `sliding_window=` to its attention
+    function in the installed transformers (a None mask elsewhere would mean full causal attention)."""
+    import importlib
+
+    for model_type in sorted(hf._NATIVE_WINDOW_MODELS):
+        pkg = model_type.removesuffix("_text")
+        try:
+            mod = importlib.import_module(f"transformers.models.{pkg}.modeling_{pkg}")
+        except ImportError:
+            continue
+        src = inspect.getsource(mod)
+        assert re.search(r"\bsliding_window=(self\.sliding_window|getattr\(self\.config, \"sliding_window\", None\))",
+                         src), model_type
+
+
+def test_attention_sinks_refused():
+    q = torch.randn(1, 2, 4, 8)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="s_aux"):
+        hf.attention_forward(module, q, q, q, None, s_aux=torch.zeros(2))
 
 
 def test_from_config_attn_implementation(attention_calls):

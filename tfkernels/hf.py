@@ -11,6 +11,16 @@ Attention: `attention_forward` mirrors `transformers.integrations.sdpa_attention
 (same masks: the model builds them with the SDPA mask function, registered for "tfkernels" in
 `AttentionMaskInterface`; so padding, causal, sliding-window and chunked masks arrive as SDPA-style
 boolean masks, or None + is_causal when the mask is plain causal) and calls `tfkernels.attention`.
+Beyond SDPA:
+  - `softcap` (Gemma 2's attn_logit_softcapping) goes to the kernel's `softcap`, as eager applies it
+    (transformers' "sdpa" raises on it in 5.23 and silently ignores it in 5.17).
+  - Native sliding window: when a sliding layer's mask would be exactly sliding-window causal (no
+    padding, T_q == T_k, no cache offset, no custom/packed overlay) in a model known to hand its window
+    to the attention function (`_NATIVE_WINDOW_MODELS`), `sliding_window_mask` returns None instead of a
+    dense (B, 1, T, T) mask and `attention_forward` runs `is_causal=True, window_size=(W - 1, 0)`: key
+    tiles outside the window are skipped (O(T * W)). Anything else (padding, KV-cache decoding, chunked
+    or packed masks, custom mask functions, compile/tracing, other models) gets the SDPA mask as before.
+Attention sinks (`s_aux`) are refused.
 
 Norms: each HF RMSNorm flavour rounds differently in half precision; the modules below reproduce
 each one's casts exactly and fuse the weight into the kernel only where that gives the same math:
@@ -24,6 +34,7 @@ import functools
 import importlib.abc
 import importlib.util
 import inspect
+import numbers
 import re
 import sys
 from typing import Optional
@@ -248,6 +259,116 @@ def _position_bias_mask(position_bias, attention_mask, is_causal, query, key):
     return position_bias + attention_mask
 
 
+# Models whose attention layers pass HF's `sliding_window` kwarg (W keys, the diagonal included: the
+# mask keeps kv > q - W, flash-attn gets window (W - 1, W - 1)) to the attention function exactly on the
+# layers that get the sliding-window mask, and hand that mask to it untouched. Checked in transformers
+# 5.17 and 5.23 (tests/test_swap_hf.py re-checks the sources). Not every model does: Qwen2-MoE and PhiMoE
+# build sliding masks but pass no kwarg, Doge rewrites the mask; for those a None mask would silently
+# mean full causal attention, so they keep the dense mask.
+_NATIVE_WINDOW_MODELS = frozenset({
+    "mistral", "mixtral", "ministral", "ministral3", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
+    "starcoder2", "phi3", "cohere2",
+})
+
+
+def _native_window_model(config) -> bool:
+    return getattr(config, "model_type", None) in _NATIVE_WINDOW_MODELS
+
+
+def _is_plain_int(x) -> bool:
+    return type(x) is int  # not bool, not a SymInt or a tensor (compile / export): those fall back
+
+
+def _tracing() -> bool:
+    try:
+        if torch.compiler.is_compiling():
+            return True
+    except AttributeError:  # torch < 2.3
+        pass
+    return torch.jit.is_tracing()
+
+
+def _native_window_size(kw: dict) -> Optional[int]:
+    """W when the mask `sdpa_mask(**kw)` would build is exactly "key k visible from query q iff
+    q - W < k <= q" for every batch row (no padding, T_q == T_k, no cache offset) and the attention
+    function of this model is known to receive W (so it can use the kernel's window instead); else None.
+
+    Conservative: every input must be as `create_sliding_window_causal_mask` passes it in the plain
+    case (a `local_size`, `allow_is_causal_skip=True`, no vmap, int sizes and zero offsets), and the mask
+    function itself is probed on a few whole rows against the sliding-window pattern, so chunked masks,
+    custom overlays or any other pattern fall back.
+    """
+    W = kw.get("local_size")
+    q_len, kv_len = kw.get("q_length"), kw.get("kv_length")
+    B = kw.get("batch_size")
+    if not all(_is_plain_int(x) for x in (W, q_len, kv_len, B)) or W < 1 or B < 1:
+        return None
+    if kv_len < W or q_len != kv_len or q_len < 2:  # shorter than the window: sdpa_mask's own None
+        return None
+    if not (_is_plain_int(kw.get("q_offset", 0)) and kw.get("q_offset", 0) == 0
+            and _is_plain_int(kw.get("kv_offset", 0)) and kw.get("kv_offset", 0) == 0):
+        return None  # a KV cache: the kernel's window is top-left aligned, a decode step needs bottom-right
+    if kw.get("allow_is_causal_skip") is not True or kw.get("use_vmap", False) \
+            or kw.get("allow_is_bidirectional_skip", False):
+        return None  # custom and/or overlays, packed sequences, compiled decoding, bidirectional masks
+    if not _native_window_model(kw.get("config")) or _tracing():
+        return None
+    pad = kw.get("attention_mask")
+    if pad is not None:
+        if not isinstance(pad, torch.Tensor) or pad.dim() != 2 or pad.shape[-1] < kv_len:
+            return None
+        if not bool(pad[:, :kv_len].all()):  # padding (sdpa_mask reads it the same way to skip)
+            return None
+    fn = kw.get("mask_function")
+    if fn is None:
+        return None
+    # the mask function on whole rows, as sdpa_mask broadcasts it (index tensors (B,1,1,1), (1,1,1,1),
+    # (1,1,R,1), (1,1,1,T)), on CPU: it must be exactly the band q - W < k <= q
+    rows = sorted({r for r in (0, 1, W - 2, W - 1, W, W + 1, kv_len // 2, kv_len - 2, kv_len - 1) if 0 <= r < q_len})
+    b = torch.tensor(sorted({0, B - 1}))[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    q = torch.tensor(rows)[None, None, :, None]
+    k = torch.arange(kv_len)[None, None, None, :]
+    want = ((k <= q) & (k > q - W)).expand(b.shape[0], 1, len(rows), kv_len)
+    try:
+        with torch.no_grad():
+            got = fn(b, h, q, k)
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.bool or got.device.type != "cpu":
+            return None
+        got = got.expand(want.shape)
+    except Exception:  # a function that does not probe like an index-based one: not ours to shortcut
+        return None
+    return W if torch.equal(got, want) else None
+
+
+def _make_mask_interface(sdpa_mask):
+    """The mask function registered for "tfkernels": transformers' `sdpa_mask`, except that an exactly
+    sliding-window-causal mask (see `_native_window_size`) becomes None: `attention_forward` then uses
+    the kernel's window, from the `sliding_window` kwarg HF passes it."""
+
+    def sliding_window_mask(*args, **kwargs):
+        """transformers' sdpa_mask, or None for a sliding-window-causal mask the kernel applies itself."""
+        if not args and _native_window_size(kwargs) is not None:
+            return None
+        return sdpa_mask(*args, **kwargs)
+
+    return sliding_window_mask
+
+
+def _native_window(module, attention_mask, is_causal, q_len, kv_len, sliding_window):
+    """window_size for the kernel when the mask is None because `sliding_window_mask` chose the native
+    window (None otherwise). A None mask with T_q == T_k and a window shorter than the keys can only
+    come from there: sdpa_mask itself skips a sliding mask only when the keys fit in the window."""
+    if attention_mask is not None or not is_causal or q_len != kv_len:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
+        return None
+    W = int(sliding_window)
+    if not 1 <= W < kv_len or not _native_window_model(getattr(module, "config", None)):
+        return None
+    return (W - 1, 0)
+
+
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -255,8 +376,6 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`.
     The backend is the one `tfkernels.swap(model, backend=...)` recorded on the module, else automatic.
     """
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='tfkernels' does not support `softcap`; use 'eager' for this model")
     if kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='tfkernels' does not support attention sinks (`s_aux`); use 'eager'")
     if kwargs.get("output_attentions"):  # as 'sdpa' says: the fused kernel never forms the weights
@@ -277,6 +396,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if is_causal and kv_len > q_len:  # prefill into an empty static cache: top-left causal == crop
         key, value = key[:, :, :q_len], value[:, :, :q_len]
 
+    # a sliding layer whose dense mask sliding_window_mask left out: the kernel's window, ANDed with
+    # is_causal (or with the causal position-bias mask below)
+    window = _native_window(module, attention_mask, is_causal, q_len, key.shape[2], kwargs.get("sliding_window"))
+    softcap = kwargs.get("softcap") or 0.0  # None / 0: off
+
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         if is_causal and position_bias.shape[-1] > key.shape[2]:
@@ -285,8 +409,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         is_causal = False
 
     out = _attention_fn()(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa,
-                          backend=getattr(module, "_tfkernels_backend", None))  # (B, H, Tq, D)
+                          is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, window_size=window,
+                          softcap=softcap, backend=getattr(module, "_tfkernels_backend", None))  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
 
@@ -314,7 +438,7 @@ def register() -> bool:
     except Exception:  # transformers < 4.53 builds SDPA masks for any non-eager implementation
         pass
     else:
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_NAME, _make_mask_interface(sdpa_mask))
     _registered = True
     return True
 
