@@ -155,7 +155,8 @@ def _make_driver(gpu: SimpleNamespace, report: Report):
 # the cases: the ops' launchers on CPU tensors
 # ----------------------------------------------------------------------------------------------
 
-def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, T=1024, Hq=4, Hkv=4, backward=True):
+def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, T=1024, Hq=4, Hkv=4, backward=True,
+                    window=(-1, -1), softcap=0.0):
     import torch
     A = importlib.import_module("tfkernels.ops.attention")  # the package exports a function by that name
 
@@ -171,9 +172,10 @@ def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, 
             m = torch.zeros(1, 1, T, T, dtype=dtype).expand(1, Hq, T, T)
         seed = torch.tensor([1234], dtype=torch.int64) if dropout else None
         scale = D ** -0.5
-        out, lse = A._triton_fwd(q, k, v, m, dropout, seed, causal, scale)
+        out, lse = A._triton_fwd(q, k, v, m, dropout, seed, causal, scale, *window, softcap)
         if backward:
-            A._triton_bwd(torch.randn_like(q), q, k, v, m, out, lse, dropout, seed, causal, scale, mask == "float")
+            A._triton_bwd(torch.randn_like(q), q, k, v, m, out, lse, dropout, seed, causal, scale, *window, softcap,
+                          mask == "float")
     return run
 
 
@@ -203,23 +205,29 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
     # name -> (dtype, allow_tf32): fp32 attention runs IEEE or TF32 dots, per torch's matmul flag
     dts = {"fp16": (torch.float16, False), "bf16": (torch.bfloat16, False), "fp32": (torch.float32, False),
            "fp32-tf32": (torch.float32, True)}
-    if quick:  # (dtype, D, causal, mask ("bool", "float", or "gqa": no mask, grouped K/V heads), dropout_p)
+    # (dtype, D, causal, mask ("bool", "float", "gqa": no mask, grouped K/V heads, or "window":
+    # sliding window (255, 0) with softcap 50, Gemma 2's), dropout_p)
+    if quick:
         attn = [("bf16", 128, True, None, 0.0), ("fp16", 64, False, None, 0.0), ("bf16", 256, False, None, 0.0),
-                ("fp32", 64, True, None, 0.0), ("fp16", 128, False, "bool", 0.1), ("fp32-tf32", 128, False, None, 0.0)]
+                ("fp32", 64, True, None, 0.0), ("fp16", 128, False, "bool", 0.1), ("fp32-tf32", 128, False, None, 0.0),
+                ("bf16", 128, True, "window", 0.0)]
         rows = [("softmax", "bf16", 4096), ("layer_norm", "bf16", 4096), ("rms_norm", "fp32", 65536)]
     else:
         attn = [(dt, D, c, None, 0.0) for dt in dts for D in (64, 128, 256) for c in (False, True)]
         attn += [("bf16", 128, False, "bool", 0.0), ("bf16", 128, True, "float", 0.0), ("bf16", 128, False, None, 0.1),
-                 ("fp16", 80, False, None, 0.0), ("bf16", 96, True, None, 0.0), ("bf16", 128, True, "gqa", 0.0)]
+                 ("fp16", 80, False, None, 0.0), ("bf16", 96, True, None, 0.0), ("bf16", 128, True, "gqa", 0.0),
+                 ("bf16", 128, True, "window", 0.0), ("bf16", 256, True, "window", 0.0), ("fp16", 64, True, "window", 0.0)]
         rows = [(op, dt, N) for op in ("softmax", "layer_norm", "rms_norm") for dt in ("fp16", "bf16", "fp32")
                 for N in (768, 4096, 65536)]
     out = {}
     for dt, D, causal, mask, p in attn:
         gqa = mask == "gqa"  # 4 query heads per K/V head (the kernels' GROUP loop is not specialised away)
-        mask = None if gqa else mask
+        window = mask == "window"
+        mask = None if gqa or window else mask
         name = f"attention {dt} D={D}" + (" causal" if causal else "") + (f" {mask}-mask" if mask else "") \
-               + (" gqa" if gqa else "") + (f" dropout={p}" if p else "")
-        out[name] = _attention_case(dts[dt][0], D, causal, mask, p, tf32=dts[dt][1], Hkv=1 if gqa else 4)
+               + (" gqa" if gqa else "") + (" window+softcap" if window else "") + (f" dropout={p}" if p else "")
+        out[name] = _attention_case(dts[dt][0], D, causal, mask, p, tf32=dts[dt][1], Hkv=1 if gqa else 4,
+                                    window=(255, 0) if window else (-1, -1), softcap=50.0 if window else 0.0)
     for op, dt, N in rows:
         out[f"{op} {dt} N={N}"] = _rows_case(op, dts[dt][0], N)
     return out

@@ -91,7 +91,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=None, enable_gqa=False,
-                    dropout_p=0.0, dropout_mask=None, seed=None, out_scale=1.0, grad_scale=2.0):
+                    dropout_p=0.0, dropout_mask=None, seed=None, out_scale=1.0, grad_scale=2.0, window_size=None,
+                    softcap=0.0):
     """tfkernels.attention vs the float64 reference on the same values: the output and every gradient
     (q, k, v and a float mask). The mask's gradient comes back in the mask's dtype, so an fp16 mask of
     fp32 inputs is held to fp16's tolerance. Returns the output."""
@@ -100,12 +101,14 @@ def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=N
     if seed is not None:
         torch.manual_seed(seed)
     out = tfkernels.attention(*leaves, attn_mask=mask_leaf if mask_leaf is not None else mask, dropout_p=dropout_p,
-                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, backend=backend)
+                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window_size=window_size,
+                              softcap=softcap, backend=backend)
     assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype and out.is_contiguous()
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
     ref = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, is_causal=is_causal,
-                              scale=scale, enable_gqa=enable_gqa, dropout_mask=dropout_mask)
+                              scale=scale, enable_gqa=enable_gqa, dropout_mask=dropout_mask, window_size=window_size,
+                              softcap=softcap)
     assert_close(out, ref, dtype, "out", scale=out_scale)
     dout = torch.randn_like(out)
     extra = 1 if mask_leaf is not None else 0

@@ -256,6 +256,112 @@ def test_dropout_backward_replayed(case, backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# sliding window, soft-capping, dropout_p = 1
+# ---------------------------------------------------------------------------------------------
+
+# (T_q, T_k, window_size, is_causal): lower edge only, upper edge only, both, zero width, wider than
+# the sequence, and the Mistral form (W - 1, 0) + causal; T_q != T_k both ways. The lengths span
+# several 16-row tiles (the interpreter's), so whole tiles are skipped and both edges cross tiles.
+WINDOW_CASES = [
+    (53, 53, (7, -1), False),
+    (53, 53, (-1, 5), False),
+    (37, 61, (3, 20), False),
+    (61, 37, (17, 2), False),
+    (53, 53, (0, 0), False),
+    (53, 53, (15, 0), True),
+    (37, 61, (9, 3), True),
+    (61, 37, (-1, 4), True),  # causal wins over the wider right side
+    (45, 45, (100, 100), False),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "Tq{}_Tk{}_w{}_{}{}".format(c[0], c[1], *c[2], "causal" if c[3] else "plain"))
+def test_window(case, backend):
+    Tq, Tk, window, causal = case
+    torch.manual_seed(40)
+    q, k, v = _rand(2, 2, Tq, 32), _rand(2, 1, Tk, 32), _rand(2, 1, Tk, 32)
+    _check(q, k, v, backend, is_causal=causal, window_size=window, enable_gqa=True)
+
+
+def test_window_empty_rows(backend):
+    """With a left window and T_q > T_k + left, rows past the last key see nothing: output 0 and zero
+    gradients, as for fully masked rows, and no NaN (those rows' first tile is all -inf)."""
+    torch.manual_seed(41)
+    q, k, v = _rand(1, 2, 70, 16), _rand(1, 2, 20, 16), _rand(1, 2, 20, 16)
+    out = _check(q, k, v, backend, window_size=(5, 5))
+    assert torch.all(out[:, :, 26:] == 0) and torch.all(out[:, :, :25].abs().sum(-1) > 0)
+
+
+def test_window_matches_mask(backend):
+    """A window is the same as the equivalent bool mask (what Hugging Face builds for Mistral)."""
+    torch.manual_seed(42)
+    Tq = Tk = 45
+    q, k, v = _rand(1, 2, Tq, 32), _rand(1, 2, Tk, 32), _rand(1, 2, Tk, 32)
+    i, j = torch.arange(Tq, device=DEVICE)[:, None], torch.arange(Tk, device=DEVICE)[None, :]
+    mask = (j <= i) & (j > i - 8)
+    a = tfkernels.attention(q, k, v, is_causal=True, window_size=(7, 0), backend=backend)
+    b = tfkernels.attention(q, k, v, attn_mask=mask, backend=backend)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_window_softcap_low_precision(dtype, backend):
+    torch.manual_seed(43)
+    q, k, v = (_rand(1, 4, 50, 64, dtype=dtype), _rand(1, 2, 58, 64, dtype=dtype), _rand(1, 2, 58, 64, dtype=dtype))
+    _check(q, k, v, backend, dtype=dtype, is_causal=True, window_size=(12, 0), softcap=3.0, scale=0.5, enable_gqa=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_softcap(causal, backend):
+    """scale 1.0 on D = 40 makes scores of size ~6, so a cap of 2.5 bites (tanh saturates)."""
+    torch.manual_seed(44)
+    q, k, v = _rand(2, 2, 37, 40), _rand(2, 2, 45, 40), _rand(2, 2, 45, 40)
+    _check(q, k, v, backend, is_causal=causal, softcap=2.5, scale=1.0)
+
+
+def test_softcap_with_float_mask_gradient(backend):
+    """The mask is added after capping (Gemma 2's order): its gradient is dS of the capped scores,
+    while dq/dk carry the extra (1 - tanh^2) factor."""
+    torch.manual_seed(45)
+    q, k, v = _rand(1, 2, 29, 32), _rand(1, 2, 35, 32), _rand(1, 2, 35, 32)
+    mask = torch.randn(1, 2, 29, 35, device=DEVICE)
+    _check(q, k, v, backend, mask=mask, softcap=1.5, scale=0.8, window_size=(10, 10))
+
+
+def test_softcap_is_off_at_zero_and_saturates(backend):
+    torch.manual_seed(46)
+    q, k, v = _rand(1, 1, 20, 16), _rand(1, 1, 20, 16), _rand(1, 1, 20, 16)
+    plain = tfkernels.attention(q, k, v, backend=backend)
+    torch.testing.assert_close(tfkernels.attention(q, k, v, softcap=0.0, backend=backend), plain)
+    # a cap far above every score changes nothing measurable
+    torch.testing.assert_close(tfkernels.attention(q, k, v, softcap=1e4, backend=backend), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_window_dropout_replayed(backend):
+    if backend != "triton":
+        pytest.skip("the keep-mask helper replays the Triton kernels' RNG")
+    B, Hq, Tq, Tk, D, p = 1, 2, 41, 47, 32, 0.25
+    torch.manual_seed(47)
+    q, k, v = _rand(B, Hq, Tq, D), _rand(B, Hq, Tk, D), _rand(B, Hq, Tk, D)
+    torch.manual_seed(78)
+    keep = attn_mod._dropout_mask(int(attn_mod._draw_seed().item()), B, Hq, Tq, Tk, p, device=DEVICE)
+    _check(q, k, v, backend, is_causal=True, window_size=(9, 0), softcap=2.0, dropout_p=p, dropout_mask=keep, seed=78)
+
+
+def test_dropout_one_drops_everything(backend):
+    """dropout_p = 1 as in SDPA: output 0 and zero gradients (the kernels' kept scale 1/(1-p) would be inf)."""
+    torch.manual_seed(48)
+    q, k, v = (_rand(1, 2, 19, 16).requires_grad_(True) for _ in range(3))
+    mask = torch.randn(1, 2, 19, 19, device=DEVICE, requires_grad=True)
+    out = tfkernels.attention(q, k, v, attn_mask=mask, dropout_p=1.0, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out, (q, k, v, mask), torch.randn_like(out))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, dropout_p=1.0), out)
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input, backends
 # ---------------------------------------------------------------------------------------------
 
@@ -281,7 +387,17 @@ def _bad_cases():
         ("attn_mask", ValueError, lambda: tfkernels.attention(q, k, v, attn_mask=torch.ones(1, 1, 2, 4, 8, 10, dtype=torch.bool, device=DEVICE))),
         ("attn_mask", TypeError, lambda: tfkernels.attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.int32, device=DEVICE))),
         ("attn_mask", TypeError, lambda: tfkernels.attention(q, k, v, attn_mask=[[True]])),
-        ("dropout_p", ValueError, lambda: tfkernels.attention(q, k, v, dropout_p=1.0)),
+        ("dropout_p", ValueError, lambda: tfkernels.attention(q, k, v, dropout_p=1.5)),
+        ("window_size", TypeError, lambda: tfkernels.attention(q, k, v, window_size=4)),
+        ("window_size", TypeError, lambda: tfkernels.attention(q, k, v, window_size=(4,))),
+        ("window_size", TypeError, lambda: tfkernels.attention(q, k, v, window_size=(4.0, 0))),
+        ("window_size", TypeError, lambda: tfkernels.attention(q, k, v, window_size=(True, 0))),
+        ("window_size", ValueError, lambda: tfkernels.attention(q, k, v, window_size=(-2, 0))),
+        ("softcap", TypeError, lambda: tfkernels.attention(q, k, v, softcap="1")),
+        ("softcap", TypeError, lambda: tfkernels.attention(q, k, v, softcap=True)),
+        ("softcap", ValueError, lambda: tfkernels.attention(q, k, v, softcap=-1.0)),
+        ("softcap", ValueError, lambda: tfkernels.attention(q, k, v, softcap=float("nan"))),
+        ("softcap", ValueError, lambda: tfkernels.attention(q, k, v, softcap=float("inf"))),
         ("dropout_p", ValueError, lambda: tfkernels.attention(q, k, v, dropout_p=-0.1)),
         ("dropout_p", TypeError, lambda: tfkernels.attention(q, k, v, dropout_p="0.1")),
         ("scale", TypeError, lambda: tfkernels.attention(q, k, v, scale="x")),
@@ -401,16 +517,19 @@ def test_opcheck(backend):
     fmask = torch.randn(1, Hq, Tq, Tk, device=DEVICE).expand(B, Hq, Tq, Tk)
     seed = torch.tensor([1234], dtype=torch.int64)
     fwd_cases = [
-        (q, k, v, None, 0.0, None, False, 0.25, backend),
-        (q, k, v, bmask, 0.0, None, True, 0.25, backend),
-        (q, k, v, fmask.detach().requires_grad_(True), 0.2, seed, False, 0.25, backend),  # + dropout
+        (q, k, v, None, 0.0, None, False, 0.25, -1, -1, 0.0, backend),
+        (q, k, v, bmask, 0.0, None, True, 0.25, -1, -1, 0.0, backend),
+        (q, k, v, fmask.detach().requires_grad_(True), 0.2, seed, False, 0.25, -1, -1, 0.0, backend),  # + dropout
+        (q, k, v, None, 0.0, None, True, 0.25, 5, -1, 2.0, backend),  # window + softcap
     ]
     for args in fwd_cases:
         torch.library.opcheck(ops.attention_fwd.default, args)
-    out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), fmask, 0.0, None, True, 0.25, backend)
-    dout = torch.randn_like(out)
-    torch.library.opcheck(ops.attention_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), fmask, out, lse, 0.0, None, True, 0.25, True, backend))
+    for window, softcap in (((-1, -1), 0.0), ((4, 3), 1.5)):
+        out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), fmask, 0.0, None, True, 0.25, *window,
+                                     softcap, backend)
+        dout = torch.randn_like(out)
+        torch.library.opcheck(ops.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), fmask, out, lse,
+                                                          0.0, None, True, 0.25, *window, softcap, True, backend))
 
 
 def _layer(q, k, v, bias, backend):

@@ -10,8 +10,8 @@ runs forward and backward against the float64 reference (num_warps/num_stages do
 interpreter; they are checked by compiling in test_triton_static.py).
 
 Lengths are ragged against every tile (T = 2 * BLOCK + 37 etc.) with T_q != T_k both ways; the
-cases add GQA, a float mask with its gradient, a bool mask, and dropout replayed from the kernels'
-own keep mask.
+cases add GQA, a float mask with its gradient, a bool mask, a sliding window whose edges cross
+tiles (with soft-capping), and dropout replayed from the kernels' own keep mask.
 """
 import importlib
 
@@ -66,17 +66,21 @@ def _rand(*shape):
 
 
 def _cases(block: int):
-    """(B, Hq, Hkv, Tq, Tk, causal, mask kind): lengths ragged against a block of `block` rows."""
+    """(B, Hq, Hkv, Tq, Tk, causal, mask kind, window_size, softcap): lengths ragged against a block
+    of `block` rows."""
     t1, t2 = 2 * block + 37, block + 5
     return [
-        (1, 4, 2, t1, t2, True, None),  # T_q > T_k causal, GQA: rows past T_k see every key
-        (1, 2, 2, t2, t1, True, "float"),  # T_q < T_k causal with a float mask (and its gradient)
-        (2, 1, 1, t1, t1, False, "bool"),  # square, a bool mask broadcast over heads
+        (1, 4, 2, t1, t2, True, None, None, 0.0),  # T_q > T_k causal, GQA: rows past T_k see every key
+        (1, 2, 2, t2, t1, True, "float", None, 0.0),  # T_q < T_k causal with a float mask (and its gradient)
+        (2, 1, 1, t1, t1, False, "bool", None, 0.0),  # square, a bool mask broadcast over heads
+        # a window a little wider than a block on the left, narrower on the right: both edges
+        # cross tiles, whole tiles below and above are skipped, and the middle stage is reached
+        (1, 2, 1, t1, t1 + 9, False, None, (block + 3, block // 2 + 1), 2.0),
     ]
 
 
 def _run(case, D, seed):
-    B, Hq, Hkv, Tq, Tk, causal, mask_kind = case
+    B, Hq, Hkv, Tq, Tk, causal, mask_kind, window, softcap = case
     torch.manual_seed(seed)
     q, k, v = _rand(B, Hq, Tq, D), _rand(B, Hkv, Tk, D), _rand(B, Hkv, Tk, D)
     mask = None
@@ -85,7 +89,8 @@ def _run(case, D, seed):
     elif mask_kind == "bool":
         mask = torch.rand(B, 1, Tq, Tk) > 0.3
         mask[..., 0] = True  # no fully masked row: it is tested elsewhere, and keeps the reference finite
-    check_attention(q, k, v, "triton", torch.float32, mask=mask, is_causal=causal, enable_gqa=Hq != Hkv)
+    check_attention(q, k, v, "triton", torch.float32, mask=mask, is_causal=causal, enable_gqa=Hq != Hkv,
+                    window_size=window, softcap=softcap, scale=0.5 if softcap else None)
 
 
 def _pairs():
@@ -120,6 +125,15 @@ def test_tuned_tiles_with_dropout(monkeypatch):
     keep = A._dropout_mask(int(A._draw_seed().item()), B, Hq, Tq, Tk, p)
     check_attention(q, k, v, "triton", torch.float32, mask=mask, is_causal=True, enable_gqa=True, dropout_p=p,
                     dropout_mask=keep, seed=77)
+
+
+def test_tuned_tiles_causal_window(monkeypatch):
+    """Hopper's tuned tiles with Mistral's form of window (W - 1, 0) + causal, W not a multiple of
+    any block, T long enough for the unmasked middle stage in every kernel."""
+    _force(monkeypatch, fwd=(128, 128), bwd=(32, 128, 128, 32))
+    torch.manual_seed(301)
+    q, k, v = _rand(1, 2, 400, 64), _rand(1, 1, 400, 64), _rand(1, 1, 400, 64)
+    check_attention(q, k, v, "triton", torch.float32, is_causal=True, enable_gqa=True, window_size=(299, 0))
 
 
 def test_the_sets_cover_the_tuned_configs():

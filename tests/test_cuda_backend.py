@@ -408,4 +408,4 @@ def test_opcheck_cuda_ops():
     opcheck(torch.ops.tfkernels.rms_norm_fwd, (x, w, 1e-5, "cuda"))
     opcheck(torch.ops.tfkernels.softmax_fwd, (x, "cuda"))
     q, k, v = (torch.randn(1, 2, 17, 32, device=DEV, requires_grad=True) for _ in range(3))
-    opcheck(torch.ops.tfkernels.attention_fwd, (q, k, v, None, 0.0, None, True, 1 / math.sqrt(32), "cuda"))
+    opcheck(torch.ops.tfkernels.attention_fwd, (q, k, v, None, 0.0, None, True, 1 / math.sqrt(32), -1, -1, 0.0, "cuda"))

@@ -48,9 +48,12 @@ def softmax(x, dim=-1):
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-              dropout_mask=None):
-    """SDPA semantics written out, plus two extensions: `attn_mask` combined with `is_causal`, and
-    an explicit `dropout_mask` (keep = True) so tests can replay the kernel's dropout.
+              dropout_mask=None, window_size=None, softcap=0.0):
+    """SDPA semantics written out, plus the extensions of `tfkernels.attention`: `attn_mask`
+    combined with `is_causal`, a local `window_size=(left, right)` (-1 = unbounded; top-left aligned
+    like is_causal: query i sees keys i - left .. i + right), `softcap` (scores
+    softcap * tanh(scores / softcap) before the mask is added, as Gemma 2 does), and an explicit
+    `dropout_mask` (keep = True) so tests can replay the kernel's dropout.
 
     Rows whose every key is masked return zeros (SDPA's math backend returns NaN there).
     """
@@ -61,9 +64,17 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
         k = k.repeat_interleave(rep, dim=-3)
         v = v.repeat_interleave(rep, dim=-3)
     s = (q @ k.transpose(-2, -1)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     keep = None
     if is_causal:
         keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+    left, right = window_size if window_size is not None else (-1, -1)
+    if left >= 0 or right >= 0:
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
+        win = ((j >= i - left) if left >= 0 else True) & ((j <= i + right) if right >= 0 else True)
+        keep = win if keep is None else keep & win
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             keep = attn_mask if keep is None else keep & attn_mask
@@ -78,7 +89,9 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     e = torch.exp(s - row_max)
     denom = e.sum(-1, keepdim=True)
     p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    if dropout_mask is not None:
+    if dropout_p >= 1.0:  # everything dropped (SDPA gives zeros too)
+        p = p * 0.0
+    elif dropout_mask is not None:
         p = p * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         p = F.dropout(p, dropout_p)

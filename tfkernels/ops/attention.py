@@ -2,8 +2,10 @@
 
 Math (per batch b, query head h, with h_kv = h // (H_q // H_kv) for GQA/MQA):
 
-    S = scale * Q K^T + M_add                      (T_q, T_k); M_add: float mask, -inf where a bool
-                                                   mask is False or (is_causal) j > i
+    S = cap(scale * Q K^T) + M_add                 (T_q, T_k); M_add: float mask, -inf where a bool
+                                                   mask is False, (is_causal) j > i, or j is outside
+                                                   the window [i - left, i + right];
+                                                   cap(x) = softcap * tanh(x / softcap), or x
     P = softmax(S) row-wise,  LSE = logsumexp(S)   (LSE saved, fp32, natural log)
     Pd = Z * P / (1 - p)                           Z: dropout keep mask (p = dropout_p), else Pd = P
     O = Pd V
@@ -14,14 +16,17 @@ Backward (P recomputed from Q, K and LSE; no T_q x T_k tensor is stored):
     dV = Pd^T dO
     dP = Z * (dO V^T) / (1 - p)
     dS = P * (dP - delta)                          (= d loss / d S, also the float mask's gradient)
-    dQ = scale * dS K,   dK = scale * dS^T Q       (dK, dV summed over the query heads of a group)
+    dX = dS * cap'(X), cap' = 1 - tanh^2           (X = scale * Q K^T; cap' = 1 without softcap)
+    dQ = scale * dX K,   dK = scale * dX^T Q       (dK, dV summed over the query heads of a group)
 
 Kernels (Triton, written like the fused-attention tutorial):
 - `_attn_fwd`: one program per (BLOCK_M query rows, b*H_q + h). Online softmax in base 2 (log2(e)
   folded into the scale, exp2 is the hardware instruction), fp32 accumulators, P cast to V's dtype
   for the second dot. K/V blocks are walked in two stages: blocks that need no masking (the fast
-  path: no `where`, no bounds checks) and then blocks that do (the causal diagonal and the ragged
-  last block). Causal programs never visit blocks entirely above the diagonal.
+  path: no `where`, no bounds checks) and blocks that do (the window's lower edge before them; the
+  causal diagonal / upper edge and the ragged last block after them), `_col_stages`. Blocks entirely
+  outside the window (above the diagonal, when causal) are never visited: a window of W keys costs
+  O(T * W), not O(T^2).
 - `_attn_bwd_preprocess`: delta.
 - `_attn_bwd_dkdv`: one program per (BLOCK_N1 key rows, b*H_kv + h_kv); loops over the group's query
   heads and over query blocks (skipping, when causal, those entirely above the diagonal), keeps dK
@@ -35,6 +40,9 @@ Semantics and limits:
   power of two, padded lanes are masked). Any T_q, T_k (T_q != T_k allowed).
 - is_causal: SDPA's top-left `tril` (row i sees keys j <= i), also when T_q != T_k. It may be
   combined with attn_mask (SDPA forbids that).
+- window (left, right), FlashAttention's window_size: row i sees keys i - left .. i + right
+  (-1: unbounded), top-left aligned like is_causal; the kernels take it as win_l, win_r >= 0 with
+  causality folded in (win_r = 0). softcap > 0: Gemma 2's logit soft-capping, before the mask.
 - attn_mask: bool (True = keep) or float (added to the scores), broadcastable to (B, H_q, T_q, T_k);
   it reaches the kernels as a stride-0 `expand` view, never materialised. A float mask that
   requires grad gets d(mask) = dS: the dK/dV kernel then also writes dS into a (B, H_q, T_q, T_k)
@@ -54,14 +62,17 @@ Op contract (the "cuda" backend implements the same two functions, `torch.ops.tf
 with exactly these arguments and results):
 
     attention_fwd(q, k, v, mask: Tensor?, dropout_p: float, seed: Tensor?, is_causal: bool,
-                  scale: float) -> (out, lse)
+                  scale: float, window_left: int, window_right: int, softcap: float) -> (out, lse)
         q (B,Hq,Tq,D), k/v (B,Hkv,Tk,D) fp16/bf16/fp32 any strides, Hq % Hkv == 0;
         mask None or (B,Hq,Tq,Tk) with any strides (0 on broadcast dims), dtype bool or float;
-        seed None (dropout_p == 0) or int64 CPU tensor of shape (1,);
+        seed None (dropout_p == 0) or int64 CPU tensor of shape (1,); dropout_p in [0, 1] (1: all
+        dropped, output and gradients 0);
+        window_left/right -1 (unbounded) or >= 0; softcap >= 0 (0 = off);
         out (B,Hq,Tq,D) contiguous in q's dtype; lse (B,Hq,Tq) fp32 contiguous, natural log,
         +inf for a fully masked row.
     attention_bwd(dout, q, k, v, mask: Tensor?, out, lse, dropout_p: float, seed: Tensor?,
-                  is_causal: bool, scale: float, mask_grad: bool) -> (dq, dk, dv, dmask)
+                  is_causal: bool, scale: float, window_left: int, window_right: int,
+                  softcap: float, mask_grad: bool) -> (dq, dk, dv, dmask)
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
     To reproduce the Triton kernels' dropout bit for bit (tests replay it through `_dropout_mask`),
@@ -169,26 +180,52 @@ if triton is not None:
         return start_m, bh, b, h, hk, offs_m, offs_d
 
     @triton.jit
-    def _kv_stages(start_m, Tk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Key bounds of a query block's two stages: [0, hi1) whole blocks that need no masking,
-        [hi1, hi2) the causal diagonal and the ragged tail (nothing past hi2 when causal).
-        BLOCK_M % BLOCK_N == 0, so start_m * BLOCK_M is a block boundary."""
-        n_full = (Tk // BLOCK_N) * BLOCK_N
-        if IS_CAUSAL:
-            hi1 = tl.minimum(start_m * BLOCK_M, n_full)
-            hi2 = tl.minimum((start_m + 1) * BLOCK_M, Tk)
-        else:
-            hi1 = n_full
-            hi2 = Tk
-        return hi1, hi2
+    def _col_stages(r0, ROWS: tl.constexpr, n_cols, left, right, BLOCK_C: tl.constexpr):
+        """Column-block bounds of a program over rows [r0, r0 + ROWS), where row r sees the columns
+        r - left .. r + right of [0, n_cols) (left, right >= 0; causal is right = 0): three stages,
+        [lo, u_lo) masked (the window's lower edge), [u_lo, u_hi) whole blocks every row sees in full
+        (no masking, no bounds checks), [u_hi, hi) masked (the diagonal / upper edge and the ragged
+        end). Blocks no row sees are never visited. u_lo, u_hi are multiples of BLOCK_C and so is lo.
+        Rows are queries and columns keys (forward, dQ), or rows keys and columns queries (dK/dV,
+        with left and right swapped)."""
+        lo_c = tl.maximum(r0 - left, 0)
+        hi = tl.maximum(tl.minimum(r0 + ROWS + right, n_cols), lo_c)  # exclusive
+        lo = (lo_c // BLOCK_C) * BLOCK_C
+        f_lo = tl.maximum(r0 + ROWS - 1 - left, 0)  # columns every row of the block sees
+        f_hi = tl.minimum(r0 + right, n_cols - 1)  # (inclusive)
+        u_lo = ((f_lo + BLOCK_C - 1) // BLOCK_C) * BLOCK_C
+        u_hi = ((f_hi + 1) // BLOCK_C) * BLOCK_C
+        if u_hi <= u_lo:  # no whole block: the first masked stage takes everything
+            u_lo = hi
+            u_hi = hi
+        return lo, u_lo, u_hi, hi
 
     @triton.jit
-    def _stage_valid(offs_m, offs_n, Tk, IS_CAUSAL: tl.constexpr):
-        """(BLOCK_M, BLOCK_N) keys a masked-stage tile may see: in range and, when causal, j <= i."""
-        valid = offs_n[None, :] < Tk
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        return valid
+    def _window_valid(offs_r, offs_c, left, right):
+        """Whether row r may see column c: r - left <= c <= r + right (broadcast offs_r / offs_c)."""
+        return (offs_c >= offs_r - left) & (offs_c <= offs_r + right)
+
+    @triton.jit
+    def _tanh(x):
+        """tanh in fp32 from exp2 (no tanh in tl; libdevice's is not in the interpreter), exact to a
+        few ulp of 1: (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, the sign put back."""
+        e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def _scores(qk, qk_scale, cap2, SOFTCAP: tl.constexpr):
+        """Scores in base-2 units from the raw q.k dot, and t = tanh(scale * q.k / softcap) (the
+        soft-capping's derivative factor 1 - t^2 in the backward; 0 when SOFTCAP is off).
+        Without softcap: qk_scale = scale * log2(e). With: qk_scale = scale / softcap and
+        cap2 = softcap * log2(e), so s = softcap * tanh(scale * q.k / softcap) * log2(e)."""
+        if SOFTCAP:
+            t = _tanh(qk * qk_scale)
+            s = t * cap2
+        else:
+            t = 0.0
+            s = qk * qk_scale
+        return s, t
 
     @triton.jit
     def _add_mask(s, Mask_bh, offs_r, offs_c, n_r, n_c, stride_r, stride_c, MASK_BOOL: tl.constexpr):
@@ -227,9 +264,9 @@ if triton is not None:
         seed, rng_row,  # dropout seed; rng_row (BLOCK_M,) int64 = ((b*Hq + h)*Tq + i) * Tk
         offs_m, offs_d, lo, hi, Tq, Tk, D,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-        qk_scale, dropout_p,
-        MASKED_STAGE: tl.constexpr,  # blocks on the causal diagonal / ragged end: mask columns
-        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        qk_scale, cap2, win_l, win_r, dropout_p,
+        MASKED_STAGE: tl.constexpr,  # blocks on the window's edges / ragged end: mask columns
+        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -238,14 +275,15 @@ if triton is not None:
             kT = _load_tile(K_bh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)  # (BLOCK_D, BLOCK_N)
             # scores in base-2 units: s = (scale * log2(e)) * q.k  (fp32 accumulation)
-            s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale
+            s, _ = _scores(_dot(q, kT, DOT_PRECISION, UPCAST), qk_scale, cap2, SOFTCAP)
             if HAS_MASK:
                 s = _add_mask(s, Mask_bh, offs_m, offs_n, Tq, Tk, stride_mq, stride_mk, MASK_BOOL)
             if MASKED_STAGE:
-                s = tl.where(_stage_valid(offs_m, offs_n, Tk, IS_CAUSAL), s, -float("inf"))
+                valid = (offs_n[None, :] < Tk) & _window_valid(offs_m[:, None], offs_n[None, :], win_l, win_r)
+                s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if HAS_MASK:
-                # a row masked so far has max -inf: subtract 0 instead so exp2 gives 0, not NaN
+            if MAY_EMPTY:
+                # a row that has seen no key yet has max -inf: subtract 0 instead so exp2 gives 0, not NaN
                 m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
             else:
                 m_sub = m_new
@@ -270,13 +308,14 @@ if triton is not None:
         Mask,  # pointer to the mask, shape (B, Hq, Tq, Tk), strides stride_m* (0 on broadcast dims)
         O,  # pointer to out, shape (B, Hq, Tq, D), contiguous
         LSE,  # pointer to lse, shape (B, Hq, Tq), fp32 contiguous
-        seed, dropout_p, rp_keep, qk_scale,  # rp_keep = 1 / (1 - dropout_p)
+        seed, dropout_p, rp_keep, qk_scale, cap2,  # rp_keep = 1 / (1 - dropout_p); see _scores
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         Hq, Tq, Tk, D, GROUP,  # GROUP = Hq // Hkv
-        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        win_l, win_r,  # query i sees keys i - win_l .. i + win_r (causal: win_r = 0), both >= 0
+        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -292,17 +331,25 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        # stage 1: whole blocks that need no masking; stage 2: the causal diagonal and ragged tail
-        hi1, hi2 = _kv_stages(start_m, Tk, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        # the window's lower edge (masked), whole blocks that need no masking, then the diagonal /
+        # upper edge and the ragged tail (masked); key blocks outside the window are never visited
+        lo, u_lo, u_hi, hi = _col_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, BLOCK_N)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
-            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+            dropout_p, True, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D, BLOCK_N,
+            DOT_PRECISION, UPCAST)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, hi1, hi2, Tq, Tk, D,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p,
-            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
-        if HAS_MASK:
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+            dropout_p, False, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D, BLOCK_N,
+            DOT_PRECISION, UPCAST)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+            dropout_p, True, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D, BLOCK_N,
+            DOT_PRECISION, UPCAST)
+        if MAY_EMPTY:
             # every key masked: l = 0 -> output 0 and LSE = +inf (the backward's P is then 0)
             empty = l_i == 0.0
             lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -358,9 +405,9 @@ if triton is not None:
         seed, rng_base,  # rng_base = (b*Hq + h) * Tq
         offs_n, offs_d, lo, hi, Tq, Tk, D,
         stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
-        qk_scale, dropout_p, rp_keep,
-        MASKED_STAGE: tl.constexpr,  # query blocks on the causal diagonal
-        HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
+        qk_scale, cap2, win_l, win_r, dropout_p, rp_keep,
+        MASKED_STAGE: tl.constexpr,  # query blocks on the window's edges (the causal diagonal)
+        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -372,12 +419,12 @@ if triton is not None:
                             offs_d, offs_m, D, Tq, not EVEN_D, not EVEN_M)  # (BLOCK_D, BLOCK_M)
             # rows past Tq get LSE = +inf, hence P = 0: no other masking needed for them
             lse, delta = _load_lse_delta(LSE_bh, Delta_bh, offs_m, Tq, EVEN_M)
-            sT = _dot(k, qT, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+            sT, tT = _scores(_dot(k, qT, DOT_PRECISION, UPCAST), qk_scale, cap2, SOFTCAP)  # (BLOCK_N, BLOCK_M), base 2
             if HAS_MASK:  # the mask tile transposed: rows are keys, columns queries
                 sT = _add_mask(sT, Mask_bh, offs_n, offs_m, Tk, Tq, stride_mk, stride_mq, MASK_BOOL)
             pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
-            if MASKED_STAGE:
-                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+            if MASKED_STAGE:  # query i sees key j iff i - win_l <= j <= i + win_r
+                pT = tl.where(_window_valid(offs_n[:, None], offs_m[None, :], win_r, win_l), pT, 0.0)
             do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                             offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
             dpT = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
@@ -389,10 +436,12 @@ if triton is not None:
             else:
                 pdT = pT
             dv = _dot_acc(pdT.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
-            dsT = pT * (dpT - delta[None, :])  # fp32
+            dsT = pT * (dpT - delta[None, :])  # fp32; the gradient of the (capped) score + mask
             if MASK_GRAD:
                 tl.store(DMask_bh + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None], dsT,
                          mask=(offs_n[:, None] < Tk) & (offs_m[None, :] < Tq))
+            if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+                dsT = dsT * (1.0 - tT * tT)
             dk = _dot_acc(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION, UPCAST)
         return dk, dv
 
@@ -404,14 +453,14 @@ if triton is not None:
         DK,  # pointer to dk, shape (B, Hkv, Tk, D), contiguous
         DV,  # pointer to dv, shape (B, Hkv, Tk, D), contiguous
         DMask,  # pointer to dmask (= dS), shape (B, Hq, Tq, Tk), fp32 contiguous (MASK_GRAD only)
-        seed, dropout_p, rp_keep, qk_scale, scale,
+        seed, dropout_p, rp_keep, qk_scale, cap2, scale,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
-        Hq, Hkv, Tq, Tk, D, GROUP,
-        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
+        Hq, Hkv, Tq, Tk, D, GROUP, win_l, win_r,
+        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -430,14 +479,10 @@ if triton is not None:
                        offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        if IS_CAUSAL:
-            # query rows < start_n see none of these keys; rows in [start_n, start_n + BLOCK_N) are
-            # the diagonal (masked); later rows see all of them. BLOCK_N % BLOCK_M == 0.
-            lo = start_n
-            mid = tl.minimum(start_n + BLOCK_N, Tq)
-        else:
-            lo = 0
-            mid = 0
+        # key j is seen by queries j - win_r .. j + win_l: the same three stages as the forward's,
+        # over query blocks (causal: none before the diagonal, which is masked; every later one
+        # whole). Rows past Tq need no masking in the unmasked stage: their LSE is +inf, so P = 0.
+        lo, u_lo, u_hi, hi = _col_stages(start_n, BLOCK_N, Tq, win_r, win_l, BLOCK_M)
         for g in range(0, GROUP):  # GQA: this K/V head serves GROUP query heads; sum over them
             h = hk * GROUP + g
             bh = b * Hq + h
@@ -450,14 +495,19 @@ if triton is not None:
             rng_base = bh.to(tl.int64) * Tq
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
-                offs_n, offs_d, lo, mid, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-                True, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+                offs_n, offs_d, lo, u_lo, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, SOFTCAP,
+                HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
-                offs_n, offs_d, mid, Tq, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-                False, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+                offs_n, offs_d, u_lo, u_hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, False, SOFTCAP,
+                HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                offs_n, offs_d, u_hi, hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, SOFTCAP,
+                HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
         dk *= scale  # dK = scale * dS^T Q
         out_off = bhk.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
         _store_tile(DK + out_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
@@ -470,8 +520,8 @@ if triton is not None:
         seed, rng_row,  # rng_row (BLOCK_M,) int64 = ((b*Hq + h)*Tq + i) * Tk
         offs_m, offs_d, lo, hi, Tq, Tk, D,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-        qk_scale, dropout_p, rp_keep,
-        MASKED_STAGE: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+        qk_scale, cap2, win_l, win_r, dropout_p, rp_keep,
+        MASKED_STAGE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
         MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -481,17 +531,20 @@ if triton is not None:
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)  # (BLOCK_D, BLOCK_N)
             vT = _load_tile(V_bh + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
                             offs_d, offs_n, D, Tk, not EVEN_D, MASKED_STAGE)
-            s = _dot(q, kT, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+            s, t = _scores(_dot(q, kT, DOT_PRECISION, UPCAST), qk_scale, cap2, SOFTCAP)  # (BLOCK_M, BLOCK_N), base 2
             if HAS_MASK:
                 s = _add_mask(s, Mask_bh, offs_m, offs_n, Tq, Tk, stride_mq, stride_mk, MASK_BOOL)
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED_STAGE:
-                p = tl.where(_stage_valid(offs_m, offs_n, Tk, IS_CAUSAL), p, 0.0)
+                valid = (offs_n[None, :] < Tk) & _window_valid(offs_m[:, None], offs_n[None, :], win_l, win_r)
+                p = tl.where(valid, p, 0.0)
             dp = _dot(do, vT, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
             if HAS_DROPOUT:
                 keep_d = _keep(seed, rng_row[:, None] + offs_n[None, :], dropout_p)
                 dp = tl.where(keep_d, dp * rp_keep, 0.0)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
             dq = _dot_acc(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)
         return dq
 
@@ -499,14 +552,14 @@ if triton is not None:
     def _attn_bwd_dq(
         Q, K, V, Mask, DO, LSE, Delta,  # as in _attn_bwd_dkdv
         DQ,  # pointer to dq, shape (B, Hq, Tq, D), contiguous
-        seed, dropout_p, rp_keep, qk_scale, scale,
+        seed, dropout_p, rp_keep, qk_scale, cap2, scale,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
-        Hq, Tq, Tk, D, GROUP,
-        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        Hq, Tq, Tk, D, GROUP, win_l, win_r,
+        SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -525,15 +578,19 @@ if triton is not None:
         Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
         rng_row = (bh.to(tl.int64) * Tq + offs_m) * Tk
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        hi1, hi2 = _kv_stages(start_m, Tk, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        lo, u_lo, u_hi, hi = _col_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, BLOCK_N)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, 0, hi1, Tq, Tk, D,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-            False, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+            dropout_p, rp_keep, True, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, hi1, hi2, Tq, Tk, D,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, dropout_p, rp_keep,
-            True, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+            dropout_p, rp_keep, False, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
+            dropout_p, rp_keep, True, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         dq *= scale  # dQ = scale * dS K
         _store_tile(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
                     dq.to(DQ.dtype.element_ty), offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
@@ -749,11 +806,36 @@ def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
     return int(seed.item()) if dropout_p > 0.0 else 0
 
 
+def _keep_scale(dropout_p: float) -> float:
+    """1 / (1 - p), the kept probabilities' scale; 0 when p = 1 (everything dropped: output and
+    gradients 0, as in SDPA, instead of 0 * inf)."""
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
+def _window_args(Tq: int, Tk: int, is_causal: bool, window_left: int, window_right: int):
+    """The kernels' (win_l, win_r): query i sees keys i - win_l .. i + win_r, both >= 0. Unbounded
+    sides become Tq + Tk (past every key), causality is win_r = 0. MAY_EMPTY (a row may have seen no
+    key when a block starts, so its running max is -inf): only with a bounded left side."""
+    big = Tq + Tk
+    win_l = window_left if window_left >= 0 else big
+    win_r = window_right if window_right >= 0 else big
+    if is_causal:
+        win_r = 0
+    return min(win_l, big), min(win_r, big), window_left >= 0
+
+
+def _softcap_args(scale: float, softcap: float):
+    """(qk_scale, cap2) of the kernels' _scores."""
+    if softcap > 0.0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
+def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     o = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
@@ -767,15 +849,20 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
         return o, lse
     m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
     has_dropout = dropout_p > 0.0
-    key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, bool(is_causal), _dot_precision(q.dtype))
+    win_l, win_r, left_bounded = _window_args(Tq, Tk, is_causal, window_left, window_right)
+    qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
+    may_empty = has_mask or left_bounded
+    key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, may_empty, softcap > 0.0,
+           _dot_precision(q.dtype))
 
     def launch(bm, bn, warps, stages):
         _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
             q, k, v, m_ptr, o, lse,
-            _seed_value(seed, dropout_p), float(dropout_p), 1.0 / (1.0 - dropout_p), float(scale) * LOG2E,
+            _seed_value(seed, dropout_p), float(dropout_p), _keep_scale(dropout_p), qk_scale, cap2,
             *q.stride(), *k.stride(), *v.stride(), *m_str,
-            Hq, Tq, Tk, D, Hq // Hkv,
-            IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_DROPOUT=has_dropout,
+            Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
+            SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool, MAY_EMPTY=may_empty,
+            HAS_DROPOUT=has_dropout,
             EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
             num_warps=warps, num_stages=stages)
@@ -784,7 +871,8 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
     return o, lse
 
 
-def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad):
+def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, window_left, window_right,
+                softcap, mask_grad):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -805,25 +893,27 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
     pre_m = 16 if _gpu_major(q) is None else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_m), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=BD)
-    common = dict(IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+    win_l, win_r, _ = _window_args(Tq, Tk, is_causal, window_left, window_right)
+    qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
+    common = dict(SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                   HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
-    rp_keep = 1.0 / (1.0 - dropout_p)
-    key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, bool(is_causal), prec, bool(mask_grad))
+    rp_keep = _keep_scale(dropout_p)
+    key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, softcap > 0.0, prec, bool(mask_grad))
 
     def launch(m1, n1, m2, n2, warps, stages):
         # a retry reruns both kernels: they overwrite dk, dv, dq and dmask, nothing accumulates
         _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
             q, k, v, m_ptr, dout, lse, delta, dk, dv, dm_ptr,
-            seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
+            seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
-            Hq, Hkv, Tq, Tk, D, Hq // Hkv,
+            Hq, Hkv, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
             BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
         _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
             q, k, v, m_ptr, dout, lse, delta, dq,
-            seed_v, float(dropout_p), rp_keep, float(scale) * LOG2E, float(scale),
+            seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
-            Hq, Tq, Tk, D, Hq // Hkv,
+            Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
 
     _launch_first_fit(key, _bwd_configs(q), launch)
@@ -849,12 +939,15 @@ def _draw_seed() -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
-def _cuda_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale):
-    return _cuda_ext.ops().attention_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale)
+def _cuda_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
+    return _cuda_ext.ops().attention_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left,
+                                         window_right, softcap)
 
 
-def _cuda_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad):
-    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad)
+def _cuda_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, window_left, window_right,
+              softcap, mask_grad):
+    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale,
+                                         window_left, window_right, softcap, mask_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -863,14 +956,15 @@ def _cuda_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, 
 
 @torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float,
-                  seed: Optional[Tensor], is_causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+                  seed: Optional[Tensor], is_causal: bool, scale: float, window_left: int, window_right: int,
+                  softcap: float, backend: str) -> tuple[Tensor, Tensor]:
     """-> out (B, Hq, Tq, D) contiguous, lse (B, Hq, Tq) fp32 (see the module docstring)."""
     return _backend.run("attention", backend, _triton_fwd, _cuda_fwd, q, k, v, mask, dropout_p, seed,
-                        is_causal, scale)
+                        is_causal, scale, window_left, window_right, softcap)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, dropout_p, seed, is_causal, scale, backend):
+def _(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend):
     B, Hq, Tq, D = q.shape
     return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
@@ -878,14 +972,16 @@ def _(q, k, v, mask, dropout_p, seed, is_causal, scale, backend):
 @torch.library.custom_op("tfkernels::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor,
                   lse: Tensor, dropout_p: float, seed: Optional[Tensor], is_causal: bool, scale: float,
-                  mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  window_left: int, window_right: int, softcap: float, mask_grad: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, dmask ((B, Hq, Tq, Tk) fp32 when mask_grad, else empty)."""
     return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, out, lse,
-                        dropout_p, seed, is_causal, scale, mask_grad)
+                        dropout_p, seed, is_causal, scale, window_left, window_right, softcap, mask_grad)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_grad, backend):
+def _(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, window_left, window_right, softcap,
+      mask_grad, backend):
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     dmask = (q.new_empty((B, Hq, Tq, Tk), dtype=torch.float32) if mask_grad
@@ -894,22 +990,23 @@ def _(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, mask_gra
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, seed, is_causal, scale, backend = inputs
+    q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse, seed)
-    ctx.args = (dropout_p, is_causal, scale, backend)
+    ctx.args = (dropout_p, is_causal, scale, window_left, window_right, softcap, backend)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale, backend = ctx.args
+    dropout_p, is_causal, scale, window_left, window_right, softcap, backend = ctx.args
+    nones = (None,) * 8  # dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend
     if _backend.differentiable_backward():  # create_graph=True: through the reference's autograd
-        return (*_reference_backward(ctx, dout), None, None, None, None, None)
+        return (*_reference_backward(ctx, dout), *nones)
     mask_grad = bool(ctx.needs_input_grad[3])
     dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale,
-                                      mask_grad, backend)
+                                      window_left, window_right, softcap, mask_grad, backend)
     dmask = dmask.to(mask.dtype) if mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None
+    return dq, dk, dv, dmask, *nones
 
 
 def _reference_backward(ctx, dout):
@@ -917,10 +1014,10 @@ def _reference_backward(ctx, dout):
     stores the (B, H, T_q, T_k) probabilities, as the reference does; dropout replays the kernels'
     keep mask for the call's seed (drawn by the Triton kernel that defines the stream)."""
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
-    dropout_p, is_causal, scale, _ = ctx.args
+    dropout_p, is_causal, scale, window_left, window_right, softcap, _ = ctx.args
     B, Hq, Tq, _ = q.shape
     keep = None
-    if dropout_p > 0.0:
+    if 0.0 < dropout_p < 1.0:
         if not _backend.triton_available():
             raise NotImplementedError("attention: a double backward with dropout replays the dropout mask with the "
                                       "Triton kernel that defines it, and Triton is not installed")
@@ -928,7 +1025,8 @@ def _reference_backward(ctx, dout):
 
     def fn(q, k, v, mask):
         return reference.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                   enable_gqa=k.shape[1] != Hq, dropout_mask=keep)
+                                   enable_gqa=k.shape[1] != Hq, dropout_mask=keep,
+                                   window_size=(window_left, window_right), softcap=softcap)
     return _backend.reference_vjp(fn, (q, k, v, mask), ctx.needs_input_grad[:4], dout)
 
 
@@ -990,8 +1088,8 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
             raise ValueError(f"attention: with enable_gqa, q's heads ({Hq}) must be a multiple of k/v's heads ({Hkv})")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"attention: dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     # the backends would disagree on what NaN/inf give; not while torch.compile traces, where a
@@ -1009,6 +1107,32 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         if not ok:
             raise ValueError(f"attention: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
                              f"(B, H_q, T_q, T_k) = {list(target)}")
+
+
+def _check_window(window_size) -> tuple[int, int]:
+    """window_size as (left, right) ints, -1 = unbounded; FlashAttention's convention."""
+    if window_size is None:
+        return -1, -1
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
+    if ok:
+        ok = all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
+    if not ok:
+        raise TypeError(f"attention: window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"attention: window_size sides must be >= 0, or -1 for unbounded; got {window_size!r}")
+    return left, right
+
+
+def _check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"attention: softcap must be a float, got {type(softcap).__name__}")
+    if torch.compiler.is_compiling() and isinstance(softcap, float):
+        return softcap  # may be symbolic (see scale)
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
+    return softcap
 
 
 def _broadcast_batch(q, k, v):
@@ -1039,6 +1163,7 @@ def _autocast(q, k, v):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
+              window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0,
               backend: Optional[str] = None) -> Tensor:
     """Scaled dot-product attention with the signature and semantics of
     `torch.nn.functional.scaled_dot_product_attention`; FlashAttention-2 kernels in Triton.
@@ -1064,8 +1189,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     A query row with every key masked returns zeros (SDPA's math backend gives NaN).
 
     dropout_p: applied to the attention probabilities (always, as in SDPA: pass 0.0 in eval); the
-    seed comes from torch's generator, so `torch.manual_seed` makes a call reproducible.
+    seed comes from torch's generator, so `torch.manual_seed` makes a call reproducible. 1.0 drops
+    everything (output and gradients 0, as in SDPA).
     scale: defaults to 1/sqrt(D).
+
+    Beyond SDPA, FlashAttention's two extensions (keyword-only):
+
+    window_size=(left, right): local (sliding-window) attention, query i sees keys
+    i - left .. i + right; -1 leaves a side unbounded. Aligned top-left like is_causal (query i's
+    diagonal is key i, also when T_q != T_k), and combined with is_causal and attn_mask by AND:
+    Mistral's window W is `is_causal=True, window_size=(W - 1, 0)`. Key blocks outside the window
+    are skipped, so the cost grows with T * window, not T^2. A query with no key in its window
+    returns 0, like a fully masked row.
+
+    softcap: logit soft-capping (Gemma 2, Grok): the scores become
+    softcap * tanh(scale * q.k / softcap) before attn_mask is added; 0 (default) turns it off.
+
     backend: "triton", "cuda", "torch" or None (automatic).
     """
     # numpy scalars (np.float32 from a config or an array) are Reals but not floats, which the
@@ -1079,15 +1218,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     q, k, v = _broadcast_batch(*_autocast(q, k, v))
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
     if lead is not None:
-        out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
+        out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
+                        softcap=softcap, backend=backend)
         return out.reshape(*lead, *out.shape[-3:])
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    window_left, window_right = _check_window(window_size)
+    softcap = _check_softcap(softcap)
     D = q.shape[-1]
     unfit = f"head dim {D} exceeds the kernels' limit of {MAX_HEAD_DIM}" if D > MAX_HEAD_DIM else None
     be = _backend.resolve(backend, q, "attention", unfit, others=(k, v, attn_mask))
     _validate.check_float(q, "q", be)
     if be == "torch":
-        return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                   window_size=(window_left, window_right), softcap=softcap)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if unfit is not None:  # a kernel backend asked for by name
@@ -1102,7 +1245,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dropout_p = float(dropout_p)
     seed = _draw_seed() if dropout_p > 0.0 else None
-    out, _ = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, be)
+    out, _ = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, window_left, window_right,
+                           softcap, be)
     return out
 
 
