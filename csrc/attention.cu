@@ -1,12 +1,17 @@
 // Fused attention forward and backward (FlashAttention-2 style), same semantics as the Triton op
 // in tfkernels/ops/attention.py (see its module docstring for the math and the op contract).
 //
-//   S = scale * Q K^T + M_add          (-inf where a bool mask is False, causal j > i, or j >= Tk)
-//   P = softmax(S),  LSE = logsumexp(S) (fp32, natural log, +inf for a fully masked row -> O = 0)
+//   X = scale * Q K^T;  C = X, or c * tanh(X / c) with softcap c > 0;  S = C + M_add
+//                                       (-inf where a bool mask is False, j >= Tk, or j outside
+//                                       [i - window_left, i + window_right], causal: j > i)
+//   P = softmax(S),  LSE = logsumexp(S) (fp32, natural log, +inf for a row that sees no key -> O = 0)
 //   Pd = Z * P / (1 - p),  O = Pd V     Z: keep mask, Philox as Triton's tl.rand(seed, offset) with
-//                                       offset = ((b*Hq + h)*Tq + i)*Tk + j, keep = u >= p
+//                                       offset = ((b*Hq + h)*Tq + i)*Tk + j, keep = u >= p (p = 1: 0)
 // Backward: delta = rowsum(dO * O); dV = Pd^T dO; dP = Z * (dO V^T) / (1 - p);
-//           dS = P * (dP - delta) (= d mask); dQ = scale * dS K; dK = scale * dS^T Q.
+//           dC = P * (dP - delta) (= d mask); dS = dC (1 - tanh^2) when capped, else dC;
+//           dQ = scale * dS K; dK = scale * dS^T Q.
+// Every kernel visits only the tiles of the band a sliding window (or causality) leaves visible,
+// so the cost follows the window, not Tq x Tk (attention_common.cuh: key_range, query_range).
 //
 // fp16 and bf16 run on tensor cores with register-resident tiles (attention_tc.cu) on sm_80 and
 // newer. This file holds the entry points, the delta kernel both paths use, and the FMA path: fp32
@@ -94,9 +99,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     sMax[r] = -INFINITY;
     sSum[r] = 0.0f;
   }
-  // causal: keys past the block's last query row are masked for every row
-  const int n_end = p.causal ? min(p.Tk, m0 + BM) : p.Tk;
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  // only the keys some row of the block sees (causal: none past its last row)
+  int n_begin, n_end;
+  key_range<kAll>(p, m0, m0 + BM - 1, n_begin, n_end);
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     __syncthreads();  // the previous block's products are done with sK, sV, sP
     load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
     load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
@@ -117,7 +123,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
       mx = warp_max(mx);
       const float m_old = sMax[r];
       const float m_new = fmaxf(m_old, mx);
-      const float alpha = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);  // exp(-inf) = 0 on the first block
+      // exp(-inf) = 0 on the row's first tile with a visible key; a row that has seen none keeps m = -inf
+      const float alpha = m_new == -INFINITY ? 1.0f : expf(m_old - m_new);
       float lsum = 0.0f;
 #pragma unroll
       for (int t = 0; t < CPL; ++t) {
@@ -175,8 +182,9 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
 }
 
 // Shared by both backward kernels: from sS = Q K^T and sDP = dO V^T of one (BM, BN) tile, the
-// dropped probabilities Pd and dS for the next products, and dS into dmask when asked. sPd and sDS
-// are sS and sDP themselves: each element is read before the same thread overwrites it.
+// dropped probabilities Pd and dS for the next products, and dC (the gradient of the capped score,
+// = dS uncapped) into dmask when asked. sPd and sDS are sS and sDP themselves: each element is read
+// before the same thread overwrites it.
 template <int BM>
 __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, int m0, int n0,
                                             const float* sS, const float* sDP, const float* sLse,
@@ -184,14 +192,15 @@ __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, i
   constexpr int BN = BM;
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx - r * BN, i = m0 + r, j = n0 + c;
-    const float s = score(p, b, h, i, j, sS[idx]);
+    float t;
+    const float s = score(p, b, h, i, j, sS[idx], t);
     const float prob = s == -INFINITY ? 0.0f : expf(s - sLse[r]);  // lse = +inf (empty row) -> 0
     const float z = prob == 0.0f ? 0.0f : dropout_scale(p, b, h, i, j);
-    const float ds = prob * (sDP[idx] * z - sDelta[r]);
+    const float dc = prob * (sDP[idx] * z - sDelta[r]);
     if (sPd != nullptr) sPd[idx] = prob * z;
-    sDS[idx] = ds;
+    sDS[idx] = caps<kAll>(p) ? dc * (1.0f - t * t) : dc;
     if (p.dmask != nullptr && i < p.Tq && j < p.Tk)
-      p.dmask[((static_cast<int64_t>(b) * p.Hq + h) * p.Tq + i) * p.Tk + j] = ds;
+      p.dmask[((static_cast<int64_t>(b) * p.Hq + h) * p.Tq + i) * p.Tk + j] = dc;
   }
 }
 
@@ -228,14 +237,15 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     sdK[idx] = 0.0f;
     sdV[idx] = 0.0f;
   }
-  // causal: query rows before n0 see none of these keys (BM == BN, so n0 starts a query block)
-  const int m_start = p.causal ? n0 : 0;
+  // only the query rows that see some of these keys (causal: none before n0)
+  int m_start, m_end;
+  query_range<kAll>(p, n0, n0 + BN - 1, m_start, m_end);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
     const float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
-    for (int m0 = m_start; m0 < p.Tq; m0 += BM) {
+    for (int m0 = m_start; m0 < m_end; m0 += BM) {
       __syncthreads();  // the previous tile's products are done with sQ, sdO, sPd, sDS
       load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
       load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, p.Tq, p.D, dp);
@@ -302,10 +312,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     sLse[r] = i < p.Tq ? p.lse[static_cast<int64_t>(bh) * p.Tq + i] : INFINITY;
     sDelta[r] = i < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + i] : 0.0f;
   }
-  const int n_end = p.causal ? min(p.Tk, m0 + BM) : p.Tk;
+  int n_begin, n_end;
+  key_range<kAll>(p, m0, m0 + BM - 1, n_begin, n_end);
   AttnParams pq = p;
   pq.dmask = nullptr;  // the dK/dV kernel writes dmask
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     __syncthreads();
     load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
     load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
@@ -360,7 +371,8 @@ bool has_tensor_core_path() {
 
 }  // namespace
 
-cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream) {
+cudaError_t attention_fwd(const AttnParams& params, cudaStream_t stream) {
+  const AttnParams p = prepared(params);
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue fills those
   if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16)
     return cudaErrorInvalidValue;
@@ -371,7 +383,8 @@ cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream) {
+cudaError_t attention_bwd(const AttnParams& params, cudaStream_t stream) {
+  const AttnParams p = prepared(params);
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue zero-fills
   if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16 ||
       p.Tk > 65535 * 16)

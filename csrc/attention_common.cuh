@@ -51,14 +51,81 @@ __device__ __forceinline__ float load_mask_f(const void* m, int64_t off, DType d
   }
 }
 
-// The masked, scaled score for query i, key j of head (b, h) from the raw q.k product; -inf when
-// masked or out of bounds. RULES = false compiles the mask out (for launches without one, see
-// needs_rules): bounds and causality are all that is left.
-template <bool RULES = true>
-__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk) {
-  if (i >= p.Tq || j >= p.Tk || (p.causal && j > i)) return -INFINITY;
-  float s = qk * p.scale;
-  if (RULES && p.mask_kind != 0) {
+// Which rules a kernel variant carries, as bits of a template argument, so that what a launch does
+// not need costs neither code nor registers: kMaskDropout the mask and dropout; kWindowCap the
+// sliding window and soft-capping (each decided at run time within the variant). Without
+// kWindowCap, visibility is bounds and causality only, exactly the kernels before windows existed.
+enum Rules : int { kPlain = 0, kMaskDropout = 1, kWindowCap = 2, kAll = 3 };
+
+template <int R>
+__device__ __forceinline__ bool caps(const AttnParams& p) {
+  return (R & kWindowCap) && p.softcap > 0.0f;
+}
+
+// Whether query i sees key j: both in range and j within i's window (causal folded in, see
+// AttnParams), or without kWindowCap, not after i when causal.
+template <int R>
+__device__ __forceinline__ bool visible(const AttnParams& p, int i, int j) {
+  if (R & kWindowCap) return i < p.Tq && j < p.Tk && static_cast<unsigned>(j - i + p.win_left) <= p.win_span;
+  return !(i >= p.Tq || j >= p.Tk || (p.causal && j > i));
+}
+
+// Whether some query in [r_lo, r_hi] sees some key in [c_lo, c_hi] (bounds aside). Always true
+// without a window: causal blocks are never wholly above the diagonal (see key_range).
+template <int R>
+__device__ __forceinline__ bool window_meets(const AttnParams& p, int r_lo, int r_hi, int c_lo, int c_hi) {
+  return !(R & kWindowCap) || (c_hi - r_lo >= -p.win_left && c_lo - r_hi <= p.win_right);
+}
+
+// Whether every query in [r_lo, r_hi] sees every key in [c_lo, c_hi] (bounds aside).
+template <int R>
+__device__ __forceinline__ bool window_covers(const AttnParams& p, int r_lo, int r_hi, int c_lo, int c_hi) {
+  if (R & kWindowCap) return c_lo - r_hi >= -p.win_left && c_hi - r_lo <= p.win_right;
+  return !p.causal || c_hi <= r_lo;
+}
+
+// The keys [lo, hi) that some query of [r_lo, r_hi] sees, and the queries [lo, hi) that see some
+// key of [c_lo, c_hi] (hi <= lo: none): the kernels skip the tiles outside, so the work follows
+// the window's width, not Tq x Tk. Causal: no key past r_hi, no query before c_lo.
+template <int R>
+__device__ __forceinline__ void key_range(const AttnParams& p, int r_lo, int r_hi, int& lo, int& hi) {
+  if (R & kWindowCap) {
+    lo = max(0, r_lo - p.win_left);
+    hi = min(p.Tk, r_hi + p.win_right + 1);
+  } else {
+    lo = 0;
+    hi = p.causal ? min(p.Tk, r_hi + 1) : p.Tk;
+  }
+}
+template <int R>
+__device__ __forceinline__ void query_range(const AttnParams& p, int c_lo, int c_hi, int& lo, int& hi) {
+  if (R & kWindowCap) {
+    lo = max(0, c_lo - p.win_right);
+    hi = min(p.Tq, c_hi + p.win_left + 1);
+  } else {
+    lo = p.causal ? min(c_lo, p.Tq) : 0;
+    hi = p.Tq;
+  }
+}
+
+// The capped (or only scaled) score from the raw q.k product; `t` receives tanh(x / softcap), whose
+// 1 - t^2 is the cap's derivative for the backward.
+template <bool CAP>
+__device__ __forceinline__ float capped(const AttnParams& p, float qk, float& t) {
+  if (!CAP) return qk * p.scale;
+  t = tanhf(qk * p.cap_scale);  // accurate tanhf: tanh.approx's 2^-11 relative error would show in P
+  return p.softcap * t;
+}
+
+// The score for query i, key j of head (b, h) from the raw q.k product: scaled, soft-capped, the
+// mask added (in that order, as Gemma 2 does); -inf where not visible or masked. `t` as in
+// capped(), 0 where not computed.
+template <int R = kAll>
+__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk, float& t) {
+  t = 0.0f;
+  if (!visible<R>(p, i, j)) return -INFINITY;
+  float s = caps<R>(p) ? capped<true>(p, qk, t) : capped<false>(p, qk, t);
+  if ((R & kMaskDropout) && p.mask_kind != 0) {
     const int64_t off = b * p.m_s[0] + h * p.m_s[1] + static_cast<int64_t>(i) * p.m_s[2] + static_cast<int64_t>(j) * p.m_s[3];
     if (p.mask_kind == 1) {
       if (static_cast<const uint8_t*>(p.mask)[off] == 0) return -INFINITY;
@@ -69,17 +136,44 @@ __device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i,
   return s;
 }
 
-// Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout (or with RULES = false).
-template <bool RULES = true>
-__device__ __forceinline__ float dropout_scale(const AttnParams& p, int b, int h, int i, int j) {
-  if (!RULES || p.dropout_p <= 0.0f) return 1.0f;
-  const uint64_t off = ((static_cast<uint64_t>(b) * p.Hq + h) * p.Tq + i) * static_cast<uint64_t>(p.Tk) + j;
-  return philox_uniform(p.seed, off) >= p.dropout_p ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
+template <int R = kAll>
+__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk) {
+  float t;
+  return score<R>(p, b, h, i, j, qk, t);
 }
 
-// Whether a launch needs a mask or dropout decision per score. The tensor-core kernels are compiled
-// both ways: without them the kernels carry neither the mask loads nor Philox, in code or registers.
-inline bool needs_rules(const AttnParams& p) { return p.mask_kind != 0 || p.dropout_p > 0.0f; }
+// Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout (or without kMaskDropout).
+template <int R = kAll>
+__device__ __forceinline__ float dropout_scale(const AttnParams& p, int b, int h, int i, int j) {
+  if (!(R & kMaskDropout) || p.dropout_p <= 0.0f) return 1.0f;
+  const uint64_t off = ((static_cast<uint64_t>(b) * p.Hq + h) * p.Tq + i) * static_cast<uint64_t>(p.Tk) + j;
+  return philox_uniform(p.seed, off) >= p.dropout_p ? p.keep_scale : 0.0f;
+}
+
+// p with the kernels' fields (win_*, cap_scale, keep_scale) filled in from the caller's.
+inline AttnParams prepared(const AttnParams& p) {
+  AttnParams r = p;
+  // A side that reaches past every key is no bound (so such a launch needs no window tests);
+  // causal is a right edge at the diagonal, within any right window.
+  const int left = p.window_left < 0 || p.window_left >= p.Tq - 1 ? kNoWindow : p.window_left;
+  const int right = p.causal ? 0 : p.window_right < 0 || p.window_right >= p.Tk - 1 ? kNoWindow : p.window_right;
+  r.win_left = left;
+  r.win_right = right;
+  r.win_span = static_cast<unsigned>(left) + static_cast<unsigned>(right);
+  r.cap_scale = p.softcap > 0.0f ? p.scale / p.softcap : 0.0f;
+  // dropout_p = 1 drops everything: Z = 0 for every score, so O and every gradient are 0, not inf
+  r.keep_scale = p.dropout_p < 1.0f ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
+  return r;
+}
+
+// The variant a prepared launch needs. The tensor-core kernels are compiled for each: without
+// kMaskDropout they carry neither the mask loads nor Philox, without kWindowCap neither window
+// tests nor tanh, in code or registers.
+inline Rules rules_of(const AttnParams& p) {
+  const bool md = p.mask_kind != 0 || p.dropout_p > 0.0f;
+  const bool window = p.win_left != kNoWindow || (!p.causal && p.win_right != kNoWindow);
+  return static_cast<Rules>((md ? kMaskDropout : 0) | (window || p.softcap > 0.0f ? kWindowCap : 0));
+}
 
 // fp16/bf16 on tensor cores (attention_tc.cu); attention_bwd_tc expects delta computed.
 cudaError_t attention_fwd_tc(const AttnParams& p, cudaStream_t stream);

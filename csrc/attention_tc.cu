@@ -18,9 +18,15 @@
 //   dK, dV   grid (B*Hkv, Tk/64): the warp's 16 keys are rows: S^T = K Q^T, dP^T = V dO^T over
 //            every query tile of every query head of the GQA group (so no atomics), dV += P^T dO,
 //            dK += dS^T Q; writes the float mask's gradient when asked.
-// Each kernel is compiled twice: with the mask and dropout rules (RULES) for launches that have
-// either, and without them; there, key tiles that need no per-score check at all (is_plain) take a
-// lean path and only the ragged and causal-diagonal tiles test bounds and causality per score.
+// Each kernel is compiled four times, one per Rules variant (attention_common.cuh): with or without
+// the mask and dropout rules (kMaskDropout), with or without the sliding window and soft-capping
+// (kWindowCap), so a launch carries only the code and registers of what it uses; without either,
+// the kernels are what they were before windows existed. Without kMaskDropout, tiles that need no
+// per-score check at all (is_plain) take a lean path (soft-capped or not) and only the ragged tiles
+// and those on a window's edge (the causal diagonal is one) test bounds and the window per score.
+// Sliding windows: a query block walks only the keys its rows see (key_range), a key block only the
+// queries that see its keys (query_range); within a tile, a warp none of whose rows meets the
+// window skips the products, so the work follows the band's width, not Tq x Tk.
 // Register budget: S and dP take BN/2 fp32 per lane, O / dQ DP/2, dK + dV DP. For DP > 128 the
 // key tile shrinks to 32; dK/dV at DP 192/256 exceed the register file and spill (not tuned).
 #include "attention_common.cuh"
@@ -148,14 +154,14 @@ bool rows_vectorisable(const void* ptr, const int64_t (&s)[4], int D) {
 
 // What the query-block kernels (forward, dQ) share: the block's head and 64 query rows, and the K/V
 // tiles (BN keys, STAGES buffers each, from sK on) it walks.
-template <typename T, int DP, int STAGES>
+template <typename T, int DP, int STAGES, int R>
 struct QueryBlock {
   static constexpr int BN = Tile<DP>::BN, LD = Tile<DP>::LD;
   const AttnParams& p;
   T* sK;
   T* sV;
   bool vec;
-  int bh, b, h, m0, steps;
+  int bh, b, h, m0, n_first, steps;
   const T* k;
   const T* v;
 
@@ -168,16 +174,19 @@ struct QueryBlock {
     m0 = blockIdx.y * kRows;
     k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
     v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
-    // causal: keys past the block's last query row are masked for every row
-    steps = ((p.causal ? min(p.Tk, m0 + kRows) : p.Tk) + BN - 1) / BN;
+    // only the keys some row of the block sees (causal: none past its last row)
+    int n_end;
+    key_range<R>(p, m0, m0 + kRows - 1, n_first, n_end);
+    steps = n_end > n_first ? (n_end - n_first + BN - 1) / BN : 0;
   }
   // Copies this block's 64 rows of a (B, Hq, Tq, D) input (q or dout) into `dst`.
   __device__ void load_query_rows(T* dst, const void* src, const int64_t (&s)[4]) const {
     load_rows<T, kRows, DP>(dst, static_cast<const T*>(src) + b * s[0] + h * s[1], s[2], s[3], m0, p.Tq, p.D, vec);
   }
+  __device__ int key0(int it) const { return (R & kWindowCap ? n_first : 0) + it * BN; }
   __device__ void load_kv(int it, int stage) const {
-    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], it * BN, p.Tk, p.D, vec);
-    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], it * BN, p.Tk, p.D, vec);
+    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), p.Tk, p.D, vec);
+    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), p.Tk, p.D, vec);
   }
   __device__ const T* key_tile(int it) const { return sK + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
   __device__ const T* value_tile(int it) const { return sV + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
@@ -203,21 +212,34 @@ __device__ __forceinline__ void store_rows(T* out, const float (&acc)[DP / 8][4]
   }
 }
 
-// Whether the key tile [n0, n0 + bn) needs no per-score rule for the query rows from row0 on: no
-// mask or dropout (RULES = false, see needs_rules), every key in range and, when causal, every key
-// at or before row0. Such tiles take a lean path: at fp16/bf16 tensor-core rates the FP32/integer
-// work per score bounds the loop, and the general rules cost ~20 instructions a score. row0 is the
+// Whether the key tile [n0, n0 + bn) needs no per-score rule for the 16 query rows from row0 on: no
+// mask or dropout (see rules_of), every key in range and within every row's window (causal: at or
+// before row0). Such tiles take a lean path: at fp16/bf16 tensor-core rates the FP32/integer work
+// per score bounds the loop, and the general rules cost ~20 instructions a score. row0 is the
 // warp's first row, so the test is warp-uniform and the two paths never diverge.
-template <bool RULES>
+template <int R>
 __device__ __forceinline__ bool is_plain(const AttnParams& p, int n0, int bn, int row0) {
-  return !RULES && n0 + bn <= p.Tk && (!p.causal || n0 + bn - 1 <= row0);
+  return !(R & kMaskDropout) && n0 + bn <= p.Tk && window_covers<R>(p, row0, row0 + 15, n0, n0 + bn - 1);
+}
+
+// A plain tile's scores (S in place, raw q.k in), scaled or soft-capped, and the rows' maxima.
+template <bool CAP, int NT>
+__device__ __forceinline__ void plain_scores(const AttnParams& p, float (&s)[NT][4], float (&mx)[2]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float th;
+      s[n][e] = capped<CAP>(p, s[n][e], th);
+      mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+    }
 }
 
 // ------------------------------------------------------------------------------ forward
 
-template <typename T, int DP, int STAGES, bool RULES>
+template <typename T, int DP, int STAGES, int R>
 __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParams p, bool vec) {
-  using Block = QueryBlock<T, DP, STAGES>;
+  using Block = QueryBlock<T, DP, STAGES, R>;
   constexpr int NT = Block::BN / 8, DT = DP / 8;
   extern __shared__ __align__(128) float4 smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD), then STAGES x (BN, LD) for K and for V
@@ -235,25 +257,25 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
   float row_sum[2] = {0.0f, 0.0f};  // this lane's part; the group's 4 lanes are summed at the end
   for (int it = 0; it < blk.steps; ++it) {
     pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
-    const int n0 = it * Block::BN;
-    const bool plain = is_plain<RULES>(p, n0, Block::BN, warp_row0);
+    const int n0 = blk.key0(it);
+    // a tile past the window of every row of this warp changes none of them (the block's other rows
+    // need it); without a window this never happens
+    if (!window_meets<R>(p, warp_row0, warp_row0 + 15, n0, n0 + Block::BN - 1)) continue;
+    const bool plain = is_plain<R>(p, n0, Block::BN, warp_row0);
     float s[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
     if (plain) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] *= p.scale;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
-        }
+      if (caps<R>(p))
+        plain_scores<true>(p, s, mx);
+      else
+        plain_scores<false>(p, s, mx);
     } else {
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[n][e] = score<RULES>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
+          s[n][e] = score<R>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
     }
@@ -264,7 +286,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       const float m_new = fmaxf(row_max[r], mx[r]);
       // exp(x - m) as exp2(x log2e - m log2e): one FFMA and ex2, where expf costs ~8 instructions
-      alpha[r] = m_new == -INFINITY ? 1.0f : exp2f((row_max[r] - m_new) * kLog2e);  // 0 on the first tile
+      // 0 on the row's first tile with a visible key; a row that has seen none keeps m = -inf
+      alpha[r] = m_new == -INFINITY ? 1.0f : exp2f((row_max[r] - m_new) * kLog2e);
       row_max[r] = m_new;
       max_log2[r] = m_new * kLog2e;
       row_sum[r] *= alpha[r];
@@ -287,7 +310,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
           const int r = e >> 1;
           const float pr = row_max[r] == -INFINITY ? 0.0f : exp2f(fmaf(s[n][e], kLog2e, -max_log2[r]));
           row_sum[r] += pr;
-          s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale<RULES>(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
+          s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale<R>(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
         }
     }
 #pragma unroll
@@ -299,6 +322,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
     }
     mma_pb<T, DP, NT>(o, s, blk.value_tile(it), lane);  // O += P V
   }
+  if (R & kWindowCap) cp_async_wait<0>();  // with no key tile (a window past Tk) Q was never waited for
 
   float inv[2];
 #pragma unroll
@@ -306,7 +330,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
     float l = row_sum[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;  // a fully masked row has l = 0: O = 0
+    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;  // a row that sees no key has l = 0: O = 0
     const int i = i0 + r * 8;
     if (t == 0 && i < p.Tq)
       p.lse[static_cast<int64_t>(blk.bh) * p.Tq + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
@@ -318,30 +342,42 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
 
 // One fragment element of the backward: from the raw q.k product `s` and dP = dO.v `dp`, with P
 // recomputed from the row's LSE (given as lse log2(e), the forward's exp2 form), the dropped
-// probability Pd (into s) and dS = P (Z dP - delta) (into dp).
-template <bool RULES>
-__device__ __forceinline__ void ds_element(const AttnParams& p, int b, int h, int i, int j, float lse_log2,
-                                           float delta, float& s, float& dp) {
-  const float sc = score<RULES>(p, b, h, i, j, s);
+// probability Pd (into s) and dS = dC d cap/dx (into dp), where dC = P (Z dP - delta) is the
+// gradient of the capped score, the float mask's gradient (returned).
+template <int R>
+__device__ __forceinline__ float ds_element(const AttnParams& p, int b, int h, int i, int j, float lse_log2,
+                                            float delta, float& s, float& dp) {
+  float th;
+  const float sc = score<R>(p, b, h, i, j, s, th);
   // lse = +inf (an empty or padding row) gives 0
   const float prob = sc == -INFINITY ? 0.0f : exp2f(fmaf(sc, kLog2e, -lse_log2));
-  const float z = prob == 0.0f ? 0.0f : dropout_scale<RULES>(p, b, h, i, j);
-  const float ds = prob * (dp * z - delta);
+  const float z = prob == 0.0f ? 0.0f : dropout_scale<R>(p, b, h, i, j);
+  const float dc = prob * (dp * z - delta);
   s = prob * z;  // Pd
-  dp = ds;
+  dp = caps<R>(p) ? dc * (1.0f - th * th) : dc;
+  return dc;
 }
 
-// The same for a plain tile (is_plain): every score real and visible, no dropout. The scale is
-// folded into `scale_log2` = scale log2(e).
-__device__ __forceinline__ void ds_plain(float scale_log2, float lse_log2, float delta, float& s, float& dp) {
-  const float prob = exp2f(fmaf(s, scale_log2, -lse_log2));
-  dp = prob * (dp - delta);
-  s = prob;
+// The same for a plain tile (is_plain): every score real and visible, no mask or dropout. `mul_log2`
+// is scale log2(e), or softcap log2(e) when capped (the tanh gets scale / softcap).
+template <bool CAP>
+__device__ __forceinline__ void ds_plain(const AttnParams& p, float mul_log2, float lse_log2, float delta, float& s,
+                                         float& dp) {
+  if (CAP) {
+    const float th = tanhf(s * p.cap_scale);
+    const float prob = exp2f(fmaf(th, mul_log2, -lse_log2));
+    dp = prob * (dp - delta) * (1.0f - th * th);
+    s = prob;
+  } else {
+    const float prob = exp2f(fmaf(s, mul_log2, -lse_log2));
+    dp = prob * (dp - delta);
+    s = prob;
+  }
 }
 
-template <typename T, int DP, int STAGES, bool RULES>
+template <typename T, int DP, int STAGES, int R>
 __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnParams p, bool vec) {
-  using Block = QueryBlock<T, DP, STAGES>;
+  using Block = QueryBlock<T, DP, STAGES, R>;
   constexpr int NT = Block::BN / 8, DT = DP / 8, LD = Block::LD;
   extern __shared__ __align__(128) float4 smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kRows, LD)
@@ -354,7 +390,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
   cp_async_commit();
 
   const int i0 = blk.m0 + warp * 16 + (lane >> 2), warp_row0 = blk.m0 + warp * 16;
-  const float scale_log2 = p.scale * kLog2e;
+  const bool cap = caps<R>(p);
+  const float mul_log2 = (cap ? p.softcap : p.scale) * kLog2e;
   float lse_log2[2], delta[2];  // rows past Tq: lse = +inf, so P = 0 there
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -367,30 +404,39 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
   float dq[DT][4] = {};
   for (int it = 0; it < blk.steps; ++it) {
     pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
-    const int n0 = it * Block::BN;
+    const int n0 = blk.key0(it);
+    if (!window_meets<R>(p, warp_row0, warp_row0 + 15, n0, n0 + Block::BN - 1)) continue;  // dS = 0 (forward)
     float s[NT][4] = {}, dp[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);      // S = Q K^T
     mma_abt<T, DP, NT>(dp, dorow, blk.value_tile(it), lane);  // dP = dO V^T
-    if (is_plain<RULES>(p, n0, Block::BN, warp_row0)) {
+    if (is_plain<R>(p, n0, Block::BN, warp_row0)) {
+      auto plain = [&](auto cap_c) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) ds_plain(scale_log2, lse_log2[e >> 1], delta[e >> 1], s[n][e], dp[n][e]);
+          for (int e = 0; e < 4; ++e)
+            ds_plain<decltype(cap_c)::value>(p, mul_log2, lse_log2[e >> 1], delta[e >> 1], s[n][e], dp[n][e]);
+      };
+      if (cap)
+        plain(std::true_type{});
+      else
+        plain(std::false_type{});
     } else {
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          ds_element<RULES>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse_log2[e >> 1],
-                            delta[e >> 1], s[n][e], dp[n][e]);
+          ds_element<R>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse_log2[e >> 1],
+                        delta[e >> 1], s[n][e], dp[n][e]);
     }
     mma_pb<T, DP, NT>(dq, dp, blk.key_tile(it), lane);  // dQ += dS K
   }
+  if (R & kWindowCap) cp_async_wait<0>();  // with no key tile (a window past Tk) Q, dO were never waited for
   const float scale[2] = {p.scale, p.scale};
   store_rows<T, DP>(static_cast<T*>(p.dq) + static_cast<int64_t>(blk.bh) * p.Tq * p.D, dq, i0, p.Tq, p.D, scale);
 }
 
-template <typename T, int DP, int STAGES, bool RULES>
+template <typename T, int DP, int STAGES, int R>
 __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p, bool vec) {
   using C = Tile<DP>;
   constexpr int BQ = C::BQ, LD = C::LD, NT = BQ / 8, DT = DP / 8;
@@ -405,9 +451,10 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
-  // causal: query rows before n0 see none of these keys
-  const int m_start = p.causal ? min(n0, p.Tq) : 0;
-  const int q_tiles = (p.Tq - m_start + BQ - 1) / BQ;
+  // only the query rows that see some of these keys (causal: none before n0)
+  int m_start, m_end;
+  query_range<R>(p, n0, n0 + kRows - 1, m_start, m_end);
+  const int q_tiles = m_end > m_start ? (m_end - m_start + BQ - 1) / BQ : 0;
   const int steps = group * q_tiles;  // (query head of the group, query tile) pairs
   auto load_q = [&](int it, int stage) {
     const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
@@ -423,10 +470,12 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
 
   const int j0 = n0 + warp * 16 + g;  // this lane's keys: j0 and j0 + 8
   const int warp_key0 = n0 + warp * 16;
-  // is_plain with rows and columns swapped: no rules, the warp's 16 keys in range, and per query
-  // tile: all its queries in range and, when causal, the first at or past the warp's last key.
-  const bool keys_plain = !RULES && warp_key0 + 16 <= p.Tk;
-  const float scale_log2 = p.scale * kLog2e;
+  // is_plain with rows and columns swapped: no mask or dropout, the warp's 16 keys in range, and per
+  // query tile: all its queries in range and each sees all 16 keys (causal: the first query at or
+  // past the warp's last key).
+  const bool keys_plain = !(R & kMaskDropout) && warp_key0 + 16 <= p.Tk;
+  const bool cap = caps<R>(p);
+  const float mul_log2 = (cap ? p.softcap : p.scale) * kLog2e;
   const T* krow = a_row<DP>(sK, warp * 16, lane);
   const T* vrow = a_row<DP>(sV, warp * 16, lane);
   float dk[DT][4] = {}, dv[DT][4] = {};
@@ -434,6 +483,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     pipeline_step<STAGES>(it, steps, load_q);
     const int stage = STAGES == 1 ? 0 : (it & 1);
     const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
+    // none of this tile's queries sees the warp's keys: dS = 0, Pd = 0 (dmask stays 0)
+    if (!window_meets<R>(p, m0, m0 + BQ - 1, warp_key0, warp_key0 + 15)) continue;
     const T* tq = sQ + stage * BQ * LD;
     const T* tdo = sdO + stage * BQ * LD;
     float s[NT][4] = {}, dp[NT][4] = {};
@@ -442,16 +493,23 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
     const float* lse_row = p.lse + bh * p.Tq;
     const float* delta_row = p.delta + bh * p.Tq;
-    if (keys_plain && m0 + BQ <= p.Tq && (!p.causal || m0 >= warp_key0 + 15)) {
+    if (keys_plain && m0 + BQ <= p.Tq && window_covers<R>(p, m0, m0 + BQ - 1, warp_key0, warp_key0 + 15)) {
+      auto plain = [&](auto cap_c) {
+        constexpr bool CAP = decltype(cap_c)::value;
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int i = m0 + n * 8 + 2 * t + c;  // the fragment's column is the query
-          const float lse_log2 = lse_row[i] * kLog2e, delta = delta_row[i];
-          ds_plain(scale_log2, lse_log2, delta, s[n][c], dp[n][c]);
-          ds_plain(scale_log2, lse_log2, delta, s[n][2 + c], dp[n][2 + c]);
-        }
+          for (int c = 0; c < 2; ++c) {
+            const int i = m0 + n * 8 + 2 * t + c;  // the fragment's column is the query
+            const float lse_log2 = lse_row[i] * kLog2e, delta = delta_row[i];
+            ds_plain<CAP>(p, mul_log2, lse_log2, delta, s[n][c], dp[n][c]);
+            ds_plain<CAP>(p, mul_log2, lse_log2, delta, s[n][2 + c], dp[n][2 + c]);
+          }
+      };
+      if (cap)
+        plain(std::true_type{});
+      else
+        plain(std::false_type{});
     } else {
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -463,15 +521,15 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = j0 + r * 8, e = 2 * r + c;
-            ds_element<RULES>(p, b, h, i, j, lse_log2, delta, s[n][e], dp[n][e]);
-            if (RULES && p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dp[n][e];
+            const float dc = ds_element<R>(p, b, h, i, j, lse_log2, delta, s[n][e], dp[n][e]);
+            if ((R & kMaskDropout) && p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dc;
           }
         }
     }
     mma_pb<T, DP, NT>(dv, s, tdo, lane);  // dV += Pd^T dO
     mma_pb<T, DP, NT>(dk, dp, tq, lane);  // dK += dS^T Q
   }
-  cp_async_wait<0>();  // with no query tile (causal, n0 >= Tq) the K/V copies were never waited for
+  cp_async_wait<0>();  // with no query tile (causal or a window, past Tq) the K/V copies were never waited for
 
   const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
   const float scale[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
@@ -496,11 +554,11 @@ cudaError_t launch_tc(TcKernel two, TcKernel one, size_t smem2, size_t smem1, di
 }
 
 // The one-stage variants exist only for head dims whose two stages can exceed kMinSmemOptin; the
-// RULES variant only for launches with a mask or dropout.
+// Rules variant is the launch's (rules_of).
 #define TFK_TC_LAUNCH(KERNEL, SMEM, GRID)                                                               \
   do {                                                                                                \
     auto launch = [&](auto rules) -> cudaError_t {                                                    \
-      constexpr bool R = decltype(rules)::value;                                                      \
+      constexpr int R = decltype(rules)::value;                                                       \
       if constexpr (Tile<DP>::SMEM(2) <= static_cast<size_t>(kMinSmemOptin))                          \
         return launch_tc(KERNEL<T, DP, 2, R>, KERNEL<T, DP, 2, R>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(2), GRID, p, \
                          vec, stream);                                                                \
@@ -508,7 +566,12 @@ cudaError_t launch_tc(TcKernel two, TcKernel one, size_t smem2, size_t smem1, di
         return launch_tc(KERNEL<T, DP, 2, R>, KERNEL<T, DP, 1, R>, Tile<DP>::SMEM(2), Tile<DP>::SMEM(1), GRID, p, \
                          vec, stream);                                                                \
     };                                                                                                \
-    return needs_rules(p) ? launch(std::true_type{}) : launch(std::false_type{});                     \
+    switch (rules_of(p)) {                                                                            \
+      case kAll: return launch(std::integral_constant<int, kAll>{});                                  \
+      case kMaskDropout: return launch(std::integral_constant<int, kMaskDropout>{});                  \
+      case kWindowCap: return launch(std::integral_constant<int, kWindowCap>{});                      \
+      default: return launch(std::integral_constant<int, kPlain>{});                                  \
+    }                                                                                                 \
   } while (0)
 
 // Calls f(std::integral_constant<int, DP>) with the head dim padded to the nearest compiled size.

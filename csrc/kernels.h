@@ -73,7 +73,11 @@ struct AttnParams {
   int B, Hq, Hkv, Tq, Tk, D;
   bool causal;                  // top-left: query i sees keys j <= i
   float scale;                  // softmax scale applied to q.k
-  float dropout_p;              // 0: no dropout
+  // Sliding window, top-left aligned like causal: query i sees keys i - window_left .. i +
+  // window_right (-1: unbounded on that side), intersected with causal and [0, Tk).
+  int window_left, window_right;
+  float softcap;                // > 0: score = softcap * tanh(scale * q.k / softcap), before the mask
+  float dropout_p;              // 0: no dropout; 1: everything dropped
   uint64_t seed;                // Philox key, as tl.rand(seed, ((b*Hq + h)*Tq + i)*Tk + j)
   // forward outputs
   void* out; float* lse;
@@ -83,10 +87,22 @@ struct AttnParams {
   float* delta;                 // (B, Hq, Tq) scratch
   void* dq; void* dk; void* dv;
   float* dmask;                 // nullptr unless the float mask needs its gradient (zero-filled)
+
+  // Set by attention_fwd/bwd from the fields above (callers leave them): what the kernels read.
+  // Key j is visible to query i iff -win_left <= j - i <= win_right (kNoWindow when unbounded; causal
+  // is win_right = 0), tested as one unsigned compare: unsigned(j - i + win_left) <= win_span.
+  int win_left, win_right;
+  unsigned win_span;            // win_left + win_right
+  float cap_scale;              // scale / softcap (softcap > 0)
+  float keep_scale;             // 1 / (1 - dropout_p), 0 when dropout_p >= 1
 };
 
-// out = softmax(scale * q k^T + mask) v with dropout; lse = logsumexp (natural log, +inf for a
-// fully masked row, whose output is 0). Head dims up to 256.
+// An unbounded window side: larger than any sequence, small enough that i + kNoWindow, j - i +
+// kNoWindow and win_left + win_right (unsigned) cannot overflow.
+constexpr int kNoWindow = 1 << 30;
+
+// out = softmax(cap(scale * q k^T) + mask) v with dropout; lse = logsumexp (natural log, +inf for a
+// row that sees no key, whose output is 0). Head dims up to 256.
 cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream);
 
 // dq, dk, dv (and dmask) from dout, recomputing the probabilities from lse.

@@ -18,6 +18,7 @@
 #define TFK_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard_((t).device())
 #endif
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -199,7 +200,8 @@ void check_4d(const Tensor& t, const char* op, const char* name) {
 // mask alive for the duration of the call.
 tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
                             double dropout_p, const std::optional<Tensor>& seed, bool is_causal, double scale,
-                            Tensor& mask_keep, const char* op) {
+                            int64_t window_left, int64_t window_right, double softcap, Tensor& mask_keep,
+                            const char* op) {
   check_4d(q, op, "q");
   check_4d(k, op, "k");
   check_4d(v, op, "v");
@@ -214,7 +216,11 @@ tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, c
               ") must be a multiple of k/v's heads (", Hkv, ")");
   TORCH_CHECK(D >= 1 && D <= tfk::ATTN_MAX_HEAD_DIM, "tfkernels_cuda.", op, ": head dim must be in [1, ",
               tfk::ATTN_MAX_HEAD_DIM, "], got ", D);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "tfkernels_cuda.", op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "tfkernels_cuda.", op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "tfkernels_cuda.", op,
+              ": window_left and window_right must be -1 (unbounded) or >= 0, got (", window_left, ", ", window_right, ")");
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "tfkernels_cuda.", op,
+              ": softcap must be finite and >= 0 (0: off), got ", softcap);
   tfk::AttnParams p{};
   p.dtype = dtype_of(q, op, "q");
   p.q = q.data_ptr();
@@ -231,6 +237,10 @@ tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.D = static_cast<int>(D);
   p.causal = is_causal;
   p.scale = static_cast<float>(scale);
+  // a window wider than kNoWindow reaches past any supported sequence: unbounded
+  p.window_left = window_left < 0 || window_left >= tfk::kNoWindow ? -1 : static_cast<int>(window_left);
+  p.window_right = window_right < 0 || window_right >= tfk::kNoWindow ? -1 : static_cast<int>(window_right);
+  p.softcap = static_cast<float>(softcap);
   p.dropout_p = static_cast<float>(dropout_p);
   p.mask_kind = 0;
   p.mask = nullptr;
@@ -266,12 +276,14 @@ tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, c
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double dropout_p,
-                                         const std::optional<Tensor>& seed, bool is_causal, double scale) {
+                                         const std::optional<Tensor>& seed, bool is_causal, double scale,
+                                         int64_t window_left, int64_t window_right, double softcap) {
   const char* op = "attention_fwd";
   check_4d(q, op, "q");
   TFK_DEVICE_GUARD(q);
   Tensor mask_keep;
-  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
+  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right,
+                                  softcap, mask_keep, op);
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.Tk == 0) {  // no queries, or no keys: every row fully masked
@@ -289,7 +301,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
                                                          const Tensor& v, const std::optional<Tensor>& mask,
                                                          const Tensor& out, const Tensor& lse_in, double dropout_p,
                                                          const std::optional<Tensor>& seed, bool is_causal,
-                                                         double scale, bool mask_grad) {
+                                                         double scale, int64_t window_left,
+                                                         int64_t window_right, double softcap, bool mask_grad) {
   const char* op = "attention_bwd";
   check_4d(q, op, "q");
   check_4d(dout_in, op, "dout");
@@ -298,7 +311,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
               ": dout and out must have q's shape ", q.sizes());
   TFK_DEVICE_GUARD(q);
   Tensor mask_keep;
-  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, mask_keep, op);
+  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right,
+                                  softcap, mask_keep, op);
   const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : dout_in.to(q.scalar_type());
   const Tensor o = out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
@@ -307,7 +321,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
   const auto f32 = q.options().dtype(at::kFloat);
-  // dS is zero on the tiles the causal kernels skip, so the buffer starts at zero
+  // dS is zero on the tiles the kernels skip (outside the causal triangle or the window), so the
+  // buffer starts at zero
   Tensor dmask = mask_grad ? at::zeros({B, Hq, Tq, Tk}, f32) : at::empty({0}, f32);
   if (B * Hq * Tq == 0 || Tk == 0) {
     dq.zero_();
@@ -341,9 +356,10 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
   m.def("softmax_fwd(Tensor x) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, Tensor? seed, bool is_causal, "
-        "float scale) -> (Tensor, Tensor)");
+        "float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-        "float dropout_p, Tensor? seed, bool is_causal, float scale, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float dropout_p, Tensor? seed, bool is_causal, float scale, int window_left, int window_right, float softcap, "
+        "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tfkernels_cuda, TFK_DISPATCH_KEY, m) {

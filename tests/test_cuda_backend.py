@@ -310,6 +310,72 @@ def test_attention_tiles_too_big_for_the_device(monkeypatch, dtype, what):
         tfkernels.attention(q, q, q, backend="cuda")
 
 
+# Sliding windows and soft-capping on the kernels' own paths: shapes of several tiles, so a query
+# block skips key tiles on both sides of its band, the dK/dV kernel's key blocks skip query tiles,
+# warps skip tiles their rows miss, and full tiles inside the band take the lean path (soft-capped
+# or not); a float mask brings the mask/dropout + window/softcap variant; T_q > T_k + left leaves
+# rows (and whole query blocks) that see nothing. Run on the default device, with 99 KiB of shared
+# memory (fp32 32/16-row tiles, 16-bit one-stage pipelines at D = 128) and before sm_80 (fp16 and
+# bf16 on the FMA path).
+WINDOW_CASES = [
+    # (Hq, Hkv, Tq, Tk, D, causal, window, softcap, mask)
+    (2, 1, 200, 200, 64, True, (70, 0), 0.0, False),
+    (2, 2, 150, 210, 128, False, (30, 45), 3.0, False),
+    (2, 1, 210, 150, 40, False, (0, 0), 0.0, False),
+    (1, 1, 190, 60, 64, False, (20, -1), 2.0, False),
+    (2, 1, 130, 170, 96, True, (-1, -1), 4.0, False),
+    (2, 2, 140, 100, 64, False, (25, 10), 2.5, True),
+    # windows whose edge falls one key past a tile's first or last key for some warp: an off-by-one
+    # in the plain-tile test (window_covers) shows only there
+    (1, 1, 150, 140, 64, False, (-1, 30), 0.0, False),
+    (1, 1, 150, 140, 192, True, (62, 0), 2.0, False),
+]
+
+
+@pytest.mark.parametrize("device", ["default", "smem_99k", "sm75"])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_window_softcap_tiles(monkeypatch, device, case, dtype):
+    if device != "default" and not CUDA_EMULATED:
+        pytest.skip("the emulated device's limits are settable; a GPU's are not")
+    if device == "sm75" and dtype == torch.float32:
+        pytest.skip("fp32 takes the FMA path on every device")
+    if device == "smem_99k":
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
+    elif device == "sm75":
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+    Hq, Hkv, Tq, Tk, D, causal, window, softcap, with_mask = case
+    torch.manual_seed(Tq * Tk + D)
+    q = torch.randn(1, Hq, Tq, D, device=DEV, dtype=dtype)
+    k, v = (torch.randn(1, Hkv, Tk, D, device=DEV, dtype=dtype) for _ in range(2))
+    mask = torch.randn(1, Hq, Tq, Tk, device=DEV, dtype=dtype) if with_mask else None
+    _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv, window_size=window, softcap=softcap,
+               scale=0.5 if softcap else None, mask=mask)
+
+
+def test_attention_window_softcap_dropout_replay():
+    """The cuda kernels' keep mask (the Triton kernels' Philox stream) replayed through the reference
+    with a window and soft-capping, forward and every gradient; and dropout_p = 1 drops everything."""
+    pytest.importorskip("triton")
+    import importlib
+
+    attn_mod = importlib.import_module("tfkernels.ops.attention")
+    torch.manual_seed(6)
+    B, H, Tq, Tk, D, p = 1, 2, 70, 90, 32, 0.3
+    q = torch.randn(B, H, Tq, D, device=DEV)
+    k, v = (torch.randn(B, H, Tk, D, device=DEV) for _ in range(2))
+    torch.manual_seed(41)
+    keep = attn_mod._dropout_mask(int(attn_mod._draw_seed().item()), B, H, Tq, Tk, p, device=DEV)
+    _att_check(q, k, v, torch.float32, window_size=(12, 20), softcap=2.0, scale=0.5, dropout_p=p,
+               dropout_mask=keep, seed=41)
+    for dtype in DTYPES:
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = tfkernels.attention(*leaves, dropout_p=1.0, window_size=(12, 20), softcap=2.0, backend="cuda")
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        for t in (out, *grads):
+            assert torch.equal(t, torch.zeros_like(t))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["bool_padding", "bool_full", "float_bias", "float_bias_causal", "float_half_mask"])
 def test_attention_masks(dtype, kind):
