@@ -181,6 +181,15 @@ if triton is not None:
         return start_m, bh, b, h, hk, offs_m, offs_d
 
     @triton.jit
+    def _lower_edge(r0, ROWS: tl.constexpr, w, hi, BLOCK: tl.constexpr):
+        """(lo, u_lo) of a window's lower edge for rows [r0, r0 + ROWS) that see columns from r - w
+        on: lo the block holding the first column any row sees, u_lo the first block (at most hi)
+        from which every row sees every column; both multiples of BLOCK unless u_lo = hi."""
+        lo = (tl.maximum(r0 - w, 0) // BLOCK) * BLOCK
+        u_lo = ((tl.maximum(r0 + ROWS - 1 - w, 0) + BLOCK - 1) // BLOCK) * BLOCK
+        return lo, tl.minimum(u_lo, hi)
+
+    @triton.jit
     def _kv_stages(r0, ROWS: tl.constexpr, Tk, win_l, win_r,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
         """Key-block bounds (lo, u_lo, u_hi, hi) of a program over query rows [r0, r0 + ROWS), where
@@ -201,9 +210,7 @@ if triton is not None:
             hi = Tk
             u_hi = (Tk // BLOCK_N) * BLOCK_N
         if WIN_LEFT:
-            lo = (tl.maximum(r0 - win_l, 0) // BLOCK_N) * BLOCK_N
-            u_lo = ((tl.maximum(r0 + ROWS - 1 - win_l, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-            u_lo = tl.minimum(u_lo, hi)
+            lo, u_lo = _lower_edge(r0, ROWS, win_l, hi, BLOCK_N)
         else:
             lo = 0
             u_lo = 0
@@ -231,9 +238,7 @@ if triton is not None:
             lo = n0
             u_lo = tl.minimum(n0 + ROWS, hi)
         elif WIN_RIGHT:
-            lo = (tl.maximum(n0 - win_r, 0) // BLOCK_M) * BLOCK_M
-            u_lo = ((tl.maximum(n0 + ROWS - 1 - win_r, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-            u_lo = tl.minimum(u_lo, hi)
+            lo, u_lo = _lower_edge(n0, ROWS, win_r, hi, BLOCK_M)
         else:
             lo = 0
             u_lo = 0
