@@ -333,8 +333,47 @@ def test_softcap_is_off_at_zero_and_saturates(backend):
     q, k, v = _rand(1, 1, 20, 16), _rand(1, 1, 20, 16), _rand(1, 1, 20, 16)
     plain = tfkernels.attention(q, k, v, backend=backend)
     torch.testing.assert_close(tfkernels.attention(q, k, v, softcap=0.0, backend=backend), plain)
-    # a cap far above every score changes nothing measurable
-    torch.testing.assert_close(tfkernels.attention(q, k, v, softcap=1e4, backend=backend), plain, rtol=1e-4, atol=1e-4)
+    # a cap far above every score changes nothing measurable, up to fp32's limit (1e35, 3e38: off)
+    for cap in (1e4, 1e6, 1e35, 3e38):
+        torch.testing.assert_close(tfkernels.attention(q, k, v, softcap=cap, backend=backend), plain,
+                                   rtol=2e-5, atol=1e-5, msg=f"softcap={cap}")
+
+
+def test_softcap_large_cap_accuracy(backend):
+    """A large cap makes every tanh argument small, where 1 - exp(-2x) cancels: the kernels' tanh
+    must stay accurate there (fp32 tolerances against float64, every gradient)."""
+    torch.manual_seed(49)
+    q, k, v = _rand(1, 2, 23, 16), _rand(1, 2, 29, 16), _rand(1, 2, 29, 16)
+    for cap in (1e3, 1e5):
+        _check(q, k, v, backend, softcap=cap, scale=1.0)
+
+
+def test_window_wider_than_the_sequence(backend):
+    """Sides reaching past every key are no bound: huge values (2**31 - 1 or beyond int64, as
+    "unbounded") give the unwindowed result instead of overflowing the kernels' int32 bounds."""
+    torch.manual_seed(50)
+    q, k, v = (_rand(1, 2, 40, 16).requires_grad_(True) for _ in range(3))
+    for causal, windows in ((True, [(2**31 - 1, 0), (2**63 + 5, 2**40)]),
+                            (False, [(-1, 2**31 - 1), (2**31 - 1, -1), (2**64, 2**64), (39, 39)])):
+        want = tfkernels.attention(q, k, v, is_causal=causal, backend=backend)
+        dwant = torch.autograd.grad(want.sum(), (q, k, v))
+        for w in windows:
+            got = tfkernels.attention(q, k, v, is_causal=causal, window_size=w, backend=backend)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"window {w}")
+            for g, d in zip(torch.autograd.grad(got.sum(), (q, k, v)), dwant):
+                torch.testing.assert_close(g, d, rtol=1e-5, atol=1e-6, msg=f"window {w}")
+    # a large finite window next to a narrow one: the kernels' bounds stay in range
+    _check(q, k, v, backend, window_size=(10, 2**31 - 30))
+
+
+def test_softcap_checked_under_compile():
+    """A constant softcap is validated under torch.compile as in eager (only a symbolic one is not)."""
+    torch._dynamo.reset()
+    q = _rand(1, 1, 8, 16)
+    for bad in (-1.0, float("inf")):
+        fn = torch.compile(lambda q, bad=bad: tfkernels.attention(q, q, q, softcap=bad, backend="torch"), fullgraph=True)
+        with pytest.raises(Exception, match="softcap"):
+            fn(q)
 
 
 def test_window_dropout_replayed(backend):

@@ -30,7 +30,8 @@ Kernels (Triton, written like the fused-attention tutorial):
   side at 0), so launches without a window compile to the causal / full kernels.
 - `_attn_bwd_preprocess`: delta.
 - `_attn_bwd_dkdv`: one program per (BLOCK_N1 key rows, b*H_kv + h_kv); loops over the group's query
-  heads and over query blocks (skipping, when causal, those entirely above the diagonal), keeps dK
+  heads and over the query blocks that see its keys (`_q_stages`: none above the diagonal when
+  causal, none outside the window), keeps dK
   and dV in fp32 registers. No atomics: deterministic, and GQA's sum over heads happens in-kernel.
 - `_attn_bwd_dq`: one program per (BLOCK_M2 query rows, b*H_q + h); walks K/V blocks like the forward.
 - `_dropout_keep_kernel`: materialises the keep mask Z for tests (same RNG call as the kernels).
@@ -101,6 +102,7 @@ except ImportError:  # the torch and cuda backends still work
     triton = None
 
 MAX_HEAD_DIM = 256
+SOFTCAP_OFF = 1e30  # a softcap this large caps nothing an fp32 score can hold: treated as off
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 LN2 = 0.6931471805599453  # log(x) = log2(x) * ln(2)
 
@@ -271,11 +273,17 @@ if triton is not None:
 
     @triton.jit
     def _tanh(x):
-        """tanh in fp32 from exp2 (no tanh in tl; libdevice's is not in the interpreter), exact to a
-        few ulp of 1: (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, the sign put back."""
-        e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+        """tanh in fp32 (no tanh in tl; libdevice's is not in the interpreter) to a few ulp of t:
+        (1 - e) / (1 + e) with e = exp(-2|x|), the sign put back; below |x| = 1/8, where 1 - e
+        cancels (a large softcap makes every x small), the odd series x (1 - x^2/3 + 2x^4/15 -
+        17x^6/315), whose next term is ~1e-9 relative there."""
+        ax = tl.abs(x)
+        e = tl.math.exp2(-2.8853900817779268 * ax)  # exp(-2|x|)
         t = (1.0 - e) / (1.0 + e)
-        return tl.where(x < 0, -t, t)
+        t = tl.where(x < 0, -t, t)
+        x2 = x * x
+        series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 - x2 * 0.05396825396825397)))
+        return tl.where(ax < 0.125, series, t)
 
     @triton.jit
     def _scores(qk, qk_scale, cap2, SOFTCAP: tl.constexpr):
@@ -892,20 +900,32 @@ def _keep_scale(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
 
 
-def _window_args(is_causal: bool, window_left: int, window_right: int):
+def _window_args(Tq: int, Tk: int, is_causal: bool, window_left: int, window_right: int):
     """The kernels' window: (win_l, win_r, WIN_LEFT, WIN_RIGHT); query i sees keys i - win_l (when
     WIN_LEFT) .. i + win_r (when WIN_RIGHT); causality is the right side at 0. Each flag compiles a
     side in: without a window the kernels are the causal / full ones they always were."""
+    window_left, window_right = _effective_window(Tq, Tk, window_left, window_right)
     win_left = window_left >= 0
     win_right = bool(is_causal) or window_right >= 0
     win_l = window_left if win_left else 0
     win_r = 0 if is_causal else max(window_right, 0)
-    return min(win_l, 2**31 - 1), min(win_r, 2**31 - 1), win_left, win_right
+    return win_l, win_r, win_left, win_right
+
+
+def _effective_window(Tq: int, Tk: int, window_left: int, window_right: int) -> tuple[int, int]:
+    """A side that reaches past every key (left >= Tq - 1: every query's window starts at or before
+    key 0; right >= Tk - 1: ends at or after the last) is no bound: -1. Exactly equivalent, so the
+    kernels' int32 bound arithmetic never sees a huge window (2**31 - 1 as "unbounded" overflowed)
+    and such a call runs the kernels without window tests."""
+    return (-1 if window_left >= max(Tq - 1, 0) else window_left,
+            -1 if window_right >= max(Tk - 1, 0) else window_right)
 
 
 def _softcap_args(scale: float, softcap: float):
-    """(qk_scale, cap2) of the kernels' _scores."""
-    if softcap > 0.0:
+    """(qk_scale, cap2) of the kernels' _scores. A cap at or above SOFTCAP_OFF is off (attention()
+    already makes it 0): softcap * tanh(x / softcap) = x to fp32 precision there, and fp32 would
+    overflow softcap * log2(e) or flush scale / softcap to zero."""
+    if 0.0 < softcap < SOFTCAP_OFF:
         return scale / softcap, softcap * LOG2E
     return scale * LOG2E, 0.0
 
@@ -928,7 +948,7 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, w
         return o, lse
     m_ptr, m_str, has_mask, mask_bool = _mask_args(mask, q)
     has_dropout = dropout_p > 0.0
-    win_l, win_r, win_left, win_right = _window_args(is_causal, window_left, window_right)
+    win_l, win_r, win_left, win_right = _window_args(Tq, Tk, is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
     # a row may have seen no key when a block starts (running max -inf): only with a lower window edge
     may_empty = has_mask or win_left
@@ -974,7 +994,7 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
     pre_m = 16 if _gpu_major(q) is None else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_m), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=BD)
-    win_l, win_r, win_left, win_right = _window_args(is_causal, window_left, window_right)
+    win_l, win_r, win_left, win_right = _window_args(Tq, Tk, is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
     common = dict(WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
                   HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
@@ -1210,12 +1230,12 @@ def _check_window(window_size) -> tuple[int, int]:
 def _check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"attention: softcap must be a float, got {type(softcap).__name__}")
-    if torch.compiler.is_compiling() and isinstance(softcap, float):
-        return softcap  # may be symbolic (see scale)
+    if isinstance(softcap, torch.SymFloat):
+        return softcap  # symbolic under torch.compile(dynamic=True): cannot be checked
     softcap = float(softcap)
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
-    return softcap
+    return softcap if softcap < SOFTCAP_OFF else 0.0
 
 
 def _broadcast_batch(q, k, v):
@@ -1327,6 +1347,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         mask = mask.expand(B, Hq, Tq, Tk)  # a stride-0 view, not a copy
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    window_left, window_right = _effective_window(Tq, Tk, window_left, window_right)  # fits the op's int64
     seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, window_left, window_right,
                            softcap, be)
