@@ -366,14 +366,20 @@ def test_window_wider_than_the_sequence(backend):
     _check(q, k, v, backend, window_size=(10, 2**31 - 30))
 
 
-def test_softcap_checked_under_compile():
-    """A constant softcap is validated under torch.compile as in eager (only a symbolic one is not)."""
+def test_softcap_checked_under_compile(backend):
+    """Under torch.compile (where attention() cannot check a possibly symbolic float) the op checks
+    the softcap it runs with, as eager does; a valid one still traces with dynamic=True."""
     torch._dynamo.reset()
     q = _rand(1, 1, 8, 16)
     for bad in (-1.0, float("inf")):
-        fn = torch.compile(lambda q, bad=bad: tfkernels.attention(q, q, q, softcap=bad, backend="torch"), fullgraph=True)
+        fn = torch.compile(lambda q, c: tfkernels.attention(q, q, q, softcap=c, backend=backend), fullgraph=True,
+                           backend="aot_eager")
         with pytest.raises(Exception, match="softcap"):
-            fn(q)
+            fn(q, bad)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, c: tfkernels.attention(q, q, q, softcap=c, backend=backend), fullgraph=True,
+                       dynamic=True, backend="aot_eager")
+    assert_close(fn(q, 2.0), tfkernels.attention(q, q, q, softcap=2.0, backend=backend).double(), torch.float32)
 
 
 def test_window_dropout_replayed(backend):

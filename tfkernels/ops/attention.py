@@ -1062,8 +1062,12 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropo
                   seed: Optional[Tensor], is_causal: bool, scale: float, window_left: int, window_right: int,
                   softcap: float, backend: str) -> tuple[Tensor, Tensor]:
     """-> out (B, Hq, Tq, D) contiguous, lse (B, Hq, Tq) fp32 (see the module docstring)."""
+    # attention() checks softcap in eager; under torch.compile it may not (a symbolic float), so the
+    # value the op runs with is checked here, where it is concrete
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
     return _backend.run("attention", backend, _triton_fwd, _cuda_fwd, q, k, v, mask, dropout_p, seed,
-                        is_causal, scale, window_left, window_right, softcap)
+                        is_causal, scale, window_left, window_right, softcap if softcap < SOFTCAP_OFF else 0.0)
 
 
 @attention_fwd.register_fake
@@ -1230,8 +1234,8 @@ def _check_window(window_size) -> tuple[int, int]:
 def _check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"attention: softcap must be a float, got {type(softcap).__name__}")
-    if isinstance(softcap, torch.SymFloat):
-        return softcap  # symbolic under torch.compile(dynamic=True): cannot be checked
+    if torch.compiler.is_compiling():  # may be symbolic (see scale): the op checks the value it runs with
+        return softcap
     softcap = float(softcap)
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
