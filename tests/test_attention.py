@@ -168,6 +168,9 @@ def test_non_contiguous_and_expanded(backend):
     k = _rand(B, 1, Tk, D).expand(B, H, Tk, D)
     v = _rand(B, Tk, H, D).transpose(1, 2)
     _check(q, k, v, backend, is_causal=True)
+    # the window's masked and skipped blocks read the same strided, stride-0 inputs
+    _check(q, k, v, backend, is_causal=True, window_size=(9, 0), softcap=2.0)
+    _check(q, k, v, backend, window_size=(5, 17))
     qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
     tfkernels.attention(qq, kk, vv, backend=backend).sum().backward()
     ref = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
