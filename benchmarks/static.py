@@ -11,7 +11,10 @@ compiler turns each launch into a cubin for the target; the report gives, per ke
   raises OutOfResources and the launcher retries its fallback config, so the report shows whether
   the tuned config fits or the launch silently drops to the slow fallback;
 - registers per thread and local memory per thread (stack frame + local: register spills, as
-  Triton kernels have no local arrays), from `cuobjdump -res-usage` on the cubin.
+  Triton kernels have no local arrays), from `cuobjdump -res-usage` on the cubin;
+- the tensor-core instructions in its SASS (`cuobjdump -sass`): HGMMA is Hopper's warpgroup MMA
+  (wgmma), HMMA the warp-level mma.sync of sm_80. A Hopper matrix kernel with only HMMA runs on the
+  slower path (roughly 2/3 of the tensor-core peak at best), which no other static number shows.
 
 No GPU, CUDA driver or CUDA build of torch is needed, only Triton (3.3 or newer) and its bundled
 ptxas. Run it without TRITON_INTERPRET:
@@ -56,6 +59,7 @@ class Launch:
     fits: bool  # shared <= the GPU's limit (False: the launch raised OutOfResources)
     regs: Optional[int] = None  # per thread (None when the launch did not fit: never loaded)
     spill: Optional[int] = None  # bytes of local memory per thread (stack frame + local): register spills
+    mma: Optional[dict] = None  # tensor-core SASS instructions: {"HGMMA": n, "HMMA": n} (absent: none)
     compile_s: float = 0.0
 
 
@@ -87,6 +91,23 @@ def resource_usage(cubin: bytes) -> dict:
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)", text)}
+
+
+_MMA_OPS = ("HGMMA", "HMMA")  # fp8 (QGMMA) and integer MMAs are not used here
+
+
+def mma_census(cubin: bytes) -> Optional[dict]:
+    """{"HGMMA": n, "HMMA": n}: the tensor-core instructions in one cubin's SASS (None without cuobjdump)."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    # an instruction line: /*0420*/  @!P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
+    return {op: ops.count(op) for op in _MMA_OPS if op in ops}
 
 
 def _make_driver(gpu: SimpleNamespace, report: Report):
@@ -146,6 +167,7 @@ def _make_driver(gpu: SimpleNamespace, report: Report):
             launch = report.launches[-1]
             launch.regs = use.get("REG")
             launch.spill = use.get("STACK", 0) + use.get("LOCAL", 0) if use else None
+            launch.mma = mma_census(cubin)
             return None, None, launch.regs or 0, 0, 1024
 
     return StaticDriver(), state
@@ -256,15 +278,23 @@ def run(gpu_name: str, quick: bool = False, only: Optional[str] = None) -> Repor
     return report
 
 
+def _mma_text(mma: Optional[dict]) -> str:
+    if mma is None:
+        return ""
+    return ", ".join(f"{op} x{n}" for op, n in mma.items()) or "none"
+
+
 def _table(report: Report) -> str:
     lines = [f"# Triton kernels compiled for {report.gpu}, Triton {report.triton}", "",
-             "| case | kernel | config | shared KB | fits | regs | spill B |", "|---|---|---|---:|:-:|---:|---:|"]
+             "| case | kernel | config | shared KB | fits | regs | spill B | tensor-core SASS |",
+             "|---|---|---|---:|:-:|---:|---:|---|"]
     for l in report.launches:
         cfg = ", ".join(f"{k}={v}" for k, v in l.config.items() if k.startswith("BLOCK") or k.startswith("num_"))
         lines.append(f"| {l.case} | {l.kernel} | {cfg} | {l.shared / 1024:.1f} | {'yes' if l.fits else '**no**'} "
-                     f"| {'' if l.regs is None else l.regs} | {'' if l.spill is None else l.spill} |")
+                     f"| {'' if l.regs is None else l.regs} | {'' if l.spill is None else l.spill} "
+                     f"| {_mma_text(l.mma)} |")
     for case, msg in report.errors:
-        lines.append(f"| {case} | **compile error** | {msg} | | | | |")
+        lines.append(f"| {case} | **compile error** | {msg} | | | | | |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,10 @@ reports shared memory, registers and spills. Here:
 - every launch compiles, and every case ends in a launch that fits the GPU's shared memory;
 - the unmasked fp16/bf16 launches fit with their tuned config (no silent drop to a fallback on the
   fast path), and no fp16/bf16 launch spills more than a few registers;
+- the attention kernels' products run on the tensor cores each GPU has at its best: wgmma (SASS
+  HGMMA) on sm_90, mma.sync (HMMA) on sm_80, for fp16, bf16 and TF32 inputs (an IEEE fp32 dot has
+  no tensor-core form). A change of layout or tile that made Triton fall back to mma.sync on Hopper
+  would pass every other test and lose about a third of the peak;
 - the fallback chains the launchers walk on OutOfResources are well formed.
 """
 import importlib
@@ -173,3 +177,22 @@ def test_fast_path_uses_tuned_configs_without_spills(report):
         for l in launches:
             if l["fits"] and l["spill"] is not None:
                 assert l["spill"] <= MAX_SPILL, f"{case}: {l['kernel']} spills {l['spill']} bytes\n{report['table']}"
+
+
+def test_attention_products_use_the_best_tensor_cores(report):
+    best, other = ("HGMMA", "HMMA") if report["gpu"].startswith("sm_90") else ("HMMA", "HGMMA")
+    seen = 0
+    for case, launches in _cases(report).items():
+        if not case.startswith("attention"):
+            continue
+        for l in launches:
+            if l["kernel"] == "_attn_bwd_preprocess" or not l["fits"] or l["mma"] is None:
+                continue  # the preprocess is a row-wise dot; a launch that did not fit never got a cubin
+            seen += 1
+            if case.startswith("attention fp32 "):  # IEEE fp32: FMAs, no tensor cores
+                assert l["mma"] == {}, f"{case}: {l['kernel']} {l['mma']}"
+            else:
+                assert l["mma"].get(best, 0) > 0 and other not in l["mma"], \
+                    f"{case}: {l['kernel']} should use {best} only, has {l['mma']}\n{report['table']}"
+    if seen == 0:
+        pytest.skip("no cuobjdump: the SASS census is empty")
