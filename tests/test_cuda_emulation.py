@@ -376,3 +376,104 @@ def test_half_and_bfloat16_rounding_match_torch(tmp_path, runtime_obj):
     h, b, _, _ = (int(x, 16) for x in run_cuda(tmp_path, runtime_obj, "#include <cstring>\n" + CONVERT,
                                                  stdin=f"{nan:08x}").split())
     assert (h & 0x7C00) == 0x7C00 and (h & 0x3FF) and (b & 0x7F80) == 0x7F80 and (b & 0x7F)  # NaN stays NaN
+
+
+# ------------------------------------------------------------------------------ sanitizers
+
+SANITIZED = r"""
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+// 0: a correct program (three blocks of eight warps, barriers, shuffles, a per-thread array live across
+//    barriers): nothing to report, so fiber stacks that are reused and switched under the sanitizer
+//    raise no false alarm. 1: a read one element past a heap buffer. 2: a 16-byte vector load from an
+//    address that is only 4-byte aligned. 3: a read past the end of dynamic shared memory.
+__global__ void clean(const float* x, float* out, int n) {
+  __shared__ float part[8];
+  float local[4];
+  for (int i = 0; i < 4; ++i) local[i] = x[(blockIdx.x * blockDim.x + threadIdx.x + i) % n];
+  __syncthreads();
+  float v = local[0] + local[1] + local[2] + local[3];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int w = 0; w < 8; ++w) s += part[w];
+    out[blockIdx.x] = s;
+  }
+}
+__global__ void past_the_end(const float* x, float* out, int n) { out[threadIdx.x] = x[threadIdx.x + n - 31]; }
+__global__ void misaligned(const float* x, float* out) {
+  const uint4 v = *reinterpret_cast<const uint4*>(x + 1);
+  out[threadIdx.x] = static_cast<float>(v.x);
+}
+__global__ void smem_overrun(float* out) {
+  extern __shared__ float s[];
+  s[threadIdx.x] = 1.0f;
+  __syncwarp();
+  out[threadIdx.x] = s[threadIdx.x + 1];  // lane 31 reads one float past the 128 bytes
+}
+int main(int argc, char** argv) {
+  const int mode = std::atoi(argv[1]), n = 1000;
+  float* x = new float[n];
+  for (int i = 0; i < n; ++i) x[i] = 1.0f;
+  std::vector<float> out(768);
+  if (mode == 0) clean<<<3, 256>>>(x, out.data(), n);
+  if (mode == 1) past_the_end<<<1, 32>>>(x, out.data(), n);
+  if (mode == 2) misaligned<<<1, 32>>>(x, out.data());
+  if (mode == 3) smem_overrun<<<1, 32, 32 * sizeof(float)>>>(out.data());
+  printf("%d %g %g %g\n", (int)cudaGetLastError(), out[0], out[1], out[2]);
+  delete[] x;
+}
+"""
+
+
+@needs_cxx
+def test_sanitizers_catch_what_the_gpu_would_fault_on(tmp_path):
+    """TFKERNELS_CUDA_EMU_SANITIZE builds the emulation with AddressSanitizer / UBSan: out-of-bounds global
+    reads, misaligned vector loads and shared-memory overruns then stop the program with a report, and
+    the emulator's fiber switches are annotated so that a correct program gets none."""
+    flags = [*FLAGS, *_cuda_emu.sanitize_flags(["address", "undefined"])]
+    obj = tmp_path / "tfk_cuda_emu_san.o"
+    proc = subprocess.run([CXX, *flags, "-c", str(EMU / "tfk_cuda_emu.cpp"), "-o", str(obj)], capture_output=True, text=True)
+    if proc.returncode != 0 and "sanitizer" in proc.stderr.lower():
+        pytest.skip(f"this compiler cannot build with sanitizers: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cu = tmp_path / "prog.cu"
+    cu.write_text("#include <cstdio>\n#include <cuda_runtime.h>\n" + SANITIZED)
+    cpp = tmp_path / "prog.cpp"
+    cpp.write_text(_cuda_emu.translate(cu.read_text(), str(cu)))
+    exe = tmp_path / "prog"
+    proc = subprocess.run([CXX, *flags, str(cpp), str(obj), "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def run(mode):
+        return subprocess.run([str(exe), str(mode)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+
+    ok = run(0)
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr[-4000:]
+    assert ok.stdout.split() == ["0", "1024", "1024", "1024"]  # 256 threads x 4 ones per block
+    for mode, report in ((1, "heap-buffer-overflow"), (2, "misaligned address"), (3, "use-after-poison")):
+        bad = run(mode)
+        assert bad.returncode != 0 and report in bad.stderr, (mode, bad.stderr[-4000:])
+        assert "prog.cu" in bad.stderr  # the report points into the kernel's own source
+
+
+def test_sanitize_setting(monkeypatch):
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_SANITIZE", " undefined, Address ")
+    assert _cuda_emu.sanitizers() == ["address", "undefined"]
+    flags = _cuda_emu.sanitize_flags(_cuda_emu.sanitizers())
+    assert "-fsanitize=address,undefined" in flags and "-fno-sanitize-recover=undefined" in flags
+    for off in ("", "0"):
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_SANITIZE", off)
+        assert _cuda_emu.sanitizers() == [] and _cuda_emu.sanitize_flags([]) == []
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_SANITIZE", "thread")
+    with pytest.raises(ValueError, match="TFKERNELS_CUDA_EMU_SANITIZE"):
+        _cuda_emu.sanitizers()
+    # ASan's runtime cannot be loaded into a running Python: say how to start it, before compiling anything
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_SANITIZE", "address")
+    monkeypatch.setattr(_cuda_emu, "_asan_runtime_loaded", lambda: False)
+    with pytest.raises(RuntimeError, match="LD_PRELOAD"):
+        _cuda_emu.build()

@@ -7,6 +7,8 @@ TFKERNELS_BUILD_CUDA, TFKERNELS_CUDA_ARCHS, MAX_JOBS   read by setup.py and the 
 TFKERNELS_CUDA_JIT  "0" never JIT-compiles the CUDA extension on first use (only a prebuilt one loads)
 TFKERNELS_CUDA_EMULATE  "1" builds the cuda backend for the host instead (csrc/emulation): it then
                     runs the CUDA kernels' code on CPU tensors, for testing without a GPU
+TFKERNELS_CUDA_EMU_SANITIZE  "address", "undefined" or both: the emulation built with those sanitizers
+                    (csrc/README.md has the command)
 """
 from __future__ import annotations
 

@@ -15,6 +15,14 @@ becomes `::tfk_emu::Launcher(g, b, s, st)(k)(args)`, and `extern __shared__ T na
 the launch's dynamic shared memory (done here, on copies, line for line, so compiler messages keep
 the original line numbers). The build is cached like the JIT build.
 
+TFKERNELS_CUDA_EMU_SANITIZE=address (and/or undefined) builds it with the compiler's sanitizers:
+AddressSanitizer then checks every global-memory access of the kernels against the tensors torch
+allocated (a read one element past a row, a vector load past the end of a buffer: on a GPU these
+return garbage or fault only sometimes), and reads as well as writes past the end of dynamic shared
+memory; UndefinedBehaviorSanitizer checks, among others, the alignment of every typed access (a
+16-byte vector load from an address that is not 16-byte aligned, a misaligned-address fault on the
+GPU) and signed integer overflow in index arithmetic.
+
 What it cannot show: speed, memory-model races beyond missing barriers, tensor-core rounding
 details, anything about the real device's resources beyond the launch limits it checks.
 """
@@ -46,6 +54,43 @@ def translate(source: str, filename: str = "<cuda>") -> str:
     return f'#line 1 "{filename}"\n' + out
 
 
+SANITIZERS = ("address", "undefined")
+# what a process needs before it loads an AddressSanitizer build: the ASan runtime first in the library
+# list, and libstdc++ with it (so ASan's __cxa_throw interceptor finds the real one: without it the first
+# C++ exception, a TORCH_CHECK, aborts the process); and no leak report at exit (Python leaks on purpose)
+ASAN_ENV = 'ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)"'
+
+
+def sanitizers() -> list[str]:
+    """The sanitizers TFKERNELS_CUDA_EMU_SANITIZE asks for ("address", "undefined", or both, comma-separated)."""
+    value = os.environ.get("TFKERNELS_CUDA_EMU_SANITIZE", "").strip().lower()
+    if value in ("", "0"):
+        return []
+    kinds = sorted({k.strip() for k in value.split(",") if k.strip()})
+    bad = [k for k in kinds if k not in SANITIZERS]
+    if bad:
+        raise ValueError(f"TFKERNELS_CUDA_EMU_SANITIZE={value!r}: expected a comma-separated subset of {SANITIZERS}")
+    return kinds
+
+
+def sanitize_flags(kinds: list[str]) -> list[str]:
+    """Compiler and linker flags for the sanitizers `kinds`."""
+    if not kinds:
+        return []
+    flags = [f"-fsanitize={','.join(kinds)}", "-fno-omit-frame-pointer", "-g1"]  # -g1: file:line in reports
+    if "undefined" in kinds:
+        flags.append("-fno-sanitize-recover=undefined")  # a report ends the process: no test passes over one
+    return flags
+
+
+def _asan_runtime_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as fh:
+            return "libasan" in fh.read()
+    except OSError:  # not Linux: let the loader say what is wrong
+        return True
+
+
 def _inputs() -> list[str]:
     files = [os.path.join(_CSRC, f) for f in os.listdir(_CSRC) if f.endswith((".cu", ".cpp", ".h", ".cuh"))]
     for root, _, names in os.walk(_EMU):
@@ -66,7 +111,12 @@ def build():
     for f in files:
         with open(f, "rb") as fh:
             h.update(os.path.relpath(f, _CSRC).encode() + b"\0" + fh.read())
-    h.update(" ".join(FLAGS).encode())
+    kinds = sanitizers()
+    if "address" in kinds and not _asan_runtime_loaded():
+        raise RuntimeError("TFKERNELS_CUDA_EMU_SANITIZE=address: the AddressSanitizer runtime must be loaded before "
+                           f"Python starts; run the command with {ASAN_ENV}")
+    flags, ldflags = FLAGS + sanitize_flags(kinds), sanitize_flags(kinds)
+    h.update(" ".join(flags).encode())
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     build_dir = os.path.join(cache, "tfkernels", f"emu-{torch.__version__}-{h.hexdigest()[:16]}")
     src_dir = os.path.join(build_dir, "src")
@@ -89,6 +139,7 @@ def build():
         sources=sources,
         # the stand-in CUDA headers come first; csrc/ for kernels.h and common.cuh
         extra_include_paths=[os.path.join(_EMU, "include"), _CSRC],
-        extra_cflags=FLAGS,
+        extra_cflags=flags,
+        extra_ldflags=ldflags,
         verbose=os.environ.get("TFKERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
     )

@@ -6,6 +6,23 @@
 #include <ucontext.h>
 #endif
 
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define __SANITIZE_ADDRESS__ 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+// TFKERNELS_CUDA_EMU_SANITIZE=address: AddressSanitizer checks every global-memory access of the
+// kernels against torch's allocations. It has to be told when the stack changes under it (the
+// fiber switches below), and a fiber stack that is reused holds the redzones of frames that never
+// returned, which must be cleared.
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define TFK_ASAN 1
+#else
+#define TFK_ASAN 0
+#endif
+
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -67,8 +84,15 @@ tfk_emu_switch:
 
 struct Context {
   void* sp = nullptr;
+  const void* bottom = nullptr;  // the stack, for AddressSanitizer's fiber annotations
+  size_t size = 0;
   // a fresh fiber: a frame that tfk_emu_switch "returns" into fiber_entry with an aligned stack
   void make(char* stack, size_t size) {
+    bottom = stack;
+    this->size = size;
+#if TFK_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(stack, size);
+#endif
     uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~static_cast<uintptr_t>(15);
     auto* p = reinterpret_cast<uint64_t*>(top);
     *--p = 0;                                             // fiber_entry's (never used) return address
@@ -81,11 +105,18 @@ struct Context {
     sp = p;
   }
 };
-inline void switch_to(Context& from, Context& to) { tfk_emu_switch(&from.sp, to.sp); }
+inline void raw_switch(Context& from, Context& to) { tfk_emu_switch(&from.sp, to.sp); }
 #else
 struct Context {
   ucontext_t uc;
+  const void* bottom = nullptr;
+  size_t size = 0;
   void make(char* stack, size_t size) {
+    bottom = stack;
+    this->size = size;
+#if TFK_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(stack, size);
+#endif
     getcontext(&uc);
     uc.uc_stack.ss_sp = stack;
     uc.uc_stack.ss_size = size;
@@ -93,8 +124,21 @@ struct Context {
     makecontext(&uc, fiber_entry, 0);
   }
 };
-inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void raw_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 #endif
+
+// `exiting`: `from` is a fiber that is never resumed
+inline void switch_to(Context& from, Context& to, bool exiting = false) {
+#if TFK_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, to.bottom, to.size);
+  raw_switch(from, to);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  (void)exiting;
+  raw_switch(from, to);
+#endif
+}
 
 // One cp.async: `bytes` from src (nullptr: zero-fill) to dst, done when a wait_group covers it.
 struct Copy {
@@ -160,6 +204,9 @@ void yield() {
 
 void fiber_entry() {
   Block& b = *g_block;
+#if TFK_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.main.bottom, &b.main.size);  // the launching thread's stack
+#endif
   (*b.body)();
   Fiber& f = *b.cur;
   if (!f.open.empty() || !f.groups.empty()) set_error(cudaErrorLaunchFailure, "cp.async copies still in flight at thread exit");
@@ -170,7 +217,7 @@ void fiber_entry() {
   Warp& w = b.warps[f.linear / 32];
   --w.alive;
   w.release_if_complete();
-  switch_to(f.ctx, b.main);  // never resumed
+  switch_to(f.ctx, b.main, /*exiting=*/true);  // never resumed
 }
 
 bool runnable(const Block& b, const Fiber& f) {
@@ -411,6 +458,9 @@ cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
         g_blockIdx = uint3{bx, by, bz};
         std::memset(smem_base, 0xff, cfg.smem);  // NaN in fp32/fp16/bf16: shared memory is never zeroed
         std::memset(smem_base + cfg.smem, kCanaryByte, kCanary);
+#if TFK_ASAN
+        ASAN_POISON_MEMORY_REGION(smem_base + cfg.smem, kCanary);  // under ASan, reads past the end fail too
+#endif
         b.warps.assign((n + 31) / 32, Warp{});
         b.alive = n;
         b.arrived = 0;
@@ -450,6 +500,9 @@ cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
             break;
           }
         }
+#if TFK_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(smem_base + cfg.smem, kCanary);
+#endif
         for (size_t i = 0; i < kCanary && error.empty(); ++i)
           if (smem_base[cfg.smem + i] != kCanaryByte)
             error = "write past the end of dynamic shared memory (byte " + std::to_string(cfg.smem + i) +
