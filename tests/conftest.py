@@ -79,7 +79,17 @@ def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, na
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} ({dtype})"
 
 
+_COMPILE_GUARD = []  # test_cuda_build, when its compiles were started early
+
+
 def pytest_collection_modifyitems(config, items):
+    # the nvcc compile guard (minutes of CPU on 2 cores): start its compiles now, in the background,
+    # and run the test last, so that they overlap the rest of the suite instead of adding to it
+    compile_guard = [item for item in items if item.name == "test_kernels_compile"]
+    if compile_guard and not config.option.collectonly:
+        items[:] = [item for item in items if item not in compile_guard] + compile_guard
+        _COMPILE_GUARD.append(compile_guard[0].module)
+        compile_guard[0].module.start_compile()
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -88,6 +98,11 @@ def pytest_collection_modifyitems(config, items):
         # keyword "cuda" too (its id), and on the host emulation it must run
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for module in _COMPILE_GUARD:
+        module.stop_compile()  # a run that stopped before the guard (-x, Ctrl-C) leaves no nvcc behind
 
 
 def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=None, enable_gqa=False,
