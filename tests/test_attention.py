@@ -396,6 +396,66 @@ def test_window_dropout_replayed(backend):
     _check(q, k, v, backend, is_causal=True, window_size=(9, 0), softcap=2.0, dropout_p=p, dropout_mask=keep, seed=78)
 
 
+# SDPA's attn_mask=causal_lower_right(T_q, T_k) / causal_upper_left: (T_q, T_k, window, variant). A
+# decoding step (T_q = 1) and a prefill chunk over a KV cache, square, and T_q > T_k (the first
+# T_q - T_k queries see nothing); with windows in the query's own coordinates, one of which leaves
+# no query anything to see.
+CAUSAL_BIAS_CASES = [
+    (1, 45, None, "lower_right"),
+    (19, 53, None, "lower_right"),
+    (37, 37, None, "lower_right"),
+    (53, 21, None, "lower_right"),
+    (19, 53, (30, -1), "lower_right"),
+    (19, 53, (40, 10), "lower_right"),
+    (53, 21, (40, 3), "lower_right"),
+    (53, 21, (20, -1), "lower_right"),
+    (19, 53, None, "upper_left"),
+]
+
+
+@pytest.mark.parametrize("case", CAUSAL_BIAS_CASES, ids=lambda c: "Tq{}_Tk{}_w{}_{}".format(*c))
+def test_causal_bias(case, backend):
+    from torch.nn.attention import bias as sdpa_bias
+
+    Tq, Tk, window, variant = case
+    torch.manual_seed(51)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that SDPA may give NaN for T_q > T_k (we give 0)
+        bias = getattr(sdpa_bias, f"causal_{variant}")(Tq, Tk)
+    q, k, v = _rand(2, 2, Tq, 32), _rand(2, 1, Tk, 32), _rand(2, 1, Tk, 32)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = tfkernels.attention(*leaves, attn_mask=bias, window_size=window, enable_gqa=True, backend=backend)
+    assert type(out) is torch.Tensor and out.shape == (2, 2, Tq, 32)
+    i, j = torch.arange(Tq, device=DEVICE)[:, None], torch.arange(Tk, device=DEVICE)[None, :]
+    visible = j <= i + (Tk - Tq if variant == "lower_right" else 0)  # the bias, written out
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = reference.attention(*ref_leaves, attn_mask=visible, window_size=window, enable_gqa=True)
+    assert_close(out, ref, torch.float32, "out")
+    dout = torch.randn_like(out)
+    for name, g, r in zip("qkv", torch.autograd.grad(out, leaves, dout),
+                          torch.autograd.grad(ref, ref_leaves, dout.double())):
+        assert_close(g, r, torch.float32, f"d{name}", scale=2.0)
+    left, right = window or (-1, -1)
+    seen = (visible & ((j >= i - left) | (left < 0)) & ((j <= i + right) | (right < 0))).any(-1)
+    assert torch.all(out[:, :, ~seen] == 0) and torch.all(out[:, :, seen].abs().sum(-1) > 0)
+    if window is None:  # SDPA itself, on the rows it defines
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sdpa = F.scaled_dot_product_attention(q, k.expand(2, 2, Tk, 32), v.expand(2, 2, Tk, 32), attn_mask=bias)
+        torch.testing.assert_close(out[:, :, seen], sdpa[:, :, seen], rtol=1e-4, atol=1e-5)
+
+
+def test_causal_bias_errors():
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k = _rand(1, 1, 4, 16), _rand(1, 1, 6, 16)
+    assert type(tfkernels.attention(q, k, k, attn_mask=causal_lower_right(4, 6), backend="torch")) is torch.Tensor
+    with pytest.raises(ValueError, match="is_causal"):
+        tfkernels.attention(q, k, k, attn_mask=causal_lower_right(4, 6), is_causal=True)
+    with pytest.raises(ValueError, match="CausalBias for T_q=4, T_k=5"):
+        tfkernels.attention(q, k, k, attn_mask=causal_lower_right(4, 5))
+
+
 def test_dropout_one_drops_everything(backend):
     """dropout_p = 1 as in SDPA: output 0 and zero gradients (the kernels' kept scale 1/(1-p) would be inf)."""
     torch.manual_seed(48)

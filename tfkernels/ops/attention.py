@@ -95,6 +95,11 @@ from torch import Tensor
 
 from .. import _backend, _config, _cuda_ext, _validate, reference
 
+try:  # SDPA's attn_mask=causal_upper_left(...) / causal_lower_right(...) (torch >= 2.2)
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover
+    CausalBias = CausalVariant = None
+
 try:
     import triton
     import triton.language as tl
@@ -1242,6 +1247,42 @@ def _check_softcap(softcap) -> float:
     return softcap if softcap < SOFTCAP_OFF else 0.0
 
 
+def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, backend):
+    """attn_mask=torch.nn.attention.bias.causal_upper_left(T_q, T_k) or causal_lower_right(T_q, T_k),
+    as SDPA takes them. A CausalBias is a tensor subclass that only SDPA understands: any other op on
+    it returns an unusable object, so it must be turned into the kernels' own arguments, never read.
+
+    Upper left is is_causal. Lower right puts the diagonal at the last query and the last key (query i
+    sees keys 0 .. i + T_k - T_q: a decoding step over a KV cache, a chunk of a chunked prefill): for
+    T_q <= T_k that is the window's right side at T_k - T_q, which the kernels skip tiles for. For
+    T_q > T_k the first T_q - T_k queries see no key and return zeros, like any row with nothing to
+    attend to here (torch warns that SDPA may give NaN there); the rest are causal, top-left, over
+    the last T_k queries. A window_size is combined by AND, in the query's own (top-left) coordinates."""
+    if is_causal:
+        raise ValueError("attention: attn_mask is a CausalBias, which is the causal mask already; "
+                         "is_causal must be False (as in SDPA)")
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if (bias.seq_len_q, bias.seq_len_kv) != (Tq, Tk):
+        raise ValueError(f"attention: attn_mask is a CausalBias for T_q={bias.seq_len_q}, T_k={bias.seq_len_kv}, "
+                         f"but q and k have lengths T_q={Tq}, T_k={Tk}")
+    left, right = _check_window(window_size)
+    kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, softcap=softcap, backend=backend)
+    if bias.variant == CausalVariant.UPPER_LEFT or Tq == Tk:
+        return attention(q, k, v, None, is_causal=True, window_size=(left, right), **kw)
+    if Tq < Tk:
+        shift = Tk - Tq
+        return attention(q, k, v, None, window_size=(left, shift if right == -1 else min(right, shift)), **kw)
+    # query i = s + i' (s = T_q - T_k) sees keys j <= i' and, in the window, j >= i - left = i' - (left - s)
+    s = Tq - Tk
+    mask = None
+    if left != -1:
+        left -= s
+        if left < 0:  # the window ends before the first key each query may see: nothing is visible
+            left, mask = -1, torch.zeros((), dtype=torch.bool, device=q.device)
+    tail = attention(q[..., s:, :], k, v, mask, is_causal=True, window_size=(left, -1), **kw)
+    return torch.cat([tail.new_zeros((*tail.shape[:-2], s, tail.shape[-1])), tail], dim=-2)
+
+
 def _broadcast_batch(q, k, v):
     """SDPA broadcasts the dims before (H, T, D) of q, k and v against one another (one K/V batch
     for many queries, say): the same here, as stride-0 views the kernels read in place (autograd
@@ -1312,12 +1353,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     softcap: logit soft-capping (Gemma 2, Grok): the scores become
     softcap * tanh(scale * q.k / softcap) before attn_mask is added; 0 (default) turns it off.
 
+    attn_mask may also be SDPA's `torch.nn.attention.bias.causal_upper_left(T_q, T_k)` (the same as
+    is_causal) or `causal_lower_right(T_q, T_k)`: the diagonal aligned to the last query and key,
+    query i sees keys 0 .. i + T_k - T_q (a decoding step over a KV cache, a chunked prefill); run
+    as a window, with its tile skipping. For T_q > T_k its first T_q - T_k queries see no key and
+    return 0.
+
     backend: "triton", "cuda", "torch" or None (automatic).
     """
     # numpy scalars (np.float32 from a config or an array) are Reals but not floats, which the
     # op's schema takes; a float is left as it is (under torch.compile it may be symbolic)
     for name, t in (("q", q), ("k", k), ("v", v)):  # first: the steps below read their shapes
         _validate.check_tensor(t, name)
+    if CausalBias is not None and isinstance(attn_mask, CausalBias):
+        return _causal_bias_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
+                                      softcap, backend)
     if not isinstance(scale, (bool, int, float)) and isinstance(scale, numbers.Real):
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
