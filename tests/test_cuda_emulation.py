@@ -61,14 +61,20 @@ def runtime_obj(tmp_path_factory):
     return obj
 
 
-def run_cuda(tmp_path, runtime_obj, source: str, stdin: str = "", env=None) -> str:
+def build_cuda(tmp_path, runtime_obj, source: str, flags=FLAGS) -> Path:
+    """A CUDA program (prog.cu) rewritten for the emulator and linked with it; returns the executable."""
     cu = tmp_path / "prog.cu"
     cu.write_text("#include <cstdio>\n#include <cuda_runtime.h>\n" + source)
     cpp = tmp_path / "prog.cpp"
     cpp.write_text(_cuda_emu.translate(cu.read_text(), str(cu)))
     exe = tmp_path / "prog"
-    proc = subprocess.run([CXX, *FLAGS, str(cpp), str(runtime_obj), "-o", str(exe)], capture_output=True, text=True)
+    proc = subprocess.run([CXX, *flags, str(cpp), str(runtime_obj), "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def run_cuda(tmp_path, runtime_obj, source: str, stdin: str = "", env=None) -> str:
+    exe = build_cuda(tmp_path, runtime_obj, source)
     proc = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -440,13 +446,7 @@ def test_sanitizers_catch_what_the_gpu_would_fault_on(tmp_path):
     if proc.returncode != 0 and "sanitizer" in proc.stderr.lower():
         pytest.skip(f"this compiler cannot build with sanitizers: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    cu = tmp_path / "prog.cu"
-    cu.write_text("#include <cstdio>\n#include <cuda_runtime.h>\n" + SANITIZED)
-    cpp = tmp_path / "prog.cpp"
-    cpp.write_text(_cuda_emu.translate(cu.read_text(), str(cu)))
-    exe = tmp_path / "prog"
-    proc = subprocess.run([CXX, *flags, str(cpp), str(obj), "-o", str(exe)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    exe = build_cuda(tmp_path, obj, SANITIZED, flags)
 
     def run(mode):
         return subprocess.run([str(exe), str(mode)], capture_output=True, text=True, timeout=120,
