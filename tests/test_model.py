@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import tfkernels
-from tfkernels.model import BERT, GPT, PRESETS, build_model, make_config
+from conftest import kernel_backends
+from tfkernels.model import BERT, GPT, PRESETS, KVCache, build_model, make_config
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 VARIANTS = [dict(), dict(norm="rmsnorm", mlp="swiglu", pos="rope"), dict(bias=False, mlp="swiglu")]
@@ -72,6 +73,43 @@ def test_causality_and_generate():
     torch.testing.assert_close(model(idx)[0][:, :6], model(idx2)[0][:, :6])  # no peeking ahead
     out = model.generate(idx[:, :4], 20, temperature=0.9, top_k=5)  # runs past block_size 16
     assert out.shape == (2, 24) and torch.equal(out[:, :4], idx[:, :4])
+
+
+@pytest.mark.parametrize("kernels", ["torch", *kernel_backends()])
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_kv_cache_matches_the_full_forward(pos, kernels):
+    """A prompt, then chunks of 3 (a chunked prefill: queries aligned bottom-right over the cache) and
+    single tokens (decoding steps) through the KV cache give the logits of one full forward."""
+    torch.manual_seed(0)
+    kw = dict(kernels="torch") if kernels == "torch" else dict(kernels="tfkernels", backend=kernels)
+    model = GPT(make_config("gpt", "tiny", pos=pos, **kw, **SMALL)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    full = model(idx)[0]
+    cache = KVCache(model.cfg.n_layer, model.cfg.block_size)
+    steps = [5, 3, 1, 1, 3, 1, 2]  # 16 tokens
+    got, at = [], 0
+    with torch.no_grad():
+        for n in steps:
+            got.append(model(idx[:, at:at + n], cache=cache)[0])
+            at += n
+            assert cache.pos == at
+        torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="exceeds block_size"):  # the cache is full
+            model(idx[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_generate_with_and_without_cache(pos):
+    """Greedy decoding gives the same tokens either way, also past block_size (16), where the cached
+    path goes back to re-reading the last block_size tokens."""
+    torch.manual_seed(0)
+    model = GPT(make_config("gpt", "tiny", pos=pos, kernels="tfkernels", backend="torch", **SMALL)).eval()
+    idx = torch.randint(0, 64, (2, 5))
+    cached = model.generate(idx, 20, temperature=0)
+    assert torch.equal(cached, model.generate(idx, 20, temperature=0, use_cache=False))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    sampled = model.generate(idx, 8, temperature=0.9, top_k=5, generator=g1)
+    assert torch.equal(sampled, model.generate(idx, 8, temperature=0.9, top_k=5, generator=g2, use_cache=False))
 
 
 def test_tied_embeddings_and_decay_groups():

@@ -3,6 +3,7 @@
     cfg = make_config("gpt", "tiny")                  # or "bert"; presets: tiny, gpt2-124m, bert-base
     model = build_model(cfg)                          # GPT or BERT
     logits, loss = model(idx, targets)                # GPT: idx (B, T) -> logits (B, T, V)
+    out = model.generate(idx, 50, temperature=0.8)    # GPT: sampling with a KV cache
     out = model(ids, segment_ids, attention_mask, mlm_labels, nsp_labels)   # BERT -> BertOutput
 
 `cfg.kernels` picks the building blocks: "tfkernels" (tfkernels.attention / tfkernels.nn norms,
@@ -23,6 +24,11 @@ from torch import nn
 import tfkernels.nn as tfnn
 
 from tfkernels import attention as tf_attention
+
+try:  # SDPA's lower-right causal mask; tfkernels.attention takes it as well
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # pragma: no cover
+    causal_lower_right = None
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -105,12 +111,34 @@ def rope_cache(T: int, head_dim: int, base: float, device=None):
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, H, T, Dh); rotate the (first half, second half) pairs by position-dependent angles
+def apply_rope(x, cos, sin, start: int = 0):
+    # x: (B, H, T, Dh) at positions start .. start + T - 1; rotate the (first half, second half) pairs
+    # by position-dependent angles
     T = x.shape[-2]
-    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)  # (T, Dh/2)
+    cos, sin = cos[start:start + T].to(x.dtype), sin[start:start + T].to(x.dtype)  # (T, Dh/2)
     x1, x2 = x.chunk(2, dim=-1)                           # (B, H, T, Dh/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the tokens a GPT has seen, per layer, for incremental decoding: buffers of
+    (B, H, block_size, Dh) in the dtype the keys come in (autocast's), filled as tokens arrive."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.k: list = [None] * n_layer
+        self.v: list = [None] * n_layer
+        self.max_len = max_len
+        self.pos = 0  # tokens cached so far (the next token's position)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, Dh) at positions pos .. pos + T - 1; returns every cached key and value."""
+        end = self.pos + k.shape[-2]
+        if self.k[layer] is None:
+            shape = (*k.shape[:-2], self.max_len, k.shape[-1])
+            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+        self.k[layer][..., self.pos:end, :] = k
+        self.v[layer][..., self.pos:end, :] = v
+        return self.k[layer][..., :end, :], self.v[layer][..., :end, :]
 
 
 class SelfAttention(nn.Module):
@@ -126,21 +154,27 @@ class SelfAttention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # not in the state_dict
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)                             # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
+        start = cache.pos if cache is not None else 0
         if self.cfg.pos == "rope":
-            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
+            q, k = apply_rope(q, self.rope_cos, self.rope_sin, start), apply_rope(k, self.rope_cos, self.rope_sin, start)
+        is_causal = self.causal
+        if cache is not None:
+            k, v = cache.append(layer, k, v)                                 # (B, H, start + T, Dh)
+            if start > 0:  # the new queries sit at the end: the causal diagonal is aligned bottom-right
+                attn_mask, is_causal = causal_lower_right(T, start + T), False
         p = self.cfg.dropout if self.training else 0.0
         if self.cfg.kernels == "tfkernels":
-            y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=self.causal,
+            y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
                              backend=self.cfg.backend)                       # (B, H, T, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
-                                               is_causal=self.causal)        # (B, H, T, Dh)
+                                               is_causal=is_causal)          # (B, H, T, Dh)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                     # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -176,8 +210,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)      # (B, T, C)
+    def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))                  # (B, T, C)
         return x
 
@@ -232,16 +266,22 @@ class GPT(_Base):
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self._init_weights()
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
+        """idx (B, T) -> (logits (B, T, V), loss). With `cache` (see generate), idx continues the
+        tokens cached so far: positions start at cache.pos, attention also reads the cached keys and
+        values, and the new ones are appended."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.cfg.block_size}")
         x = self.transformer.wte(idx)                                        # (B, T, C)
         if self.cfg.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (B, T, C)
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x)                                                     # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None, cache, i)                                     # (B, T, C)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)                                             # (B, T, V)
         loss = None
@@ -251,11 +291,20 @@ class GPT(_Base):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy."""
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True):
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+
+        With use_cache (and a torch that has SDPA's causal_lower_right), the prompt runs once and each
+        new token attends to the cached keys and values: one token's work a step, not the whole
+        context's. Once the sequence outgrows block_size, every step re-reads the last block_size
+        tokens, as without the cache (the positions shift), so both give the same tokens."""
+        cache = KVCache(self.cfg.n_layer, self.cfg.block_size) if use_cache and causal_lower_right else None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.cfg.block_size:]                         # (B, <=block_size)
-            logits = self(idx_cond)[0][:, -1, :].float()                     # (B, V)
+            if cache is not None and idx.shape[1] <= self.cfg.block_size:
+                logits = self(idx[:, cache.pos:], cache=cache)[0][:, -1, :].float()  # (B, V): new tokens only
+            else:
+                idx_cond = idx[:, -self.cfg.block_size:]                     # (B, <=block_size)
+                logits = self(idx_cond)[0][:, -1, :].float()                 # (B, V)
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)                        # (B, 1)
             else:
