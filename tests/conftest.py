@@ -85,8 +85,9 @@ _COMPILE_GUARD = []  # test_cuda_build, when its compiles were started early
 def pytest_collection_modifyitems(config, items):
     # the nvcc compile guard (minutes of CPU on 2 cores): start its compiles now, in the background,
     # and run the test last, so that they overlap the rest of the suite instead of adding to it
+    # (not under pytest-xdist: every worker collects every test, and each would start the compiles)
     compile_guard = [item for item in items if item.name == "test_kernels_compile"]
-    if compile_guard and not config.option.collectonly:
+    if compile_guard and not config.option.collectonly and "PYTEST_XDIST_WORKER" not in os.environ:
         items[:] = [item for item in items if item not in compile_guard] + compile_guard
         _COMPILE_GUARD.append(compile_guard[0].module)
         compile_guard[0].module.start_compile()
