@@ -196,7 +196,7 @@ def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, 
         scale = D ** -0.5
         out, lse = A._triton_fwd(q, k, v, m, dropout, seed, causal, scale, *window, softcap)
         if backward:
-            A._triton_bwd(torch.randn_like(q), q, k, v, m, out, lse, dropout, seed, causal, scale, *window, softcap,
+            A._triton_bwd(torch.randn_like(q), q, k, v, m, out, lse, None, dropout, seed, causal, scale, *window, softcap,
                           mask == "float")
     return run
 

@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
 
 // ------------------------------------------------------------------------------ backward
 
-// delta[bh, i] = sum_d dO * O, one warp per row.
+// delta[bh, i] = sum_d dO * O (- dlse[bh, i] when lse was used), one warp per row.
 template <typename T>
 __global__ void attn_bwd_delta_kernel(const AttnParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -178,7 +178,7 @@ __global__ void attn_bwd_delta_kernel(const AttnParams p) {
   float s = 0.0f;
   for (int d = lane; d < p.D; d += 32) s += to_f(dout[d * p.do_s[3]]) * to_f(o[d * p.o_s[3]]);
   s = warp_sum(s);
-  if (lane == 0) p.delta[row] = s;
+  if (lane == 0) p.delta[row] = p.dlse != nullptr ? s - p.dlse[row] : s;
 }
 
 // Shared by both backward kernels: from sS = Q K^T and sDP = dO V^T of one (BM, BN) tile, the

@@ -85,6 +85,9 @@ struct AttnParams {
   const void* dout; int64_t do_s[4];
   const void* o; int64_t o_s[4];
   float* delta;                 // (B, Hq, Tq) scratch
+  // (B, Hq, Tq) fp32 contiguous or nullptr: the gradient of lse when the caller used lse (0 on fully
+  // masked rows); d lse / d S = P, so it enters as delta - dlse
+  const float* dlse;
   void* dq; void* dk; void* dv;
   float* dmask;                 // nullptr unless the float mask needs its gradient (zero-filled)
 

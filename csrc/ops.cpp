@@ -299,7 +299,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
                                                          const Tensor& v, const std::optional<Tensor>& mask,
-                                                         const Tensor& out, const Tensor& lse_in, double dropout_p,
+                                                         const Tensor& out, const Tensor& lse_in,
+                                                         const std::optional<Tensor>& dlse_in, double dropout_p,
                                                          const std::optional<Tensor>& seed, bool is_causal,
                                                          double scale, int64_t window_left,
                                                          int64_t window_right, double softcap, bool mask_grad) {
@@ -338,6 +339,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   fill_strides(p.o_s, o);
   p.lse = lse.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
+  Tensor dlse;  // kept alive until the launch is queued
+  if (dlse_in.has_value() && dlse_in->defined()) {
+    TORCH_CHECK(dlse_in->numel() == B * Hq * Tq && dlse_in->device() == q.device(), "tfkernels_cuda.", op,
+                ": dlse must have B*Hq*Tq elements on q's device");
+    dlse = dlse_in->to(at::kFloat).contiguous();
+    p.dlse = dlse.data_ptr<float>();
+  }
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
@@ -358,7 +366,7 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, Tensor? seed, bool is_causal, "
         "float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-        "float dropout_p, Tensor? seed, bool is_causal, float scale, int window_left, int window_right, float softcap, "
+        "Tensor? dlse, float dropout_p, Tensor? seed, bool is_causal, float scale, int window_left, int window_right, float softcap, "
         "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

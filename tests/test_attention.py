@@ -456,6 +456,94 @@ def test_causal_bias_errors():
         tfkernels.attention(q, k, k, attn_mask=causal_lower_right(4, 5))
 
 
+# return_lse=True: (T_q, T_k, window, softcap, is_causal, mask): plain, causal, window + softcap, rows
+# that see nothing (past the window: lse = -inf), a float mask (with its gradient), a bool mask with a
+# fully masked row.
+LSE_CASES = [
+    (37, 45, None, 0.0, False, None),
+    (45, 45, None, 0.0, True, None),
+    (40, 40, (5, 5), 2.0, False, None),
+    (61, 20, (5, 5), 0.0, False, None),
+    (29, 35, None, 0.0, True, "float"),
+    (29, 35, None, 0.0, False, "bool"),
+]
+
+
+@pytest.mark.parametrize("case", LSE_CASES, ids=lambda c: "Tq{}_Tk{}_w{}_cap{}_causal{}_{}".format(*c))
+def test_return_lse(case, backend):
+    """lse against float64 (-inf exactly where a row sees nothing), and the gradients of a loss that uses
+    both outputs: d lse / d scores = P enters the kernels' backward as delta - dlse."""
+    Tq, Tk, window, softcap, causal, mask_kind = case
+    torch.manual_seed(52)
+    q, k, v = _rand(2, 2, Tq, 32), _rand(2, 1, Tk, 32), _rand(2, 1, Tk, 32)
+    mask = None
+    if mask_kind == "float":
+        mask = torch.randn(1, 2, Tq, Tk, device=DEVICE)
+    elif mask_kind == "bool":
+        mask = torch.rand(Tq, Tk, device=DEVICE) > 0.3
+        mask[3] = False
+    kw = dict(is_causal=causal, window_size=window, softcap=softcap, enable_gqa=True, scale=0.3)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)] + ([mask.clone().requires_grad_(True)]
+                                                                     if mask_kind == "float" else [])
+    ref_leaves = [t.double().requires_grad_(True) for t in leaves]
+    m, rm = (leaves[3], ref_leaves[3]) if mask_kind == "float" else (mask, mask)
+    out, lse = tfkernels.attention(*leaves[:3], attn_mask=m, return_lse=True, backend=backend, **kw)
+    ref, ref_lse = reference.attention(*ref_leaves[:3], attn_mask=rm, return_lse=True, **kw)
+    assert lse.shape == (2, 2, Tq) and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse).cpu()) and not torch.isposinf(lse).any()
+    if torch.isneginf(ref_lse).any():
+        assert torch.all(out[torch.isneginf(lse)] == 0)
+    finite = lambda t: torch.where(torch.isinf(t), 0.0, t)  # noqa: E731
+    assert_close(finite(lse), finite(ref_lse), torch.float32, "lse")
+    assert_close(out, ref, torch.float32, "out")
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * dout).sum() + (finite(lse) * dlse).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * dout.double()).sum() + (finite(ref_lse) * dlse.double()).sum(), ref_leaves)
+    for name, g, r in zip(["dq", "dk", "dv", "dmask"], grads, ref_grads):
+        assert_close(g, r, torch.float32, name, scale=2.0)
+    # only lse used: out's gradient is absent (None or zeros) and nothing breaks
+    out, lse = tfkernels.attention(*leaves[:3], attn_mask=m, return_lse=True, backend=backend, **kw)
+    g = torch.autograd.grad((finite(lse) * dlse).sum(), leaves[0])[0]
+    r = torch.autograd.grad((finite(reference.attention(*ref_leaves[:3], attn_mask=rm, return_lse=True, **kw)[1])
+                             * dlse.double()).sum(), ref_leaves[0])[0]
+    assert_close(g, r, torch.float32, "dq (lse only)", scale=2.0)
+
+
+def test_lse_merges_key_chunks(backend):
+    """What return_lse is for: attention over two halves of the keys, merged by their lse, is
+    attention over all keys, forward and backward (ring / split-KV attention)."""
+    torch.manual_seed(53)
+    q, k, v = (_rand(1, 2, 33, 32).requires_grad_(True), _rand(1, 2, 50, 32).requires_grad_(True),
+               _rand(1, 2, 50, 32).requires_grad_(True))
+    full = tfkernels.attention(q, k, v, softcap=3.0, backend=backend)
+    o1, l1 = tfkernels.attention(q, k[:, :, :21], v[:, :, :21], softcap=3.0, return_lse=True, backend=backend)
+    o2, l2 = tfkernels.attention(q, k[:, :, 21:], v[:, :, 21:], softcap=3.0, return_lse=True, backend=backend)
+    lse = torch.logaddexp(l1, l2)
+    merged = (torch.exp(l1 - lse)[..., None] * o1 + torch.exp(l2 - lse)[..., None] * o2)
+    torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-5)
+    dout = torch.randn_like(full)
+    for g, want in zip(torch.autograd.grad(merged, (q, k, v), dout), torch.autograd.grad(full, (q, k, v), dout)):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_return_lse_layouts_and_reference_backend():
+    """lse follows SDPA's extra leading dims, a causal_lower_right with T_q > T_k (-inf on the rows that
+    see nothing), and the torch backend (float32 lse for fp32 inputs)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k = _rand(3, 2, 4, 9, 16), _rand(3, 2, 4, 6, 16)
+    out, lse = tfkernels.attention(q, k, k, return_lse=True, backend="torch")
+    assert out.shape == (3, 2, 4, 9, 16) and lse.shape == (3, 2, 4, 9) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) / 4).logsumexp(-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bias = causal_lower_right(9, 6)
+    out, lse = tfkernels.attention(q[0], k[0], k[0], attn_mask=bias, return_lse=True, backend="torch")
+    assert torch.isneginf(lse[..., :3]).all() and torch.isfinite(lse[..., 3:]).all() and lse.shape == (2, 4, 9)
+    with pytest.raises(TypeError, match="return_lse"):
+        tfkernels.attention(q, k, k, return_lse=1)
+
+
 def test_dropout_one_drops_everything(backend):
     """dropout_p = 1 as in SDPA: output 0 and zero gradients (the kernels' kept scale 1/(1-p) would be inf)."""
     torch.manual_seed(48)
@@ -636,8 +724,10 @@ def test_opcheck(backend):
         out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), fmask, 0.0, None, True, 0.25, *window,
                                      softcap, backend)
         dout = torch.randn_like(out)
-        torch.library.opcheck(ops.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), fmask, out, lse,
-                                                          0.0, None, True, 0.25, *window, softcap, True, backend))
+        for dlse in (None, torch.randn_like(lse)):
+            torch.library.opcheck(ops.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), fmask, out,
+                                                              lse, dlse, 0.0, None, True, 0.25, *window, softcap, True,
+                                                              backend))
 
 
 def _layer(q, k, v, bias, backend):

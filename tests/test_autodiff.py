@@ -19,13 +19,21 @@ from tfkernels import BackendUnavailableError
 
 from conftest import DEVICE, assert_close, kernel_backends
 
-def _sdpa_math(q, k, v, mask):
+def _sdpa_math(q, k, v, mask, with_lse=False):
     """SDPA's math for the case below (causal top-left, GQA 2, additive mask), written out: torch's
-    CPU SDPA kernels have no forward-mode AD."""
+    CPU SDPA kernels have no forward-mode AD. with_lse: out.sum(-1) + the rows' log-sum-exp, what
+    the attention_lse case returns (both outputs in one tensor)."""
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + mask
     s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(s, -1) @ v
+    out = torch.softmax(s, -1) @ v
+    return out.sum(-1) + s.logsumexp(-1) if with_lse else out
+
+
+def _attention_lse(q, k, v, m, backend=None):
+    out, lse = tfkernels.attention(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True, return_lse=True,
+                                   backend=backend)
+    return out.sum(-1) + lse
 
 
 # (name, tfkernels op, torch's op, input shapes): the op's differentiable inputs are all the shapes
@@ -40,6 +48,8 @@ OPS = [
                                                                        enable_gqa=True, backend=backend),
      lambda q, k, v, m: _sdpa_math(q, k, v, m),
      [(1, 4, 7, 16), (1, 2, 11, 16), (1, 2, 11, 16), (1, 4, 7, 11)]),  # GQA, T_q != T_k, float mask
+    ("attention_lse", _attention_lse, lambda q, k, v, m: _sdpa_math(q, k, v, m, with_lse=True),
+     [(1, 4, 7, 16), (1, 2, 11, 16), (1, 2, 11, 16), (1, 4, 7, 11)]),  # return_lse=True: both outputs used
 ]
 IDS = [op[0] for op in OPS]
 

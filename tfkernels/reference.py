@@ -48,7 +48,7 @@ def softmax(x, dim=-1):
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-              dropout_mask=None, window_size=None, softcap=0.0):
+              dropout_mask=None, window_size=None, softcap=0.0, return_lse=False):
     """SDPA semantics written out, plus the extensions of `tfkernels.attention`: `attn_mask`
     combined with `is_causal`, a local `window_size=(left, right)` (-1 = unbounded; top-left aligned
     like is_causal: query i sees keys i - left .. i + right), `softcap` (scores
@@ -56,6 +56,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     `dropout_mask` (keep = True) so tests can replay the kernel's dropout.
 
     Rows whose every key is masked return zeros (SDPA's math backend returns NaN there).
+    return_lse: also return the rows' log-sum-exp of the (capped, masked) scores, before dropout,
+    -inf for a row with no visible key; shape q.shape[:-1], in the scores' dtype.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -83,16 +85,18 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     if Tk == 0:  # no keys: every row is empty and returns zeros (amax cannot reduce nothing)
-        return s @ v
+        return (s @ v, s.new_full(s.shape[:-1], float("-inf"))) if return_lse else s @ v
     row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)
     denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))  # and log(1) keeps empty rows' gradient finite
+    p = e / safe
+    lse = torch.where(denom > 0, row_max + torch.log(safe), float("-inf")).squeeze(-1)
     if dropout_p >= 1.0:  # everything dropped (SDPA gives zeros too)
         p = p * 0.0
     elif dropout_mask is not None:
         p = p * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
-    return p @ v
+    return (p @ v, lse) if return_lse else p @ v

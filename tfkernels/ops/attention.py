@@ -72,10 +72,12 @@ with exactly these arguments and results):
         window_left/right -1 (unbounded) or >= 0; softcap >= 0 (0 = off);
         out (B,Hq,Tq,D) contiguous in q's dtype; lse (B,Hq,Tq) fp32 contiguous, natural log,
         +inf for a fully masked row.
-    attention_bwd(dout, q, k, v, mask: Tensor?, out, lse, dropout_p: float, seed: Tensor?,
-                  is_causal: bool, scale: float, window_left: int, window_right: int,
+    attention_bwd(dout, q, k, v, mask: Tensor?, out, lse, dlse: Tensor?, dropout_p: float,
+                  seed: Tensor?, is_causal: bool, scale: float, window_left: int, window_right: int,
                   softcap: float, mask_grad: bool) -> (dq, dk, dv, dmask)
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
+        dlse None or (B,Hq,Tq) fp32 contiguous, 0 on fully masked rows: the gradient of lse, when the
+        caller used it (d lse / d S = P, so the kernels take delta - dlse for delta);
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
     To reproduce the Triton kernels' dropout bit for bit (tests replay it through `_dropout_mask`),
     a CUDA implementation uses `_keep`'s stream (Triton 3.6's `tl.rand` for int64 offsets):
@@ -977,7 +979,7 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, w
     return o, lse
 
 
-def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, window_left, window_right,
+def _triton_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right,
                 softcap, mask_grad):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -999,6 +1001,8 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale
     pre_m = 16 if _gpu_major(q) is None else 64
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre_m), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=BD)
+    if dlse is not None:  # lse was used too: dS = P (dP - delta) + P dlse = P (dP - (delta - dlse))
+        delta -= dlse
     win_l, win_r, win_left, win_right = _window_args(Tq, Tk, is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
     common = dict(WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
@@ -1052,9 +1056,9 @@ def _cuda_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, win
                                          window_right, softcap)
 
 
-def _cuda_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, window_left, window_right,
+def _cuda_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right,
               softcap, mask_grad):
-    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale,
+    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale,
                                          window_left, window_right, softcap, mask_grad)
 
 
@@ -1083,16 +1087,18 @@ def _(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_righ
 
 @torch.library.custom_op("tfkernels::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor,
-                  lse: Tensor, dropout_p: float, seed: Optional[Tensor], is_causal: bool, scale: float,
-                  window_left: int, window_right: int, softcap: float, mask_grad: bool,
+                  lse: Tensor, dlse: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], is_causal: bool,
+                  scale: float, window_left: int, window_right: int, softcap: float, mask_grad: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, dmask ((B, Hq, Tq, Tk) fp32 when mask_grad, else empty)."""
-    return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, out, lse,
+    if dlse is not None:  # a fully masked row has lse = inf and P = 0: its dlse must not make 0 * inf
+        dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32)).contiguous()
+    return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, out, lse, dlse,
                         dropout_p, seed, is_causal, scale, window_left, window_right, softcap, mask_grad)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale, window_left, window_right, softcap,
+def _(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right, softcap,
       mask_grad, backend):
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
@@ -1112,16 +1118,18 @@ def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, window_left, window_right, softcap, backend = ctx.args
     nones = (None,) * 8  # dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend
+    if dout is None:  # only lse was used (autograd passes None or zeros for an unused output)
+        dout = torch.zeros_like(out)
     if _backend.differentiable_backward():  # create_graph=True: through the reference's autograd
-        return (*_reference_backward(ctx, dout), *nones)
+        return (*_reference_backward(ctx, dout, dlse), *nones)
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, out, lse, dropout_p, seed, is_causal, scale,
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale,
                                       window_left, window_right, softcap, mask_grad, backend)
     dmask = dmask.to(mask.dtype) if mask_grad else None
     return dq, dk, dv, dmask, *nones
 
 
-def _reference_backward(ctx, dout):
+def _reference_backward(ctx, dout, dlse=None):
     """dq, dk, dv, dmask through the reference's autograd, differentiable (double backward). It
     stores the (B, H, T_q, T_k) probabilities, as the reference does; dropout replays the kernels'
     keep mask for the call's seed (drawn by the Triton kernel that defines the stream)."""
@@ -1136,10 +1144,13 @@ def _reference_backward(ctx, dout):
         keep = _dropout_mask(int(seed.item()), B, Hq, Tq, k.shape[2], dropout_p, device=q.device)
 
     def fn(q, k, v, mask):
-        return reference.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                   enable_gqa=k.shape[1] != Hq, dropout_mask=keep,
-                                   window_size=(window_left, window_right), softcap=softcap)
-    return _backend.reference_vjp(fn, (q, k, v, mask), ctx.needs_input_grad[:4], dout)
+        out, lse = reference.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                       scale=scale, enable_gqa=k.shape[1] != Hq, dropout_mask=keep,
+                                       window_size=(window_left, window_right), softcap=softcap, return_lse=True)
+        # the op's lse is +inf where the reference's is -inf (no visible key): no gradient flows there
+        return out if dlse is None else (out, torch.where(torch.isinf(lse), 0.0, lse))
+    grad = dout if dlse is None else (dout, dlse.to(dout.dtype if dout.is_floating_point() else torch.float32))
+    return _backend.reference_vjp(fn, (q, k, v, mask), ctx.needs_input_grad[:4], grad)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1247,7 +1258,8 @@ def _check_softcap(softcap) -> float:
     return softcap if softcap < SOFTCAP_OFF else 0.0
 
 
-def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, backend):
+def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, return_lse,
+                           backend):
     """attn_mask=torch.nn.attention.bias.causal_upper_left(T_q, T_k) or causal_lower_right(T_q, T_k),
     as SDPA takes them. A CausalBias is a tensor subclass that only SDPA understands: any other op on
     it returns an unusable object, so it must be turned into the kernels' own arguments, never read.
@@ -1266,7 +1278,8 @@ def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gq
         raise ValueError(f"attention: attn_mask is a CausalBias for T_q={bias.seq_len_q}, T_k={bias.seq_len_kv}, "
                          f"but q and k have lengths T_q={Tq}, T_k={Tk}")
     left, right = _check_window(window_size)
-    kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, softcap=softcap, backend=backend)
+    kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, softcap=softcap, return_lse=return_lse,
+              backend=backend)
     if bias.variant == CausalVariant.UPPER_LEFT or Tq == Tk:
         return attention(q, k, v, None, is_causal=True, window_size=(left, right), **kw)
     if Tq < Tk:
@@ -1280,6 +1293,10 @@ def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gq
         if left < 0:  # the window ends before the first key each query may see: nothing is visible
             left, mask = -1, torch.zeros((), dtype=torch.bool, device=q.device)
     tail = attention(q[..., s:, :], k, v, mask, is_causal=True, window_size=(left, -1), **kw)
+    if return_lse:
+        out, lse = tail
+        return (torch.cat([out.new_zeros((*out.shape[:-2], s, out.shape[-1])), out], dim=-2),
+                torch.cat([lse.new_full((*lse.shape[:-1], s), float("-inf")), lse], dim=-1))
     return torch.cat([tail.new_zeros((*tail.shape[:-2], s, tail.shape[-1])), tail], dim=-2)
 
 
@@ -1311,8 +1328,8 @@ def _autocast(q, k, v):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
-              window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0,
-              backend: Optional[str] = None) -> Tensor:
+              window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, return_lse: bool = False,
+              backend: Optional[str] = None):
     """Scaled dot-product attention with the signature and semantics of
     `torch.nn.functional.scaled_dot_product_attention`; FlashAttention-2 kernels in Triton.
 
@@ -1359,15 +1376,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     as a window, with its tile skipping. For T_q > T_k its first T_q - T_k queries see no key and
     return 0.
 
+    return_lse=True returns (out, lse): lse (B, H_q, T_q) float32 (float64 for float64 inputs), the
+    natural-log log-sum-exp of each row's scaled, capped and masked scores before dropout, -inf for
+    a row with no visible key. It is differentiable (d lse / d scores = the probabilities), so
+    attention over several key chunks can be merged exactly, gradients included:
+    out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i(lse_i) (ring / split-KV attention).
+
     backend: "triton", "cuda", "torch" or None (automatic).
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
     # numpy scalars (np.float32 from a config or an array) are Reals but not floats, which the
     # op's schema takes; a float is left as it is (under torch.compile it may be symbolic)
     for name, t in (("q", q), ("k", k), ("v", v)):  # first: the steps below read their shapes
         _validate.check_tensor(t, name)
     if CausalBias is not None and isinstance(attn_mask, CausalBias):
         return _causal_bias_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                      softcap, backend)
+                                      softcap, return_lse, backend)
     if not isinstance(scale, (bool, int, float)) and isinstance(scale, numbers.Real):
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
@@ -1375,9 +1400,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     q, k, v = _broadcast_batch(*_autocast(q, k, v))
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
     if lead is not None:
-        out = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
-                        softcap=softcap, backend=backend)
-        return out.reshape(*lead, *out.shape[-3:])
+        res = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
+                        softcap=softcap, return_lse=return_lse, backend=backend)
+        if return_lse:
+            return res[0].reshape(*lead, *res[0].shape[-3:]), res[1].reshape(*lead, *res[1].shape[-2:])
+        return res.reshape(*lead, *res.shape[-3:])
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     window_left, window_right = _check_window(window_size)
     softcap = _check_softcap(softcap)
@@ -1386,8 +1413,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     be = _backend.resolve(backend, q, "attention", unfit, others=(k, v, attn_mask))
     _validate.check_float(q, "q", be)
     if be == "torch":
-        return reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   window_size=(window_left, window_right), softcap=softcap)
+        res = reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                  window_size=(window_left, window_right), softcap=softcap, return_lse=return_lse)
+        return (res[0], res[1].to(torch.promote_types(q.dtype, torch.float32))) if return_lse else res
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if unfit is not None:  # a kernel backend asked for by name
@@ -1403,8 +1431,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     dropout_p = float(dropout_p)
     window_left, window_right = _effective_window(Tq, Tk, window_left, window_right)  # fits the op's int64
     seed = _draw_seed() if dropout_p > 0.0 else None
-    out, _ = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, window_left, window_right,
-                           softcap, be)
+    out, lse = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, window_left, window_right,
+                             softcap, be)
+    if return_lse:  # the kernels keep +inf for an empty row (their backward's P is then 0); log(0) is -inf
+        return out, torch.where(lse == float("inf"), float("-inf"), lse)
     return out
 
 
