@@ -1112,6 +1112,9 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, mask, out, lse, seed)
     ctx.args = (dropout_p, is_causal, scale, window_left, window_right, softcap, backend)
+    # an unused output's gradient comes as None, not zeros: lse is unused unless return_lse=True,
+    # and then the backward skips the dlse work altogether
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
