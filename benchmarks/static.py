@@ -81,33 +81,25 @@ def _cuobjdump() -> Optional[str]:
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """{'REG': n, 'LOCAL': bytes, 'SHARED': bytes, ...} from `cuobjdump -res-usage` of one cubin."""
+def inspect_cubin(cubin: bytes) -> tuple[dict, Optional[dict]]:
+    """From one cubin (written to a file once): `cuobjdump -res-usage` as {'REG': n, 'LOCAL': bytes,
+    'SHARED': bytes, ...}, and the tensor-core instructions of its SASS as {"HGMMA": n, "HMMA": n}
+    ({} and None without cuobjdump)."""
     tool = _cuobjdump()
     if tool is None:
-        return {}
+        return {}, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)", text)}
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    use = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)", res)}
+    # an instruction line: /*0420*/  @!P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
+    return use, {op: ops.count(op) for op in _MMA_OPS if op in ops}
 
 
 _MMA_OPS = ("HGMMA", "HMMA")  # fp8 (QGMMA) and integer MMAs are not used here
-
-
-def mma_census(cubin: bytes) -> Optional[dict]:
-    """{"HGMMA": n, "HMMA": n}: the tensor-core instructions in one cubin's SASS (None without cuobjdump)."""
-    tool = _cuobjdump()
-    if tool is None:
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    # an instruction line: /*0420*/  @!P0 HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
-    return {op: ops.count(op) for op in _MMA_OPS if op in ops}
 
 
 def _make_driver(gpu: SimpleNamespace, report: Report):
@@ -163,11 +155,10 @@ def _make_driver(gpu: SimpleNamespace, report: Report):
             return lambda *args, **kwargs: None
 
         def _load_binary(self, name, cubin, shared, device):
-            use = resource_usage(cubin)
             launch = report.launches[-1]
+            use, launch.mma = inspect_cubin(cubin)
             launch.regs = use.get("REG")
             launch.spill = use.get("STACK", 0) + use.get("LOCAL", 0) if use else None
-            launch.mma = mma_census(cubin)
             return None, None, launch.regs or 0, 0, 1024
 
     return StaticDriver(), state

@@ -509,6 +509,28 @@ def test_return_lse(case, backend):
     assert_close(g, r, torch.float32, "dq (lse only)", scale=2.0)
 
 
+def test_return_lse_non_contiguous_and_expanded(backend):
+    """lse and its gradient with q a transposed view of (B, T, H, D), k broadcast over the batch
+    (stride 0) and v sliced from a wider tensor; odd lengths, a head dim of 24, causal with T_q < T_k."""
+    torch.manual_seed(54)
+    q = _rand(2, 37, 2, 24).transpose(1, 2).requires_grad_(True)
+    k0 = _rand(1, 2, 53, 24).requires_grad_(True)
+    v0 = _rand(2, 2, 53, 40).requires_grad_(True)
+    k, v = k0.expand(2, 2, 53, 24), v0[..., 5:29]
+    assert not q.is_contiguous() and k.stride(0) == 0 and not v.is_contiguous()
+    out, lse = tfkernels.attention(q, k, v, is_causal=True, return_lse=True, backend=backend)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k0, v0)]
+    ref, ref_lse = reference.attention(leaves[0], leaves[1].expand(2, 2, 53, 24), leaves[2][..., 5:29],
+                                       is_causal=True, return_lse=True)
+    assert_close(lse, ref_lse, torch.float32, "lse")
+    assert_close(out, ref, torch.float32, "out")
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k0, v0))
+    ref_grads = torch.autograd.grad((ref * dout.double()).sum() + (ref_lse * dlse.double()).sum(), leaves)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, torch.float32, name, scale=2.0)
+
+
 def test_lse_merges_key_chunks(backend):
     """What return_lse is for: attention over two halves of the keys, merged by their lse, is
     attention over all keys, forward and backward (ring / split-KV attention)."""

@@ -218,12 +218,10 @@ if triton is not None:
         else:
             hi = Tk
             u_hi = (Tk // BLOCK_N) * BLOCK_N
+        lo = 0
+        u_lo = 0
         if WIN_LEFT:
             lo, u_lo = _lower_edge(r0, ROWS, win_l, hi, BLOCK_N)
-        else:
-            lo = 0
-            u_lo = 0
-        if WIN_LEFT:
             u_hi = tl.maximum(u_hi, u_lo)
         return lo, u_lo, u_hi, hi
 
@@ -1092,7 +1090,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, dmask ((B, Hq, Tq, Tk) fp32 when mask_grad, else empty)."""
     if dlse is not None:  # a fully masked row has lse = inf and P = 0: its dlse must not make 0 * inf
-        dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32)).contiguous()
+        dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32))  # a new, contiguous tensor
     return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, out, lse, dlse,
                         dropout_p, seed, is_causal, scale, window_left, window_right, softcap, mask_grad)
 
@@ -1152,7 +1150,7 @@ def _reference_backward(ctx, dout, dlse=None):
                                        window_size=(window_left, window_right), softcap=softcap, return_lse=True)
         # the op's lse is +inf where the reference's is -inf (no visible key): no gradient flows there
         return out if dlse is None else (out, torch.where(torch.isinf(lse), 0.0, lse))
-    grad = dout if dlse is None else (dout, dlse.to(dout.dtype if dout.is_floating_point() else torch.float32))
+    grad = dout if dlse is None else (dout, dlse.to(dout.dtype))  # the reference's lse is in q's dtype, as out
     return _backend.reference_vjp(fn, (q, k, v, mask), ctx.needs_input_grad[:4], grad)
 
 
