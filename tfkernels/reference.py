@@ -48,7 +48,7 @@ def softmax(x, dim=-1):
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-              dropout_mask=None, window_size=None, softcap=0.0, return_lse=False):
+              dropout_mask=None, window_size=None, softcap=0.0, return_lse=False, document_ids=None):
     """SDPA semantics written out, plus the extensions of `tfkernels.attention`: `attn_mask`
     combined with `is_causal`, a local `window_size=(left, right)` (-1 = unbounded; top-left aligned
     like is_causal: query i sees keys i - left .. i + right), `softcap` (scores
@@ -58,6 +58,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     Rows whose every key is masked return zeros (SDPA's math backend returns NaN there).
     return_lse: also return the rows' log-sum-exp of the (capped, masked) scores, before dropout,
     -inf for a row with no visible key; shape q.shape[:-1], in the scores' dtype.
+    document_ids: a pair (q_ids, k_ids) of integer tensors (..., T_q), (..., T_k), broadcasting
+    against q's dims before (H, T, D): query i sees key j only if q_ids[i] == k_ids[j] >= 0.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -77,6 +79,10 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
         j = torch.arange(Tk, device=q.device)[None, :]
         win = ((j >= i - left) if left >= 0 else True) & ((j <= i + right) if right >= 0 else True)
         keep = win if keep is None else keep & win
+    if document_ids is not None:
+        q_ids, k_ids = document_ids
+        docs = ((q_ids[..., :, None] == k_ids[..., None, :]) & (q_ids >= 0)[..., :, None]).unsqueeze(-3)
+        keep = docs if keep is None else keep & docs
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             keep = attn_mask if keep is None else keep & attn_mask

@@ -96,6 +96,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _config, _cuda_ext, _validate, reference
+from . import _documents
 
 try:  # SDPA's attn_mask=causal_upper_left(...) / causal_lower_right(...) (torch >= 2.2)
     from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -107,6 +108,8 @@ try:
     import triton.language as tl
 except ImportError:  # the torch and cuda backends still work
     triton = None
+else:
+    from ._documents import GRAN, _doc_stages, _doc_valid
 
 MAX_HEAD_DIM = 256
 SOFTCAP_OFF = 1e30  # a softcap this large caps nothing an fp32 score can hold: treated as off
@@ -339,12 +342,13 @@ if triton is not None:
         V_bh,  # pointer to V[b, h_kv], shape (Tk, D), strides (stride_vn, stride_vd)
         Mask_bh,  # pointer to mask[b, h], shape (Tq, Tk), strides (stride_mq, stride_mk)
         seed, rng_row,  # dropout seed; rng_row (BLOCK_M,) int64 = ((b*Hq + h)*Tq + i) * Tk
+        KDoc_b, q_doc,  # documents: pointer to k_doc[b] (Tk,) int32, the query rows' ids (BLOCK_M,)
         offs_m, offs_d, lo, hi, Tq, Tk, D,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
         qk_scale, cap2, win_l, win_r, dropout_p,
         MASKED_STAGE: tl.constexpr,  # blocks on the window's edges / ragged end: mask columns
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
@@ -359,6 +363,8 @@ if triton is not None:
                 valid = offs_n[None, :] < Tk
                 if WIN_LEFT or WIN_RIGHT:
                     valid = valid & _window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, False)
+                if HAS_DOCS:
+                    valid = valid & _doc_valid(q_doc, tl.load(KDoc_b + offs_n, mask=offs_n < Tk, other=-1), True)
                 s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if MAY_EMPTY:
@@ -385,6 +391,8 @@ if triton is not None:
         K,  # pointer to k, shape (B, Hkv, Tk, D), strides stride_k*
         V,  # pointer to v, shape (B, Hkv, Tk, D), strides stride_v*
         Mask,  # pointer to the mask, shape (B, Hq, Tq, Tk), strides stride_m* (0 on broadcast dims)
+        QDoc, KDoc,  # document ids (B, Tq), (B, Tk) int32 contiguous (HAS_DOCS only)
+        Ranges,  # (3, B, n_gran) int32: the query granules' key ranges (_documents.ranges; HAS_DOCS only)
         O,  # pointer to out, shape (B, Hq, Tq, D), contiguous
         LSE,  # pointer to lse, shape (B, Hq, Tq), fp32 contiguous
         seed, dropout_p, rp_keep, qk_scale, cap2,  # rp_keep = 1 / (1 - dropout_p); see _scores
@@ -392,10 +400,10 @@ if triton is not None:
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
-        Hq, Tq, Tk, D, GROUP,  # GROUP = Hq // Hkv
+        B, Hq, Tq, Tk, D, GROUP,  # GROUP = Hq // Hkv
         win_l, win_r,  # query i sees keys i - win_l (WIN_LEFT) .. i + win_r (WIN_RIGHT; causal: 0)
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -415,22 +423,28 @@ if triton is not None:
         if CAUSAL:  # the right side at a constant 0: it folds into the bounds and the diagonal test
             win_r = 0
         lo, u_lo, u_hi, hi = _kv_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, WIN_LEFT, WIN_RIGHT, CAUSAL, BLOCK_N)
-        if WIN_LEFT:  # compiled only for a window with a lower edge
+        KDoc_b = KDoc + b.to(tl.int64) * Tk
+        q_doc = offs_m  # unused without documents
+        if HAS_DOCS:  # only the key blocks the rows' documents hold; see _documents
+            q_doc = tl.load(QDoc + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
+            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tq, GRAN), start_m * BLOCK_M, Tk,
+                                             BLOCK_M, BLOCK_N, GRAN)
+        if WIN_LEFT or HAS_DOCS:  # compiled only for a window with a lower edge, or documents
             acc, l_i, m_i = _attn_fwd_inner(
-                acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
+                acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-                dropout_p, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D,
-                BLOCK_N, DOT_PRECISION, UPCAST)
+                dropout_p, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, HAS_DOCS,
+                EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, False, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D,
-            BLOCK_N, DOT_PRECISION, UPCAST)
+            dropout_p, False, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, HAS_DOCS,
+            EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
+            acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, EVEN_D,
-            BLOCK_N, DOT_PRECISION, UPCAST)
+            dropout_p, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, MAY_EMPTY, HAS_DROPOUT, HAS_DOCS,
+            EVEN_D, BLOCK_N, DOT_PRECISION, UPCAST)
         if MAY_EMPTY:
             # every key masked: l = 0 -> output 0 and LSE = +inf (the backward's P is then 0)
             empty = l_i == 0.0
@@ -485,12 +499,13 @@ if triton is not None:
         Mask_bh,  # pointer to mask[b, h], shape (Tq, Tk), strides (stride_mq, stride_mk)
         DMask_bh,  # pointer to dmask[b, h], shape (Tq, Tk), fp32 contiguous
         seed, rng_base,  # rng_base = (b*Hq + h) * Tq
+        QDoc_b, k_doc,  # documents: pointer to q_doc[b] (Tq,) int32, the key rows' ids (BLOCK_N,)
         offs_n, offs_d, lo, hi, Tq, Tk, D,
         stride_qm, stride_qd, stride_dom, stride_dod, stride_mq, stride_mk,
         qk_scale, cap2, win_l, win_r, dropout_p, rp_keep,
-        MASKED_STAGE: tl.constexpr,  # query blocks on the window's edges (the causal diagonal)
+        MASKED_STAGE: tl.constexpr,  # query blocks on the window's edges (the causal diagonal), documents' edges
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # Works on transposed tiles (keys x queries) as the tutorial does, so that dK and dV come
@@ -505,8 +520,12 @@ if triton is not None:
             if HAS_MASK:  # the mask tile transposed: rows are keys, columns queries
                 sT = _add_mask(sT, Mask_bh, offs_n, offs_m, Tk, Tq, stride_mk, stride_mq, MASK_BOOL)
             pT = tl.math.exp2(sT - (lse * 1.4426950408889634)[None, :])
-            if MASKED_STAGE:  # query i sees key j iff i - win_l <= j <= i + win_r
-                pT = tl.where(_window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, True), pT, 0.0)
+            if MASKED_STAGE:  # query i sees key j iff i - win_l <= j <= i + win_r, and its document's keys
+                if WIN_LEFT or WIN_RIGHT:
+                    pT = tl.where(_window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, True), pT, 0.0)
+                if HAS_DOCS:
+                    pT = tl.where(_doc_valid(k_doc, tl.load(QDoc_b + offs_m, mask=offs_m < Tq, other=-1), False),
+                                  pT, 0.0)
             do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                             offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)  # (BLOCK_M, BLOCK_D)
             dpT = _dot(v, tl.trans(do), DOT_PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M) fp32
@@ -529,7 +548,8 @@ if triton is not None:
 
     @triton.jit
     def _attn_bwd_dkdv(
-        Q, K, V, Mask,  # as in _attn_fwd
+        Q, K, V, Mask, QDoc, KDoc,  # as in _attn_fwd
+        Ranges,  # (3, B, n_gran) int32: the key granules' query ranges (HAS_DOCS only)
         DO,  # pointer to dout, shape (B, Hq, Tq, D), strides stride_do*
         LSE, Delta,  # pointers to lse and delta, shape (B, Hq, Tq), fp32 contiguous
         DK,  # pointer to dk, shape (B, Hkv, Tk, D), contiguous
@@ -541,9 +561,9 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
-        Hq, Hkv, Tq, Tk, D, GROUP, win_l, win_r,
+        B, Hq, Hkv, Tq, Tk, D, GROUP, win_l, win_r,
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -566,6 +586,12 @@ if triton is not None:
         if CAUSAL:  # as in _attn_fwd
             win_r = 0
         lo, u_lo, u_hi, hi = _q_stages(start_n, BLOCK_N, Tq, win_l, win_r, WIN_LEFT, WIN_RIGHT, CAUSAL, BLOCK_M)
+        QDoc_b = QDoc + b.to(tl.int64) * Tq
+        k_doc = offs_n  # unused without documents
+        if HAS_DOCS:  # only the query blocks the keys' documents hold
+            k_doc = tl.load(KDoc + b.to(tl.int64) * Tk + offs_n, mask=offs_n < Tk, other=-1)
+            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tk, GRAN), start_n, Tq,
+                                             BLOCK_N, BLOCK_M, GRAN)
         for g in range(0, GROUP):  # GQA: this K/V head serves GROUP query heads; sum over them
             h = hk * GROUP + g
             bh = b * Hq + h
@@ -576,23 +602,23 @@ if triton is not None:
             Mask_bh = _bh_ptr(Mask, b, h, stride_mb, stride_mh)
             DMask_bh = DMask + bh.to(tl.int64) * Tq * Tk
             rng_base = bh.to(tl.int64) * Tq
-            if WIN_RIGHT:  # the lower edge (the causal diagonal)
+            if WIN_RIGHT or HAS_DOCS:  # the lower edge (the causal diagonal)
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                    dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base, QDoc_b, k_doc,
                     offs_n, offs_d, lo, u_lo, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
                     stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT,
-                    SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+                    SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, HAS_DOCS, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
             dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base, QDoc_b, k_doc,
                 offs_n, offs_d, u_lo, u_hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, False, WIN_LEFT, WIN_RIGHT,
-                SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
-            if WIN_LEFT:  # the upper edge, for a window with a lower one
+                SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, HAS_DOCS, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+            if WIN_LEFT or HAS_DOCS:  # the upper edge, for a window with a lower one, or documents
                 dk, dv = _attn_bwd_dkdv_inner(
-                    dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base,
+                    dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, DMask_bh, seed, rng_base, QDoc_b, k_doc,
                     offs_n, offs_d, u_hi, hi, Tq, Tk, D, stride_qm, stride_qd, stride_dom, stride_dod,
                     stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT,
-                    SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
+                    SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, HAS_DOCS, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
         dk *= scale  # dK = scale * dS^T Q
         out_off = bhk.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
         _store_tile(DK + out_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
@@ -603,11 +629,12 @@ if triton is not None:
         dq, q, do, lse2, delta,  # dq (BLOCK_M, BLOCK_D) fp32; the program's q/dout tiles; lse*log2(e), delta (BLOCK_M,)
         K_bh, V_bh, Mask_bh,  # as in _attn_fwd_inner
         seed, rng_row,  # rng_row (BLOCK_M,) int64 = ((b*Hq + h)*Tq + i) * Tk
+        KDoc_b, q_doc,  # as in _attn_fwd_inner
         offs_m, offs_d, lo, hi, Tq, Tk, D,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
         qk_scale, cap2, win_l, win_r, dropout_p, rp_keep,
         MASKED_STAGE: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr,
-        MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+        MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         for start_n in range(lo, hi, BLOCK_N):
@@ -624,6 +651,8 @@ if triton is not None:
                 valid = offs_n[None, :] < Tk
                 if WIN_LEFT or WIN_RIGHT:
                     valid = valid & _window_valid(offs_m, offs_n, win_l, win_r, WIN_LEFT, WIN_RIGHT, False)
+                if HAS_DOCS:
+                    valid = valid & _doc_valid(q_doc, tl.load(KDoc_b + offs_n, mask=offs_n < Tk, other=-1), True)
                 p = tl.where(valid, p, 0.0)
             dp = _dot(do, vT, DOT_PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N) fp32
             if HAS_DROPOUT:
@@ -637,7 +666,8 @@ if triton is not None:
 
     @triton.jit
     def _attn_bwd_dq(
-        Q, K, V, Mask, DO, LSE, Delta,  # as in _attn_bwd_dkdv
+        Q, K, V, Mask, QDoc, KDoc, DO, LSE, Delta,  # as in _attn_bwd_dkdv
+        Ranges,  # as in _attn_fwd
         DQ,  # pointer to dq, shape (B, Hq, Tq, D), contiguous
         seed, dropout_p, rp_keep, qk_scale, cap2, scale,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -645,9 +675,9 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
-        Hq, Tq, Tk, D, GROUP, win_l, win_r,
+        B, Hq, Tq, Tk, D, GROUP, win_l, win_r,
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -668,21 +698,27 @@ if triton is not None:
         if CAUSAL:  # as in _attn_fwd
             win_r = 0
         lo, u_lo, u_hi, hi = _kv_stages(start_m * BLOCK_M, BLOCK_M, Tk, win_l, win_r, WIN_LEFT, WIN_RIGHT, CAUSAL, BLOCK_N)
-        if WIN_LEFT:
+        KDoc_b = KDoc + b.to(tl.int64) * Tk
+        q_doc = offs_m  # unused without documents
+        if HAS_DOCS:  # as in _attn_fwd
+            q_doc = tl.load(QDoc + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
+            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tq, GRAN), start_m * BLOCK_M, Tk,
+                                             BLOCK_M, BLOCK_N, GRAN)
+        if WIN_LEFT or HAS_DOCS:
             dq = _attn_bwd_dq_inner(
-                dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
+                dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-                dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D,
+                dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HAS_DOCS, EVEN_D,
                 BLOCK_N, DOT_PRECISION, UPCAST)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, u_lo, u_hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, rp_keep, False, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D,
+            dropout_p, rp_keep, False, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HAS_DOCS, EVEN_D,
             BLOCK_N, DOT_PRECISION, UPCAST)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
+            dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, u_hi, hi, Tq, Tk, D,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk, qk_scale, cap2, win_l, win_r,
-            dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, EVEN_D,
+            dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HAS_DOCS, EVEN_D,
             BLOCK_N, DOT_PRECISION, UPCAST)
         dq *= scale  # dQ = scale * dS K
         _store_tile(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
@@ -939,7 +975,16 @@ def _softcap_args(scale: float, softcap: float):
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
+def _doc_args(q_doc, k_doc, q, rows_are_queries: bool):
+    """(q_doc, k_doc, ranges, HAS_DOCS) for a launch: the granules' column ranges of the program's
+    rows (queries, or keys for dK/dV); dummy pointers without documents."""
+    if q_doc is None:
+        return q, q, q, False
+    rows, cols = (q_doc, k_doc) if rows_are_queries else (k_doc, q_doc)
+    return q_doc, k_doc, _documents.ranges(rows, cols), True
+
+
+def _triton_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     o = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
@@ -955,20 +1000,22 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, w
     has_dropout = dropout_p > 0.0
     win_l, win_r, win_left, win_right = _window_args(Tq, Tk, is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
-    # a row may have seen no key when a block starts (running max -inf): only with a lower window edge
-    may_empty = has_mask or win_left
+    qd, kd, ranges, has_docs = _doc_args(q_doc, k_doc, q, True)
+    # a row may have seen no key when a block starts (running max -inf): only with a lower window
+    # edge, a mask or documents
+    may_empty = has_mask or win_left or has_docs
     key = ("fwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, win_left, win_right, bool(is_causal), softcap > 0.0,
-           _dot_precision(q.dtype))
+           has_docs, _dot_precision(q.dtype))
 
     def launch(bm, bn, warps, stages):
         _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
-            q, k, v, m_ptr, o, lse,
+            q, k, v, m_ptr, qd, kd, ranges, o, lse,
             _seed_value(seed, dropout_p), float(dropout_p), _keep_scale(dropout_p), qk_scale, cap2,
             *q.stride(), *k.stride(), *v.stride(), *m_str,
-            Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
+            B, Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
             MAY_EMPTY=may_empty,
-            HAS_DROPOUT=has_dropout,
+            HAS_DROPOUT=has_dropout, HAS_DOCS=has_docs,
             EVEN_M=Tq % bm == 0, EVEN_D=D == _block_d(D),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
             num_warps=warps, num_stages=stages)
@@ -977,8 +1024,8 @@ def _triton_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, w
     return o, lse
 
 
-def _triton_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right,
-                softcap, mask_grad):
+def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left,
+                window_right, softcap, mask_grad):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -1003,27 +1050,29 @@ def _triton_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal,
         delta -= dlse
     win_l, win_r, win_left, win_right = _window_args(Tq, Tk, is_causal, window_left, window_right)
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
+    qd, kd, q_ranges, has_docs = _doc_args(q_doc, k_doc, q, True)
+    k_ranges = _doc_args(q_doc, k_doc, q, False)[2]
     common = dict(WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-                  HAS_DROPOUT=has_dropout, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec, UPCAST=_upcast(q))
+                  HAS_DROPOUT=has_dropout, HAS_DOCS=has_docs, EVEN_D=D == BD, BLOCK_D=BD, DOT_PRECISION=prec,
+                  UPCAST=_upcast(q))
     rp_keep = _keep_scale(dropout_p)
     key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, win_left, win_right, bool(is_causal),
-           softcap > 0.0, prec,
-           bool(mask_grad))
+           softcap > 0.0, has_docs, prec, bool(mask_grad))
 
     def launch(m1, n1, m2, n2, warps, stages):
         # a retry reruns both kernels: they overwrite dk, dv, dq and dmask, nothing accumulates
         _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
-            q, k, v, m_ptr, dout, lse, delta, dk, dv, dm_ptr,
+            q, k, v, m_ptr, qd, kd, k_ranges, dout, lse, delta, dk, dv, dm_ptr,
             seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
-            Hq, Hkv, Tq, Tk, D, Hq // Hkv, win_l, win_r,
+            B, Hq, Hkv, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
             BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
         _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
-            q, k, v, m_ptr, dout, lse, delta, dq,
+            q, k, v, m_ptr, qd, kd, dout, lse, delta, q_ranges, dq,
             seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
-            Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
+            B, Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
 
     _launch_first_fit(key, _bwd_configs(q), launch)
@@ -1049,15 +1098,15 @@ def _draw_seed() -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
-def _cuda_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
-    return _cuda_ext.ops().attention_fwd(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left,
+def _cuda_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
+    return _cuda_ext.ops().attention_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left,
                                          window_right, softcap)
 
 
-def _cuda_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right,
-              softcap, mask_grad):
-    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale,
-                                         window_left, window_right, softcap, mask_grad)
+def _cuda_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left,
+              window_right, softcap, mask_grad):
+    return _cuda_ext.ops().attention_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed, is_causal,
+                                         scale, window_left, window_right, softcap, mask_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1065,39 +1114,39 @@ def _cuda_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, s
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float,
-                  seed: Optional[Tensor], is_causal: bool, scale: float, window_left: int, window_right: int,
-                  softcap: float, backend: str) -> tuple[Tensor, Tensor]:
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_doc: Optional[Tensor],
+                  k_doc: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], is_causal: bool, scale: float,
+                  window_left: int, window_right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
     """-> out (B, Hq, Tq, D) contiguous, lse (B, Hq, Tq) fp32 (see the module docstring)."""
     # attention() checks softcap in eager; under torch.compile it may not (a symbolic float), so the
     # value the op runs with is checked here, where it is concrete
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
-    return _backend.run("attention", backend, _triton_fwd, _cuda_fwd, q, k, v, mask, dropout_p, seed,
+    return _backend.run("attention", backend, _triton_fwd, _cuda_fwd, q, k, v, mask, q_doc, k_doc, dropout_p, seed,
                         is_causal, scale, window_left, window_right, softcap if softcap < SOFTCAP_OFF else 0.0)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend):
+def _(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend):
     B, Hq, Tq, D = q.shape
     return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
 
 @torch.library.custom_op("tfkernels::attention_bwd", mutates_args=())
-def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor,
-                  lse: Tensor, dlse: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], is_causal: bool,
-                  scale: float, window_left: int, window_right: int, softcap: float, mask_grad: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_doc: Optional[Tensor],
+                  k_doc: Optional[Tensor], out: Tensor, lse: Tensor, dlse: Optional[Tensor], dropout_p: float,
+                  seed: Optional[Tensor], is_causal: bool, scale: float, window_left: int, window_right: int,
+                  softcap: float, mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, dmask ((B, Hq, Tq, Tk) fp32 when mask_grad, else empty)."""
     if dlse is not None:  # a fully masked row has lse = inf and P = 0: its dlse must not make 0 * inf
         dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32))  # a new, contiguous tensor
-    return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, out, lse, dlse,
-                        dropout_p, seed, is_causal, scale, window_left, window_right, softcap, mask_grad)
+    return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, q_doc, k_doc, out, lse,
+                        dlse, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, mask_grad)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right, softcap,
-      mask_grad, backend):
+def _(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed, is_causal, scale, window_left, window_right,
+      softcap, mask_grad, backend):
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     dmask = (q.new_empty((B, Hq, Tq, Tk), dtype=torch.float32) if mask_grad
@@ -1106,9 +1155,9 @@ def _(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale, wi
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend = inputs
+    q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
+    ctx.save_for_backward(q, k, v, mask, q_doc, k_doc, out, lse, seed)
     ctx.args = (dropout_p, is_causal, scale, window_left, window_right, softcap, backend)
     # an unused output's gradient comes as None, not zeros: lse is unused unless return_lse=True,
     # and then the backward skips the dlse work altogether
@@ -1116,25 +1165,25 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, mask, out, lse, seed = ctx.saved_tensors
+    q, k, v, mask, q_doc, k_doc, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, window_left, window_right, softcap, backend = ctx.args
     nones = (None,) * 8  # dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend
     if dout is None:  # only lse was used (autograd passes None or zeros for an unused output)
         dout = torch.zeros_like(out)
     if _backend.differentiable_backward():  # create_graph=True: through the reference's autograd
-        return (*_reference_backward(ctx, dout, dlse), *nones)
+        return (*_reference_backward(ctx, dout, dlse), None, None, *nones)
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, out, lse, dlse, dropout_p, seed, is_causal, scale,
-                                      window_left, window_right, softcap, mask_grad, backend)
+    dq, dk, dv, dmask = attention_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed, is_causal,
+                                      scale, window_left, window_right, softcap, mask_grad, backend)
     dmask = dmask.to(mask.dtype) if mask_grad else None
-    return dq, dk, dv, dmask, *nones
+    return dq, dk, dv, dmask, None, None, *nones  # no gradient for the document ids
 
 
 def _reference_backward(ctx, dout, dlse=None):
     """dq, dk, dv, dmask through the reference's autograd, differentiable (double backward). It
     stores the (B, H, T_q, T_k) probabilities, as the reference does; dropout replays the kernels'
     keep mask for the call's seed (drawn by the Triton kernel that defines the stream)."""
-    q, k, v, mask, out, lse, seed = ctx.saved_tensors
+    q, k, v, mask, q_doc, k_doc, out, lse, seed = ctx.saved_tensors
     dropout_p, is_causal, scale, window_left, window_right, softcap, _ = ctx.args
     B, Hq, Tq, _ = q.shape
     keep = None
@@ -1147,7 +1196,8 @@ def _reference_backward(ctx, dout, dlse=None):
     def fn(q, k, v, mask):
         out, lse = reference.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[1] != Hq, dropout_mask=keep,
-                                       window_size=(window_left, window_right), softcap=softcap, return_lse=True)
+                                       window_size=(window_left, window_right), softcap=softcap, return_lse=True,
+                                       document_ids=None if q_doc is None else (q_doc, k_doc))
         # the op's lse is +inf where the reference's is -inf (no visible key): no gradient flows there
         return out if dlse is None else (out, torch.where(torch.isinf(lse), 0.0, lse))
     grad = dout if dlse is None else (dout, dlse.to(dout.dtype))  # the reference's lse is in q's dtype, as out
@@ -1260,7 +1310,7 @@ def _check_softcap(softcap) -> float:
 
 
 def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, return_lse,
-                           backend):
+                           document_ids, backend):
     """attn_mask=torch.nn.attention.bias.causal_upper_left(T_q, T_k) or causal_lower_right(T_q, T_k),
     as SDPA takes them. A CausalBias is a tensor subclass that only SDPA understands: any other op on
     it returns an unusable object, so it must be turned into the kernels' own arguments, never read.
@@ -1280,7 +1330,7 @@ def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gq
                          f"but q and k have lengths T_q={Tq}, T_k={Tk}")
     left, right = _check_window(window_size)
     kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, softcap=softcap, return_lse=return_lse,
-              backend=backend)
+              document_ids=document_ids, backend=backend)
     if bias.variant == CausalVariant.UPPER_LEFT or Tq == Tk:
         return attention(q, k, v, None, is_causal=True, window_size=(left, right), **kw)
     if Tq < Tk:
@@ -1293,6 +1343,9 @@ def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gq
         left -= s
         if left < 0:  # the window ends before the first key each query may see: nothing is visible
             left, mask = -1, torch.zeros((), dtype=torch.bool, device=q.device)
+    if document_ids is not None:  # a pair (T_q != T_k): the queries' ids sliced with them
+        _documents.check_document_ids(document_ids, q.shape[:-3], Tq, Tk, q)  # raises, naming the argument
+        kw["document_ids"] = (document_ids[0][..., s:], document_ids[1])
     tail = attention(q[..., s:, :], k, v, mask, is_causal=True, window_size=(left, -1), **kw)
     if return_lse:
         out, lse = tail
@@ -1330,7 +1383,7 @@ def _autocast(q, k, v):
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
               is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, *,
               window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, return_lse: bool = False,
-              backend: Optional[str] = None):
+              document_ids=None, backend: Optional[str] = None):
     """Scaled dot-product attention with the signature and semantics of
     `torch.nn.functional.scaled_dot_product_attention`; FlashAttention-2 kernels in Triton.
 
@@ -1383,6 +1436,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     attention over several key chunks can be merged exactly, gradients included:
     out = sum_i exp(lse_i - lse) out_i with lse = logsumexp_i(lse_i) (ring / split-KV attention).
 
+    document_ids: packed sequences (several documents per row, as pretraining packs them): an
+    integer tensor (..., T) of per-token document ids for queries and keys (T_q == T_k), or a pair
+    (q_ids (..., T_q), k_ids (..., T_k)); the leading dims are q's batch dims (before H), or absent
+    to share one layout across the batch. Query i sees key j only if their ids are equal, ANDed with
+    is_causal, window_size and attn_mask: `is_causal=True` over a packed row is each document's own
+    causal mask. A negative id is padding: it sees nothing and nothing sees it (its row returns 0).
+    No (T, T) mask is built, and key blocks of other documents are skipped, so a row of documents of
+    length L costs O(T * L). Ids sorted along T (packing order; padding anywhere) get exact block
+    ranges; unsorted ids are correct but every block is then masked. int32 ids avoid a device sync
+    (int64 ids are checked to fit int32).
+
     backend: "triton", "cuda", "torch" or None (automatic).
     """
     if not isinstance(return_lse, bool):
@@ -1393,16 +1457,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         _validate.check_tensor(t, name)
     if CausalBias is not None and isinstance(attn_mask, CausalBias):
         return _causal_bias_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size,
-                                      softcap, return_lse, backend)
+                                      softcap, return_lse, document_ids, backend)
     if not isinstance(scale, (bool, int, float)) and isinstance(scale, numbers.Real):
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
         dropout_p = float(dropout_p)
     q, k, v = _broadcast_batch(*_autocast(q, k, v))
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
+    docs = _documents.check_document_ids(document_ids, q.shape[:1] if lead is None else lead, q.shape[-2],
+                                         k.shape[-2], q)  # (B, T) int32 pairs, B as folded
     if lead is not None:
         res = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
-                        softcap=softcap, return_lse=return_lse, backend=backend)
+                        softcap=softcap, return_lse=return_lse, document_ids=docs, backend=backend)
         if return_lse:
             return res[0].reshape(*lead, *res[0].shape[-3:]), res[1].reshape(*lead, *res[1].shape[-2:])
         return res.reshape(*lead, *res.shape[-3:])
@@ -1415,7 +1481,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     _validate.check_float(q, "q", be)
     if be == "torch":
         res = reference.attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                  window_size=(window_left, window_right), softcap=softcap, return_lse=return_lse)
+                                  window_size=(window_left, window_right), softcap=softcap, return_lse=return_lse,
+                                  document_ids=docs)
         return (res[0], res[1].to(torch.promote_types(q.dtype, torch.float32))) if return_lse else res
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
@@ -1432,8 +1499,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     dropout_p = float(dropout_p)
     window_left, window_right = _effective_window(Tq, Tk, window_left, window_right)  # fits the op's int64
     seed = _draw_seed() if dropout_p > 0.0 else None
-    out, lse = attention_fwd(q, k, v, mask, dropout_p, seed, bool(is_causal), scale_f, window_left, window_right,
-                             softcap, be)
+    q_doc, k_doc = (None, None) if docs is None else docs
+    out, lse = attention_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, bool(is_causal), scale_f, window_left,
+                             window_right, softcap, be)
     if return_lse:  # the kernels keep +inf for an empty row (their backward's P is then 0); log(0) is -inf
         return out, torch.where(lse == float("inf"), float("-inf"), lse)
     return out
