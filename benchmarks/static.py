@@ -169,7 +169,7 @@ def _make_driver(gpu: SimpleNamespace, report: Report):
 # ----------------------------------------------------------------------------------------------
 
 def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, T=1024, Hq=4, Hkv=4, backward=True,
-                    window=(-1, -1), softcap=0.0):
+                    window=(-1, -1), softcap=0.0, docs=False):
     import torch
     A = importlib.import_module("tfkernels.ops.attention")  # the package exports a function by that name
 
@@ -185,10 +185,12 @@ def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, 
             m = torch.zeros(1, 1, T, T, dtype=dtype).expand(1, Hq, T, T)
         seed = torch.tensor([1234], dtype=torch.int64) if dropout else None
         scale = D ** -0.5
-        out, lse = A._triton_fwd(q, k, v, m, dropout, seed, causal, scale, *window, softcap)
+        # documents: packed rows of 300-token documents (the ids' values do not change the code)
+        doc = (torch.arange(T, dtype=torch.int32) // 300)[None] if docs else None
+        out, lse = A._triton_fwd(q, k, v, m, doc, doc, dropout, seed, causal, scale, *window, softcap)
         if backward:
-            A._triton_bwd(torch.randn_like(q), q, k, v, m, out, lse, None, dropout, seed, causal, scale, *window, softcap,
-                          mask == "float")
+            A._triton_bwd(torch.randn_like(q), q, k, v, m, doc, doc, out, lse, None, dropout, seed, causal, scale,
+                          *window, softcap, mask == "float")
     return run
 
 
@@ -219,28 +221,34 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
     dts = {"fp16": (torch.float16, False), "bf16": (torch.bfloat16, False), "fp32": (torch.float32, False),
            "fp32-tf32": (torch.float32, True)}
     # (dtype, D, causal, mask ("bool", "float", "gqa": no mask, grouped K/V heads, or "window":
-    # sliding window (255, 0) with softcap 50, Gemma 2's), dropout_p)
+    # sliding window (255, 0) with softcap 50, Gemma 2's; "docs": document ids), dropout_p)
     if quick:
         attn = [("bf16", 128, True, None, 0.0), ("fp16", 64, False, None, 0.0), ("bf16", 256, False, None, 0.0),
                 ("fp32", 64, True, None, 0.0), ("fp16", 128, False, "bool", 0.1), ("fp32-tf32", 128, False, None, 0.0),
-                ("bf16", 128, True, "window", 0.0)]
+                ("bf16", 128, True, "window", 0.0), ("bf16", 128, True, "docs", 0.0)]
         rows = [("softmax", "bf16", 4096), ("layer_norm", "bf16", 4096), ("rms_norm", "fp32", 65536)]
     else:
         attn = [(dt, D, c, None, 0.0) for dt in dts for D in (64, 128, 256) for c in (False, True)]
         attn += [("bf16", 128, False, "bool", 0.0), ("bf16", 128, True, "float", 0.0), ("bf16", 128, False, None, 0.1),
                  ("fp16", 80, False, None, 0.0), ("bf16", 96, True, None, 0.0), ("bf16", 128, True, "gqa", 0.0),
-                 ("bf16", 128, True, "window", 0.0), ("bf16", 256, True, "window", 0.0), ("fp16", 64, True, "window", 0.0)]
+                 ("bf16", 128, True, "window", 0.0), ("bf16", 256, True, "window", 0.0), ("fp16", 64, True, "window", 0.0),
+                 ("bf16", 64, True, "docs", 0.0), ("bf16", 128, True, "docs", 0.0), ("bf16", 256, True, "docs", 0.0),
+                 ("fp32", 128, False, "docs", 0.0), ("fp16", 64, False, "docs", 0.0), ("fp32", 64, True, "docs", 0.0),
+                 ("fp32", 256, True, "docs", 0.0), ("fp32-tf32", 128, True, "docs", 0.0)]
         rows = [(op, dt, N) for op in ("softmax", "layer_norm", "rms_norm") for dt in ("fp16", "bf16", "fp32")
                 for N in (768, 4096, 65536)]
     out = {}
     for dt, D, causal, mask, p in attn:
         gqa = mask == "gqa"  # 4 query heads per K/V head (the kernels' GROUP loop is not specialised away)
         window = mask == "window"
-        mask = None if gqa or window else mask
+        docs = mask == "docs"
+        mask = None if gqa or window or docs else mask
         name = f"attention {dt} D={D}" + (" causal" if causal else "") + (f" {mask}-mask" if mask else "") \
-               + (" gqa" if gqa else "") + (" window+softcap" if window else "") + (f" dropout={p}" if p else "")
+               + (" gqa" if gqa else "") + (" window+softcap" if window else "") + (" docs" if docs else "") \
+               + (f" dropout={p}" if p else "")
         out[name] = _attention_case(dts[dt][0], D, causal, mask, p, tf32=dts[dt][1], Hkv=1 if gqa else 4,
-                                    window=(255, 0) if window else (-1, -1), softcap=50.0 if window else 0.0)
+                                    window=(255, 0) if window else (-1, -1), softcap=50.0 if window else 0.0,
+                                    docs=docs)
     for op, dt, N in rows:
         out[f"{op} {dt} N={N}"] = _rows_case(op, dts[dt][0], N)
     return out

@@ -108,7 +108,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=None, enable_gqa=False,
                     dropout_p=0.0, dropout_mask=None, seed=None, out_scale=1.0, grad_scale=2.0, window_size=None,
-                    softcap=0.0):
+                    softcap=0.0, document_ids=None):
     """tfkernels.attention vs the float64 reference on the same values: the output and every gradient
     (q, k, v and a float mask). The mask's gradient comes back in the mask's dtype, so an fp16 mask of
     fp32 inputs is held to fp16's tolerance. Returns the output."""
@@ -118,13 +118,14 @@ def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=N
         torch.manual_seed(seed)
     out = tfkernels.attention(*leaves, attn_mask=mask_leaf if mask_leaf is not None else mask, dropout_p=dropout_p,
                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window_size=window_size,
-                              softcap=softcap, backend=backend)
+                              softcap=softcap, document_ids=document_ids, backend=backend)
     assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype and out.is_contiguous()
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
     ref = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa, dropout_mask=dropout_mask, window_size=window_size,
-                              softcap=softcap)
+                              softcap=softcap, document_ids=(document_ids, document_ids)
+                              if isinstance(document_ids, torch.Tensor) else document_ids)
     assert_close(out, ref, dtype, "out", scale=out_scale)
     dout = torch.randn_like(out)
     extra = 1 if mask_leaf is not None else 0

@@ -580,6 +580,232 @@ def test_dropout_one_drops_everything(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# document_ids: packed sequences
+# ---------------------------------------------------------------------------------------------
+
+def _doc_ids(lengths, T, pad=-1):
+    """(T,) int64 ids: documents of the given lengths back to back, `pad` after them; a negative
+    length is that many padding tokens in place (padding between documents)."""
+    ids, d = [], 0
+    for n in lengths:
+        if n < 0:
+            ids += [pad] * -n
+        else:
+            ids += [d] * n
+            d += 1
+    ids += [pad] * (T - len(ids))
+    assert len(ids) == T
+    return torch.tensor(ids, device=DEVICE)
+
+
+# (B, H_q, H_kv, T_q, T_k, per-row document lengths (T_q == T_k: one list for both; else q, k
+# lists), is_causal, window, mask kind, D): documents shorter and longer than a block, crossing
+# blocks, padding at the end / start / between documents, one document, all padding, T_q != T_k.
+DOC_CASES = [
+    (2, 2, 2, 53, 53, [[20, 17, 10], [5, 40]], True, None, None, 24),
+    (2, 2, 2, 53, 53, [[20, 17, 10], [5, 40]], False, None, None, 24),
+    (1, 4, 2, 70, 70, [[-7, 33, 30]], True, None, None, 32),  # padding first, GQA
+    (1, 2, 2, 61, 61, [[16, -16, 16, 3]], True, None, None, 16),  # padding between documents
+    (2, 2, 1, 45, 45, [[45], [-45]], True, None, None, 16),  # one document; all padding
+    (1, 2, 2, 67, 67, [[30, 37]], True, (9, 0), None, 40),  # a sliding window inside documents
+    (1, 2, 2, 50, 50, [[12, 25, 13]], False, None, "float", 16),  # a float mask and its gradient
+    (1, 2, 2, 50, 50, [[12, 25, 13]], True, None, "bool", 16),
+    (1, 2, 2, 37, 59, [[10, 27], [25, 30, 4]], False, None, None, 24),  # T_q < T_k, ids per side
+    (1, 2, 2, 59, 37, [[30, 29], [20, 17]], True, None, None, 24),  # T_q > T_k
+]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=lambda c: "Tq{}_Tk{}_{}{}{}_{}".format(
+    c[3], c[4], "causal" if c[6] else "plain", "_win" if c[7] else "", f"_{c[8]}" if c[8] else "", len(c[5])))
+def test_documents(case, backend):
+    B, Hq, Hkv, Tq, Tk, lengths, causal, window, mask_kind, D = case
+    torch.manual_seed(61)
+    if Tq == Tk:
+        ids = torch.stack([_doc_ids(lengths[b % len(lengths)], Tq) for b in range(B)])
+    else:
+        ids = (torch.stack([_doc_ids(lengths[0], Tq)] * B), torch.stack([_doc_ids(lengths[1], Tk)] * B))
+    mask = None
+    if mask_kind == "float":
+        mask = torch.randn(1, Hq, Tq, Tk, device=DEVICE)
+    elif mask_kind == "bool":
+        mask = torch.rand(B, 1, Tq, Tk, device=DEVICE) > 0.3
+    out = _check(_rand(B, Hq, Tq, D), _rand(B, Hkv, Tk, D), _rand(B, Hkv, Tk, D), backend, is_causal=causal,
+                 enable_gqa=Hq != Hkv, window_size=window, mask=mask, document_ids=ids)
+    q_ids = ids if isinstance(ids, torch.Tensor) else ids[0]
+    assert (out.transpose(1, 2)[q_ids < 0] == 0).all()  # padding queries see nothing: rows of 0
+
+
+def test_documents_equal_separate_runs(backend):
+    """Packed documents with causal attention give, for each document, what attention over that
+    document alone gives (the point of the feature), gradients included."""
+    torch.manual_seed(62)
+    lengths, H, D = [23, 9, 31], 2, 32
+    T = sum(lengths)
+    q, k, v = (_rand(1, H, T, D).requires_grad_(True) for _ in range(3))
+    ids = _doc_ids(lengths, T).to(torch.int32)
+    out = tfkernels.attention(q, k, v, is_causal=True, document_ids=ids, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        parts = [t.detach()[:, :, sl].double().requires_grad_(True) for t in (q, k, v)]
+        ref = reference.attention(*parts, is_causal=True)
+        assert_close(out[:, :, sl], ref, torch.float32, "out")
+        for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, parts, dout[:, :, sl].double())):
+            assert_close(g[:, :, sl], r, torch.float32, f"d{name}", scale=2.0)
+        start += n
+
+
+def test_documents_skip_other_documents(backend):
+    """Key blocks that hold none of a query block's documents are never read (nor query blocks of
+    other documents by the dK/dV kernel): padding tiles filled with NaN leave every output and
+    gradient finite and equal to the reference with those values zeroed. The padding spans whole
+    tiles of every tile shape the interpreter and the GPU-tile tests run (16 .. 128 rows)."""
+    torch.manual_seed(63)
+    H, D, blk = 2, 16, 16
+    lengths = [2 * blk + 5, blk - 5, -(4 * blk), 3 * blk + 7, -(blk - 7)]  # a padding gap of 4 tiles
+    T = sum(abs(n) for n in lengths)
+    ids = _doc_ids(lengths, T)
+    gap = slice(3 * blk, 7 * blk)
+    assert (ids[gap] == -1).all()
+    q, k, v = (_rand(1, H, T, D) for _ in range(3))
+    poisoned = [t.clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[:, :, gap] = float("nan")
+    for causal in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in poisoned]
+        out = tfkernels.attention(*leaves, is_causal=causal, document_ids=ids, backend=backend)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, dout)
+        clean = [t.clone() for t in (q, k, v)]
+        for t in clean:
+            t[:, :, gap] = 0.0
+        ref_leaves = [t.double().requires_grad_(True) for t in clean]
+        ref = reference.attention(*ref_leaves, is_causal=causal, document_ids=(ids, ids))
+        assert_close(out, ref, torch.float32, "out")
+        for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, ref_leaves, dout.double())):
+            assert_close(g, r, torch.float32, f"d{name}", scale=2.0)
+            assert (g[:, :, gap] == 0).all(), name
+
+
+def test_documents_unsorted_ids(backend):
+    """Ids in any order (interleaved documents) are still exact: every block is then masked."""
+    torch.manual_seed(64)
+    B, H, T, D = 2, 2, 45, 16
+    ids = torch.randint(-1, 4, (B, T), device=DEVICE)
+    _check(_rand(B, H, T, D), _rand(B, H, T, D), _rand(B, H, T, D), backend, is_causal=True, document_ids=ids)
+    _check(_rand(B, H, T, D), _rand(B, H, T, D), _rand(B, H, T, D), backend, document_ids=ids.flip(-1))
+
+
+def test_documents_match_the_dense_mask(backend):
+    """document_ids gives what the equivalent (B, 1, T, T) bool mask gives, with dropout replayed:
+    both draw the same keep mask for the seed."""
+    torch.manual_seed(65)
+    B, H, T, D = 2, 2, 40, 16
+    ids = torch.stack([_doc_ids([15, 20], T), _doc_ids([-3, 30], T)])
+    q, k, v = (_rand(B, H, T, D) for _ in range(3))
+    dense = (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, :, None]
+    for p in (0.0, 0.3):
+        torch.manual_seed(7)
+        a = tfkernels.attention(q, k, v, dropout_p=p, is_causal=True, document_ids=ids, backend=backend)
+        torch.manual_seed(7)
+        b = tfkernels.attention(q, k, v, attn_mask=dense, dropout_p=p, is_causal=True, backend=backend)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_documents_layouts_lse_and_torch_backend(backend):
+    """ids broadcast over batch dims, SDPA's 5-D and 3-D layouts, return_lse (-inf on padding rows),
+    the torch backend, and a causal_lower_right bias with T_q > T_k (the queries' ids are sliced)."""
+    torch.manual_seed(66)
+    T, D = 33, 16
+    ids = _doc_ids([10, 13, -10], T)
+    q5, k5, v5 = (_rand(2, 3, 2, T, D) for _ in range(3))
+    ref_ids = ids.expand(2, 3, T)
+    ref = reference.attention(q5.double(), k5.double(), v5.double(), is_causal=True, document_ids=(ref_ids, ref_ids))
+    for ids_in in (ids, ids.expand(2, 3, T), ids.expand(3, T).to(torch.int16)):
+        out = tfkernels.attention(q5, k5, v5, is_causal=True, document_ids=ids_in, backend=backend)
+        assert_close(out, ref, torch.float32, "out 5-D")
+    out3 = tfkernels.attention(q5[0, 0], k5[0, 0], v5[0, 0], is_causal=True, document_ids=ids, backend=backend)
+    assert_close(out3, ref[0, 0], torch.float32, "out 3-D")
+    out, lse = tfkernels.attention(q5, k5, v5, is_causal=True, document_ids=ids, return_lse=True, backend=backend)
+    _, ref_lse = reference.attention(q5.double(), k5.double(), v5.double(), is_causal=True,
+                                     document_ids=(ref_ids, ref_ids), return_lse=True)
+    assert (lse[..., ids < 0] == float("-inf")).all()
+    assert_close(lse[..., ids >= 0], ref_lse[..., ids >= 0], torch.float32, "lse")
+    torch_out = tfkernels.attention(q5, k5, v5, is_causal=True, document_ids=ids, backend="torch")
+    assert_close(torch_out, ref, torch.float32, "torch backend")
+    from torch.nn.attention.bias import causal_lower_right
+    Tq, Tk = 29, 20
+    q, k, v = _rand(1, 2, Tq, D), _rand(1, 2, Tk, D), _rand(1, 2, Tk, D)
+    qi, ki = _doc_ids([15, 14], Tq), _doc_ids([6, 14], Tk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = tfkernels.attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), document_ids=(qi, ki), backend=backend)
+    i, j = torch.arange(Tq, device=DEVICE)[:, None], torch.arange(Tk, device=DEVICE)[None, :]
+    ref = reference.attention(q.double(), k.double(), v.double(), attn_mask=j <= i + Tk - Tq, document_ids=(qi, ki))
+    assert_close(out, ref, torch.float32, "causal_lower_right")
+
+
+def test_document_ranges_are_exact_for_sorted_ids():
+    """The granules' key ranges against brute force: for sorted ids (padding anywhere but inside a
+    document) exactly the keys of the granule's documents, `single` the one id of a one-document
+    granule; unsorted rows get the whole range and no `single`."""
+    from tfkernels.ops import _documents as docs
+
+    g = torch.Generator().manual_seed(67)
+    rows = []
+    for _ in range(6):
+        lengths = []
+        while sum(abs(n) for n in lengths) < 150:
+            n = int(torch.randint(1, 40, (1,), generator=g))
+            lengths.append(-n if torch.rand(1, generator=g) < 0.25 else n)
+        rows.append(_doc_ids(lengths, sum(abs(n) for n in lengths))[:150].cpu())
+    rows.append(torch.randint(-1, 5, (150,), generator=g))  # unsorted
+    row_doc = torch.stack(rows).to(torch.int32)
+    col_doc = row_doc[:, 7:127].contiguous()  # fewer columns than rows, shifted
+    r = docs.ranges(row_doc.to(DEVICE), col_doc.to(DEVICE)).cpu()
+    G = docs.GRAN
+    for b in range(row_doc.shape[0]):
+        key, ok = docs.search_key(col_doc[b:b + 1])
+        for gi in range(r.shape[2]):
+            gr = row_doc[b, gi * G:(gi + 1) * G]
+            real = gr[gr >= 0]
+            lo, hi, single = (int(x) for x in r[:, b, gi])
+            if bool(ok):
+                seen = torch.nonzero(torch.isin(col_doc[b], real)).flatten()
+                if len(seen):
+                    assert (lo, hi) == (int(seen[0]), int(seen[-1]) + 1), (b, gi)
+                else:
+                    assert lo >= hi, (b, gi)
+                one = len(real) == len(gr) and len(real) and bool((real == real[0]).all())
+                assert single == (int(real[0]) if one else -1), (b, gi)
+            else:
+                assert b == row_doc.shape[0] - 1 and (lo, hi, single) == ((0, 120, -1) if len(real) else (120, 0, -1))
+
+
+def test_documents_compile_and_opcheck(backend):
+    torch.manual_seed(68)
+    q, k, v = (_rand(1, 2, 21, 16).requires_grad_(True) for _ in range(3))
+    ids = _doc_ids([8, 13], 21).to(torch.int32)[None]
+    fn = lambda q, k, v, ids: tfkernels.attention(q, k, v, is_causal=True, document_ids=ids, backend=backend)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y, ye = compiled(q, k, v, ids), fn(q, k, v, ids)
+    assert_close(y, ye.detach().double(), torch.float32)
+    dy = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(ye, (q, k, v), dy)):
+        assert_close(a, e.double(), torch.float32, scale=2.0)
+    ops = torch.ops.tfkernels
+    torch.library.opcheck(ops.attention_fwd.default, (q, k, v, None, ids, ids, 0.0, None, True, 0.25, -1, -1, 0.0, backend))
+    out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), None, ids, ids, 0.0, None, True, 0.25, -1, -1, 0.0,
+                                 backend)
+    torch.library.opcheck(ops.attention_bwd.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), None,
+                                                      ids, ids, out, lse, None, 0.0, None, True, 0.25, -1, -1, 0.0,
+                                                      False, backend))
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input, backends
 # ---------------------------------------------------------------------------------------------
 
@@ -623,6 +849,14 @@ def _bad_cases():
         ("scale must be finite", ValueError, lambda: tfkernels.attention(q, k, v, scale=float("inf"))),
         ("head dim D=288", ValueError, lambda: tfkernels.attention(_rand(1, 1, 4, 288), _rand(1, 1, 4, 288), _rand(1, 1, 4, 288), backend="triton")),
         ("backend", ValueError, lambda: tfkernels.attention(q, k, v, backend="nope")),
+        ("document_ids must be an integer", TypeError, lambda: tfkernels.attention(q, q, q, document_ids=torch.zeros(2, 8, device=DEVICE))),
+        ("document_ids must be an integer", TypeError, lambda: tfkernels.attention(q, q, q, document_ids=torch.zeros(2, 8, dtype=torch.bool, device=DEVICE))),
+        ("document_ids must be an integer tensor", TypeError, lambda: tfkernels.attention(q, q, q, document_ids=[0] * 8)),
+        ("only when T_q == T_k", ValueError, lambda: tfkernels.attention(q, k, v, document_ids=torch.zeros(2, 8, dtype=torch.int64, device=DEVICE))),
+        ("must end in the sequence length 10", ValueError, lambda: tfkernels.attention(q, k, v, document_ids=(torch.zeros(2, 8, dtype=torch.int32, device=DEVICE), torch.zeros(2, 8, dtype=torch.int32, device=DEVICE)))),
+        ("does not broadcast", ValueError, lambda: tfkernels.attention(q, q, q, document_ids=torch.zeros(3, 8, dtype=torch.int32, device=DEVICE))),
+        ("fit in int32", ValueError, lambda: tfkernels.attention(q, q, q, document_ids=torch.full((8,), 2**40, device=DEVICE))),
+        ("document_ids\\[1\\]", TypeError, lambda: tfkernels.attention(q, k, v, document_ids=(torch.zeros(8, dtype=torch.int32, device=DEVICE), torch.zeros(10, device=DEVICE)))),
     ]
 
 
@@ -735,20 +969,20 @@ def test_opcheck(backend):
     fmask = torch.randn(1, Hq, Tq, Tk, device=DEVICE).expand(B, Hq, Tq, Tk)
     seed = torch.tensor([1234], dtype=torch.int64)
     fwd_cases = [
-        (q, k, v, None, 0.0, None, False, 0.25, -1, -1, 0.0, backend),
-        (q, k, v, bmask, 0.0, None, True, 0.25, -1, -1, 0.0, backend),
-        (q, k, v, fmask.detach().requires_grad_(True), 0.2, seed, False, 0.25, -1, -1, 0.0, backend),  # + dropout
-        (q, k, v, None, 0.0, None, True, 0.25, 5, -1, 2.0, backend),  # window + softcap
+        (q, k, v, None, None, None, 0.0, None, False, 0.25, -1, -1, 0.0, backend),
+        (q, k, v, bmask, None, None, 0.0, None, True, 0.25, -1, -1, 0.0, backend),
+        (q, k, v, fmask.detach().requires_grad_(True), None, None, 0.2, seed, False, 0.25, -1, -1, 0.0, backend),  # + dropout
+        (q, k, v, None, None, None, 0.0, None, True, 0.25, 5, -1, 2.0, backend),  # window + softcap
     ]
     for args in fwd_cases:
         torch.library.opcheck(ops.attention_fwd.default, args)
     for window, softcap in (((-1, -1), 0.0), ((4, 3), 1.5)):
-        out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), fmask, 0.0, None, True, 0.25, *window,
-                                     softcap, backend)
+        out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), fmask, None, None, 0.0, None, True, 0.25,
+                                     *window, softcap, backend)
         dout = torch.randn_like(out)
         for dlse in (None, torch.randn_like(lse)):
-            torch.library.opcheck(ops.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), fmask, out,
-                                                              lse, dlse, 0.0, None, True, 0.25, *window, softcap, True,
+            torch.library.opcheck(ops.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), fmask, None,
+                                                              None, out, lse, dlse, 0.0, None, True, 0.25, *window, softcap, True,
                                                               backend))
 
 

@@ -39,11 +39,12 @@ def _tile_configs():
                     for tf32 in ((False, True) if dtype == torch.float32 else (True,)):
                         A._tf32_allowed = lambda tf32=tf32: tf32
                         q = torch.empty(1, 1, 1, D, dtype=dtype)
-                        for chain in (A._fwd_configs(q, False), A._fwd_configs(q, True)):
+                        for chain in (A._fwd_configs(q, False), A._fwd_configs(q, True), A._fwd_configs(q, False, True)):
                             for cfg in chain:
                                 fwd[cfg[:2]] = max(fwd.get(cfg[:2], 0), D)
-                        for cfg in A._bwd_configs(q):
-                            bwd[cfg[:4]] = max(bwd.get(cfg[:4], 0), D)
+                        for docs in (False, True):
+                            for cfg in A._bwd_configs(q, docs):
+                                bwd[cfg[:4]] = max(bwd.get(cfg[:4], 0), D)
     finally:
         A._gpu_major, A._tf32_allowed = real_major, real_tf32
     head_dim = {64: 64, 128: 128, 256: 160}
@@ -56,8 +57,8 @@ FWD_TILES, BWD_TILES = _tile_configs()
 
 
 def _force(monkeypatch, fwd=(16, 16), bwd=(16, 16, 16, 16)):
-    monkeypatch.setattr(A, "_fwd_configs", lambda q, has_rules: (fwd + (4, 2),))
-    monkeypatch.setattr(A, "_bwd_configs", lambda q: (bwd + (4, 2),))
+    monkeypatch.setattr(A, "_fwd_configs", lambda q, has_rules, has_docs=False: (fwd + (4, 2),))
+    monkeypatch.setattr(A, "_bwd_configs", lambda q, has_docs=False: (bwd + (4, 2),))
     monkeypatch.setattr(A, "_FIRST_FIT", {})  # an index remembered for the real chains means nothing here
 
 
@@ -66,21 +67,25 @@ def _rand(*shape):
 
 
 def _cases(block: int):
-    """(B, Hq, Hkv, Tq, Tk, causal, mask kind, window_size, softcap): lengths ragged against a block
-    of `block` rows."""
+    """(B, Hq, Hkv, Tq, Tk, causal, mask kind, window_size, softcap, document lengths): lengths
+    ragged against a block of `block` rows."""
     t1, t2 = 2 * block + 37, block + 5
     return [
-        (1, 4, 2, t1, t2, True, None, None, 0.0),  # T_q > T_k causal, GQA: rows past T_k see every key
-        (1, 2, 2, t2, t1, True, "float", None, 0.0),  # T_q < T_k causal with a float mask (and its gradient)
-        (2, 1, 1, t1, t1, False, "bool", None, 0.0),  # square, a bool mask broadcast over heads
+        (1, 4, 2, t1, t2, True, None, None, 0.0, None),  # T_q > T_k causal, GQA: rows past T_k see every key
+        (1, 2, 2, t2, t1, True, "float", None, 0.0, None),  # T_q < T_k causal with a float mask (and its gradient)
+        (2, 1, 1, t1, t1, False, "bool", None, 0.0, None),  # square, a bool mask broadcast over heads
         # a window a little wider than a block on the left, narrower on the right: both edges
         # cross tiles, whole tiles below and above are skipped, and the middle stage is reached
-        (1, 2, 1, t1, t1 + 9, False, None, (block + 3, block // 2 + 1), 2.0),
+        (1, 2, 1, t1, t1 + 9, False, None, (block + 3, block // 2 + 1), 2.0, None),
+        # packed documents: a block boundary inside a document, a block holding two documents whose
+        # 16-row granules are each one document (the unmasked stage must not take it), one
+        # document wider than a block (the unmasked stage is reached), padding between and after
+        (1, 2, 1, t1, t1, True, None, None, 0.0, [block // 2, block + 16, -16, block // 2 + 5]),
     ]
 
 
 def _run(case, D, seed):
-    B, Hq, Hkv, Tq, Tk, causal, mask_kind, window, softcap = case
+    B, Hq, Hkv, Tq, Tk, causal, mask_kind, window, softcap, doc_lengths = case
     torch.manual_seed(seed)
     q, k, v = _rand(B, Hq, Tq, D), _rand(B, Hkv, Tk, D), _rand(B, Hkv, Tk, D)
     mask = None
@@ -89,8 +94,12 @@ def _run(case, D, seed):
     elif mask_kind == "bool":
         mask = torch.rand(B, 1, Tq, Tk) > 0.3
         mask[..., 0] = True  # no fully masked row: it is tested elsewhere, and keeps the reference finite
+    docs = None
+    if doc_lengths is not None:
+        ids = [i for d, n in enumerate(doc_lengths) for i in ([d] * n if n > 0 else [-1] * -n)]
+        docs = torch.tensor(ids + [-1] * (Tq - len(ids)))
     check_attention(q, k, v, "triton", torch.float32, mask=mask, is_causal=causal, enable_gqa=Hq != Hkv,
-                    window_size=window, softcap=softcap, scale=0.5 if softcap else None)
+                    window_size=window, softcap=softcap, scale=0.5 if softcap else None, document_ids=docs)
 
 
 def _pairs():

@@ -45,6 +45,9 @@ GRAN = 16  # rows per granule: every kernel block size is a multiple of it
 INT32_MAX = 2**31 - 1
 
 if triton is not None:
+    # kernels may read module globals only as constexprs (the interpreter is laxer)
+    _GRAN = tl.constexpr(GRAN)
+    _I32_MAX = tl.constexpr(INT32_MAX)
 
     @triton.jit
     def _doc_ranges_kernel(RowDoc, ColKey, ColSorted, Out, B, n_rows, n_cols, n_gran, n_steps,
@@ -58,8 +61,8 @@ if triton is not None:
         in_rows = r < n_rows
         d = tl.load(RowDoc + b.to(tl.int64) * n_rows + r, mask=in_rows, other=-1)
         d_max = tl.max(d, 1)
-        d_min = tl.min(tl.where(d >= 0, d, INT32_MAX), 1)  # over the real ids
-        d_min_in = tl.min(tl.where(in_rows, d, INT32_MAX), 1)  # over every row that exists
+        d_min = tl.min(tl.where(d >= 0, d, _I32_MAX), 1)  # over the real ids
+        d_min_in = tl.min(tl.where(in_rows, d, _I32_MAX), 1)  # over every row that exists
         single = tl.where((d_min_in == d_max) & (d_max >= 0), d_max, -1)
         # first column with S >= 2 * d_min, and first with S > 2 * d_max
         x_lo = d_min.to(tl.int64) * 2
@@ -110,7 +113,7 @@ if triton is not None:
         d_hi = tl.max(tl.load(Ranges + B * n_gran + base, mask=ok, other=0), 0)
         s = tl.load(Ranges + 2 * B * n_gran + base, mask=ok, other=-1)
         s_max = tl.max(s, 0)
-        s_min = tl.min(tl.where(ok, s, INT32_MAX), 0)
+        s_min = tl.min(tl.where(ok, s, _I32_MAX), 0)
         lo2 = tl.maximum(lo, (d_lo // BLOCK) * BLOCK)
         hi2 = tl.minimum(hi, d_hi)
         u_lo2 = tl.maximum(u_lo, ((d_lo + BLOCK - 1) // BLOCK) * BLOCK)

@@ -109,7 +109,7 @@ try:
 except ImportError:  # the torch and cuda backends still work
     triton = None
 else:
-    from ._documents import GRAN, _doc_stages, _doc_valid
+    from ._documents import _GRAN, _doc_stages, _doc_valid
 
 MAX_HEAD_DIM = 256
 SOFTCAP_OFF = 1e30  # a softcap this large caps nothing an fp32 score can hold: treated as off
@@ -427,8 +427,8 @@ if triton is not None:
         q_doc = offs_m  # unused without documents
         if HAS_DOCS:  # only the key blocks the rows' documents hold; see _documents
             q_doc = tl.load(QDoc + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
-            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tq, GRAN), start_m * BLOCK_M, Tk,
-                                             BLOCK_M, BLOCK_N, GRAN)
+            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tq, _GRAN), start_m * BLOCK_M, Tk,
+                                             BLOCK_M, BLOCK_N, _GRAN)
         if WIN_LEFT or HAS_DOCS:  # compiled only for a window with a lower edge, or documents
             acc, l_i, m_i = _attn_fwd_inner(
                 acc, l_i, m_i, q, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
@@ -590,8 +590,8 @@ if triton is not None:
         k_doc = offs_n  # unused without documents
         if HAS_DOCS:  # only the query blocks the keys' documents hold
             k_doc = tl.load(KDoc + b.to(tl.int64) * Tk + offs_n, mask=offs_n < Tk, other=-1)
-            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tk, GRAN), start_n, Tq,
-                                             BLOCK_N, BLOCK_M, GRAN)
+            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tk, _GRAN), start_n, Tq,
+                                             BLOCK_N, BLOCK_M, _GRAN)
         for g in range(0, GROUP):  # GQA: this K/V head serves GROUP query heads; sum over them
             h = hk * GROUP + g
             bh = b * Hq + h
@@ -702,8 +702,8 @@ if triton is not None:
         q_doc = offs_m  # unused without documents
         if HAS_DOCS:  # as in _attn_fwd
             q_doc = tl.load(QDoc + b.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=-1)
-            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tq, GRAN), start_m * BLOCK_M, Tk,
-                                             BLOCK_M, BLOCK_N, GRAN)
+            lo, u_lo, u_hi, hi = _doc_stages(lo, u_lo, u_hi, hi, Ranges, b, B, tl.cdiv(Tq, _GRAN), start_m * BLOCK_M, Tk,
+                                             BLOCK_M, BLOCK_N, _GRAN)
         if WIN_LEFT or HAS_DOCS:
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K_bh, V_bh, Mask_bh, seed, rng_row, KDoc_b, q_doc, offs_m, offs_d, lo, u_lo, Tq, Tk, D,
@@ -837,11 +837,13 @@ def _bwd_fallbacks(m1: int, n1: int, m2: int, n2: int, w: int, s: int) -> tuple:
         s, w = min(s, 2), min(w, 4)
 
 
-def _fwd_configs(q: Tensor, has_rules: bool) -> tuple:
+def _fwd_configs(q: Tensor, has_rules: bool, has_docs: bool = False) -> tuple:
     """has_rules: a mask or dropout. Their tiles add to the key block's shared memory (the mask tile
     is pipelined with K and V) and registers (the RNG): at Hopper's BLOCK_N = 128, D = 128 a masked
     launch needs 256-288 KB (over the 227 KB limit) and dropout spills 56-560 bytes per thread; at
-    BLOCK_N = 64 both fit with no spills (`python -m benchmarks.static`)."""
+    BLOCK_N = 64 both fit with no spills (`python -m benchmarks.static`).
+    has_docs: document ids add a masked key-block loop (the documents' lower edge); at 4 warps
+    Ampere's D = 256 tile then spills 72 bytes per thread, at 8 warps nothing."""
     major = _gpu_major(q)
     if major is None:
         return (_INTERP_FWD,)
@@ -854,19 +856,30 @@ def _fwd_configs(q: Tensor, has_rules: bool) -> tuple:
             bn, s = max(16, bn // 2), min(s, 2)
     if has_rules:
         bn = min(bn, 64)
+    if has_docs:
+        w = max(w, 8)
     return _fwd_fallbacks(bm, bn, w, s)
 
 
-def _bwd_configs(q: Tensor) -> tuple:
+def _bwd_configs(q: Tensor, has_docs: bool = False) -> tuple:
+    """has_docs: document ids add a third query-block loop (the documents' upper edge) to the dK/dV
+    kernel, and at 4 warps ptxas then spills 216 bytes per thread (bf16 D = 64 on sm_90; IEEE fp32
+    D = 128 at 8 warps likewise): 8 warps, and IEEE fp32 a halved key block, spill nothing
+    (`python -m benchmarks.static --only docs`)."""
     major = _gpu_major(q)
     if major is None:
         return (_INTERP_BWD,)
     key = (major, _d_bucket(q.shape[-1]))
     if _dot_precision(q.dtype) == "ieee":
-        return _bwd_fallbacks(*_BWD_IEEE[key])
+        m1, n1, m2, n2, w, s = _BWD_IEEE[key]
+        if has_docs:
+            n1 = max(m1, n1 // 2)
+        return _bwd_fallbacks(m1, n1, m2, n2, w, s)
     m1, n1, m2, n2, w, s = _BWD_CONFIGS[key]
     if q.dtype == torch.float32:  # TF32: twice the bytes per tile
         n1, m2, s = max(m1, n1 // 2), max(n2, m2 // 2), min(s, 2)
+    if has_docs:
+        w = max(w, 8)
     return _bwd_fallbacks(m1, n1, m2, n2, w, s)
 
 
@@ -1020,7 +1033,7 @@ def _triton_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, 
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q),
             num_warps=warps, num_stages=stages)
 
-    _launch_first_fit(key, _fwd_configs(q, has_mask or has_dropout), launch)
+    _launch_first_fit(key, _fwd_configs(q, has_mask or has_dropout, has_docs), launch)
     return o, lse
 
 
@@ -1075,7 +1088,7 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
             B, Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
 
-    _launch_first_fit(key, _bwd_configs(q), launch)
+    _launch_first_fit(key, _bwd_configs(q, has_docs), launch)
     return dq, dk, dv, dmask
 
 
