@@ -10,7 +10,7 @@
 # What each stage leaves (the run tool brings back at most 8 files, at most 2 folders down):
 #   tests  log.txt, build.txt (CUDA build output), junit.xml
 #   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png,
-#                         window.md}
+#                         window.md (sliding-window and packed-document tables)}
 #   e2e    log.txt, e2e/{finetune.json,finetune.csv,bench_train.json,bench_train.md,
 #                        bench_swap_gpt2.json,bench_swap_gpt2.md}
 #   (+ build.txt in bench / e2e with BUILD_CUDA=1)
@@ -185,6 +185,13 @@ case "$STAGE" in
     ((GPU)) || wargs=(--smoke)
     step "bench_window: sliding-window causal attention vs plain causal, SDPA's dense mask, FlashAttention" 75 \
       env $( ((GPU)) || echo TRITON_INTERPRET=1) "$PY" -m benchmarks.bench_window "${wargs[@]}" --out "$OUT/bench"
+    # packed-document attention: its table is appended to window.md (the run tool brings back 8 files)
+    DOCS_TMP=$(mktemp -d)
+    step "bench_documents: packed-document causal attention vs a dense mask, plain causal, SDPA, FlashAttention varlen" 75 \
+      env $( ((GPU)) || echo TRITON_INTERPRET=1) "$PY" -m benchmarks.bench_documents "${wargs[@]}" --out "$DOCS_TMP"
+    if [[ -f "$DOCS_TMP/documents.md" ]]; then
+      { echo; cat "$DOCS_TMP/documents.md"; } >> "$OUT/bench/window.md"
+    fi
     ;;
   e2e)
     install

@@ -136,3 +136,25 @@ def test_window_bench_smoke(tmp_path):
     assert all(math.isfinite(r["tflops"]) and r["tflops"] > 0 for r in rows)
     md = bench_window.table(rows, {"gpu": "cpu"}, "float32")
     assert md.count("| tfkernels-triton |") == 1 and "| 48 | full | tfkernels-triton-full |" in md
+
+
+def test_documents_bench_smoke(tmp_path):
+    """benchmarks/bench_documents.py on CPU: every provider passes the correctness check against
+    SDPA's dense mask and is timed; lengths fill the row; the pair count matches the dense mask."""
+    from benchmarks import bench_documents as bd
+    from benchmarks._util import BenchConfig
+
+    for T, L in ((48, 16), (48, "mixed"), (4096, "mixed"), (100, 30), (48, None)):
+        assert sum(bd.lengths(T, L)) == T and min(bd.lengths(T, L)) > 0
+        assert int(bd.dense_mask(bd.document_ids(T, L, "cpu")).sum()) == bd.pairs(T, L)
+    cfg = BenchConfig(device="cpu", dtype=__import__("torch").float32, dtype_name="float32", quick=False, smoke=True,
+                      warmup_ms=1, rep_ms=1)
+    rows = bd.run(cfg, log=lambda *a: None)
+    assert rows and all(r["status"] == "ok" for r in rows), rows
+    ok = {(r["provider"], r["T"], r["L"], r["pass"]) for r in rows}
+    for pass_ in ("fwd", "fwd+bwd"):
+        for name in ("tfkernels-triton", "tfkernels-triton-mask", "sdpa-mask"):
+            assert (name, 48, 16, pass_) in ok and (name, 48, "mixed", pass_) in ok
+        assert ("tfkernels-triton-full", 48, None, pass_) in ok
+    md = bd.table(rows, {"gpu": "cpu"}, "float32")
+    assert "| 48 | 16 | tfkernels-triton |" in md and "| 48 | full | tfkernels-triton-full |" in md

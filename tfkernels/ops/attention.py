@@ -45,6 +45,11 @@ Semantics and limits:
 - window (left, right), FlashAttention's window_size: row i sees keys i - left .. i + right
   (-1: unbounded), top-left aligned like is_causal; the kernels take it as win_l, win_r >= 0 with
   constexpr flags for the bounded sides, causality folded in (a right side at 0). softcap > 0: Gemma 2's logit soft-capping, before the mask.
+- documents (`document_ids`, packed sequences): q_doc (B, T_q), k_doc (B, T_k) int32; query i sees
+  key j only if q_doc[i] == k_doc[j] >= 0 (ANDed with the rest). Per 16-row granule, a small kernel
+  finds the key (query) range of its documents (`_documents.ranges`); each program visits only its
+  granules' range, keeps blocks wholly inside its single document on the unmasked path, and
+  compares ids in the masked stages (HAS_DOCS). See tfkernels/ops/_documents.py.
 - attn_mask: bool (True = keep) or float (added to the scores), broadcastable to (B, H_q, T_q, T_k);
   it reaches the kernels as a stride-0 `expand` view, never materialised. A float mask that
   requires grad gets d(mask) = dS: the dK/dV kernel then also writes dS into a (B, H_q, T_q, T_k)
@@ -63,16 +68,18 @@ Semantics and limits:
 Op contract (the "cuda" backend implements the same two functions, `torch.ops.tfkernels_cuda.*`,
 with exactly these arguments and results):
 
-    attention_fwd(q, k, v, mask: Tensor?, dropout_p: float, seed: Tensor?, is_causal: bool,
-                  scale: float, window_left: int, window_right: int, softcap: float) -> (out, lse)
+    attention_fwd(q, k, v, mask: Tensor?, q_doc: Tensor?, k_doc: Tensor?, dropout_p: float,
+                  seed: Tensor?, is_causal: bool, scale: float, window_left: int, window_right: int,
+                  softcap: float) -> (out, lse)
         q (B,Hq,Tq,D), k/v (B,Hkv,Tk,D) fp16/bf16/fp32 any strides, Hq % Hkv == 0;
         mask None or (B,Hq,Tq,Tk) with any strides (0 on broadcast dims), dtype bool or float;
+        q_doc/k_doc both None, or (B,Tq)/(B,Tk) int32 contiguous document ids (negative: padding);
         seed None (dropout_p == 0) or int64 CPU tensor of shape (1,); dropout_p in [0, 1] (1: all
         dropped, output and gradients 0);
         window_left/right -1 (unbounded) or >= 0; softcap >= 0 (0 = off);
         out (B,Hq,Tq,D) contiguous in q's dtype; lse (B,Hq,Tq) fp32 contiguous, natural log,
         +inf for a fully masked row.
-    attention_bwd(dout, q, k, v, mask: Tensor?, out, lse, dlse: Tensor?, dropout_p: float,
+    attention_bwd(dout, q, k, v, mask: Tensor?, q_doc: Tensor?, k_doc: Tensor?, out, lse, dlse: Tensor?, dropout_p: float,
                   seed: Tensor?, is_causal: bool, scale: float, window_left: int, window_right: int,
                   softcap: float, mask_grad: bool) -> (dq, dk, dv, dmask)
         dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;

@@ -1,0 +1,253 @@
+"""Packed-document causal attention (`document_ids`): time and effective TFLOP/s against what a
+model gets without native document masking.
+
+    python -m benchmarks.bench_documents [--quick] [--out DIR]    # GPU: writes DIR/documents.md
+    TRITON_INTERPRET=1 python -m benchmarks.bench_documents --smoke  # CPU: tiny sizes, one rep
+
+Shapes: bf16, D = 128, H = 16, B * T = 16k tokens, causal, each row packed with documents of
+length L (all equal) or "mixed" (lengths drawn from a fixed seed, 64 .. 4096, mean about 1k; the
+last one cut at T). Each token attends causally within its own document. Providers:
+  tfkernels-{triton,cuda}      `document_ids=ids, is_causal=True`: tiles of other documents skipped
+  tfkernels-triton-mask        the same as a dense (B, 1, T, T) bool mask: every causal tile visited
+  tfkernels-triton-full        plain causal over the whole row (documents not separated): the cost
+                               document masking saves
+  sdpa-mask                    SDPA with the dense mask (what Hugging Face's "sdpa" builds for packed
+                               sequences)
+  flash-attn-2-varlen          `flash_attn_varlen_func` over the same documents (cu_seqlens), when
+                               flash_attn is installed
+
+Effective FLOPs count only the visible (query, key) pairs, sum over documents L (L + 1) / 2:
+forward 4 * H * D * pairs, backward 2.5x, forward+backward 3.5x (as bench_window); the full
+causal row counts its own pairs, so its TFLOP/s compare kernels, and its ms what the documents
+save. Correctness: each provider's output and dq, dk, dv on batch 0, heads 0-1 against SDPA in
+fp32 with the dense mask, within the dtype's tolerance, before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import _util
+from ._util import BenchConfig, Unavailable
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+def configs(quick: bool, smoke: bool):
+    """(B, H, T, D, L); L an int (equal documents), "mixed", or None (plain causal: the full row)."""
+    if smoke:
+        return [(1, 2, 48, 32, L) for L in (16, "mixed", None)]
+    out = []
+    for T in ((4096, 16384) if quick else (2048, 4096, 8192, 16384)):
+        for L in (512, 2048, "mixed", None):
+            if L is None or L == "mixed" or L < T:
+                out.append((16384 // T, 16, T, 128, L))
+    return out
+
+
+def lengths(T: int, L) -> list[int]:
+    """Document lengths filling a row of T tokens (the last one cut)."""
+    if L is None:
+        return [T]
+    if L == "mixed":
+        g = torch.Generator().manual_seed(T)
+        lo, hi = (4, 24) if T < 256 else (64, 4096)
+        out = []
+        while sum(out) < T:  # log-uniform lengths: many short documents, a few long ones
+            u = torch.rand(1, generator=g).item()
+            out.append(int(lo * (hi / lo) ** u))
+    else:
+        out = [L] * -(-T // L)
+    out[-1] -= sum(out) - T
+    return out
+
+
+def document_ids(T: int, L, device) -> torch.Tensor:
+    ls = lengths(T, L)
+    return torch.repeat_interleave(torch.arange(len(ls), device=device, dtype=torch.int32),
+                                   torch.tensor(ls, device=device))
+
+
+def pairs(T: int, L) -> int:
+    return sum(n * (n + 1) // 2 for n in lengths(T, L))
+
+
+def dense_mask(ids: torch.Tensor) -> torch.Tensor:
+    """(1, 1, T, T) bool: same document and causal."""
+    T = ids.shape[-1]
+    i = torch.arange(T, device=ids.device)
+    return ((ids[:, None] == ids[None, :]) & (i[None, :] <= i[:, None]))[None, None]
+
+
+def providers(cfg: BenchConfig) -> dict:
+    """name -> fn(q, k, v, ids) in (B, H, T, D), ids (T,) int32 shared by the batch; an Unavailable
+    as the value says why one is skipped."""
+    import tfkernels
+
+    out = {}
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    triton_ok = cfg.cuda or interp
+    for backend in ("triton", "cuda"):
+        name = f"tfkernels-{backend}"
+        if backend == "triton" and not triton_ok:
+            out[name] = Unavailable("Triton on CPU needs TRITON_INTERPRET=1")
+        elif backend == "cuda" and not cfg.cuda:
+            out[name] = Unavailable("the CUDA C++ backend needs a GPU")
+        else:
+            out[name] = lambda q, k, v, ids, b=backend: tfkernels.attention(q, k, v, is_causal=True, document_ids=ids,
+                                                                            backend=b)
+    masks = {}
+
+    def mask_of(ids):
+        key = (ids.shape[-1], ids.data_ptr())
+        if key not in masks:  # built once per shape, outside the timed calls (a model builds it once per step)
+            masks.clear()
+            masks[key] = dense_mask(ids)
+        return masks[key]
+
+    if triton_ok:
+        out["tfkernels-triton-mask"] = lambda q, k, v, ids: tfkernels.attention(q, k, v, attn_mask=mask_of(ids),
+                                                                                is_causal=True, backend="triton")
+        out["tfkernels-triton-full"] = lambda q, k, v, ids: tfkernels.attention(q, k, v, is_causal=True,
+                                                                                backend="triton")
+    else:
+        out["tfkernels-triton-mask"] = out["tfkernels-triton-full"] = out["tfkernels-triton"]
+    out["sdpa-mask"] = lambda q, k, v, ids: F.scaled_dot_product_attention(q, k, v, attn_mask=mask_of(ids))
+    try:
+        if not cfg.cuda:
+            raise ImportError("needs a GPU")
+        from flash_attn import flash_attn_varlen_func
+
+        cu = {}
+
+        def fa2(q, k, v, ids):
+            B, H, T, D = q.shape
+            key = (B, T, ids.data_ptr())
+            if key not in cu:  # the cumulative lengths of every document of every row, built once
+                cu.clear()
+                starts = torch.nonzero(torch.diff(ids, prepend=ids.new_full((1,), -1))).flatten()
+                per_row = torch.cat([starts, starts.new_full((1,), T)])
+                offs = torch.arange(B, device=q.device)[:, None] * T
+                cu[key] = (torch.cat([(per_row[:-1][None] + offs).flatten(), per_row.new_full((1,), B * T)])
+                           .to(torch.int32), int(torch.diff(per_row).max()))
+            cu_seqlens, max_len = cu[key]
+            qt, kt, vt = (t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v))  # (total, H, D)
+            o = flash_attn_varlen_func(qt, kt, vt, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+            return o.view(B, T, H, D).transpose(1, 2)
+
+        out["flash-attn-2-varlen"] = fa2
+    except ImportError as err:
+        out["flash-attn-2-varlen"] = Unavailable(f"flash_attn: {_util.short(err, 80)}")
+    return out
+
+
+def _grads(fn, q, k, v, dout, ids):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, ids)
+    return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+
+def run(cfg: BenchConfig, log=print) -> list[dict]:
+    rows = []
+    provs = providers(cfg)
+    for name, fn in provs.items():
+        if isinstance(fn, Unavailable):
+            log(f"  {name}: skipped ({fn})")
+    for B, H, T, D, L in configs(cfg.quick, cfg.smoke):
+        g = torch.Generator(device=cfg.device).manual_seed(T)
+        kw = dict(device=cfg.device, dtype=cfg.dtype, generator=g)
+        q, k, v, dout = (torch.randn(B, H, T, D, **kw) for _ in range(4))
+        ids = document_ids(T, L, cfg.device)
+        sdpa = lambda q, k, v, ids: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(ids))  # noqa: E731
+        sl = lambda t: t[:1, :2].float()  # noqa: E731
+        ref = _grads(sdpa, sl(q), sl(k), sl(v), sl(dout), ids)
+        base = _grads(sdpa, q[:1, :2], k[:1, :2], v[:1, :2], dout[:1, :2], ids)
+        tol = _util.tolerance(cfg.dtype, _util.max_rel_err(base, ref))
+        fwd_flops = 4.0 * B * H * D * pairs(T, L)
+        for name, fn in provs.items():
+            if isinstance(fn, Unavailable) or (name == "tfkernels-triton-full" and L is not None):
+                continue
+            if L is None and name not in ("tfkernels-triton-full", "sdpa-mask"):
+                continue  # the full row: our plain causal kernel and SDPA's masked path, for scale
+            tag = f"T={T:<5d} L={L or 'full':<5} {name:22s}"
+            try:
+                got = _grads(fn, q, k, v, dout, ids)
+                err = _util.max_rel_err([t[:1, :2] for t in got], ref)
+                del got
+                if not err <= tol:
+                    log(f"  {tag} FAILED correctness (rel err {err:.2e} > tol {tol:.2e})")
+                    rows.append(dict(T=T, L=L, provider=name, status="failed", err=err, tol=tol))
+                    continue
+                for pass_ in PASSES:
+                    if pass_ == "fwd":
+                        with torch.no_grad():
+                            t = _util.bench(lambda: fn(q, k, v, ids), cfg)
+                    else:
+                        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                        t = _util.bench(lambda: torch.autograd.grad(fn(*leaves, ids), leaves, dout), cfg)
+                    fl = fwd_flops * (1.0 if pass_ == "fwd" else 3.5)
+                    tflops = fl / (t.ms * 1e-3) / 1e12
+                    rows.append(dict(B=B, H=H, T=T, D=D, L=L, provider=name, status="ok", err=err, tol=tol,
+                                     **{"pass": pass_}, ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, tflops=tflops))
+                    log(f"  {tag} {pass_:7s} {t.ms:9.3f} ms {tflops:8.4g} TFLOP/s")
+            except Exception as e:  # noqa: BLE001 — recorded, the other providers still run
+                status = "oom" if _util.is_oom(e) else "failed"
+                rows.append(dict(T=T, L=L, provider=name, status=status, note=_util.short(e)))
+                log(f"  {tag} {status}: {_util.short(e)}")
+            _util.empty_cache(cfg)
+    return rows
+
+
+def _order(L):
+    return (0, L) if isinstance(L, int) else ((1, 0) if L == "mixed" else (2, 0))
+
+
+def table(rows: list[dict], info: dict, dtype_name: str) -> str:
+    lines = [f"# Packed-document causal attention, {info.get('gpu')}", "",
+             "Environment: " + ", ".join(f"{k} {info[k]}" for k in ("gpu", "driver", "cuda", "torch", "triton", "commit")
+                                         if k in info), "",
+             f"`python -m benchmarks.bench_documents`: {dtype_name}, causal within each document of length L packed "
+             "into rows of T tokens (B * T = 16k, H = 16, D = 128); ms (median) and TFLOP/s over the visible "
+             "(query, key) pairs only; L = full is plain causal over the row.", "",
+             "| T | L | provider | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | status |",
+             "|---:|---:|---|---:|---:|---:|---:|---|"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["T"], _order(r["L"]), r["provider"]), {"L": r["L"]})[r.get("pass", "-")] = r
+    for (T, _, name), passes in sorted(by.items()):
+        L = passes.pop("L")
+        f, fb = passes.get("fwd"), passes.get("fwd+bwd")
+        status = next(iter(passes.values()))["status"]
+        cell = lambda r, key, fmt: (fmt.format(r[key]) if r else "")  # noqa: E731
+        lines.append(f"| {T} | {L or 'full'} | {name} | {cell(f, 'ms', '{:.3f}')} | {cell(f, 'tflops', '{:.1f}')} "
+                     f"| {cell(fb, 'ms', '{:.3f}')} | {cell(fb, 'tflops', '{:.1f}')} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="T in {4k, 16k}")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU sizes (TRITON_INTERPRET=1), one rep")
+    ap.add_argument("--out", type=Path, help="write documents.md (and print it)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = BenchConfig(device="cuda" if cuda else "cpu", dtype=dtype, dtype_name=str(dtype).split(".")[-1],
+                      quick=args.quick, smoke=not cuda, warmup_ms=25, rep_ms=100)
+    info = _util.env_info(cfg.device)
+    rows = run(cfg)
+    md = table(rows, info, cfg.dtype_name)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "documents.md").write_text(md)
+    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
