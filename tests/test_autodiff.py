@@ -30,6 +30,20 @@ def _sdpa_math(q, k, v, mask, with_lse=False):
     return out.sum(-1) + s.logsumexp(-1) if with_lse else out
 
 
+_DOCS = torch.tensor([0] * 5 + [1] * 6)  # two packed documents of an 11-token row
+
+
+def _attention_docs(q, k, v, m, backend=None):
+    return tfkernels.attention(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True,
+                               document_ids=_DOCS.to(q.device), backend=backend)
+
+
+def _sdpa_math_docs(q, k, v, m):
+    """_sdpa_math with the documents' mask added (-inf across documents; every row keeps its diagonal)."""
+    other = _DOCS[:, None] != _DOCS[None, :]
+    return _sdpa_math(q, k, v, m.masked_fill(other, float("-inf")))
+
+
 def _attention_lse(q, k, v, m, backend=None):
     out, lse = tfkernels.attention(q, k, v, attn_mask=m, is_causal=True, enable_gqa=True, return_lse=True,
                                    backend=backend)
@@ -50,6 +64,8 @@ OPS = [
      [(1, 4, 7, 16), (1, 2, 11, 16), (1, 2, 11, 16), (1, 4, 7, 11)]),  # GQA, T_q != T_k, float mask
     ("attention_lse", _attention_lse, lambda q, k, v, m: _sdpa_math(q, k, v, m, with_lse=True),
      [(1, 4, 7, 16), (1, 2, 11, 16), (1, 2, 11, 16), (1, 4, 7, 11)]),  # return_lse=True: both outputs used
+    ("attention_docs", _attention_docs, _sdpa_math_docs,
+     [(1, 4, 11, 16), (1, 2, 11, 16), (1, 2, 11, 16), (1, 4, 11, 11)]),  # document_ids (packed rows)
 ]
 IDS = [op[0] for op in OPS]
 
