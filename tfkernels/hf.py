@@ -16,10 +16,22 @@ Beyond SDPA:
     (transformers' "sdpa" raises on it in 5.23 and silently ignores it in 5.17).
   - Native sliding window: when a sliding layer's mask would be exactly sliding-window causal (no
     padding, T_q == T_k, no cache offset, no custom/packed overlay) in a model known to hand its window
-    to the attention function (`_NATIVE_WINDOW_MODELS`), `sliding_window_mask` returns None instead of a
-    dense (B, 1, T, T) mask and `attention_forward` runs `is_causal=True, window_size=(W - 1, 0)`: key
-    tiles outside the window are skipped (O(T * W)). Anything else (padding, KV-cache decoding, chunked
-    or packed masks, custom mask functions, compile/tracing, other models) gets the SDPA mask as before.
+    to the attention function (`_NATIVE_WINDOW_MODELS`), the mask function (`tfkernels_mask`) returns
+    None instead of a dense (B, 1, T, T) mask and `attention_forward` runs `is_causal=True,
+    window_size=(W - 1, 0)`: key tiles outside the window are skipped (O(T * W)). Anything else
+    (padding, KV-cache decoding, chunked masks, custom mask functions, compile/tracing, other models)
+    gets the SDPA mask as before; packed sequences: below.
+  - Packed sequences (padding-free training, e.g. `DataCollatorWithFlattening`: sequences concatenated
+    in a row, position_ids restarting, no attention_mask, no cache): when transformers' mask is exactly
+    causal within each sequence (sliding-window causal on a sliding layer of a `_NATIVE_WINDOW_MODELS`
+    model) in a model that hands its masks to attention untouched (`_PACKED_MODELS`), `tfkernels_mask`
+    returns the sequences' ids, (B, 1, 1, T) int32 (transformers' numbering: a new sequence wherever
+    position_ids do not go up by 1), and `attention_forward` runs `is_causal=True, document_ids=ids`
+    (and the window): no (T, T) mask, key tiles of other sequences skipped (O(T * L) for sequences of
+    length L). Transformers packs only with no cache and no 2D mask (a model called with use_cache=True,
+    its default, builds a cache and gets plain causal attention over the whole row, in 5.17 and 5.23);
+    where it does not pack, neither does this. Padding, offsets, custom or overlaid masks and
+    compile/tracing get the SDPA mask.
 Attention sinks (`s_aux`) are refused.
 
 Norms: each HF RMSNorm flavour rounds differently in half precision; the modules below reproduce
@@ -493,7 +505,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """Hugging Face attention function: query (B, H, Tq, D), key/value (B, Hkv, Tk, D) ->
-    (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`.
+    (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`, plus
+    the native window and the document ids that `tfkernels_mask` puts in place of some masks.
     The backend is the one `tfkernels.swap(model, backend=...)` recorded on the module, else automatic.
     """
     if kwargs.get("s_aux") is not None:
