@@ -118,11 +118,12 @@ def test_swap_matches_unswapped(name, attention_calls):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
-def test_generate_with_kv_cache_matches_sdpa(name, attention_calls):
+def test_generate_with_kv_cache_matches_sdpa(name, attention_calls, attention_kwargs):
     """Greedy generation from a left-padded batch: the prefill (T_q = T_k, padding mask) and then one
     query against the growing KV cache per token (T_q = 1 < T_k, HF's mask, no is_causal; with
     Mistral's sliding window shorter than the sequence), token for token what 'sdpa' generates,
-    with the step logits close."""
+    with the step logits close. The position_ids generate() makes for the left-padded row restart
+    (1, 1, 1, 1, 0, 1, ...) but come with the padding mask: never document ids."""
     ref_model = _build(name)
     model = tfkernels.swap(copy.deepcopy(ref_model), backend=BACKEND)
     ids, mask = _batch("left")
@@ -133,6 +134,7 @@ def test_generate_with_kv_cache_matches_sdpa(name, attention_calls):
         want = ref_model.generate(ids, **gen)
         got = model.generate(ids, **gen)
     assert len(attention_calls) == 2 * 4  # two layers, prefill + 3 cached steps
+    assert all(kw.get("document_ids") is None for kw in attention_kwargs)
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         _close(a, b, 2e-5, f"{name} logits of generated token {step}")
@@ -278,6 +280,7 @@ def test_generate_sliding_window_matches(name, padding, attention_kwargs):
     for i, kw in enumerate(attention_kwargs):
         native = i < n and i in sliding and padding == "none"  # the prefill's sliding layers
         assert kw.get("window_size") == ((W - 1, 0) if native else None), (i, kw)
+        assert kw.get("document_ids") is None, (i, kw)
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         _close(a, b, 2e-5, f"{name} logits of generated token {step}")
@@ -296,8 +299,6 @@ def _mask_case(case):
         kw["attention_mask"] = _window_batch("left")[1].cpu()
     elif case == "all_ones_mask":
         kw["attention_mask"] = torch.ones(2, TW, dtype=torch.long)
-    elif case == "packed":  # two sequences packed in each row, told by position_ids
-        kw["position_ids"] = torch.cat([torch.arange(10), torch.arange(TW - 10)])[None].expand(2, -1)
     elif case == "and_mask":
         kw["and_mask_function"] = lambda b, h, q, k: k != 3
     elif case == "chunked":
@@ -315,8 +316,8 @@ def _mask_case(case):
     return masks
 
 
-@pytest.mark.parametrize("case", ["plain", "all_ones_mask", "left_padding", "packed", "and_mask", "chunked",
-                                  "other_model", "short"])
+@pytest.mark.parametrize("case", ["plain", "all_ones_mask", "left_padding", "and_mask", "chunked", "other_model",
+                                  "short"])
 def test_sliding_window_mask_function(case):
     """The mask function registered for "tfkernels" is sdpa_mask except for an exactly sliding-window
     causal mask (no padding, no offset, no overlay) of a model that passes its window to attention."""
@@ -330,6 +331,78 @@ def test_sliding_window_mask_function(case):
         assert case == "short" and masks["tfkernels"] is None
     else:
         assert torch.equal(masks["tfkernels"], masks["sdpa"]), case
+
+
+def _packed_mask_case(case):
+    """(attention implementation -> mask) for a batch of two rows packing sequences of 10 and 14 tokens
+    and of 3, 3 and 18 (told by position_ids), built by transformers' own mask functions: a Llama's
+    causal mask, or a Mistral's sliding one (window 8)."""
+    from transformers import masking_utils as mu
+
+    assert hf.register()
+    lens = [[10, TW - 10], [3, 3, TW - 6]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lens])
+    sliding = case.startswith("sliding")
+    if case == "sliding_other_model":  # builds sliding masks but does not pass `sliding_window` to attention
+        cfg = transformers.Qwen2MoeConfig(**_small(num_key_value_heads=2, sliding_window=W, use_sliding_window=True))
+    elif case == "causal_other_model":  # a model not known to hand its mask to attention untouched
+        cfg = transformers.GPTNeoXConfig(**_small())
+    elif sliding:
+        cfg = transformers.MistralConfig(**_small(num_key_value_heads=2, sliding_window=W))
+    else:
+        cfg = transformers.LlamaConfig(**_small(num_key_value_heads=2))
+    kw = dict(config=cfg, inputs_embeds=torch.zeros(2, TW, 32), attention_mask=None, past_key_values=None,
+              position_ids=pos)
+    if case.endswith("all_ones_mask"):  # a 2D mask: transformers does not look for packing then
+        kw["attention_mask"] = torch.ones(2, TW, dtype=torch.long)
+    elif case.endswith("and_mask"):
+        kw["and_mask_function"] = lambda b, h, q, k: k != 3
+    elif case.endswith("one_sequence"):  # position_ids that do not restart: nothing packed
+        kw["position_ids"] = torch.arange(TW)[None]
+    elif case.endswith("restart_only_in_row_1"):  # row 0 one sequence, row 1 three
+        kw["position_ids"] = torch.stack([torch.arange(TW), pos[1]])
+    elif case.endswith("jump"):  # a new sequence where positions jump without restarting at 0
+        kw["position_ids"] = torch.cat([torch.arange(10), torch.arange(20, 20 + TW - 10)])[None]
+    elif "block" in case:  # a bidirectional block (an image, say) within a sequence, or across two:
+        # an overlay with no vmap and no is_causal skip, just like packing: only the probes tell them apart
+        blocks = torch.full((2, TW), -1)
+        blocks[:, 2:6] = 0 if case.endswith("block_in_sequence") else -1
+        blocks[:, 8:12] = 1 if case.endswith("block_across_sequences") else -1
+        kw["block_sequence_ids"] = blocks
+    fn = mu.create_sliding_window_causal_mask if sliding else mu.create_causal_mask
+    masks = {}
+    for impl in ("sdpa", "tfkernels"):
+        cfg._attn_implementation = impl
+        masks[impl] = fn(**kw)
+    return masks, (W if sliding else None)
+
+
+@pytest.mark.parametrize("case", [f"{kind}_{c}" for kind in ("causal", "sliding") for c in (
+    "packed", "restart_only_in_row_1", "jump", "all_ones_mask", "and_mask", "block_in_sequence",
+    "block_across_sequences", "one_sequence", "other_model")])
+def test_packed_mask_function(case):
+    """For packed sequences the mask function registered for "tfkernels" returns their document ids
+    (B, 1, 1, T) int32 instead of the dense mask, exactly when that mask is causal within each sequence
+    (and sliding, for a model that passes its window to attention); the ids stand for the same mask.
+    Anything else is sdpa_mask's answer."""
+    masks, window = _packed_mask_case(case)
+    sdpa, tfk = masks["sdpa"], masks["tfkernels"]
+    q, k = torch.arange(TW)[:, None], torch.arange(TW)[None]
+    band = (k <= q) & (k > q - window) if window is not None else None
+    if not case.endswith(("packed", "restart_only_in_row_1", "jump")):
+        if tfk is None and sdpa is not None:  # nothing packed: the plain sliding window, run natively
+            assert case.endswith(("all_ones_mask", "one_sequence")) and torch.equal(sdpa, band.expand(sdpa.shape))
+        else:
+            assert (sdpa is None and tfk is None) or torch.equal(tfk, sdpa), case
+        return
+    assert tfk.dtype == torch.int32 and tfk.shape == (2, 1, 1, TW), case
+    d = tfk[:, 0, 0]
+    keep = (d[:, None, :, None] == d[:, None, None, :]) & (k <= q)
+    if window is not None:
+        keep &= band
+    assert torch.equal(keep, sdpa.expand(keep.shape)), case
+    if case.endswith("packed"):  # transformers' own numbering: the sequences of each row from 0
+        assert d.tolist() == [[0] * 10 + [1] * 14, [0] * 3 + [1] * 3 + [2] * 18]
 
 
 def test_native_window_models_pass_their_window():
@@ -346,6 +419,179 @@ def test_native_window_models_pass_their_window():
         src = inspect.getsource(mod)
         assert re.search(r"\bsliding_window=(self\.sliding_window|getattr\(self\.config, \"sliding_window\", None\))",
                          src), model_type
+
+
+# ---- packed sequences (padding-free training) -----------------------------------------------------
+
+# sequence lengths packed into each row (22 tokens a row); Mistral's window is 5, so most sequences
+# are longer than it, and one sequence is a single token
+PACKED_ROWS = {"one_row": [[5, 9, 1, 7]], "two_rows": [[6, 10, 6], [12, 1, 9]]}
+PACKED_MODELS = ["llama", "mistral"]  # GQA full causal; GQA + sliding window 5
+
+
+def _packed_batch(rows):
+    """input_ids (B, T) and position_ids restarting at 0 for every sequence, as DataCollatorWithFlattening
+    packs them (it makes one row: that case is built by the collator itself, its flash-attention kwargs
+    included, which the attention functions must ignore), and the document id of every token."""
+    g = torch.Generator().manual_seed(3)
+    seqs = [[torch.randint(3, V, (n,), generator=g) for n in row] for row in rows]
+    docs = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in rows]).to(DEVICE)
+    if len(rows) == 1 and hasattr(transformers, "DataCollatorWithFlattening"):
+        batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+            [{"input_ids": s.tolist()} for s in seqs[0]])
+        batch.pop("labels")
+        batch = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    else:
+        batch = {"input_ids": torch.stack([torch.cat(row) for row in seqs]).to(DEVICE),
+                 "position_ids": torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows]).to(DEVICE)}
+    assert torch.equal(batch["position_ids"].cpu(), torch.stack([torch.cat([torch.arange(n) for n in row])
+                                                                 for row in rows]))
+    return batch, docs, seqs
+
+
+def _loss(logits, valid=None):
+    per_token = logits.float().logsumexp(-1)
+    return (per_token if valid is None else per_token * valid).sum() / 100.0
+
+
+def _packed_fwd_bwd(model, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    logits = model(**batch, **kw).logits
+    _loss(logits, batch.get("attention_mask")).backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _separate_logits(model, seqs):
+    """Every sequence alone (its own row, positions from 0), the logits packed back as the batch was."""
+    return torch.cat([torch.cat([model(input_ids=s[None].to(DEVICE), use_cache=False).logits for s in row], dim=1)
+                      for row in seqs])
+
+
+def _separate_fwd_bwd(model, seqs):
+    model.zero_grad(set_to_none=True)
+    logits = _separate_logits(model, seqs)
+    _loss(logits).backward()  # the same loss: a sum over the tokens
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(got, want, what):
+    logits, grads = got
+    _close(logits, want[0], 2e-5, f"{what}: logits")
+    assert grads.keys() == want[1].keys()
+    for n in grads:
+        _close(grads[n], want[1][n], 5e-5, f"{what}: grad {n}")
+
+
+@pytest.mark.parametrize("rows", list(PACKED_ROWS))
+@pytest.mark.parametrize("name", PACKED_MODELS)
+def test_packed_sequences_use_document_ids(name, rows, attention_kwargs):
+    """Packed sequences (position_ids restarting, no attention_mask, no cache: padding-free training):
+    every layer hands the kernel the sequences as `document_ids` with is_causal (and Mistral's window),
+    no dense mask; logits and every gradient as the unswapped model on the same packed batch, and as
+    every sequence run on its own."""
+    ref = _build(name)
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    batch, docs, seqs = _packed_batch(PACKED_ROWS[rows])
+    got = _packed_fwd_bwd(model, batch, use_cache=False)
+
+    assert len(attention_kwargs) == model.config.num_hidden_layers
+    W = getattr(model.config, "sliding_window", None)
+    for kw in attention_kwargs:
+        assert kw["attn_mask"] is None and kw["is_causal"] is True, kw
+        assert torch.equal(kw["document_ids"].long(), docs), kw
+        assert kw.get("window_size") == (None if W is None else (W - 1, 0)), kw
+
+    _assert_same(got, _packed_fwd_bwd(ref, batch, use_cache=False), f"{name} vs sdpa, packed")
+    _assert_same(got, _separate_fwd_bwd(ref, seqs), f"{name} vs each sequence alone")
+
+
+def test_packed_gemma2_hybrid_layers(attention_kwargs):
+    """Gemma 2 (a sliding layer, a global one, soft-capping): both layers get the documents, the sliding
+    one its window too; logits and gradients as eager on the packed batch and on each sequence alone."""
+    ref = _build_window("gemma2")
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    lens = [[10, 3, 11]]  # W = 8: two sequences longer than the window
+    batch, docs, seqs = _packed_batch(lens)
+    got = _packed_fwd_bwd(model, batch, use_cache=False)
+    assert [kw.get("window_size") for kw in attention_kwargs] == [(W - 1, 0), None]
+    for kw in attention_kwargs:
+        assert kw["attn_mask"] is None and torch.equal(kw["document_ids"].long(), docs), kw
+    _assert_same(got, _packed_fwd_bwd(ref, batch, use_cache=False), "gemma2 vs eager, packed")
+    _assert_same(got, _separate_fwd_bwd(ref, seqs), "gemma2 vs each sequence alone")
+
+
+@pytest.mark.parametrize("name", ["mistral"])  # the mask is the model's business: one model (sliding) suffices
+def test_packed_with_padding_mask_uses_the_mask(name, attention_kwargs):
+    """Packed position_ids together with an attention_mask that pads: transformers does not read the
+    position_ids as packing then (a padding-aware causal mask over the whole row), and neither do we:
+    the dense mask, no document ids, the same logits and gradients as 'sdpa'."""
+    ref = _build(name)
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    batch, _, _ = _packed_batch(PACKED_ROWS["two_rows"])
+    mask = torch.ones_like(batch["input_ids"])
+    mask[1, -4:] = 0
+    batch["attention_mask"] = mask
+    logits, grads = _packed_fwd_bwd(model, batch, use_cache=False)
+    ref_logits, ref_grads = _packed_fwd_bwd(ref, batch, use_cache=False)
+    assert all(kw.get("document_ids") is None and kw["attn_mask"] is not None for kw in attention_kwargs)
+    valid = mask.bool()  # the loss (and so the gradients) leaves the padded tokens out too
+    _close(logits[valid], ref_logits[valid], 2e-5, f"{name} logits")
+    for n in grads:
+        _close(grads[n], ref_grads[n], 5e-5, f"{name} grad {n}")
+
+
+@pytest.mark.parametrize("name", PACKED_MODELS)
+def test_packed_with_cache_uses_the_mask(name, attention_kwargs):
+    """With a KV cache, transformers builds no packed mask (a decode, or a chunk after a cached prefix,
+    cannot be told from packing by position_ids alone): we follow its mask. First a packed batch with
+    use_cache=True (an empty cache: the kernel gets document ids exactly when 'sdpa''s output is the
+    packed one), then a second chunk whose position_ids restart, against that cache (offset 22: the
+    dense mask, never document ids)."""
+    ref = _build(name)
+    model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    batch, _, seqs = _packed_batch(PACKED_ROWS["one_row"])
+    second = {"input_ids": batch["input_ids"][:, :8], "position_ids": torch.arange(8, device=DEVICE)[None] % 5}
+    out = {}
+    for key, m in (("ref", ref), ("tfk", model)):
+        with torch.no_grad():
+            first = m(**batch, use_cache=True)
+            then = m(**second, past_key_values=first.past_key_values, use_cache=True)
+        out[key] = (first.logits, then.logits)
+    n = model.config.num_hidden_layers
+    assert len(attention_kwargs) == 2 * n
+    with torch.no_grad():
+        hf_packs = torch.allclose(out["ref"][0], _separate_logits(ref, seqs), atol=1e-5)
+    assert all((kw.get("document_ids") is not None) == hf_packs for kw in attention_kwargs[:n])
+    assert all(kw.get("document_ids") is None and kw["attn_mask"] is not None for kw in attention_kwargs[n:])
+    for a, b, what in zip(out["tfk"], out["ref"], ("packed batch, use_cache=True", "second chunk")):
+        _close(a, b, 2e-5, f"{name} logits of the {what}")
+
+
+def test_packed_models_hand_their_mask_to_attention():
+    """Every model type trusted with document ids in place of its packed-sequence mask passes the mask
+    to its attention function untouched in the installed transformers: the call takes `attention_mask`
+    as it came, and no mask variable is rebound (other than created) or sliced on the way."""
+    import importlib
+
+    call = re.compile(r"attention_interface\(\s*self,\s*query_states,\s*key_states,\s*value_states,\s*attention_mask,")
+    rebind = re.compile(r"^\s*(attention_mask|causal_mask)\s+=\s+(?!create_\w*mask\(|mask_function\()", re.M)
+    sliced = re.compile(r"\b(attention_mask|causal_mask)\s*\[")
+    checked = 0
+    for model_type in sorted(hf._PACKED_MODELS):
+        pkg = model_type.removesuffix("_text")
+        try:
+            src = inspect.getsource(importlib.import_module(f"transformers.models.{pkg}.modeling_{pkg}"))
+        except ImportError:
+            continue
+        assert call.search(src), model_type
+        assert not rebind.search(src) and not sliced.search(src), model_type
+        checked += 1
+    assert checked >= 10
+    # the checks mean something: models that rewrite their masks fail them
+    from transformers.models.doge import modeling_doge
+    from transformers.models.falcon import modeling_falcon
+
+    assert all(rebind.search(inspect.getsource(m)) for m in (modeling_doge, modeling_falcon))
 
 
 def test_attention_sinks_refused():
@@ -549,24 +795,33 @@ def test_swap_matches_unswapped_bf16_cuda(name):
         assert err(grads[n], oracle_grads[n]) <= 2 * e_ref + 1e-2 * (1 + scale), n
 
 
-def test_swap_then_torch_compile_hf():
+@pytest.mark.parametrize("batch", ["padded", "packed"])
+def test_swap_then_torch_compile_hf(batch):
+    """The whole swapped model under torch.compile (fullgraph): a padded batch, and packed sequences,
+    whose mask is then built densely (tracing cannot probe the mask function), as 'sdpa' builds it."""
     ref = _build("qwen2")
     model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    ids, mask = _batch()
+    if batch == "padded":
+        ids, mask = _batch()
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    else:
+        inputs, _, _ = _packed_batch(PACKED_ROWS["two_rows"])
+        inputs["use_cache"] = False
+        mask = torch.ones_like(inputs["input_ids"])
     with torch.no_grad():
         try:
-            out = compiled(input_ids=ids, attention_mask=mask).logits
+            out = compiled(**inputs).logits
         except Exception as err:
             # some torch/transformers pairs (torch 2.6 with transformers 5) cannot compile the model at
             # all; that is theirs to fix. A failure only the swapped model has is ours.
             torch._dynamo.reset()
             try:
-                torch.compile(copy.deepcopy(ref), backend="aot_eager", fullgraph=True)(input_ids=ids, attention_mask=mask)
+                torch.compile(copy.deepcopy(ref), backend="aot_eager", fullgraph=True)(**inputs)
             except Exception as plain_err:
                 pytest.skip(f"torch {torch.__version__} cannot compile this transformers model even unswapped: "
                             f"{type(plain_err).__name__}: {str(plain_err)[:200]}")
             raise err
-        expected = ref(input_ids=ids, attention_mask=mask).logits
+        expected = ref(**inputs).logits
     valid = mask.bool()
     _close(out[valid], expected[valid], 2e-5, "compiled logits")

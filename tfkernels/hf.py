@@ -16,10 +16,22 @@ Beyond SDPA:
     (transformers' "sdpa" raises on it in 5.23 and silently ignores it in 5.17).
   - Native sliding window: when a sliding layer's mask would be exactly sliding-window causal (no
     padding, T_q == T_k, no cache offset, no custom/packed overlay) in a model known to hand its window
-    to the attention function (`_NATIVE_WINDOW_MODELS`), `sliding_window_mask` returns None instead of a
-    dense (B, 1, T, T) mask and `attention_forward` runs `is_causal=True, window_size=(W - 1, 0)`: key
-    tiles outside the window are skipped (O(T * W)). Anything else (padding, KV-cache decoding, chunked
-    or packed masks, custom mask functions, compile/tracing, other models) gets the SDPA mask as before.
+    to the attention function (`_NATIVE_WINDOW_MODELS`), the mask function (`tfkernels_mask`) returns
+    None instead of a dense (B, 1, T, T) mask and `attention_forward` runs `is_causal=True,
+    window_size=(W - 1, 0)`: key tiles outside the window are skipped (O(T * W)). Anything else
+    (padding, KV-cache decoding, chunked masks, custom mask functions, compile/tracing, other models)
+    gets the SDPA mask as before; packed sequences: below.
+  - Packed sequences (padding-free training, e.g. `DataCollatorWithFlattening`: sequences concatenated
+    in a row, position_ids restarting, no attention_mask, no cache): when transformers' mask is exactly
+    causal within each sequence (sliding-window causal on a sliding layer of a `_NATIVE_WINDOW_MODELS`
+    model) in a model that hands its masks to attention untouched (`_PACKED_MODELS`), `tfkernels_mask`
+    returns the sequences' ids, (B, 1, 1, T) int32 (transformers' numbering: a new sequence wherever
+    position_ids do not go up by 1), and `attention_forward` runs `is_causal=True, document_ids=ids`
+    (and the window): no (T, T) mask, key tiles of other sequences skipped (O(T * L) for sequences of
+    length L). Transformers packs only with no cache and no 2D mask (a model called with use_cache=True,
+    its default, builds a cache and gets plain causal attention over the whole row, in 5.17 and 5.23);
+    where it does not pack, neither does this. Padding, offsets, custom or overlaid masks and
+    compile/tracing get the SDPA mask.
 Attention sinks (`s_aux`) are refused.
 
 Norms: each HF RMSNorm flavour rounds differently in half precision; the modules below reproduce
@@ -341,24 +353,144 @@ def _native_window_size(kw: dict) -> Optional[int]:
     return W if torch.equal(got, want) else None
 
 
-def _make_mask_interface(sdpa_mask):
-    """The mask function registered for "tfkernels": transformers' `sdpa_mask`, except that an exactly
-    sliding-window-causal mask (see `_native_window_size`) becomes None: `attention_forward` then uses
-    the kernel's window, from the `sliding_window` kwarg HF passes it."""
+# Models (beyond the window list above, which they must also be on to get a window with their documents)
+# whose decoder hands the masks of create_causal_mask / create_sliding_window_causal_mask to the attention
+# function untouched (no slicing, no concatenation, no arithmetic): only there may the packed-sequence
+# mask be replaced by its document ids (see `_packed_document_ids`), which nothing but
+# `attention_forward` understands. Checked in transformers 5.17 and 5.23 (tests/test_swap_hf.py re-checks
+# the sources).
+_PACKED_MODELS = frozenset({
+    "llama", "mistral", "mixtral", "ministral", "ministral3", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "starcoder2", "phi3", "cohere", "cohere2", "olmo", "olmo2", "granite", "smollm3",
+})
 
-    def sliding_window_mask(*args, **kwargs):
-        """transformers' sdpa_mask, or None for a sliding-window-causal mask the kernel applies itself."""
-        if not args and _native_window_size(kwargs) is not None:
+# The packed-sequence mask's stand-in (`_packed_document_ids`): the per-token document ids, int32, shaped
+# (B, 1, 1, T) where the dense mask would be (B, 1, T, T) bool. Transformers' masks are bool or float, so
+# `attention_forward` cannot mistake it; anything else handed it fails loudly (SDPA refuses integer masks).
+_DOC_DTYPE = torch.int32
+
+
+def _probe(fn, b, h, q, k) -> Optional[torch.Tensor]:
+    """`fn(b, h, q, k)` as sdpa_mask calls an index-based mask function (broadcast index tensors),
+    or None when it does not answer like one (not a bool tensor, an exception)."""
+    try:
+        with torch.no_grad():
+            got = fn(b, h, q, k)
+        if not isinstance(got, torch.Tensor) or got.dtype != torch.bool:
             return None
+        return got.expand(torch.broadcast_shapes(got.shape, b.shape, q.shape, k.shape))
+    except Exception:  # a function that does not probe like an index-based one: not ours to shortcut
+        return None
+
+
+def _packed_document_ids(kw: dict) -> Optional[torch.Tensor]:
+    """Document ids (B, T) int32 when the mask `sdpa_mask(**kw)` would build is exactly "causal within each
+    packed sequence" (ANDed with the sliding window W = local_size on a sliding layer) and at least one
+    row holds several sequences; else None.
+
+    Transformers builds such a mask for packed sequences (`DataCollatorWithFlattening`: position_ids
+    restarting, no 2D attention mask, no cache): `find_packed_sequence_indices` numbers the sequences (a
+    new one wherever position_ids do not increase by 1) and the mask function becomes "same sequence AND
+    the causal (sliding) mask on the positions", with `allow_is_causal_skip=False`. Within a sequence the
+    positions go up by 1, so that is the kernel's `document_ids` with `is_causal=True` (and the window).
+    The ids are read off the mask function itself, so they are transformers' own numbering: query t sees
+    key t - 1 iff both are in one sequence. Then the function is probed on every row's diagonals (t, t),
+    (t, t + 1) (and (t, t - W + 1), (t, t - W)) and on some whole rows (sequence ends and starts among
+    them) against the pattern. Anything else gets None and so the SDPA mask: padding, cache offsets,
+    and/or mask functions (vmapped), tracing, other models; a bidirectional block overlay (an image in a
+    multimodal model) shows on the (t, t + 1) diagonal.
+    """
+    B, q_len, kv_len, W = kw.get("batch_size"), kw.get("q_length"), kw.get("kv_length"), kw.get("local_size")
+    if not all(_is_plain_int(x) for x in (q_len, kv_len, B)) or B < 1 or q_len != kv_len or q_len < 2:
+        return None
+    if not (_is_plain_int(kw.get("q_offset", 0)) and kw.get("q_offset", 0) == 0
+            and _is_plain_int(kw.get("kv_offset", 0)) and kw.get("kv_offset", 0) == 0):
+        return None
+    # a packed mask is never skippable: a skippable one is plain (cheap to reject before probing anything)
+    if kw.get("allow_is_causal_skip") is not False or kw.get("use_vmap", False) \
+            or kw.get("allow_is_bidirectional_skip", False):
+        return None
+    if kw.get("attention_mask") is not None:  # transformers packs only without a 2D mask
+        return None
+    config = kw.get("config")
+    if getattr(config, "model_type", None) not in _PACKED_MODELS or _tracing():
+        return None
+    if W is not None and not (_is_plain_int(W) and W >= 2 and _native_window_model(config)):
+        return None  # the window comes to attention_forward as the `sliding_window` kwarg: those models only
+    fn = kw.get("mask_function")
+    if fn is None:
+        return None
+    T = q_len
+    device = kw.get("device", "cpu")
+    b = torch.arange(B, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    t = torch.arange(T, device=device)[None, None, :, None]
+    # query t sees key t - 1 iff both are in one sequence: the sequences start where it does not
+    cont = _probe(fn, b, h, t[:, :, 1:], t[:, :, 1:] - 1)
+    if cont is None or cont.shape != (B, 1, T - 1, 1):
+        return None
+    starts = ~cont.reshape(B, T - 1)
+    if not bool(starts.any()):  # one sequence per row: not packed (an ordinary mask, built as asked)
+        return None
+    docs = torch.cat([starts.new_zeros(B, 1, dtype=torch.long), starts.long().cumsum(-1)], dim=-1)
+
+    def matches(b_, q, k) -> bool:  # the function at (b_, q, k) is the pattern: same id, causal, in the window
+        got = _probe(fn, b_, h, q, k)
+        keep = (docs[b_, q] == docs[b_, k]) & (k <= q)
+        if W is not None:
+            keep &= k > q - W
+        return got is not None and got.shape == keep.shape and got.device == keep.device and torch.equal(got, keep)
+
+    # every row's diagonals: its own token, the next one (never), the window's two edges
+    for d in sorted({0, -1} | ({W - 1, W} if W is not None else set())):
+        q = t[:, :, max(d, 0):T + min(d, 0)]
+        if q.shape[2] and not matches(b, q, q - d):
+            return None
+    # whole rows: around the first sequence boundaries of the first batch row, the ends, the window
+    # edges, and eight spread over the row
+    first = (torch.nonzero(starts[0]).flatten()[:4] + 1).tolist()
+    rows = {0, 1, T - 2, T - 1} | set(range(0, T, max(1, T // 8))) | {r + e for r in first for e in (-1, 0)}
+    if W is not None:
+        rows |= {W - 2, W - 1, W, W + 1}
+    q = torch.tensor(sorted(r for r in rows if 0 <= r < T), device=device)[None, None, :, None]
+    if not matches(torch.tensor(sorted({0, B - 1}), device=device)[:, None, None, None], q, t.reshape(1, 1, 1, T)):
+        return None
+    return docs.to(_DOC_DTYPE)
+
+
+def _make_mask_interface(sdpa_mask):
+    """The mask function registered for "tfkernels": transformers' `sdpa_mask`, except that
+      - an exactly sliding-window-causal mask (see `_native_window_size`) becomes None: `attention_forward`
+        then uses the kernel's window, from the `sliding_window` kwarg HF passes it;
+      - an exactly causal-within-packed-sequences mask (see `_packed_document_ids`) becomes the sequences'
+        document ids (B, 1, 1, T) int32, which `attention_forward` hands the kernel as `document_ids`."""
+
+    def tfkernels_mask(*args, **kwargs):
+        """transformers' sdpa_mask, or what the kernel needs instead of a mask it applies itself."""
+        if not args:
+            if _native_window_size(kwargs) is not None:
+                return None
+            docs = _packed_document_ids(kwargs)
+            if docs is not None:
+                return docs[:, None, None, :]
         return sdpa_mask(*args, **kwargs)
 
-    return sliding_window_mask
+    return tfkernels_mask
+
+
+def _document_ids(attention_mask) -> Optional[torch.Tensor]:
+    """The document ids (B, T) that `tfkernels_mask` put in place of a packed-sequence mask, else None."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == _DOC_DTYPE \
+            and attention_mask.dim() == 4 and attention_mask.shape[1] == attention_mask.shape[2] == 1:
+        return attention_mask[:, 0, 0, :]
+    return None
 
 
 def _native_window(module, attention_mask, is_causal, q_len, kv_len, sliding_window):
-    """window_size for the kernel when the mask is None because `sliding_window_mask` chose the native
-    window (None otherwise). A None mask with T_q == T_k and a window shorter than the keys can only
-    come from there: sdpa_mask itself skips a sliding mask only when the keys fit in the window."""
+    """window_size for the kernel when the mask is None because `tfkernels_mask` chose the native
+    window, or stood in document ids for it (None otherwise). A None mask with T_q == T_k and a window
+    shorter than the keys can only come from there: sdpa_mask itself skips a sliding mask only when the
+    keys fit in the window."""
     if attention_mask is not None or not is_causal or q_len != kv_len:
         return None
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
@@ -373,7 +505,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """Hugging Face attention function: query (B, H, Tq, D), key/value (B, Hkv, Tk, D) ->
-    (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`.
+    (attn_output (B, Tq, H, D), None). Same contract and mask handling as `sdpa_attention_forward`, plus
+    the native window and the document ids that `tfkernels_mask` puts in place of some masks.
     The backend is the one `tfkernels.swap(model, backend=...)` recorded on the module, else automatic.
     """
     if kwargs.get("s_aux") is not None:
@@ -390,14 +523,17 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     q_len, kv_len = query.shape[2], key.shape[2]
     enable_gqa = key.shape[1] != query.shape[1]  # GQA: the kernel indexes kv head h // (H / Hkv)
 
-    # as SDPA's integration: use is_causal only when the model built no mask (plain causal)
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    documents = _document_ids(attention_mask)
+    if documents is not None:  # packed sequences: tfkernels_mask checked that the mask is causal within each
+        attention_mask, is_causal = None, True
+    else:  # as SDPA's integration: use is_causal only when the model built no mask (plain causal)
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and kv_len > q_len:  # prefill into an empty static cache: top-left causal == crop
         key, value = key[:, :, :q_len], value[:, :, :q_len]
 
-    # a sliding layer whose dense mask sliding_window_mask left out: the kernel's window, ANDed with
-    # is_causal (or with the causal position-bias mask below)
+    # a sliding layer whose dense mask tfkernels_mask left out: the kernel's window, ANDed with is_causal
+    # (or with the causal position-bias mask below) and with the documents
     window = _native_window(module, attention_mask, is_causal, q_len, key.shape[2], kwargs.get("sliding_window"))
     softcap = kwargs.get("softcap") or 0.0  # None / 0: off
 
@@ -410,7 +546,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     out = _attention_fn()(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                           is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, window_size=window,
-                          softcap=softcap, backend=getattr(module, "_tfkernels_backend", None))  # (B, H, Tq, D)
+                          softcap=softcap, document_ids=documents,
+                          backend=getattr(module, "_tfkernels_backend", None))  # (B, H, Tq, D)
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, D)
 
 
