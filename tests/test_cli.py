@@ -53,6 +53,7 @@ def ckpt_step(out: Path) -> int:
     (["--model", "bert", "--block-size", "2"], "--block-size must be >= 3 for BERT"),
     (["--model", "bert", "--nsp", "--block-size", "3"], "--block-size must be >= 7 for BERT with --nsp"),
     (["--model", "gpt", "--nsp"], "--nsp (next-sentence prediction) is a BERT option"),  # was silently dropped
+    (["--model", "bert", "--document-mask"], "--document-mask is a GPT option"),
 ])
 def test_pretrain_bad_option_is_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -234,3 +235,25 @@ def test_resume_a_gpt_run_saved_with_nsp(tmp_path, capsys):
     torch.save(state, out / "ckpt.pt")
     assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "3", "--no-progress"]) == 0
     assert checkpoint.load(out / "ckpt.pt")["step"] == 3
+
+
+def test_document_mask_on_resume(tmp_path, capsys):
+    """The document mask has no parameters, so it may change between runs of one checkpoint (like
+    --kernels): resuming keeps the saved setting, and --document-mask / --no-document-mask with
+    --resume switch it; the checkpoint records what ran."""
+    from tfkernels.train import checkpoint
+
+    out = tmp_path / "run"
+    saved = lambda: {k: checkpoint.load(out / "ckpt.pt")[k + "_config"]["document_mask"]  # noqa: E731
+                     for k in ("model", "train")}
+    assert main(["pretrain", *TINY, "--max-steps", "1", "--out", str(out)]) == 0
+    assert "document mask" not in capsys.readouterr().out and saved() == {"model": False, "train": False}
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "2", "--document-mask",
+                 "--no-progress"]) == 0
+    assert "document mask (eos_id 0)" in capsys.readouterr().out and saved() == {"model": True, "train": True}
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "3", "--no-progress"]) == 0
+    assert "document mask" in capsys.readouterr().out and saved() == {"model": True, "train": True}
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "4", "--no-document-mask",
+                 "--no-progress"]) == 0
+    assert "document mask" not in capsys.readouterr().out and saved() == {"model": False, "train": False}
+    assert ckpt_step(out) == 4

@@ -68,10 +68,11 @@ def test_random_data_every_head(tmp_path, model, nsp):
         assert 0 <= s["eval"]["nsp_acc"] <= 1
 
 
-@pytest.mark.parametrize("kernels,schedule", [("tfkernels", "cosine"), ("torch", "wsd")])
-def test_resume_is_exact(tmp_path, data_dir, kernels, schedule):
+@pytest.mark.parametrize("kernels,schedule,document_mask", [("tfkernels", "cosine", False), ("torch", "wsd", False),
+                                                           ("tfkernels", "constant", True)])
+def test_resume_is_exact(tmp_path, data_dir, kernels, schedule, document_mask):
     cfg = dict(model="gpt", kernels=kernels, schedule=schedule, dropout=0.1, grad_accum=2, max_steps=8,
-               eval_interval=3, data_dir=data_dir, plot=False, **FAST)
+               eval_interval=3, document_mask=document_mask, data_dir=data_dir, plot=False, **FAST)
     full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))["losses"]
 
     def interrupt(step, loss):  # Ctrl-C after step 4
@@ -86,6 +87,51 @@ def test_resume_is_exact(tmp_path, data_dir, kernels, schedule):
     assert resumed == full  # bit-exact on CPU
     rows = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})  # no duplicated history
+
+
+def test_gpt_document_mask_run(tmp_path, data_dir, capsys, monkeypatch):
+    """`pretrain --document-mask` on the builtin corpus: the packed rows hold several documents, the
+    loss falls, the option is printed and saved (model and training config), and `--resume`, `sample`
+    and `eval` load it back."""
+    from tfkernels import model as model_mod
+    from tfkernels.train import checkpoint
+    from tfkernels.train.cli import load_run
+    from tfkernels.train.tokenizer import EOS
+
+    docs_per_row = []
+    derive = model_mod.document_ids_from_tokens
+
+    def spy(idx, eos_id, first=None):
+        ids = derive(idx, eos_id, first)
+        docs_per_row.append(int((ids[:, -1] - ids[:, 0]).max()) + 1)
+        return ids
+
+    monkeypatch.setattr(model_mod, "document_ids_from_tokens", spy)
+    out = tmp_path / "docs"
+    flags = ["--data-dir", data_dir, "--vocab-size", "512", "--max-bytes", "400000", "--batch-size", "8",
+             "--block-size", "64", "--log-interval", "5", "--eval-steps", "2", "--backend", "torch",
+             "--no-tensorboard", "--no-progress", "--no-plot"]
+    assert main(["pretrain", "--model", "gpt", "--document-mask", "--max-steps", "40", "--out", str(out), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert f"document mask (eos_id {EOS})" in printed and "done: 40 steps" in printed
+    assert max(docs_per_row) > 1  # rows packed across documents: the mask has something to do
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert losses_drop({int(r["step"]): float(r["loss"]) for r in rows}, n=2), rows
+    ck = checkpoint.load(out / "ckpt.pt")
+    assert ck["model_config"]["document_mask"] is True and ck["model_config"]["eos_id"] == EOS
+    assert ck["train_config"]["document_mask"] is True
+
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "44", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "document mask" in printed and "done: 44 steps" in printed
+    ck = checkpoint.load(out / "ckpt.pt")
+    assert ck["step"] == 44 and ck["model_config"]["document_mask"] and ck["train_config"]["document_mask"]
+
+    assert load_run(str(out))[0].cfg.document_mask is True
+    assert main(["sample", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    assert "def " in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(out), "--eval-steps", "2"]) == 0
+    assert '"val_loss"' in capsys.readouterr().out
 
 
 def test_lr_schedules():

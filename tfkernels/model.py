@@ -10,6 +10,12 @@
 with `cfg.backend` passed through) or "torch" (F.scaled_dot_product_attention, nn.LayerNorm,
 nn.RMSNorm). Both build the same parameters under the same names, so one state_dict loads into
 either — that is how the A/B comparisons are made.
+
+`cfg.document_mask` (GPT): attention stays inside each document of a packed row, as Llama 3
+pretrains. Pretraining packs documents back to back, each ended by <|endoftext|> (`cfg.eos_id`);
+GPT derives every token's document from the EOS tokens before it (`document_ids_from_tokens`) and
+gives the ids to tfkernels.attention (`document_ids`), or to SDPA as the equivalent dense mask
+(`DocumentMask`). `model(idx, document_ids=...)` passes ids explicitly instead.
 """
 from __future__ import annotations
 
@@ -50,6 +56,11 @@ class ModelConfig:
     nsp: bool = False              # BERT next-sentence-prediction head
     kernels: str = "tfkernels"     # "tfkernels" or "torch"
     backend: Optional[str] = None  # tfkernels backend for every op ("triton", "cuda", "torch", None)
+    # GPT: a token attends only to the tokens of its own document, the EOS-delimited spans of a packed
+    # row (positions stay the row's: see GPT.forward). Masking only, no parameters: it may change
+    # between runs of one checkpoint
+    document_mask: bool = False
+    eos_id: int = 0                # the token that ends a document: <|endoftext|> (train/tokenizer.py EOS)
 
     def __post_init__(self):
         choices = {"arch": ("gpt", "bert"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
@@ -61,6 +72,10 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("pos='rope' needs an even head dim")
+        if self.document_mask and self.arch != "gpt":
+            raise ValueError("document_mask is a GPT option (documents packed into one causal LM sequence)")
+        if self.document_mask and not 0 <= self.eos_id < self.vocab_size:
+            raise ValueError(f"eos_id={self.eos_id} is not a token id (vocab_size={self.vocab_size})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,15 +135,56 @@ def apply_rope(x, cos, sin, start: int = 0):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def document_ids_from_tokens(idx: torch.Tensor, eos_id: int, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The document of each token of idx (B, T), int32: the number of EOS tokens before it, so that an
+    EOS belongs to the document it ends (ids = cumsum(eos) - eos; an EOS at the start is a document of
+    its own). `first` (B,): the id of the document the row starts in (default 0), to continue a KV
+    cache's ids. The ids only matter by equality: a window cut anywhere from a stream gets the same
+    masks as the stream."""
+    eos = (idx == eos_id).to(torch.int32)
+    ids = torch.cumsum(eos, dim=-1, dtype=torch.int32) - eos
+    return ids if first is None else ids + first[:, None]
+
+
+@dataclass
+class DocumentMask:
+    """Document masking for one GPT forward, built once and used by every layer.
+
+    q_ids (B, T) and k_ids (B, T_k) are the int32 document ids of the queries (the new tokens) and of
+    the keys (with a KV cache: the cached tokens', then the new ones'; T_k = start + T). The tfkernels
+    path gives them to tfkernels.attention, which ANDs them with the causal mask and skips the tiles
+    of other documents. SDPA has no such argument, so the plain-PyTorch path gets `sdpa_mask`, the
+    same rule as one bool mask (B, 1, T, T_k): same document (a negative id sees nothing) and causal,
+    aligned bottom-right like the cache's queries. Both paths compute the same function."""
+    q_ids: torch.Tensor
+    k_ids: torch.Tensor
+    sdpa_mask: Optional[torch.Tensor] = None
+
+    @classmethod
+    def build(cls, q_ids: torch.Tensor, k_ids: torch.Tensor, sdpa: bool) -> "DocumentMask":
+        mask = None
+        if sdpa:  # only the "torch" kernels need the (T, T_k) mask: the fused path never builds it
+            T, Tk = q_ids.shape[-1], k_ids.shape[-1]
+            q_pos = torch.arange(Tk - T, Tk, device=q_ids.device)
+            causal = torch.arange(Tk, device=q_ids.device)[None, :] <= q_pos[:, None]          # (T, T_k)
+            same = (q_ids[:, :, None] == k_ids[:, None, :]) & (q_ids >= 0)[:, :, None]       # (B, T, T_k)
+            mask = (same & causal).unsqueeze(1)                                               # (B, 1, T, T_k)
+        return cls(q_ids, k_ids, mask)
+
+
 class KVCache:
     """Keys and values of the tokens a GPT has seen, per layer, for incremental decoding: buffers of
-    (B, H, block_size, Dh) in the dtype the keys come in (autocast's), filled as tokens arrive."""
+    (B, H, block_size, Dh) in the dtype the keys come in (autocast's), filled as tokens arrive. With
+    document masking it also keeps the tokens' document ids, so that new tokens are masked against
+    the cached ones as a full forward would mask them."""
 
     def __init__(self, n_layer: int, max_len: int):
         self.k: list = [None] * n_layer
         self.v: list = [None] * n_layer
         self.max_len = max_len
         self.pos = 0  # tokens cached so far (the next token's position)
+        self.doc: Optional[torch.Tensor] = None       # (B, max_len) int32 document ids (document masking only)
+        self.next_doc: Optional[torch.Tensor] = None  # (B,) int32: the document the next token starts in
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, Dh) at positions pos .. pos + T - 1; returns every cached key and value."""
@@ -139,6 +195,16 @@ class KVCache:
         self.k[layer][..., self.pos:end, :] = k
         self.v[layer][..., self.pos:end, :] = v
         return self.k[layer][..., :end, :], self.v[layer][..., :end, :]
+
+    def append_documents(self, ids: torch.Tensor) -> torch.Tensor:
+        """Store the document ids (B, T) of the tokens at pos .. pos + T - 1; returns every cached token's ids."""
+        if self.doc is None:
+            if self.pos > 0:  # keys cached without ids: their documents are unknown
+                raise ValueError("document ids given to a KV cache that holds tokens without them")
+            self.doc = ids.new_empty((ids.shape[0], self.max_len))
+        end = self.pos + ids.shape[-1]
+        self.doc[:, self.pos:end] = ids
+        return self.doc[:, :end]
 
 
 class SelfAttention(nn.Module):
@@ -154,7 +220,10 @@ class SelfAttention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # not in the state_dict
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0,
+                docs: Optional[DocumentMask] = None):
+        """x (B, T, C). attn_mask: SDPA's (BERT's key-padding mask). docs: document masking (causal
+        attention only), ANDed with the causal mask; attn_mask must then be None."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)                             # (B, T, C) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
@@ -163,15 +232,23 @@ class SelfAttention(nn.Module):
         start = cache.pos if cache is not None else 0
         if self.cfg.pos == "rope":
             q, k = apply_rope(q, self.rope_cos, self.rope_sin, start), apply_rope(k, self.rope_cos, self.rope_sin, start)
+        if docs is not None and (attn_mask is not None or not self.causal):
+            raise ValueError("document masking is for causal attention without another attn_mask")
         is_causal = self.causal
         if cache is not None:
             k, v = cache.append(layer, k, v)                                 # (B, H, start + T, Dh)
             if start > 0:  # the new queries sit at the end: the causal diagonal is aligned bottom-right
                 attn_mask, is_causal = causal_lower_right(T, start + T), False
+        document_ids = None
+        if docs is not None:
+            if self.cfg.kernels == "tfkernels":
+                document_ids = (docs.q_ids, docs.k_ids)                      # ANDed with the causal mask above
+            else:  # SDPA takes one mask, not a mask and is_causal: sdpa_mask holds causality too
+                attn_mask, is_causal = docs.sdpa_mask, False
         p = self.cfg.dropout if self.training else 0.0
         if self.cfg.kernels == "tfkernels":
             y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
-                             backend=self.cfg.backend)                       # (B, H, T, Dh)
+                             document_ids=document_ids, backend=self.cfg.backend)  # (B, H, T, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                                is_causal=is_causal)          # (B, H, T, Dh)
@@ -210,8 +287,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)  # (B, T, C)
+    def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0,
+                docs: Optional[DocumentMask] = None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, docs)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))                  # (B, T, C)
         return x
 
@@ -266,20 +344,30 @@ class GPT(_Base):
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self._init_weights()
 
-    def forward(self, idx, targets=None, cache: Optional[KVCache] = None):
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, document_ids=None):
         """idx (B, T) -> (logits (B, T, V), loss). With `cache` (see generate), idx continues the
         tokens cached so far: positions start at cache.pos, attention also reads the cached keys and
-        values, and the new ones are appended."""
+        values, and the new ones are appended.
+
+        Document masking: a token attends only to the earlier tokens of its own document. With
+        cfg.document_mask the documents are derived from idx (`document_ids_from_tokens`, EOS =
+        cfg.eos_id; with a cache they continue the cached tokens' ids); `document_ids` (B, T), any
+        integer dtype, gives them explicitly instead, also without cfg.document_mask (negative =
+        padding: it attends to nothing, its attention output is zero, and no token attends to it).
+        Positions stay those of the row (a document's first token is not position 0): with
+        pos="rope" only distances within a document matter, so that is the same as restarting
+        positions per document; learned positions see the offset."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.cfg.block_size}")
+        docs = self._document_mask(idx, document_ids, cache)                 # once for every layer
         x = self.transformer.wte(idx)                                        # (B, T, C)
         if self.cfg.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None, cache, i)                                     # (B, T, C)
+            x = block(x, None, cache, i, docs)                               # (B, T, C)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -289,6 +377,31 @@ class GPT(_Base):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def _document_mask(self, idx, document_ids, cache: Optional[KVCache]) -> Optional[DocumentMask]:
+        """The forward's DocumentMask (see forward), or None for plain causal attention."""
+        cached_docs = cache is not None and cache.doc is not None
+        if document_ids is None and not self.cfg.document_mask:
+            if cached_docs:
+                raise ValueError("the KV cache holds document ids: pass document_ids for the new tokens too")
+            return None
+        if document_ids is None:
+            q_ids = document_ids_from_tokens(idx, self.cfg.eos_id, cache.next_doc if cached_docs else None)
+        else:
+            if not isinstance(document_ids, torch.Tensor):
+                raise TypeError(f"document_ids must be a tensor, got {type(document_ids).__name__}")
+            if document_ids.shape != idx.shape:
+                raise ValueError(f"document_ids of shape {list(document_ids.shape)} must have idx's shape "
+                                 f"{list(idx.shape)}")
+            if document_ids.is_floating_point() or document_ids.is_complex() or document_ids.dtype == torch.bool:
+                raise TypeError(f"document_ids must be integer document ids, got {document_ids.dtype}")
+            q_ids = document_ids.to(device=idx.device, dtype=torch.int32)  # int32: no device sync in the op
+        k_ids = q_ids
+        if cache is not None:
+            k_ids = cache.append_documents(q_ids)
+            if idx.shape[1]:  # the next token continues the last one's document, or starts one after an EOS
+                cache.next_doc = q_ids[:, -1] + (idx[:, -1] == self.cfg.eos_id).to(torch.int32)
+        return DocumentMask.build(q_ids, k_ids, sdpa=self.cfg.kernels == "torch")
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, use_cache: bool = True):
@@ -297,7 +410,13 @@ class GPT(_Base):
         With use_cache (and a torch that has SDPA's causal_lower_right), the prompt runs once and each
         new token attends to the cached keys and values: one token's work a step, not the whole
         context's. Once the sequence outgrows block_size, every step re-reads the last block_size
-        tokens, as without the cache (the positions shift), so both give the same tokens."""
+        tokens, as without the cache (the positions shift), so both give the same tokens.
+
+        With cfg.document_mask, the new tokens continue the prompt's last document: they see the
+        text after the prompt's last EOS, not before it (a prompt without EOS is one document), and
+        a sampled EOS starts a new document that sees none of the earlier text. The cache keeps the
+        ids of its tokens; the re-read windows past block_size derive them again from their tokens,
+        which gives the same masks."""
         cache = KVCache(self.cfg.n_layer, self.cfg.block_size) if use_cache and causal_lower_right else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= self.cfg.block_size:

@@ -34,6 +34,8 @@ HELP = {
     "lr": "peak learning rate (default depends on the preset)", "schedule": "cosine, wsd or constant (after warmup)",
     "precision": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler) or fp32",
     "compile": "torch.compile the model", "nsp": "BERT next-sentence prediction head and pairs",
+    "document_mask": "GPT: attend only within each document of a packed sequence (documents end at "
+                     "<|endoftext|>); the fused kernels skip the tiles between documents",
     "eval_interval": "evaluate every N steps (and at the end); 0 = only at the end",
     "eval_steps": "validation batches per evaluation (>= 1)",
     "ckpt_interval": "checkpoint every N steps (and at the end, and on Ctrl-C); 0 = only then",

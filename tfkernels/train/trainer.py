@@ -29,6 +29,7 @@ from ..model import ModelConfig, build_model, flops_per_token, make_config
 from . import checkpoint as ckpt_io
 from .data import LMLoader, MLMLoader, RandomLoader, check_bert_block_size, prepare
 from .metrics import MetricsLog, peak_flops, plot_loss
+from .tokenizer import EOS
 
 DEFAULT_LR = {"tiny": 2e-3, "gpt2-124m": 6e-4, "bert-base": 1e-4}
 
@@ -195,6 +196,7 @@ class TrainConfig:
     mlp: Optional[str] = None
     pos: Optional[str] = None
     nsp: Optional[bool] = None
+    document_mask: bool = False          # GPT: attend only within each <|endoftext|>-delimited document
     # data
     data: str = "builtin"                # "builtin", a path, "hf:NAME[:CONFIG]" or "random"
     data_dir: Optional[str] = None       # default ~/.cache/tfkernels/data/<source>-<vocab>
@@ -242,6 +244,9 @@ class TrainConfig:
         check_ranges(self, RANGES)
         if self.model == "gpt" and self.nsp:  # model_config() would drop it: say so instead of training without it
             raise ValueError("--nsp (next-sentence prediction) is a BERT option; --model gpt has no NSP head")
+        if self.model == "bert" and self.document_mask:
+            raise ValueError("--document-mask is a GPT option (it keeps attention inside each document packed into a "
+                             "GPT sequence); --model bert does not support it")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite deletes it: pass one of them")
 
@@ -254,6 +259,8 @@ class TrainConfig:
                                              "norm", "mlp", "pos", "nsp", "kernels", "backend")}
         if self.model == "gpt":
             over.pop("nsp")
+            # eos_id: the tokenizer's <|endoftext|>, which data.prepare puts after every document
+            over.update(document_mask=self.document_mask, eos_id=EOS)
         if vocab_size is not None:
             over["vocab_size"] = vocab_size
         return make_config(self.model, self.preset, **over)
@@ -445,6 +452,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if resume is not None:
         mcfg = ModelConfig.from_dict(resume["model_config"])
         mcfg.kernels, mcfg.backend = cfg.kernels, cfg.backend  # the kernels may change between runs
+        if task is None:  # and so may the document mask (no parameters): this run's flag, saved with the run
+            mcfg.document_mask = cfg.document_mask
     if task is None:
         train_loader, val_loader_fn = make_loaders(cfg, mcfg, prepared, rank, world)
     else:
@@ -510,8 +519,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * world
     fpt = task.flops_per_token(mcfg, model) if hasattr(task, "flops_per_token") else flops_per_token(mcfg, n_params)
     peak = peak_flops(device)
+    doc_mask = f", document mask (eos_id {mcfg.eos_id})" if mcfg.document_mask else ""
     _log0(f"{mcfg.arch} '{cfg.preset}': {n_params / 1e6:.2f}M params, T={mcfg.block_size}, "
-          f"kernels={mcfg.kernels} backend={mcfg.backend}, {precision} on {device}"
+          f"kernels={mcfg.kernels} backend={mcfg.backend}{doc_mask}, {precision} on {device}"
           f"{f' x{world}' if ddp else ''}, {tokens_per_step:,} tokens/step", rank)
 
     def snapshot():
