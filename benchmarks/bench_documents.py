@@ -24,18 +24,14 @@ fp32 with the dense mask, within the dtype's tolerance, before timing.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import _util
+from . import _masked, _util
 from ._util import BenchConfig, Unavailable
-
-PASSES = ("fwd", "fwd+bwd")
 
 
 def configs(quick: bool, smoke: bool):
@@ -146,12 +142,6 @@ def providers(cfg: BenchConfig) -> dict:
     return out
 
 
-def _grads(fn, q, k, v, dout, ids):
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves, ids)
-    return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
-
-
 def run(cfg: BenchConfig, log=print) -> list[dict]:
     rows = []
     provs = providers(cfg)
@@ -164,89 +154,28 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
         q, k, v, dout = (torch.randn(B, H, T, D, **kw) for _ in range(4))
         ids = document_ids(T, L, cfg.device)
         sdpa = lambda q, k, v, ids: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(ids))  # noqa: E731
-        sl = lambda t: t[:1, :2].float()  # noqa: E731
-        ref = _grads(sdpa, sl(q), sl(k), sl(v), sl(dout), ids)
-        base = _grads(sdpa, q[:1, :2], k[:1, :2], v[:1, :2], dout[:1, :2], ids)
-        tol = _util.tolerance(cfg.dtype, _util.max_rel_err(base, ref))
+        ref, tol = _masked.reference(sdpa, q, k, v, dout, ids, cfg.dtype)
         fwd_flops = 4.0 * B * H * D * pairs(T, L)
         for name, fn in provs.items():
             if isinstance(fn, Unavailable) or (name == "tfkernels-triton-full" and L is not None):
                 continue
             if L is None and name not in ("tfkernels-triton-full", "sdpa-mask"):
                 continue  # the full row: our plain causal kernel and SDPA's masked path, for scale
-            tag = f"T={T:<5d} L={L or 'full':<5} {name:22s}"
-            try:
-                got = _grads(fn, q, k, v, dout, ids)
-                err = _util.max_rel_err([t[:1, :2] for t in got], ref)
-                del got
-                if not err <= tol:
-                    log(f"  {tag} FAILED correctness (rel err {err:.2e} > tol {tol:.2e})")
-                    rows.append(dict(T=T, L=L, provider=name, status="failed", err=err, tol=tol))
-                    continue
-                for pass_ in PASSES:
-                    if pass_ == "fwd":
-                        with torch.no_grad():
-                            t = _util.bench(lambda: fn(q, k, v, ids), cfg)
-                    else:
-                        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                        t = _util.bench(lambda: torch.autograd.grad(fn(*leaves, ids), leaves, dout), cfg)
-                    fl = fwd_flops * (1.0 if pass_ == "fwd" else 3.5)
-                    tflops = fl / (t.ms * 1e-3) / 1e12
-                    rows.append(dict(B=B, H=H, T=T, D=D, L=L, provider=name, status="ok", err=err, tol=tol,
-                                     **{"pass": pass_}, ms=t.ms, ms_p20=t.ms_p20, ms_p80=t.ms_p80, tflops=tflops))
-                    log(f"  {tag} {pass_:7s} {t.ms:9.3f} ms {tflops:8.4g} TFLOP/s")
-            except Exception as e:  # noqa: BLE001 — recorded, the other providers still run
-                status = "oom" if _util.is_oom(e) else "failed"
-                rows.append(dict(T=T, L=L, provider=name, status=status, note=_util.short(e)))
-                log(f"  {tag} {status}: {_util.short(e)}")
-            _util.empty_cache(cfg)
+            rows += _masked.measure(name, fn, ids, q, k, v, dout, ref, tol, fwd_flops, cfg, log,
+                                    f"T={T:<5d} L={L or 'full':<5} {name:22s}", dict(B=B, H=H, T=T, D=D, L=L))
     return rows
 
 
-def _order(L):
-    return (0, L) if isinstance(L, int) else ((1, 0) if L == "mixed" else (2, 0))
-
-
 def table(rows: list[dict], info: dict, dtype_name: str) -> str:
-    lines = [f"# Packed-document causal attention, {info.get('gpu')}", "",
-             "Environment: " + ", ".join(f"{k} {info[k]}" for k in ("gpu", "driver", "cuda", "torch", "triton", "commit")
-                                         if k in info), "",
-             f"`python -m benchmarks.bench_documents`: {dtype_name}, causal within each document of length L packed "
+    intro = (f"`python -m benchmarks.bench_documents`: {dtype_name}, causal within each document of length L packed "
              "into rows of T tokens (B * T = 16k, H = 16, D = 128); ms (median) and TFLOP/s over the visible "
-             "(query, key) pairs only; L = full is plain causal over the row.", "",
-             "| T | L | provider | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | status |",
-             "|---:|---:|---|---:|---:|---:|---:|---|"]
-    by = {}
-    for r in rows:
-        by.setdefault((r["T"], _order(r["L"]), r["provider"]), {"L": r["L"]})[r.get("pass", "-")] = r
-    for (T, _, name), passes in sorted(by.items()):
-        L = passes.pop("L")
-        f, fb = passes.get("fwd"), passes.get("fwd+bwd")
-        status = next(iter(passes.values()))["status"]
-        cell = lambda r, key, fmt: (fmt.format(r[key]) if r else "")  # noqa: E731
-        lines.append(f"| {T} | {L or 'full'} | {name} | {cell(f, 'ms', '{:.3f}')} | {cell(f, 'tflops', '{:.1f}')} "
-                     f"| {cell(fb, 'ms', '{:.3f}')} | {cell(fb, 'tflops', '{:.1f}')} | {status} |")
-    return "\n".join(lines) + "\n"
+             "(query, key) pairs only; L = full is plain causal over the row.")
+    order = lambda L: (0, L) if isinstance(L, int) else ((1, 0) if L == "mixed" else (2, 0))  # noqa: E731
+    return _masked.table(rows, info, "Packed-document causal attention", intro, "L", order)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="T in {4k, 16k}")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU sizes (TRITON_INTERPRET=1), one rep")
-    ap.add_argument("--out", type=Path, help="write documents.md (and print it)")
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = BenchConfig(device="cuda" if cuda else "cpu", dtype=dtype, dtype_name=str(dtype).split(".")[-1],
-                      quick=args.quick, smoke=not cuda, warmup_ms=25, rep_ms=100)
-    info = _util.env_info(cfg.device)
-    rows = run(cfg)
-    md = table(rows, info, cfg.dtype_name)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "documents.md").write_text(md)
-    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+    return _masked.main(argv, __doc__, run, table, "documents.md")
 
 
 if __name__ == "__main__":
