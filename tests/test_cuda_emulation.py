@@ -8,6 +8,7 @@ cp.async against the PTX ISA's rules, fp16/bf16 rounding against torch's.
 """
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -330,6 +331,22 @@ def test_tensor_core_fragments_and_async_copies(tmp_path, runtime_obj):
     assert old_gpu[0].startswith("719 ") and old_gpu[1].startswith("719 ")  # the products
     assert old_gpu[3].startswith("719 ") and "cp.async: needs an sm_80 GPU" in old_gpu[3]
     assert "ldmatrix: row address not 16-byte aligned" in old_gpu[6]  # ldmatrix itself exists on sm_75
+
+
+@needs_cxx
+def test_trace_counts_what_cp_async_reads(tmp_path, runtime_obj):
+    """TFKERNELS_CUDA_EMU_TRACE=1 reports, after each launch, the bytes its cp.async copies read from
+    global memory: valid copies only, counted when issued (the attention tests read tile skipping off it)."""
+    exe = build_cuda(tmp_path, runtime_obj, TENSOR_CORES)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TFKERNELS_CUDA_EMU_TRACE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tfk_emu ")]
+    assert [line.split(":")[0] for line in lines] == ["tfk_emu launch", "tfk_emu cp.async"] * 7
+    reads = [int(re.search(r"(\d+) bytes read", line).group(1)) for line in lines[1::2]]
+    # the two products copy nothing; modes 0-2: 16 even lanes x 16 bytes (odd lanes zero-fill, mode 2
+    # issues them and exits); modes 3-4 fail before any valid copy
+    assert reads == [0, 0, 256, 256, 256, 0, 0]
 
 
 CONVERT = r"""

@@ -186,6 +186,9 @@ struct Block : Barrier {
 Block* g_block = nullptr;
 void* g_smem = nullptr;
 size_t g_smem_bytes = 0;
+// bytes the launch's cp.async copies read from global memory (zero fills read nothing): what the
+// trace reports, so tests can see which tiles a kernel loads
+uint64_t g_cp_async_bytes = 0;
 std::mutex g_launch_mutex;  // one launch at a time: the globals above belong to it
 
 cudaError_t g_error = cudaSuccess;  // sticky until cudaGetLastError, as a launch error is
@@ -380,6 +383,7 @@ void cp_async(void* dst, const void* src, int bytes, bool valid) {
     return;
   }
   g_block->cur->open.push_back(Copy{dst, valid ? src : nullptr, bytes});
+  if (valid) g_cp_async_bytes += static_cast<uint64_t>(bytes);
 }
 
 void cp_async_commit() {
@@ -437,8 +441,10 @@ cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
       return cudaErrorInvalidValue;
     }
   }
-  if (const char* trace = std::getenv("TFKERNELS_CUDA_EMU_TRACE"); trace && *trace && *trace != '0')
-    std::fprintf(stderr, "tfk_emu launch: %s\n", describe(cfg).c_str());
+  const char* trace = std::getenv("TFKERNELS_CUDA_EMU_TRACE");
+  const bool tracing = trace && *trace && *trace != '0';
+  if (tracing) std::fprintf(stderr, "tfk_emu launch: %s\n", describe(cfg).c_str());
+  g_cp_async_bytes = 0;
   const int n = static_cast<int>(threads);
   std::vector<unsigned char> smem(cfg.smem + kCanary + 128);
   unsigned char* smem_base = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
@@ -511,6 +517,7 @@ cudaError_t launch(const LaunchCfg& cfg, const std::function<void()>& body) {
       }
   g_block = nullptr;
   g_smem = nullptr;
+  if (tracing) std::fprintf(stderr, "tfk_emu cp.async: %llu bytes read\n", static_cast<unsigned long long>(g_cp_async_bytes));
   if (!error.empty()) {
     fail(cudaErrorLaunchFailure, error);
     return cudaErrorLaunchFailure;

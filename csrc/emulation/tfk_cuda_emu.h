@@ -19,7 +19,8 @@
 // read at each query, so tests can shrink it to reach the kernels' smaller tile configurations.
 // TFKERNELS_CUDA_EMU_CC (default 90) is the compute capability it reports; an instruction newer
 // than it (mma.sync m16n8k16 and cp.async: 80, ldmatrix: 75) fails the launch, as on such a GPU.
-// TFKERNELS_CUDA_EMU_TRACE=1 prints every launch's configuration to stderr.
+// TFKERNELS_CUDA_EMU_TRACE=1 prints every launch's configuration to stderr, and after it the bytes its
+// cp.async copies read from global memory (which tiles a kernel loads shows there).
 // TFKERNELS_CUDA_EMU_SANITIZE=address,undefined builds all of it with AddressSanitizer / UBSan: then
 // out-of-bounds global accesses, reads past dynamic shared memory and misaligned vector accesses stop
 // the process with a report (csrc/README.md; the fiber switches are annotated for ASan).
