@@ -12,6 +12,11 @@
 //           dQ = scale * dS K; dK = scale * dS^T Q.
 // Every kernel visits only the tiles of the band a sliding window (or causality) leaves visible,
 // so the cost follows the window, not Tq x Tk (attention_common.cuh: key_range, query_range).
+// Documents (packed sequences, q_doc/k_doc): query i sees key j only if their ids are equal and
+// not negative. attn_doc_spans_kernel finds, per granule of 16 rows, the columns its documents
+// hold; every kernel then walks only those of its rows (doc_range), so documents of length L cost
+// O(T L). Keys (queries) past the end of a block's range are loaded as zeros, not read: whatever
+// they hold (other documents, padding, even NaN) never reaches a product.
 //
 // fp16 and bf16 run on tensor cores with register-resident tiles (attention_tc.cu) on sm_80 and
 // newer. This file holds the entry points, the delta kernel both paths use, and the FMA path: fp32
@@ -99,13 +104,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     sMax[r] = -INFINITY;
     sSum[r] = 0.0f;
   }
-  // only the keys some row of the block sees (causal: none past its last row)
+  // only the keys some row of the block sees (causal: none past its last row; documents: only theirs)
   int n_begin, n_end;
   key_range<kAll>(p, m0, m0 + BM - 1, n_begin, n_end);
+  doc_range<kAll>(p, p.q_spans, b, p.Tq, m0, m0 + BM - 1, n_begin, n_end);
   for (int n0 = n_begin; n0 < n_end; n0 += BN) {
+    if (!doc_tile_meets<kAll>(p, p.q_spans, b, p.Tq, m0, m0 + BM - 1, n0, n0 + BN)) continue;  // block-uniform
     __syncthreads();  // the previous block's products are done with sK, sV, sP
-    load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
-    load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
+    load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, n_end, p.D, dp);  // keys past n_end: zeros (no row sees them)
+    load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, n_end, p.D, dp);
     __syncthreads();
     smem_gemm<false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);  // S = Q K^T
     __syncthreads();
@@ -237,18 +244,20 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     sdK[idx] = 0.0f;
     sdV[idx] = 0.0f;
   }
-  // only the query rows that see some of these keys (causal: none before n0)
+  // only the query rows that see some of these keys (causal: none before n0; documents: only theirs)
   int m_start, m_end;
   query_range<kAll>(p, n0, n0 + BN - 1, m_start, m_end);
+  doc_range<kAll>(p, p.k_spans, b, p.Tk, n0, n0 + BN - 1, m_start, m_end);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
     const float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     for (int m0 = m_start; m0 < m_end; m0 += BM) {
+      if (!doc_tile_meets<kAll>(p, p.k_spans, b, p.Tk, n0, n0 + BN - 1, m0, m0 + BM)) continue;  // block-uniform
       __syncthreads();  // the previous tile's products are done with sQ, sdO, sPd, sDS
-      load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, p.Tq, p.D, dp);
-      load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, p.Tq, p.D, dp);
+      load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, m_end, p.D, dp);  // queries past m_end: zeros (see none of these keys)
+      load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, m_end, p.D, dp);
       for (int r = threadIdx.x; r < BM; r += blockDim.x) {
         const int i = m0 + r;
         sLse[r] = i < p.Tq ? lse[i] : INFINITY;
@@ -314,12 +323,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   }
   int n_begin, n_end;
   key_range<kAll>(p, m0, m0 + BM - 1, n_begin, n_end);
+  doc_range<kAll>(p, p.q_spans, b, p.Tq, m0, m0 + BM - 1, n_begin, n_end);
   AttnParams pq = p;
   pq.dmask = nullptr;  // the dK/dV kernel writes dmask
   for (int n0 = n_begin; n0 < n_end; n0 += BN) {
+    if (!doc_tile_meets<kAll>(p, p.q_spans, b, p.Tq, m0, m0 + BM - 1, n0, n0 + BN)) continue;  // as in the forward
     __syncthreads();
-    load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, p.Tk, p.D, dp);
-    load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, p.Tk, p.D, dp);
+    load_tile(sK, k, p.k_s[2], p.k_s[3], n0, BN, n_end, p.D, dp);
+    load_tile(sV, v, p.v_s[2], p.v_s[3], n0, BN, n_end, p.D, dp);
     __syncthreads();
     smem_gemm<false, true>(sS, BN, sQ, dp, sK, dp, BM, BN, dp, false);    // S = Q K^T
     smem_gemm<false, true>(sDP, BN, sdO, dp, sV, dp, BM, BN, dp, false);  // dP = dO V^T
@@ -334,6 +345,116 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
     if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = from_f<T>(sdQ[idx] * p.scale);
   }
+}
+
+// ------------------------------------------------------------------------------ document spans
+
+constexpr int kDocThreads = 512;
+
+// The largest v of the threads before this one in the block (-1 for thread 0); every thread calls it.
+__device__ __forceinline__ int block_exclusive_max(int v) {
+  __shared__ int warp_max_[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = v;  // inclusive scan within the warp
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_sync(0xffffffffu, incl, lane >= o ? lane - o : lane);
+    if (lane >= o) incl = max(incl, u);
+  }
+  if (lane == 31) warp_max_[warp] = incl;
+  const int before_in_warp = __shfl_sync(0xffffffffu, incl, lane > 0 ? lane - 1 : 0);
+  __syncthreads();
+  int before = lane > 0 ? before_in_warp : -1;
+  for (int w = 0; w < warp; ++w) before = max(before, warp_max_[w]);
+  return before;
+}
+
+// First index in [0, n) whose key is >= x (upper: > x), n if none; keys non-decreasing.
+__device__ __forceinline__ int search(const int64_t* key, int n, int64_t x, bool upper) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (upper ? key[mid] <= x : key[mid] < x)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// One block per (batch row b = blockIdx.x, direction blockIdx.y): 0 the query granules' spans over
+// the keys (q_spans, for the forward and dQ kernels), 1 the key granules' over the queries (k_spans,
+// for dK/dV). The spans are those of the Triton kernels (tfkernels/ops/_documents.py, whose module
+// docstring explains them): a binary search over the columns' search key S, S[j] = 2 id for a real
+// id, 2 m + 1 for padding after largest id m (-1 before any), which brackets exactly the columns of
+// an id x between the first S >= 2x and the first S > 2x. A row whose S is not non-decreasing (ids
+// unsorted, or padding inside a document) gets [0, n) for every granule: correct, every tile masked.
+__global__ void __launch_bounds__(kDocThreads) attn_doc_spans_kernel(const AttnParams p) {
+  const bool rows_q = blockIdx.y == 0;
+  const int b = blockIdx.x;
+  const int n_rows = rows_q ? p.Tq : p.Tk, n_cols = rows_q ? p.Tk : p.Tq;
+  const int* row_doc = (rows_q ? p.q_doc : p.k_doc) + static_cast<int64_t>(b) * n_rows;
+  const int* col_doc = (rows_q ? p.k_doc : p.q_doc) + static_cast<int64_t>(b) * n_cols;
+  int64_t* key = (rows_q ? p.key_of_k : p.key_of_q) + static_cast<int64_t>(b) * n_cols;
+  const int n_gran = (n_rows + kDocGran - 1) / kDocGran;
+  int4* spans = (rows_q ? p.q_spans : p.k_spans) + static_cast<int64_t>(b) * n_gran;
+
+  // S over one chunk of columns per thread (few barriers, whatever the length), with the largest id
+  // before the chunk from a scan of the chunks' largest ids
+  const int chunk = (n_cols + kDocThreads - 1) / kDocThreads;
+  const int c0 = min(static_cast<int>(threadIdx.x) * chunk, n_cols), c1 = min(c0 + chunk, n_cols);
+  int top = -1;
+  for (int j = c0; j < c1; ++j) top = max(top, col_doc[j]);
+  int m = block_exclusive_max(top);  // the largest real id before c0, -1 if none
+  int64_t prev = INT64_MIN;          // S[c0 - 1]
+  if (c0 > 0) prev = col_doc[c0 - 1] >= 0 ? 2 * static_cast<int64_t>(col_doc[c0 - 1]) : 2 * static_cast<int64_t>(m) + 1;
+  bool ordered = true;
+  for (int j = c0; j < c1; ++j) {
+    const int d = col_doc[j];
+    m = max(m, d);
+    const int64_t s = d >= 0 ? 2 * static_cast<int64_t>(d) : 2 * static_cast<int64_t>(m) + 1;
+    ordered = ordered && s >= prev;
+    prev = s;
+    key[j] = s;
+  }
+  __shared__ int unsorted;
+  if (threadIdx.x == 0) unsorted = 0;
+  __syncthreads();
+  if (!ordered) unsorted = 1;
+  __syncthreads();  // also makes every thread's key[] visible to the block
+  const bool sorted = unsorted == 0;
+
+  for (int g = threadIdx.x; g < n_gran; g += kDocThreads) {
+    const int r0 = g * kDocGran, r1 = min(r0 + kDocGran, n_rows);
+    const int first = row_doc[r0];
+    int lo_id = INT32_MAX, hi_id = -1;  // over the real ids
+    bool one = true;
+    for (int r = r0; r < r1; ++r) {
+      const int d = row_doc[r];
+      one = one && d == first;
+      if (d >= 0) {
+        lo_id = min(lo_id, d);
+        hi_id = max(hi_id, d);
+      }
+    }
+    int4 s;
+    if (hi_id < 0)  // padding only: sees nothing
+      s = int4{n_cols, 0, -1, 0};
+    else if (!sorted)
+      s = int4{0, n_cols, -1, 0};
+    else
+      s = int4{search(key, n_cols, 2 * static_cast<int64_t>(lo_id), false),
+               search(key, n_cols, 2 * static_cast<int64_t>(hi_id), true), one ? first : -1, 0};
+    spans[g] = s;
+  }
+}
+
+// Fills the document spans a launch's kernels read (q_spans; k_spans too for the backward).
+cudaError_t doc_spans(const AttnParams& p, bool backward, cudaStream_t stream) {
+  if (p.q_doc == nullptr) return cudaSuccess;
+  if (p.doc_scratch == nullptr) return cudaErrorInvalidValue;
+  attn_doc_spans_kernel<<<dim3(static_cast<unsigned>(p.B), backward ? 2 : 1), kDocThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 // ------------------------------------------------------------------------------ launch
@@ -376,6 +497,8 @@ cudaError_t attention_fwd(const AttnParams& params, cudaStream_t stream) {
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0 || p.Tk == 0) return cudaSuccess;  // the glue fills those
   if (p.D <= 0 || p.D > ATTN_MAX_HEAD_DIM || p.Hkv <= 0 || p.Hq % p.Hkv != 0 || p.Tq > 65535 * 16)
     return cudaErrorInvalidValue;
+  const cudaError_t err = doc_spans(p, false, stream);
+  if (err != cudaSuccess) return err;
   if (p.dtype != DType::F32 && has_tensor_core_path()) return attention_fwd_tc(p, stream);
   const int dp = padded_dim(p.D);
   const unsigned grid_x = static_cast<unsigned>(p.B) * p.Hq;
@@ -392,16 +515,23 @@ cudaError_t attention_bwd(const AttnParams& params, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   const unsigned delta_blocks = static_cast<unsigned>((rows + kThreads / 32 - 1) / (kThreads / 32));
   TFK_DISPATCH(p.dtype, [&] { attn_bwd_delta_kernel<scalar_t><<<delta_blocks, kThreads, 0, stream>>>(p); });
-  if (p.dtype != DType::F32 && has_tensor_core_path()) {
-    const cudaError_t err = cudaGetLastError();
-    return err != cudaSuccess ? err : attention_bwd_tc(p, stream);
-  }
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) err = doc_spans(p, true, stream);
+  if (err != cudaSuccess) return err;
+  if (p.dtype != DType::F32 && has_tensor_core_path()) return attention_bwd_tc(p, stream);
   const int dp = padded_dim(p.D);
   TFK_DISPATCH(p.dtype, [&] {
     TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk, scalar_t);
     TFK_ATTN_LAUNCH(attn_bwd_dq_kernel, dq_smem, static_cast<unsigned>(p.B) * p.Hq, p.Tq, scalar_t);
   });
   return cudaGetLastError();
+}
+
+size_t attention_doc_scratch_bytes(const AttnParams& p, bool backward) {
+  if (p.q_doc == nullptr || p.B <= 0 || p.Tq <= 0 || p.Tk <= 0) return 0;
+  size_t at[5];
+  doc_scratch_layout(p, at);
+  return backward ? at[4] : at[2];
 }
 
 }  // namespace tfk

@@ -53,14 +53,78 @@ __device__ __forceinline__ float load_mask_f(const void* m, int64_t off, DType d
 
 // Which rules a kernel variant carries, as bits of a template argument, so that what a launch does
 // not need costs neither code nor registers: kMaskDropout the mask and dropout; kWindowCap the
-// sliding window and soft-capping (each decided at run time within the variant). Without
-// kWindowCap, visibility is bounds and causality only, exactly the kernels before windows existed.
+// sliding window, soft-capping and documents (each decided at run time within the variant).
+// Without kWindowCap, visibility is bounds and causality only, exactly the kernels before windows
+// existed. Documents ride on kWindowCap rather than a bit of their own (which would double the
+// tensor-core kernels' variants and compile time): they are a window's kind of rule, a range of
+// columns per block, a skip per warp and tile, and a per-score test on the tiles that need one.
 enum Rules : int { kPlain = 0, kMaskDropout = 1, kWindowCap = 2, kAll = 3 };
 
 template <int R>
 __device__ __forceinline__ bool caps(const AttnParams& p) {
   return (R & kWindowCap) && p.softcap > 0.0f;
 }
+
+// ------------------------------------------------------------------------------ documents
+
+// Whether the launch has documents (packed sequences; only kWindowCap variants carry them).
+template <int R>
+__device__ __forceinline__ bool has_docs(const AttnParams& p) {
+  return (R & kWindowCap) && p.q_doc != nullptr;
+}
+
+// Whether query i and key j (both in range) are in one document: equal ids, not padding.
+template <int R>
+__device__ __forceinline__ bool same_doc(const AttnParams& p, int b, int i, int j) {
+  if (!has_docs<R>(p)) return true;
+  const int d = p.q_doc[static_cast<int64_t>(b) * p.Tq + i];
+  return d >= 0 && d == p.k_doc[static_cast<int64_t>(b) * p.Tk + j];
+}
+
+// The span (see AttnParams) of the granule holding row `row` of batch b: of a query (spans =
+// q_spans, n_rows = Tq) or of a key (k_spans, Tk). A row past the end sees nothing.
+__device__ __forceinline__ int4 doc_span(const int4* spans, int b, int n_rows, int row) {
+  if (row >= n_rows) return int4{1, 0, -1, 0};
+  const int n_gran = (n_rows + kDocGran - 1) / kDocGran;
+  return spans[static_cast<int64_t>(b) * n_gran + row / kDocGran];
+}
+
+// Whether some of the columns [c_lo, c_hi) lie in a granule's span; whether all do and the span is
+// one document's (then every pair of the granule's rows and these columns is in one document).
+__device__ __forceinline__ bool span_meets(const int4& s, int c_lo, int c_hi) { return c_lo < s.y && s.x < c_hi; }
+__device__ __forceinline__ bool span_covers(const int4& s, int c_lo, int c_hi) {
+  return s.z >= 0 && s.x <= c_lo && c_hi <= s.y;
+}
+
+// Narrows [lo, hi), the columns that rows [r_lo, r_hi] (r_lo a multiple of kDocGran) visit, to the
+// hull of their granules' spans: a block walks only the keys (queries) of its rows' documents, so
+// packed documents of length L cost O(T L), not O(T^2). Nothing without documents.
+template <int R>
+__device__ __forceinline__ void doc_range(const AttnParams& p, const int4* spans, int b, int n_rows, int r_lo,
+                                          int r_hi, int& lo, int& hi) {
+  if (!has_docs<R>(p)) return;
+  int s_lo = kNoWindow, s_hi = 0;  // an empty hull when every row is padding
+  for (int r = r_lo; r <= r_hi && r < n_rows; r += kDocGran) {
+    const int4 s = doc_span(spans, b, n_rows, r);
+    s_lo = min(s_lo, s.x);
+    s_hi = max(s_hi, s.y);
+  }
+  lo = max(lo, s_lo);
+  hi = min(hi, s_hi);
+}
+
+// Whether some granule of rows [r_lo, r_hi] has columns of [c_lo, c_hi) in its span (a tile inside
+// the hull that none of the rows' documents reaches is skipped). True without documents.
+template <int R>
+__device__ __forceinline__ bool doc_tile_meets(const AttnParams& p, const int4* spans, int b, int n_rows, int r_lo,
+                                               int r_hi, int c_lo, int c_hi) {
+  if (!has_docs<R>(p)) return true;
+  for (int r = r_lo; r <= r_hi && r < n_rows; r += kDocGran)
+    if (span_meets(doc_span(spans, b, n_rows, r), c_lo, c_hi)) return true;
+  return false;
+}
+
+// ------------------------------------------------------------------------------ visibility
 
 // Whether query i sees key j: both in range and j within i's window (causal folded in, see
 // AttnParams), or without kWindowCap, not after i when causal.
@@ -118,12 +182,12 @@ __device__ __forceinline__ float capped(const AttnParams& p, float qk, float& t)
 }
 
 // The score for query i, key j of head (b, h) from the raw q.k product: scaled, soft-capped, the
-// mask added (in that order, as Gemma 2 does); -inf where not visible or masked. `t` as in
-// capped(), 0 where not computed.
+// mask added (in that order, as Gemma 2 does); -inf where not visible, in another document, or
+// masked. `t` as in capped(), 0 where not computed.
 template <int R = kAll>
 __device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk, float& t) {
   t = 0.0f;
-  if (!visible<R>(p, i, j)) return -INFINITY;
+  if (!visible<R>(p, i, j) || !same_doc<R>(p, b, i, j)) return -INFINITY;
   float s = caps<R>(p) ? capped<true>(p, qk, t) : capped<false>(p, qk, t);
   if ((R & kMaskDropout) && p.mask_kind != 0) {
     const int64_t off = b * p.m_s[0] + h * p.m_s[1] + static_cast<int64_t>(i) * p.m_s[2] + static_cast<int64_t>(j) * p.m_s[3];
@@ -150,9 +214,35 @@ __device__ __forceinline__ float dropout_scale(const AttnParams& p, int b, int h
   return philox_uniform(p.seed, off) >= p.dropout_p ? p.keep_scale : 0.0f;
 }
 
-// p with the kernels' fields (win_*, cap_scale, keep_scale) filled in from the caller's.
+// Byte offsets of the parts of doc_scratch, each 16-byte aligned: at[0] q_spans, at[1] key_of_k
+// (the forward's, whose end is at[2]), at[2] k_spans, at[3] key_of_q; at[4] the end.
+inline void doc_scratch_layout(const AttnParams& p, size_t (&at)[5]) {
+  auto up = [](size_t n) { return (n + 15) / 16 * 16; };
+  const size_t B = static_cast<size_t>(p.B);
+  const size_t gq = (static_cast<size_t>(p.Tq) + kDocGran - 1) / kDocGran;
+  const size_t gk = (static_cast<size_t>(p.Tk) + kDocGran - 1) / kDocGran;
+  at[0] = 0;
+  at[1] = at[0] + up(B * gq * sizeof(int4));
+  at[2] = at[1] + up(B * static_cast<size_t>(p.Tk) * sizeof(int64_t));
+  at[3] = at[2] + up(B * gk * sizeof(int4));
+  at[4] = at[3] + up(B * static_cast<size_t>(p.Tq) * sizeof(int64_t));
+}
+
+// p with the kernels' fields (win_*, cap_scale, keep_scale, the document spans) filled in from the
+// caller's.
 inline AttnParams prepared(const AttnParams& p) {
   AttnParams r = p;
+  r.q_spans = r.k_spans = nullptr;
+  r.key_of_k = r.key_of_q = nullptr;
+  if (p.q_doc != nullptr) {
+    size_t at[5];
+    doc_scratch_layout(p, at);
+    char* base = static_cast<char*>(p.doc_scratch);
+    r.q_spans = reinterpret_cast<int4*>(base + at[0]);
+    r.key_of_k = reinterpret_cast<int64_t*>(base + at[1]);
+    r.k_spans = reinterpret_cast<int4*>(base + at[2]);  // the backward's (past a forward's scratch)
+    r.key_of_q = reinterpret_cast<int64_t*>(base + at[3]);
+  }
   // A side that reaches past every key is no bound (so such a launch needs no window tests);
   // causal is a right edge at the diagonal, within any right window.
   const int left = p.window_left < 0 || p.window_left >= p.Tq - 1 ? kNoWindow : p.window_left;
@@ -172,7 +262,8 @@ inline AttnParams prepared(const AttnParams& p) {
 inline Rules rules_of(const AttnParams& p) {
   const bool md = p.mask_kind != 0 || p.dropout_p > 0.0f;
   const bool window = p.win_left != kNoWindow || (!p.causal && p.win_right != kNoWindow);
-  return static_cast<Rules>((md ? kMaskDropout : 0) | (window || p.softcap > 0.0f ? kWindowCap : 0));
+  const bool wc = window || p.softcap > 0.0f || p.q_doc != nullptr;
+  return static_cast<Rules>((md ? kMaskDropout : 0) | (wc ? kWindowCap : 0));
 }
 
 // fp16/bf16 on tensor cores (attention_tc.cu); attention_bwd_tc expects delta computed.

@@ -19,14 +19,19 @@
 //            every query tile of every query head of the GQA group (so no atomics), dV += P^T dO,
 //            dK += dS^T Q; writes the float mask's gradient when asked.
 // Each kernel is compiled four times, one per Rules variant (attention_common.cuh): with or without
-// the mask and dropout rules (kMaskDropout), with or without the sliding window and soft-capping
-// (kWindowCap), so a launch carries only the code and registers of what it uses; without either,
+// the mask and dropout rules (kMaskDropout), with or without the sliding window, soft-capping and
+// documents (kWindowCap), so a launch carries only the code and registers of what it uses; without either,
 // the kernels are what they were before windows existed. Without kMaskDropout, tiles that need no
 // per-score check at all (is_plain) take a lean path (soft-capped or not) and only the ragged tiles
 // and those on a window's edge (the causal diagonal is one) test bounds and the window per score.
 // Sliding windows: a query block walks only the keys its rows see (key_range), a key block only the
 // queries that see its keys (query_range); within a tile, a warp none of whose rows meets the
 // window skips the products, so the work follows the band's width, not Tq x Tk.
+// Documents (in the kWindowCap variants) the same way: a block walks only the columns of its rows'
+// documents (doc_range), from the first one, so a tile starts where a document does; a warp's 16
+// rows are one granule, whose span (attention_common.cuh) says whether the warp skips a tile (none
+// of its documents' columns) and whether the tile may be plain (all its columns in the warp's one
+// document). Columns past the block's range are loaded as zeros, never read.
 // Register budget: S and dP take BN/2 fp32 per lane, O / dQ DP/2, dK + dV DP. For DP > 128 the
 // key tile shrinks to 32; dK/dV at DP 192/256 exceed the register file and spill (not tuned).
 #include "attention_common.cuh"
@@ -161,7 +166,7 @@ struct QueryBlock {
   T* sK;
   T* sV;
   bool vec;
-  int bh, b, h, m0, n_first, steps;
+  int bh, b, h, m0, n_first, n_end, steps;
   const T* k;
   const T* v;
 
@@ -174,9 +179,9 @@ struct QueryBlock {
     m0 = blockIdx.y * kRows;
     k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
     v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
-    // only the keys some row of the block sees (causal: none past its last row)
-    int n_end;
+    // only the keys some row of the block sees (causal: none past its last row; documents: theirs)
     key_range<R>(p, m0, m0 + kRows - 1, n_first, n_end);
+    doc_range<R>(p, p.q_spans, b, p.Tq, m0, m0 + kRows - 1, n_first, n_end);
     steps = n_end > n_first ? (n_end - n_first + BN - 1) / BN : 0;
   }
   // Copies this block's 64 rows of a (B, Hq, Tq, D) input (q or dout) into `dst`.
@@ -185,8 +190,10 @@ struct QueryBlock {
   }
   __device__ int key0(int it) const { return (R & kWindowCap ? n_first : 0) + it * BN; }
   __device__ void load_kv(int it, int stage) const {
-    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), p.Tk, p.D, vec);
-    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), p.Tk, p.D, vec);
+    // with kWindowCap, keys past n_end (which no row of the block sees) as zeros
+    const int bound = R & kWindowCap ? n_end : p.Tk;
+    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), bound, p.D, vec);
+    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), bound, p.D, vec);
   }
   __device__ const T* key_tile(int it) const { return sK + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
   __device__ const T* value_tile(int it) const { return sV + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
@@ -220,6 +227,19 @@ __device__ __forceinline__ void store_rows(T* out, const float (&acc)[DP / 8][4]
 template <int R>
 __device__ __forceinline__ bool is_plain(const AttnParams& p, int n0, int bn, int row0) {
   return !(R & kMaskDropout) && n0 + bn <= p.Tk && window_covers<R>(p, row0, row0 + 15, n0, n0 + bn - 1);
+}
+
+// Documents, for the warp whose 16 rows (one granule) start at row0, and the columns [c0, c0 + n)
+// of a tile: false when none of its rows' documents holds one of them (the warp skips the tile,
+// as outside a window); `plain` becomes false unless every pair is in the warp's one document.
+// spans/n_rows: q_spans, Tq for query rows; k_spans, Tk for key rows. Always true without documents.
+template <int R>
+__device__ __forceinline__ bool docs_meet(const AttnParams& p, const int4* spans, int b, int n_rows, int row0, int c0,
+                                          int n, bool& plain) {
+  if (!has_docs<R>(p)) return true;
+  const int4 span = doc_span(spans, b, n_rows, row0);
+  plain = span_covers(span, c0, c0 + n);
+  return span_meets(span, c0, c0 + n);
 }
 
 // A plain tile's scores (S in place, raw q.k in), scaled or soft-capped, and the rows' maxima.
@@ -261,7 +281,9 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
     // a tile past the window of every row of this warp changes none of them (the block's other rows
     // need it); without a window this never happens
     if (!window_meets<R>(p, warp_row0, warp_row0 + 15, n0, n0 + Block::BN - 1)) continue;
-    const bool plain = is_plain<R>(p, n0, Block::BN, warp_row0);
+    bool doc_plain = true;
+    if (!docs_meet<R>(p, p.q_spans, b, p.Tq, warp_row0, n0, Block::BN, doc_plain)) continue;
+    const bool plain = doc_plain && is_plain<R>(p, n0, Block::BN, warp_row0);
     float s[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);  // S = Q K^T
     float mx[2] = {-INFINITY, -INFINITY};
@@ -406,10 +428,12 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
     pipeline_step<STAGES>(it, blk.steps, [&](int step, int stage) { blk.load_kv(step, stage); });
     const int n0 = blk.key0(it);
     if (!window_meets<R>(p, warp_row0, warp_row0 + 15, n0, n0 + Block::BN - 1)) continue;  // dS = 0 (forward)
+    bool doc_plain = true;
+    if (!docs_meet<R>(p, p.q_spans, b, p.Tq, warp_row0, n0, Block::BN, doc_plain)) continue;  // dS = 0 too
     float s[NT][4] = {}, dp[NT][4] = {};
     mma_abt<T, DP, NT>(s, qrow, blk.key_tile(it), lane);      // S = Q K^T
     mma_abt<T, DP, NT>(dp, dorow, blk.value_tile(it), lane);  // dP = dO V^T
-    if (is_plain<R>(p, n0, Block::BN, warp_row0)) {
+    if (doc_plain && is_plain<R>(p, n0, Block::BN, warp_row0)) {
       auto plain = [&](auto cap_c) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
@@ -451,17 +475,19 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const T* k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
-  // only the query rows that see some of these keys (causal: none before n0)
+  // only the query rows that see some of these keys (causal: none before n0; documents: theirs)
   int m_start, m_end;
   query_range<R>(p, n0, n0 + kRows - 1, m_start, m_end);
+  doc_range<R>(p, p.k_spans, b, p.Tk, n0, n0 + kRows - 1, m_start, m_end);
   const int q_tiles = m_end > m_start ? (m_end - m_start + BQ - 1) / BQ : 0;
   const int steps = group * q_tiles;  // (query head of the group, query tile) pairs
+  const int q_bound = R & kWindowCap ? m_end : p.Tq;  // queries past m_end (seeing none of these keys) as zeros
   auto load_q = [&](int it, int stage) {
     const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
     const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-    load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
-    load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, p.Tq, p.D, vec);
+    load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, q_bound, p.D, vec);
+    load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, q_bound, p.D, vec);
   };
   load_rows<T, kRows, DP>(sK, k, p.k_s[2], p.k_s[3], n0, p.Tk, p.D, vec);
   load_rows<T, kRows, DP>(sV, v, p.v_s[2], p.v_s[3], n0, p.Tk, p.D, vec);
@@ -485,6 +511,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
     // none of this tile's queries sees the warp's keys: dS = 0, Pd = 0 (dmask stays 0)
     if (!window_meets<R>(p, m0, m0 + BQ - 1, warp_key0, warp_key0 + 15)) continue;
+    bool doc_plain = true;  // the warp's 16 keys are a granule: its span is over queries
+    if (!docs_meet<R>(p, p.k_spans, b, p.Tk, warp_key0, m0, BQ, doc_plain)) continue;
     const T* tq = sQ + stage * BQ * LD;
     const T* tdo = sdO + stage * BQ * LD;
     float s[NT][4] = {}, dp[NT][4] = {};
@@ -493,7 +521,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
     const float* lse_row = p.lse + bh * p.Tq;
     const float* delta_row = p.delta + bh * p.Tq;
-    if (keys_plain && m0 + BQ <= p.Tq && window_covers<R>(p, m0, m0 + BQ - 1, warp_key0, warp_key0 + 15)) {
+    if (doc_plain && keys_plain && m0 + BQ <= p.Tq &&
+        window_covers<R>(p, m0, m0 + BQ - 1, warp_key0, warp_key0 + 15)) {
       auto plain = [&](auto cap_c) {
         constexpr bool CAP = decltype(cap_c)::value;
 #pragma unroll

@@ -12,6 +12,7 @@
 // - Every launcher returns cudaGetLastError() after its launches (cudaSuccess when all went well).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -79,6 +80,13 @@ struct AttnParams {
   float softcap;                // > 0: score = softcap * tanh(scale * q.k / softcap), before the mask
   float dropout_p;              // 0: no dropout; 1: everything dropped
   uint64_t seed;                // Philox key, as tl.rand(seed, ((b*Hq + h)*Tq + i)*Tk + j)
+  // Documents (packed sequences): both nullptr, or (B, Tq) and (B, Tk) int32 contiguous; query i of
+  // batch b sees key j only if q_doc[b, i] == k_doc[b, j] >= 0 (negative: padding), ANDed with the
+  // rest. With them, doc_scratch points to attention_doc_scratch_bytes(*this, backward) bytes,
+  // 16-byte aligned, that the launchers fill with the rows' document spans before the attention
+  // kernels read them.
+  const int* q_doc; const int* k_doc;
+  void* doc_scratch;
   // forward outputs
   void* out; float* lse;
   // backward inputs / outputs
@@ -98,7 +106,16 @@ struct AttnParams {
   unsigned win_span;            // win_left + win_right
   float cap_scale;              // scale / softcap (softcap > 0)
   float keep_scale;             // 1 / (1 - dropout_p), 0 when dropout_p >= 1
+  // With documents, in doc_scratch: per granule of kDocGran query rows (q_spans, (B, cdiv(Tq,
+  // kDocGran))) the keys [x, y) its rows' documents hold (x >= y: none) and z, the one id all its
+  // rows share or -1 (w unused); per granule of keys (k_spans, backward only) the queries the same
+  // way; and the search keys the spans are found with (attention.cu, attn_doc_spans_kernel).
+  int4* q_spans; int4* k_spans;
+  int64_t* key_of_k; int64_t* key_of_q;
 };
+
+// Rows per document granule: the 16 rows of a tensor-core warp, a divisor of every tile height.
+constexpr int kDocGran = 16;
 
 // An unbounded window side: larger than any sequence, small enough that i + kNoWindow, j - i +
 // kNoWindow and win_left + win_right (unsigned) cannot overflow.
@@ -110,6 +127,9 @@ cudaError_t attention_fwd(const AttnParams& p, cudaStream_t stream);
 
 // dq, dk, dv (and dmask) from dout, recomputing the probabilities from lse.
 cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream);
+
+// Bytes of doc_scratch a launch with documents needs (0 without them).
+size_t attention_doc_scratch_bytes(const AttnParams& p, bool backward);
 
 constexpr int ATTN_MAX_HEAD_DIM = 256;
 

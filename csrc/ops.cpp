@@ -196,12 +196,30 @@ void check_4d(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 4, "tfkernels_cuda.", op, ": ", name, " must be 4-D (B, H, T, D), got ", t.dim(), "-D");
 }
 
-// Fills the parts of AttnParams shared by forward and backward; `mask_keep` keeps a converted
-// mask alive for the duration of the call.
+// What keeps the tensors an AttnParams points into alive for the duration of a call: a converted
+// mask, contiguous copies of the document ids, the document scratch.
+struct AttnKeep {
+  Tensor mask, q_doc, k_doc, doc_scratch;
+};
+
+// One document id tensor (B, T) int32 as the kernels read it (contiguous), with errors that name it.
+Tensor doc_ids(const Tensor& ids, int64_t B, int64_t T, const Tensor& q, const char* op, const char* name) {
+  TORCH_CHECK(ids.scalar_type() == at::kInt, "tfkernels_cuda.", op, ": ", name, " must be int32 document ids, got ",
+              ids.scalar_type());
+  TORCH_CHECK(ids.device() == q.device(), "tfkernels_cuda.", op, ": ", name, " must be on q's device (", q.device(),
+              "), got ", ids.device());
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.size(1) == T, "tfkernels_cuda.", op, ": ", name,
+              " must be (B, T) = (", B, ", ", T, "), got ", ids.sizes());
+  return ids.contiguous();
+}
+
+// Fills the parts of AttnParams shared by forward and backward (the document scratch included:
+// `backward` sizes it); `keep` holds what they point into.
 tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                            const std::optional<Tensor>& q_doc, const std::optional<Tensor>& k_doc,
                             double dropout_p, const std::optional<Tensor>& seed, bool is_causal, double scale,
-                            int64_t window_left, int64_t window_right, double softcap, Tensor& mask_keep,
-                            const char* op) {
+                            int64_t window_left, int64_t window_right, double softcap, bool backward,
+                            AttnKeep& keep, const char* op) {
   check_4d(q, op, "q");
   check_4d(k, op, "k");
   check_4d(v, op, "v");
@@ -259,9 +277,25 @@ tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, c
       p.mask_kind = 2;
       p.mask_dtype = dtype_of(m, op, "mask");
     }
-    mask_keep = m;
+    keep.mask = m;
     p.mask = m.data_ptr();
     fill_strides(p.m_s, m);
+  }
+  const bool has_q_doc = q_doc.has_value() && q_doc->defined(), has_k_doc = k_doc.has_value() && k_doc->defined();
+  TORCH_CHECK(has_q_doc == has_k_doc, "tfkernels_cuda.", op, ": q_doc and k_doc go together (both or neither), got ",
+              has_q_doc ? "q_doc only" : "k_doc only");
+  p.q_doc = p.k_doc = nullptr;
+  p.doc_scratch = nullptr;
+  if (has_q_doc) {
+    keep.q_doc = doc_ids(*q_doc, B, Tq, q, op, "q_doc");
+    keep.k_doc = doc_ids(*k_doc, B, Tk, q, op, "k_doc");
+    p.q_doc = keep.q_doc.data_ptr<int>();
+    p.k_doc = keep.k_doc.data_ptr<int>();
+    const size_t bytes = tfk::attention_doc_scratch_bytes(p, backward);
+    if (bytes > 0) {  // (none when a length or the batch is 0: the callers return before any launch)
+      keep.doc_scratch = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+      p.doc_scratch = keep.doc_scratch.data_ptr();
+    }
   }
   p.seed = 0;
   if (dropout_p > 0.0) {
@@ -275,15 +309,16 @@ tfk::AttnParams attn_params(const Tensor& q, const Tensor& k, const Tensor& v, c
 }
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const std::optional<Tensor>& mask, double dropout_p,
+                                         const std::optional<Tensor>& mask, const std::optional<Tensor>& q_doc,
+                                         const std::optional<Tensor>& k_doc, double dropout_p,
                                          const std::optional<Tensor>& seed, bool is_causal, double scale,
                                          int64_t window_left, int64_t window_right, double softcap) {
   const char* op = "attention_fwd";
   check_4d(q, op, "q");
   TFK_DEVICE_GUARD(q);
-  Tensor mask_keep;
-  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right,
-                                  softcap, mask_keep, op);
+  AttnKeep keep;
+  tfk::AttnParams p = attn_params(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left,
+                                  window_right, softcap, /*backward=*/false, keep, op);
   Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.Tk == 0) {  // no queries, or no keys: every row fully masked
@@ -299,6 +334,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
                                                          const Tensor& v, const std::optional<Tensor>& mask,
+                                                         const std::optional<Tensor>& q_doc,
+                                                         const std::optional<Tensor>& k_doc,
                                                          const Tensor& out, const Tensor& lse_in,
                                                          const std::optional<Tensor>& dlse_in, double dropout_p,
                                                          const std::optional<Tensor>& seed, bool is_causal,
@@ -311,9 +348,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   TORCH_CHECK(dout_in.sizes() == q.sizes() && out.sizes() == q.sizes(), "tfkernels_cuda.", op,
               ": dout and out must have q's shape ", q.sizes());
   TFK_DEVICE_GUARD(q);
-  Tensor mask_keep;
-  tfk::AttnParams p = attn_params(q, k, v, mask, dropout_p, seed, is_causal, scale, window_left, window_right,
-                                  softcap, mask_keep, op);
+  AttnKeep keep;
+  tfk::AttnParams p = attn_params(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left,
+                                  window_right, softcap, /*backward=*/true, keep, op);
   const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : dout_in.to(q.scalar_type());
   const Tensor o = out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
@@ -322,8 +359,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
   const auto f32 = q.options().dtype(at::kFloat);
-  // dS is zero on the tiles the kernels skip (outside the causal triangle or the window), so the
-  // buffer starts at zero
+  // dS is zero on the tiles the kernels skip (outside the causal triangle, the window or the
+  // documents), so the buffer starts at zero
   Tensor dmask = mask_grad ? at::zeros({B, Hq, Tq, Tk}, f32) : at::empty({0}, f32);
   if (B * Hq * Tq == 0 || Tk == 0) {
     dq.zero_();
@@ -363,11 +400,11 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
   m.def("softmax_fwd(Tensor x) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y) -> Tensor");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float dropout_p, Tensor? seed, bool is_causal, "
-        "float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor lse, "
-        "Tensor? dlse, float dropout_p, Tensor? seed, bool is_causal, float scale, int window_left, int window_right, float softcap, "
-        "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_doc, Tensor? k_doc, float dropout_p, "
+        "Tensor? seed, bool is_causal, float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_doc, Tensor? k_doc, "
+        "Tensor out, Tensor lse, Tensor? dlse, float dropout_p, Tensor? seed, bool is_causal, float scale, "
+        "int window_left, int window_right, float softcap, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tfkernels_cuda, TFK_DISPATCH_KEY, m) {

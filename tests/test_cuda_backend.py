@@ -464,6 +464,219 @@ def test_attention_fully_masked_and_empty():
     assert tfkernels.attention(q, k0, v0, backend="cuda").abs().sum().item() == 0
 
 
+# ----------------------------------------------------------------------------- attention: documents
+
+def _doc_row(runs):
+    """Document ids (T,) int32 from (id, length) runs; a negative id is padding."""
+    return torch.cat([torch.full((n,), d, dtype=torch.int32) for d, n in runs]).to(DEV)
+
+
+# Per-batch-row layouts of T = 300 tokens as (id, length) runs: lengths off every tile (16, 32, 64),
+# a one-token document, padding at the end, at the start and between documents, unsorted ids (the
+# kernels' spans then cover every key and every tile is tested per score), padding inside a
+# document (unsorted search key, the same fallback), one document, nothing but padding.
+DOC_LAYOUTS = {
+    "packed": [(0, 70), (1, 1), (2, 100), (3, 45), (4, 84)],
+    "pad_end": [(0, 90), (1, 64), (2, 57), (-1, 89)],
+    "pad_start": [(-1, 40), (0, 100), (1, 70), (2, 90)],
+    "pad_between": [(0, 80), (-1, 30), (1, 93), (-1, 1), (2, 96)],
+    "unsorted": [(3, 50), (1, 60), (2, 40), (1, 50), (0, 100)],
+    "pad_inside": [(0, 50), (-1, 10), (0, 140), (1, 100)],
+    "single": [(7, 300)],
+    "all_padding": [(-1, 300)],
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", list(DOC_LAYOUTS), ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_documents(dtype, layout, causal):
+    """Forward and every gradient with document ids against float64 (GQA, D = 72: padded head dim),
+    batch row 1 packed the usual way next to row 0's layout (spans are per row)."""
+    torch.manual_seed(len(layout) * 7 + causal)
+    ids = torch.stack([_doc_row(DOC_LAYOUTS[layout]), _doc_row(DOC_LAYOUTS["packed"])])
+    q = torch.randn(2, 4, 300, 72, device=DEV, dtype=dtype)
+    k, v = (torch.randn(2, 2, 300, 72, device=DEV, dtype=dtype) for _ in range(2))
+    out = check_attention(q, k, v, "cuda", dtype, out_scale=ATT_TOL_SCALE[dtype], grad_scale=2 * ATT_TOL_SCALE[dtype],
+                          is_causal=causal, enable_gqa=True, document_ids=ids)
+    assert torch.all(out.transpose(1, 2)[ids < 0] == 0)  # padding rows return 0
+    if layout == "single":  # one document everywhere: attention without ids, bit for bit
+        plain = tfkernels.attention(q, k, v, is_causal=causal, enable_gqa=True, backend="cuda")
+        assert torch.equal(out[0], plain[0])
+
+
+# Documents with the other rules, on the kernels' own paths (shapes of several tiles), on the default
+# device, with 99 KiB of shared memory and before sm_80, as the window cases above:
+# (Hq, Hkv, Tq, Tk, D, causal, window, softcap, mask, q runs, k runs (None: the q runs))
+_P200 = [(0, 37), (1, 64), (2, 3), (3, 60), (4, 36)]
+DOC_RULE_CASES = [
+    (2, 1, 200, 200, 64, True, None, 0.0, None, _P200, None),
+    (2, 2, 180, 180, 128, False, (30, 20), 2.0, None, [(0, 100), (-1, 20), (1, 60)], None),
+    # T_q != T_k, a pair of id tensors: queries of two documents over keys of three, padding keys
+    (2, 1, 150, 210, 40, True, None, 0.0, None, [(0, 60), (2, 90)], [(0, 70), (1, 40), (2, 80), (-1, 20)]),
+    (2, 1, 210, 150, 64, False, (40, -1), 0.0, None, [(-1, 10), (0, 100), (1, 100)], [(0, 90), (1, 60)]),
+    (2, 2, 190, 190, 64, False, None, 0.0, "bool", [(0, 64), (1, 64), (2, 62)], None),
+    (1, 1, 170, 170, 96, True, None, 0.0, "float", [(0, 30), (1, 90), (-1, 6), (2, 44)], None),
+    (1, 1, 160, 160, 192, True, (40, 0), 0.0, None, [(0, 33), (1, 95), (2, 32)], None),
+    (1, 1, 130, 130, 256, False, None, 3.0, "float", [(5, 70), (2, 60)], None),  # unsorted
+]
+
+
+@pytest.mark.parametrize("device", ["default", "smem_99k", "sm75"])
+@pytest.mark.parametrize("case", DOC_RULE_CASES, ids=lambda c: "D{}_Tq{}_Tk{}_{}".format(
+    c[4], c[2], c[3], "_".join(x for x in ("causal" if c[5] else "", "win" if c[6] else "", "cap" if c[7] else "",
+                                           c[8] or "") if x) or "docs"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_documents_with_rules(monkeypatch, device, case, dtype):
+    if device != "default" and not CUDA_EMULATED:
+        pytest.skip("the emulated device's limits are settable; a GPU's are not")
+    if device == "sm75" and dtype == torch.float32:
+        pytest.skip("fp32 takes the FMA path on every device")
+    if device == "smem_99k":
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
+    elif device == "sm75":
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+    Hq, Hkv, Tq, Tk, D, causal, window, softcap, mask_kind, q_runs, k_runs = case
+    torch.manual_seed(Tq * Tk + D)
+    q = torch.randn(1, Hq, Tq, D, device=DEV, dtype=dtype)
+    k, v = (torch.randn(1, Hkv, Tk, D, device=DEV, dtype=dtype) for _ in range(2))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(1, 1, Tq, Tk, device=DEV) > 0.3
+    elif mask_kind == "float":
+        mask = torch.randn(1, Hq, Tq, Tk, device=DEV, dtype=dtype)
+    docs = _doc_row(q_runs)[None] if k_runs is None else (_doc_row(q_runs)[None], _doc_row(k_runs)[None])
+    _att_check(q, k, v, dtype, is_causal=causal, enable_gqa=Hq != Hkv, window_size=window, softcap=softcap,
+               scale=0.5 if softcap else None, mask=mask, document_ids=docs)
+
+
+def test_attention_documents_dropout_replay():
+    """Dropout with documents: the keep mask replayed through the reference, forward and every
+    gradient (fp32, and causal fp16 on tensor cores); dropout_p = 1 gives zeros."""
+    pytest.importorskip("triton")
+    import importlib
+
+    attn_mod = importlib.import_module("tfkernels.ops.attention")
+    B, H, T, D, p = 2, 2, 150, 32, 0.3
+    ids = torch.stack([_doc_row([(0, 50), (1, 70), (-1, 30)]), _doc_row([(3, 20), (4, 130)])])
+    for dtype, causal in ((torch.float32, False), (torch.float16, True)):
+        torch.manual_seed(8)
+        q, k, v = (torch.randn(B, H, T, D, device=DEV, dtype=dtype) for _ in range(3))
+        torch.manual_seed(43)
+        keep = attn_mod._dropout_mask(int(attn_mod._draw_seed().item()), B, H, T, T, p, device=DEV)
+        _att_check(q, k, v, dtype, is_causal=causal, dropout_p=p, dropout_mask=keep, seed=43, document_ids=ids)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = tfkernels.attention(*leaves, dropout_p=1.0, document_ids=ids, backend="cuda")
+    for t in (out, *torch.autograd.grad(out, leaves, torch.ones_like(out))):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("device", ["default", "smem_99k", "sm75"])
+@pytest.mark.parametrize("D", [64, 192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_documents_skip_other_tiles(monkeypatch, dtype, D, device):
+    """The kernels never visit a tile no row of theirs can see: padding keys hold NaN in K and V,
+    in whole 64-key tiles (at the start and between documents), which any visit would spread (0 * NaN
+    in P V, dS K or the products of the dK/dV kernel). Output and every gradient stay finite and equal
+    the reference without those tokens; the padding rows and keys get zeros."""
+    if device != "default" and not CUDA_EMULATED:
+        pytest.skip("the emulated device's limits are settable; a GPU's are not")
+    if device == "sm75" and dtype == torch.float32:
+        pytest.skip("fp32 takes the FMA path on every device")
+    if device == "smem_99k":
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
+    elif device == "sm75":
+        monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+    ids = _doc_row([(-1, 64), (0, 100), (1, 28), (-1, 128), (2, 70), (3, 58)])[None]  # T = 448
+    pad = ids[0] < 0
+    torch.manual_seed(D)
+    q = torch.randn(1, 2, 448, D, device=DEV, dtype=dtype)
+    k, v = (torch.randn(1, 1, 448, D, device=DEV, dtype=dtype) for _ in range(2))
+    k[:, :, pad], v[:, :, pad] = float("nan"), float("nan")
+    dout = torch.randn(1, 2, 448, D, device=DEV, dtype=dtype)
+    for causal in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = tfkernels.attention(*leaves, is_causal=causal, enable_gqa=True, document_ids=ids, backend="cuda")
+        grads = torch.autograd.grad(out, leaves, dout)
+        ref_leaves = [t[:, :, ~pad].double().requires_grad_(True) for t in (q, k, v)]
+        kept = ids[:, ~pad]
+        ref = reference.attention(*ref_leaves, is_causal=causal, enable_gqa=True, document_ids=(kept, kept))
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dout[:, :, ~pad].double())
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+            assert torch.isfinite(got).all(), name
+            assert torch.all(got[:, :, pad] == 0), name
+            assert_close(got[:, :, ~pad], want, dtype, name, scale=2 * ATT_TOL_SCALE[dtype])
+
+
+def _cp_async_reads(trace: str) -> int:
+    """The bytes read by cp.async over every launch of a TFKERNELS_CUDA_EMU_TRACE log."""
+    return sum(int(n) for n in re.findall(r"tfk_emu cp\.async: (\d+) bytes read", trace))
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="counts the emulator's cp.async reads")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_documents_load_only_their_tiles(monkeypatch, capfd, causal):
+    """Tile skipping, measured in bytes: with 8 documents of 64 tokens the tensor-core kernels load
+    (cp.async) each document's own tiles only. Per 64-row block, at D = 64 (64-row tiles throughout):
+    forward Q + one K and V tile; dQ Q, dO + one K and V tile; dK/dV K, V + per query head of the
+    group one Q and dO tile. All in one document, ids in reverse order (unsorted: the documented
+    fallback) and causal without ids load every tile their rules allow."""
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_TRACE", "1")
+    Hq, Hkv, T, D = 2, 1, 512, 64
+    torch.manual_seed(9)
+    q = torch.randn(1, Hq, T, D, device=DEV, dtype=torch.float16)
+    k, v = (torch.randn(1, Hkv, T, D, device=DEV, dtype=torch.float16) for _ in range(2))
+    dout = torch.randn_like(q)
+    packed = (torch.arange(T, device=DEV, dtype=torch.int32) // 64)[None]
+
+    def reads(ids):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        capfd.readouterr()
+        out = tfkernels.attention(*leaves, is_causal=causal, enable_gqa=True, document_ids=ids, backend="cuda")
+        fwd = _cp_async_reads(capfd.readouterr().err)
+        torch.autograd.grad(out, leaves, dout)
+        return fwd, _cp_async_reads(capfd.readouterr().err)
+
+    tile = 64 * D * 2  # bytes of a 64-row fp16 tile
+    blocks = T // 64
+    assert reads(packed) == (Hq * blocks * 3 * tile, Hq * blocks * 4 * tile + blocks * (2 + 2 * Hq) * tile)
+    n_tiles = blocks * (blocks + 1) // 2 if causal else blocks * blocks  # (query block, key tile) pairs
+    dense = (Hq * (blocks + 2 * n_tiles) * tile,
+             Hq * (2 * blocks + 2 * n_tiles) * tile + (2 * blocks + 2 * Hq * n_tiles) * tile)
+    assert reads(None) == dense
+    assert reads(torch.zeros_like(packed)) == dense  # one document: the plain kernels' tiles
+    assert reads(packed.flip(-1)) == dense  # unsorted ids: every tile (each tested per score)
+
+
+def test_attention_documents_bad_direct_calls():
+    """The op itself (the public API checks first) refuses bad ids with an error naming them."""
+    ops = _cuda_ext.ops()
+    q = torch.randn(2, 2, 20, 16, device=DEV)
+    k = torch.randn(2, 2, 24, 16, device=DEV)
+    qd = torch.zeros(2, 20, dtype=torch.int32, device=DEV)
+    kd = torch.zeros(2, 24, dtype=torch.int32, device=DEV)
+    fwd = lambda a, b: ops.attention_fwd(q, k, k, None, a, b, 0.0, None, False, 0.25, -1, -1, 0.0)  # noqa: E731
+    for a, b, what in [
+        (qd.long(), kd, "q_doc must be int32"),
+        (qd, kd.float(), "k_doc must be int32"),
+        (qd[:1], kd, r"q_doc must be \(B, T\) = \(2, 20\)"),
+        (qd, kd[:, :20], r"k_doc must be \(B, T\) = \(2, 24\)"),
+        (qd[None], kd, "q_doc must be"),
+        (qd, None, "q_doc and k_doc go together"),
+        (None, kd, "q_doc and k_doc go together"),
+    ]:
+        with pytest.raises(RuntimeError, match=what):
+            fwd(a, b)
+    if DEV == "cuda":  # (emulated, every tensor is a CPU tensor)
+        with pytest.raises(RuntimeError, match="q_doc must be on q's device"):
+            fwd(qd.cpu(), kd)
+    out, lse = fwd(qd.t().contiguous().t(), kd)  # any strides: the op makes them contiguous
+    dout = torch.randn_like(out)
+    with pytest.raises(RuntimeError, match="k_doc must be int32"):
+        ops.attention_bwd(dout, q, k, k, None, qd, kd.to(torch.int16), out, lse, None, 0.0, None, False, 0.25, -1, -1,
+                          0.0, False)
+
+
 def test_opcheck_cuda_ops():
     """The tfkernels:: custom ops stay opcheck-clean with backend='cuda'."""
     from torch.library import opcheck
@@ -474,4 +687,8 @@ def test_opcheck_cuda_ops():
     opcheck(torch.ops.tfkernels.rms_norm_fwd, (x, w, 1e-5, "cuda"))
     opcheck(torch.ops.tfkernels.softmax_fwd, (x, "cuda"))
     q, k, v = (torch.randn(1, 2, 17, 32, device=DEV, requires_grad=True) for _ in range(3))
-    opcheck(torch.ops.tfkernels.attention_fwd, (q, k, v, None, 0.0, None, True, 1 / math.sqrt(32), -1, -1, 0.0, "cuda"))
+    opcheck(torch.ops.tfkernels.attention_fwd, (q, k, v, None, None, None, 0.0, None, True, 1 / math.sqrt(32), -1, -1,
+                                                0.0, "cuda"))
+    ids = _doc_row([(0, 5), (-1, 2), (1, 10)])[None]
+    opcheck(torch.ops.tfkernels.attention_fwd, (q, k, v, None, ids, ids, 0.0, None, True, 1 / math.sqrt(32), -1, -1,
+                                                0.0, "cuda"))

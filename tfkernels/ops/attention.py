@@ -91,6 +91,10 @@ with exactly these arguments and results):
     Philox-4x32 (10 rounds, key (lo(seed), hi(seed)), counter (lo(offset), hi(offset), 0, 0)),
     keep = uniform(c0) >= dropout_p,
     uniform(c0) = (c0 as int32, negatives mapped to -x - 1) * 4.6566127342e-10 in fp32.
+    Documents on the cuda backend: the same spans (csrc/attention.cu, attn_doc_spans_kernel, from the
+    search key of _documents), but its tiles start at a block's first document column rather than
+    on a block boundary, and it checks q_doc/k_doc itself (int32, (B, T), q's device; a copy when
+    not contiguous), so a direct call with bad ids raises an error naming them.
 """
 from __future__ import annotations
 
