@@ -15,8 +15,9 @@
 // Documents (packed sequences, q_doc/k_doc): query i sees key j only if their ids are equal and
 // not negative. attn_doc_spans_kernel finds, per granule of 16 rows, the columns its documents
 // hold; every kernel then walks only those of its rows (doc_range), so documents of length L cost
-// O(T L). Keys (queries) past the end of a block's range are loaded as zeros, not read: whatever
-// they hold (other documents, padding, even NaN) never reaches a product.
+// O(T L). Keys (queries) past the end of a block's range are loaded as zeros rather than read, and
+// a masked pair's dS is exactly 0: padding or other documents' tokens the tiles hold never reach a
+// product, whatever they contain (NaN in uninitialised padding included).
 //
 // fp16 and bf16 run on tensor cores with register-resident tiles (attention_tc.cu) on sm_80 and
 // newer. This file holds the entry points, the delta kernel both paths use, and the FMA path: fp32
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
 #pragma unroll
       for (int t = 0; t < CPL; ++t) {
         const int c = lane + 32 * t;
-        s[t] = c < BN ? score(p, b, h, i, n0 + c, sS[r * BN + c]) : -INFINITY;
+        s[t] = c < BN ? score(p, b, h, i, n0 + c, sS[r * BN + c], same_doc<kAll>(p, b, i, n0 + c)) : -INFINITY;
         mx = fmaxf(mx, s[t]);
       }
       mx = warp_max(mx);
@@ -200,10 +201,12 @@ __device__ __forceinline__ void bwd_tile_ds(const AttnParams& p, int b, int h, i
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx - r * BN, i = m0 + r, j = n0 + c;
     float t;
-    const float s = score(p, b, h, i, j, sS[idx], t);
+    const float s = score(p, b, h, i, j, sS[idx], t, same_doc<kAll>(p, b, i, j));
     const float prob = s == -INFINITY ? 0.0f : expf(s - sLse[r]);  // lse = +inf (empty row) -> 0
     const float z = prob == 0.0f ? 0.0f : dropout_scale(p, b, h, i, j);
-    const float dc = prob * (sDP[idx] * z - sDelta[r]);
+    // a masked pair gives exactly 0, even when a value it was computed from is not finite (padding
+    // or another document's token read with the tile: 0 * NaN)
+    const float dc = prob == 0.0f ? 0.0f : prob * (sDP[idx] * z - sDelta[r]);
     if (sPd != nullptr) sPd[idx] = prob * z;
     sDS[idx] = caps<kAll>(p) ? dc * (1.0f - t * t) : dc;
     if (p.dmask != nullptr && i < p.Tq && j < p.Tk)
@@ -253,8 +256,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
     const float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.Hq + h) * p.Tq;
+    // (no per-tile doc_tile_meets here, unlike the forward and dQ: it made ptxas spill at BM = 16 on
+    // sm_90, and within a self-attention hull every query tile meets some key granule anyway)
     for (int m0 = m_start; m0 < m_end; m0 += BM) {
-      if (!doc_tile_meets<kAll>(p, p.k_spans, b, p.Tk, n0, n0 + BN - 1, m0, m0 + BM)) continue;  // block-uniform
       __syncthreads();  // the previous tile's products are done with sQ, sdO, sPd, sDS
       load_tile(sQ, q, p.q_s[2], p.q_s[3], m0, BM, m_end, p.D, dp);  // queries past m_end: zeros (see none of these keys)
       load_tile(sdO, dout, p.do_s[2], p.do_s[3], m0, BM, m_end, p.D, dp);

@@ -73,10 +73,11 @@ __device__ __forceinline__ bool has_docs(const AttnParams& p) {
   return (R & kWindowCap) && p.q_doc != nullptr;
 }
 
-// Whether query i and key j (both in range) are in one document: equal ids, not padding.
+// Whether query i and key j are in one document: equal ids, not padding (false out of range).
 template <int R>
 __device__ __forceinline__ bool same_doc(const AttnParams& p, int b, int i, int j) {
   if (!has_docs<R>(p)) return true;
+  if (i >= p.Tq || j >= p.Tk) return false;
   const int d = p.q_doc[static_cast<int64_t>(b) * p.Tq + i];
   return d >= 0 && d == p.k_doc[static_cast<int64_t>(b) * p.Tk + j];
 }
@@ -182,12 +183,14 @@ __device__ __forceinline__ float capped(const AttnParams& p, float qk, float& t)
 }
 
 // The score for query i, key j of head (b, h) from the raw q.k product: scaled, soft-capped, the
-// mask added (in that order, as Gemma 2 does); -inf where not visible, in another document, or
-// masked. `t` as in capped(), 0 where not computed.
+// mask added (in that order, as Gemma 2 does); -inf where not visible, not `in_doc` (the caller's
+// same_doc, or the tensor-core kernels' doc_bits), or masked. `t` as in capped(), 0 where not
+// computed.
 template <int R = kAll>
-__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk, float& t) {
+__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk, float& t,
+                                       bool in_doc) {
   t = 0.0f;
-  if (!visible<R>(p, i, j) || !same_doc<R>(p, b, i, j)) return -INFINITY;
+  if (!in_doc || !visible<R>(p, i, j)) return -INFINITY;
   float s = caps<R>(p) ? capped<true>(p, qk, t) : capped<false>(p, qk, t);
   if ((R & kMaskDropout) && p.mask_kind != 0) {
     const int64_t off = b * p.m_s[0] + h * p.m_s[1] + static_cast<int64_t>(i) * p.m_s[2] + static_cast<int64_t>(j) * p.m_s[3];
@@ -201,9 +204,9 @@ __device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i,
 }
 
 template <int R = kAll>
-__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk) {
+__device__ __forceinline__ float score(const AttnParams& p, int b, int h, int i, int j, float qk, bool in_doc) {
   float t;
-  return score<R>(p, b, h, i, j, qk, t);
+  return score<R>(p, b, h, i, j, qk, t, in_doc);
 }
 
 // Dropout factor Z/(1-p) for (b, h, i, j): 1 without dropout (or without kMaskDropout).

@@ -31,7 +31,10 @@
 // documents (doc_range), from the first one, so a tile starts where a document does; a warp's 16
 // rows are one granule, whose span (attention_common.cuh) says whether the warp skips a tile (none
 // of its documents' columns) and whether the tile may be plain (all its columns in the warp's one
-// document). Columns past the block's range are loaded as zeros, never read.
+// document); the other tiles test the ids per score from one word of bits per lane (doc_bits).
+// In the kWindowCap variants the columns past the block's range load as zeros (the range's end is
+// kept in shared memory: key_end) and a masked pair's dS is exactly 0, so padding or another
+// document's tokens that share a tile never reach a product, whatever they hold.
 // Register budget: S and dP take BN/2 fp32 per lane, O / dQ DP/2, dK + dV DP. For DP > 128 the
 // key tile shrinks to 32; dK/dV at DP 192/256 exceed the register file and spill (not tuned).
 #include "attention_common.cuh"
@@ -166,7 +169,7 @@ struct QueryBlock {
   T* sK;
   T* sV;
   bool vec;
-  int bh, b, h, m0, n_first, n_end, steps;
+  int bh, b, h, m0, n_first, steps;
   const T* k;
   const T* v;
 
@@ -180,9 +183,19 @@ struct QueryBlock {
     k = static_cast<const T*>(p.k) + b * p.k_s[0] + hk * p.k_s[1];
     v = static_cast<const T*>(p.v) + b * p.v_s[0] + hk * p.v_s[1];
     // only the keys some row of the block sees (causal: none past its last row; documents: theirs)
+    int n_end;
     key_range<R>(p, m0, m0 + kRows - 1, n_first, n_end);
     doc_range<R>(p, p.q_spans, b, p.Tq, m0, m0 + kRows - 1, n_first, n_end);
     steps = n_end > n_first ? (n_end - n_first + BN - 1) / BN : 0;
+    if (R & kWindowCap) key_end() = n_end;  // every thread writes the same value before it reads it
+  }
+  // With kWindowCap, the end of the block's keys: load_kv loads the keys past it (no row of the block
+  // sees them) as zeros, so whatever they hold (padding, other documents, even NaN) never reaches a
+  // product. Kept in shared memory and read volatile: as a register live through the key loop it
+  // cost the dQ kernel ~70 registers.
+  __device__ static volatile int& key_end() {
+    __shared__ int end;
+    return end;
   }
   // Copies this block's 64 rows of a (B, Hq, Tq, D) input (q or dout) into `dst`.
   __device__ void load_query_rows(T* dst, const void* src, const int64_t (&s)[4]) const {
@@ -190,8 +203,7 @@ struct QueryBlock {
   }
   __device__ int key0(int it) const { return (R & kWindowCap ? n_first : 0) + it * BN; }
   __device__ void load_kv(int it, int stage) const {
-    // with kWindowCap, keys past n_end (which no row of the block sees) as zeros
-    const int bound = R & kWindowCap ? n_end : p.Tk;
+    const int bound = R & kWindowCap ? key_end() : p.Tk;
     load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), bound, p.D, vec);
     load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), bound, p.D, vec);
   }
@@ -240,6 +252,31 @@ __device__ __forceinline__ bool docs_meet(const AttnParams& p, const int4* spans
   const int4 span = doc_span(spans, b, n_rows, row0);
   plain = span_covers(span, c0, c0 + n);
   return span_meets(span, c0, c0 + n);
+}
+
+// Documents on a tile that is not plain: whether each of this lane's fragment elements pairs a
+// query and a key of one document, as bit 2 NT r + 2 n + c for the element of row r0 + 8 r and
+// column c0 + 8 n + c (c0 = the tile's first column + 2 (lane & 3)); rows are queries and columns
+// keys, or (dK/dV) the other way round: equal ids, not padding, either way. One word per tile
+// rather than an id load per score keeps the registers of the kWindowCap variants that do not use
+// documents near what they were. All ones without documents.
+template <int R, int NT>
+__device__ __forceinline__ uint32_t doc_bits(const AttnParams& p, const int* row_doc, int n_rows, int r0,
+                                             const int* col_doc, int n_cols, int c0) {
+  static_assert(NT <= 8, "32 bits: two rows of 2 NT columns");
+  if (!has_docs<R>(p)) return ~0u;
+  const int rd0 = r0 < n_rows ? row_doc[r0] : -1, rd1 = r0 + 8 < n_rows ? row_doc[r0 + 8] : -1;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = c0 + 8 * n + c;
+      const int cd = col < n_cols ? col_doc[col] : -1;
+      bits |= static_cast<uint32_t>(cd >= 0 && rd0 == cd) << (2 * n + c);
+      bits |= static_cast<uint32_t>(cd >= 0 && rd1 == cd) << (2 * NT + 2 * n + c);
+    }
+  return bits;
 }
 
 // A plain tile's scores (S in place, raw q.k in), scaled or soft-capped, and the rows' maxima.
@@ -293,11 +330,14 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
       else
         plain_scores<false>(p, s, mx);
     } else {
+      const uint32_t in_doc = doc_bits<R, NT>(p, p.q_doc + static_cast<int64_t>(b) * p.Tq, p.Tq, i0,
+                                              p.k_doc + static_cast<int64_t>(b) * p.Tk, p.Tk, n0 + 2 * t);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[n][e] = score<R>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e]);
+          const bool doc_ok = (in_doc >> ((e >> 1) * 2 * NT + 2 * n + (e & 1))) & 1u;
+          s[n][e] = score<R>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), s[n][e], doc_ok);
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
     }
@@ -367,14 +407,16 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
 // probability Pd (into s) and dS = dC d cap/dx (into dp), where dC = P (Z dP - delta) is the
 // gradient of the capped score, the float mask's gradient (returned).
 template <int R>
-__device__ __forceinline__ float ds_element(const AttnParams& p, int b, int h, int i, int j, float lse_log2,
-                                            float delta, float& s, float& dp) {
+__device__ __forceinline__ float ds_element(const AttnParams& p, int b, int h, int i, int j, bool in_doc,
+                                            float lse_log2, float delta, float& s, float& dp) {
   float th;
-  const float sc = score<R>(p, b, h, i, j, s, th);
+  const float sc = score<R>(p, b, h, i, j, s, th, in_doc);
   // lse = +inf (an empty or padding row) gives 0
   const float prob = sc == -INFINITY ? 0.0f : exp2f(fmaf(sc, kLog2e, -lse_log2));
   const float z = prob == 0.0f ? 0.0f : dropout_scale<R>(p, b, h, i, j);
-  const float dc = prob * (dp * z - delta);
+  // with kWindowCap a masked pair gives exactly 0, even when a value it was computed from is not
+  // finite (padding or another document's token read with the tile: 0 * NaN)
+  const float dc = (R & kWindowCap) && prob == 0.0f ? 0.0f : prob * (dp * z - delta);
   s = prob * z;  // Pd
   dp = caps<R>(p) ? dc * (1.0f - th * th) : dc;
   return dc;
@@ -446,12 +488,15 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
       else
         plain(std::false_type{});
     } else {
+      const uint32_t in_doc = doc_bits<R, NT>(p, p.q_doc + static_cast<int64_t>(b) * p.Tq, p.Tq, i0,
+                                              p.k_doc + static_cast<int64_t>(b) * p.Tk, p.Tk, n0 + 2 * t);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          ds_element<R>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1), lse_log2[e >> 1],
-                        delta[e >> 1], s[n][e], dp[n][e]);
+          ds_element<R>(p, b, h, i0 + (e >> 1) * 8, n0 + n * 8 + 2 * t + (e & 1),
+                        (in_doc >> ((e >> 1) * 2 * NT + 2 * n + (e & 1))) & 1u, lse_log2[e >> 1], delta[e >> 1],
+                        s[n][e], dp[n][e]);
     }
     mma_pb<T, DP, NT>(dq, dp, blk.key_tile(it), lane);  // dQ += dS K
   }
@@ -481,13 +526,18 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   doc_range<R>(p, p.k_spans, b, p.Tk, n0, n0 + kRows - 1, m_start, m_end);
   const int q_tiles = m_end > m_start ? (m_end - m_start + BQ - 1) / BQ : 0;
   const int steps = group * q_tiles;  // (query head of the group, query tile) pairs
-  const int q_bound = R & kWindowCap ? m_end : p.Tq;  // queries past m_end (seeing none of these keys) as zeros
+  // with kWindowCap, queries past m_end (which see none of these keys) load as zeros; in shared
+  // memory, as QueryBlock::key_end and for the same reason
+  __shared__ int query_end;
+  volatile int& q_end = query_end;
+  if (R & kWindowCap) q_end = m_end;
   auto load_q = [&](int it, int stage) {
     const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
     const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-    load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, q_bound, p.D, vec);
-    load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, q_bound, p.D, vec);
+    const int bound = R & kWindowCap ? q_end : p.Tq;
+    load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, bound, p.D, vec);
+    load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, bound, p.D, vec);
   };
   load_rows<T, kRows, DP>(sK, k, p.k_s[2], p.k_s[3], n0, p.Tk, p.D, vec);
   load_rows<T, kRows, DP>(sV, v, p.v_s[2], p.v_s[3], n0, p.Tk, p.D, vec);
@@ -540,6 +590,9 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
       else
         plain(std::false_type{});
     } else {
+      // rows are this lane's keys, columns queries
+      const uint32_t in_doc = doc_bits<R, NT>(p, p.k_doc + static_cast<int64_t>(b) * p.Tk, p.Tk, j0,
+                                              p.q_doc + static_cast<int64_t>(b) * p.Tq, p.Tq, m0 + 2 * t);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -550,7 +603,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int j = j0 + r * 8, e = 2 * r + c;
-            const float dc = ds_element<R>(p, b, h, i, j, lse_log2, delta, s[n][e], dp[n][e]);
+            const bool doc_ok = (in_doc >> (r * 2 * NT + 2 * n + c)) & 1u;
+            const float dc = ds_element<R>(p, b, h, i, j, doc_ok, lse_log2, delta, s[n][e], dp[n][e]);
             if ((R & kMaskDropout) && p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dc;
           }
         }

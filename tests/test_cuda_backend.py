@@ -575,10 +575,12 @@ def test_attention_documents_dropout_replay():
 @pytest.mark.parametrize("D", [64, 192])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_documents_skip_other_tiles(monkeypatch, dtype, D, device):
-    """The kernels never visit a tile no row of theirs can see: padding keys hold NaN in K and V,
-    in whole 64-key tiles (at the start and between documents), which any visit would spread (0 * NaN
-    in P V, dS K or the products of the dK/dV kernel). Output and every gradient stay finite and equal
-    the reference without those tokens; the padding rows and keys get zeros."""
+    """What the kernels do not need they never read into a product: padding tokens hold NaN in Q, K
+    and V, at the start, between documents (a gap longer than a 64-row block, so that no block's
+    range spans it) and at the end, and not aligned to any tile, so padding shares granules and
+    tiles with real tokens. Any visit would spread the NaN (0 * NaN in P V, dS K, dS^T Q or dP).
+    Output and every gradient stay finite and equal the reference without those tokens; the
+    padding rows and keys get zeros."""
     if device != "default" and not CUDA_EMULATED:
         pytest.skip("the emulated device's limits are settable; a GPU's are not")
     if device == "sm75" and dtype == torch.float32:
@@ -587,13 +589,14 @@ def test_attention_documents_skip_other_tiles(monkeypatch, dtype, D, device):
         monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
     elif device == "sm75":
         monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
-    ids = _doc_row([(-1, 64), (0, 100), (1, 28), (-1, 128), (2, 70), (3, 58)])[None]  # T = 448
+    ids = _doc_row([(-1, 50), (0, 100), (1, 27), (-1, 90), (2, 70), (3, 47), (-1, 30)])[None]  # T = 414
     pad = ids[0] < 0
     torch.manual_seed(D)
-    q = torch.randn(1, 2, 448, D, device=DEV, dtype=dtype)
-    k, v = (torch.randn(1, 1, 448, D, device=DEV, dtype=dtype) for _ in range(2))
-    k[:, :, pad], v[:, :, pad] = float("nan"), float("nan")
-    dout = torch.randn(1, 2, 448, D, device=DEV, dtype=dtype)
+    q = torch.randn(1, 2, 414, D, device=DEV, dtype=dtype)
+    k, v = (torch.randn(1, 1, 414, D, device=DEV, dtype=dtype) for _ in range(2))
+    for t in (q, k, v):
+        t[:, :, pad] = float("nan")
+    dout = torch.randn(1, 2, 414, D, device=DEV, dtype=dtype)
     for causal in (False, True):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
         out = tfkernels.attention(*leaves, is_causal=causal, enable_gqa=True, document_ids=ids, backend="cuda")
