@@ -85,8 +85,6 @@ def test_kv_cache_matches_the_full_forward(pos, kernels, document_mask):
     single tokens (decoding steps) through the KV cache give the logits of one full forward. With
     document masking the cache's ids continue the full forward's: EOS tokens at the start, twice in a
     row, ending a chunk (the next chunk starts a new document) and inside a chunk."""
-    if document_mask and kernels == "cuda":
-        pytest.skip("the cuda backend does not take document_ids yet")
     torch.manual_seed(0)
     kw = dict(kernels="torch") if kernels == "torch" else dict(kernels="tfkernels", backend=kernels)
     model = GPT(make_config("gpt", "tiny", pos=pos, document_mask=document_mask, **kw, **SMALL)).eval()
@@ -275,8 +273,7 @@ def loss_and_grads(model, idx, targets, docs_alone=False):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("path", ["torch", "tfkernels-torch",
-                                  *[f"tfkernels-{b}" for b in kernel_backends() if b != "cuda"]])
+@pytest.mark.parametrize("path", ["torch", "tfkernels-torch", *[f"tfkernels-{b}" for b in kernel_backends()]])
 @pytest.mark.parametrize("kw", [dict(pos="rope", norm="rmsnorm", mlp="swiglu"), dict(pos="rope")])
 def test_document_mask_equals_documents_run_alone(path, kw):
     """The strongest check: with document masking, a packed row computes for each document what the
@@ -284,8 +281,7 @@ def test_document_mask_equals_documents_run_alone(path, kw):
     model running the documents one by one (no mask). With RoPE the scores depend only on distances
     within a document, so a document's offset in the row changes nothing and the comparison is exact
     for every document. Paths: plain PyTorch (SDPA with the dense same-document & causal mask),
-    tfkernels.attention's reference backend and its kernels (document_ids; the cuda backend does not
-    take them yet)."""
+    tfkernels.attention's reference backend and its kernels (document_ids)."""
     cfg = dict(SMALL, block_size=DOC_T, **kw)
     torch.manual_seed(0)
     ref = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).double()
