@@ -134,6 +134,14 @@ __device__ __forceinline__ const T* a_row(const T* tile, int r0, int lane) {
   return tile + (r0 + (lane & 15)) * (DP + kPad) + (lane >> 4) * 8;
 }
 
+// The kPad elements after a shared tile's first row, which no ldmatrix reads (nor any copy writes):
+// 16 bytes of scratch in shared memory the kernels have anyway (see QueryBlock::key_end).
+template <int DP, typename T>
+__device__ __forceinline__ volatile int* row_padding(T* tile) {
+  static_assert(kPad * sizeof(T) >= sizeof(int) && DP * sizeof(T) % sizeof(int) == 0, "an aligned int");
+  return reinterpret_cast<volatile int*>(tile + DP);
+}
+
 // The two-stage pipeline shared by the kernels: before step `it` is computed, its tile is in
 // shared memory (stage it % STAGES) and, with two stages, the next one is on its way.
 // `load(step, stage)` issues the copies of one step.
@@ -187,25 +195,29 @@ struct QueryBlock {
     key_range<R>(p, m0, m0 + kRows - 1, n_first, n_end);
     doc_range<R>(p, p.q_spans, b, p.Tq, m0, m0 + kRows - 1, n_first, n_end);
     steps = n_end > n_first ? (n_end - n_first + BN - 1) / BN : 0;
-    if (R & kWindowCap) key_end() = n_end;  // every thread writes the same value before it reads it
+    if constexpr ((R & kWindowCap) != 0) *key_end() = n_end;  // each thread writes what it will read
   }
   // With kWindowCap, the end of the block's keys: load_kv loads the keys past it (no row of the block
   // sees them) as zeros, so whatever they hold (padding, other documents, even NaN) never reaches a
-  // product. Kept in shared memory and read volatile: as a register live through the key loop it
-  // cost the dQ kernel ~70 registers.
-  __device__ static volatile int& key_end() {
-    __shared__ int end;
-    return end;
-  }
+  // product. As a register live through the key loop it cost the dQ kernel ~70 registers, so it is
+  // kept in the padding of the first K tile's first row (16 bytes no ldmatrix reads; a static
+  // __shared__ variable would not fit beside the D = 256 forward's 99 KiB on sm_86/sm_89, and it
+  // changed the other variants' code), read volatile.
+  __device__ volatile int* key_end() const { return row_padding<DP>(sK); }
   // Copies this block's 64 rows of a (B, Hq, Tq, D) input (q or dout) into `dst`.
   __device__ void load_query_rows(T* dst, const void* src, const int64_t (&s)[4]) const {
     load_rows<T, kRows, DP>(dst, static_cast<const T*>(src) + b * s[0] + h * s[1], s[2], s[3], m0, p.Tq, p.D, vec);
   }
   __device__ int key0(int it) const { return (R & kWindowCap ? n_first : 0) + it * BN; }
   __device__ void load_kv(int it, int stage) const {
-    const int bound = R & kWindowCap ? key_end() : p.Tk;
-    load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), bound, p.D, vec);
-    load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), bound, p.D, vec);
+    if constexpr ((R & kWindowCap) != 0) {
+      const int end = *key_end();
+      load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), end, p.D, vec);
+      load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), end, p.D, vec);
+    } else {  // written out twice: the other variants compile exactly as they did before documents
+      load_rows<T, BN, DP>(sK + stage * BN * LD, k, p.k_s[2], p.k_s[3], key0(it), p.Tk, p.D, vec);
+      load_rows<T, BN, DP>(sV + stage * BN * LD, v, p.v_s[2], p.v_s[3], key0(it), p.Tk, p.D, vec);
+    }
   }
   __device__ const T* key_tile(int it) const { return sK + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
   __device__ const T* value_tile(int it) const { return sV + (STAGES == 1 ? 0 : it & 1) * BN * LD; }
@@ -526,18 +538,21 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   doc_range<R>(p, p.k_spans, b, p.Tk, n0, n0 + kRows - 1, m_start, m_end);
   const int q_tiles = m_end > m_start ? (m_end - m_start + BQ - 1) / BQ : 0;
   const int steps = group * q_tiles;  // (query head of the group, query tile) pairs
-  // with kWindowCap, queries past m_end (which see none of these keys) load as zeros; in shared
-  // memory, as QueryBlock::key_end and for the same reason
-  __shared__ int query_end;
-  volatile int& q_end = query_end;
-  if (R & kWindowCap) q_end = m_end;
+  // with kWindowCap, queries past m_end (which see none of these keys) load as zeros; m_end is kept
+  // in the K tile's first row padding, as QueryBlock::key_end and for the same reasons
+  if constexpr ((R & kWindowCap) != 0) *row_padding<DP>(sK) = m_end;
   auto load_q = [&](int it, int stage) {
     const int h = hk * group + it / q_tiles, m0 = m_start + (it % q_tiles) * BQ;
     const T* q = static_cast<const T*>(p.q) + b * p.q_s[0] + h * p.q_s[1];
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_s[0] + h * p.do_s[1];
-    const int bound = R & kWindowCap ? q_end : p.Tq;
-    load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, bound, p.D, vec);
-    load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, bound, p.D, vec);
+    if constexpr ((R & kWindowCap) != 0) {
+      const int end = *row_padding<DP>(sK);
+      load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, end, p.D, vec);
+      load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, end, p.D, vec);
+    } else {  // as in QueryBlock::load_kv
+      load_rows<T, BQ, DP>(sQ + stage * BQ * LD, q, p.q_s[2], p.q_s[3], m0, p.Tq, p.D, vec);
+      load_rows<T, BQ, DP>(sdO + stage * BQ * LD, dout, p.do_s[2], p.do_s[3], m0, p.Tq, p.D, vec);
+    }
   };
   load_rows<T, kRows, DP>(sK, k, p.k_s[2], p.k_s[3], n0, p.Tk, p.D, vec);
   load_rows<T, kRows, DP>(sV, v, p.v_s[2], p.v_s[3], n0, p.Tk, p.D, vec);
