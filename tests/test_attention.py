@@ -660,8 +660,9 @@ def test_documents_equal_separate_runs(backend):
 def test_documents_skip_other_documents(backend):
     """Key blocks that hold none of a query block's documents are never read (nor query blocks of
     other documents by the dK/dV kernel): padding tiles filled with NaN leave every output and
-    gradient finite and equal to the reference with those values zeroed. The padding spans whole
-    tiles of every tile shape the interpreter and the GPU-tile tests run (16 .. 128 rows)."""
+    gradient finite and equal to the reference with those values zeroed. The padding gap [48, 112)
+    is whole 16-row tiles, the interpreter's; larger tiles would share blocks with real tokens, where
+    masked NaN values reach the P.V product (0 * NaN), as with SDPA and any masked key."""
     torch.manual_seed(63)
     H, D, blk = 2, 16, 16
     lengths = [2 * blk + 5, blk - 5, -(4 * blk), 3 * blk + 7, -(blk - 7)]  # a padding gap of 4 tiles
