@@ -18,6 +18,14 @@ from ._util import BenchConfig
 PASSES = ("fwd", "fwd+bwd")
 
 
+def available(provs: dict, log) -> dict:
+    """The providers that can run; the others are logged with the reason."""
+    for name, fn in provs.items():
+        if isinstance(fn, _util.Unavailable):
+            log(f"  {name}: skipped ({fn})")
+    return provs
+
+
 def grads(fn, q, k, v, dout, arg):
     """[out, dq, dk, dv] of fn(q, k, v, arg) for the cotangent dout."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]

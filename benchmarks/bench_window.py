@@ -101,10 +101,7 @@ def providers(cfg: BenchConfig) -> dict:
 
 def run(cfg: BenchConfig, log=print) -> list[dict]:
     rows = []
-    provs = providers(cfg)
-    for name, fn in provs.items():
-        if isinstance(fn, Unavailable):
-            log(f"  {name}: skipped ({fn})")
+    provs = _masked.available(providers(cfg), log)
     for B, H, T, D, W in configs(cfg.quick, cfg.smoke):
         g = torch.Generator(device=cfg.device).manual_seed(T + (W or 0))
         kw = dict(device=cfg.device, dtype=cfg.dtype, generator=g)

@@ -332,10 +332,9 @@ WINDOW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", ["default", "smem_99k", "sm75"])
-@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_attention_window_softcap_tiles(monkeypatch, device, case, dtype):
+def _emulated_device(monkeypatch, device, dtype):
+    """The emulated device a tile test runs on: "default", "smem_99k" (sm_86/89's shared memory) or
+    "sm75" (no cp.async / bf16 tensor cores); skips what a real GPU or the fp32 path cannot vary."""
     if device != "default" and not CUDA_EMULATED:
         pytest.skip("the emulated device's limits are settable; a GPU's are not")
     if device == "sm75" and dtype == torch.float32:
@@ -344,6 +343,13 @@ def test_attention_window_softcap_tiles(monkeypatch, device, case, dtype):
         monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
     elif device == "sm75":
         monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+
+
+@pytest.mark.parametrize("device", ["default", "smem_99k", "sm75"])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_window_softcap_tiles(monkeypatch, device, case, dtype):
+    _emulated_device(monkeypatch, device, dtype)
     Hq, Hkv, Tq, Tk, D, causal, window, softcap, with_mask = case
     torch.manual_seed(Tq * Tk + D)
     q = torch.randn(1, Hq, Tq, D, device=DEV, dtype=dtype)
@@ -528,14 +534,7 @@ DOC_RULE_CASES = [
                                            c[8] or "") if x) or "docs"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_attention_documents_with_rules(monkeypatch, device, case, dtype):
-    if device != "default" and not CUDA_EMULATED:
-        pytest.skip("the emulated device's limits are settable; a GPU's are not")
-    if device == "sm75" and dtype == torch.float32:
-        pytest.skip("fp32 takes the FMA path on every device")
-    if device == "smem_99k":
-        monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
-    elif device == "sm75":
-        monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+    _emulated_device(monkeypatch, device, dtype)
     Hq, Hkv, Tq, Tk, D, causal, window, softcap, mask_kind, q_runs, k_runs = case
     torch.manual_seed(Tq * Tk + D)
     q = torch.randn(1, Hq, Tq, D, device=DEV, dtype=dtype)
@@ -581,14 +580,7 @@ def test_attention_documents_skip_other_tiles(monkeypatch, dtype, D, device):
     tiles with real tokens. Any visit would spread the NaN (0 * NaN in P V, dS K, dS^T Q or dP).
     Output and every gradient stay finite and equal the reference without those tokens; the
     padding rows and keys get zeros."""
-    if device != "default" and not CUDA_EMULATED:
-        pytest.skip("the emulated device's limits are settable; a GPU's are not")
-    if device == "sm75" and dtype == torch.float32:
-        pytest.skip("fp32 takes the FMA path on every device")
-    if device == "smem_99k":
-        monkeypatch.setenv("TFKERNELS_CUDA_EMU_SMEM", "101376")
-    elif device == "sm75":
-        monkeypatch.setenv("TFKERNELS_CUDA_EMU_CC", "75")
+    _emulated_device(monkeypatch, device, dtype)
     ids = _doc_row([(-1, 50), (0, 100), (1, 27), (-1, 90), (2, 70), (3, 47), (-1, 30)])[None]  # T = 414
     pad = ids[0] < 0
     torch.manual_seed(D)
