@@ -8,6 +8,8 @@ Shapes: bf16, D = 128, H = 16, B * T = 16k tokens, causal, each row packed with 
 length L (all equal) or "mixed" (lengths drawn from a fixed seed, 64 .. 4096, mean about 1k; the
 last one cut at T). Each token attends causally within its own document. Providers:
   tfkernels-{triton,cuda}      `document_ids=ids, is_causal=True`: tiles of other documents skipped
+  tfkernels-triton-varlen      `tfkernels.varlen_attention` (FlashAttention's API: (total, H, D), cu_seqlens)
+                               over the same documents: the same kernels, plus the API's layout handling
   tfkernels-triton-mask        the same as a dense (B, 1, T, T) bool mask: every causal tile visited
   tfkernels-triton-full        plain causal over the whole row (documents not separated): the cost
                                document masking saves
@@ -114,28 +116,41 @@ def providers(cfg: BenchConfig) -> dict:
     else:
         out["tfkernels-triton-mask"] = out["tfkernels-triton-full"] = out["tfkernels-triton"]
     out["sdpa-mask"] = lambda q, k, v, ids: F.scaled_dot_product_attention(q, k, v, attn_mask=mask_of(ids))
+    cu = {}
+
+    def packed(q, ids):
+        """(cu_seqlens (N + 1,) int32 over every document of every row, longest length): built once
+        per shape, outside the timed calls (a data loader hands them over with the batch)."""
+        B, _, T, _ = q.shape
+        key = (B, T, ids.data_ptr())
+        if key not in cu:
+            cu.clear()
+            starts = torch.nonzero(torch.diff(ids, prepend=ids.new_full((1,), -1))).flatten()
+            per_row = torch.cat([starts, starts.new_full((1,), T)])
+            offs = torch.arange(B, device=q.device)[:, None] * T
+            cu[key] = (torch.cat([(per_row[:-1][None] + offs).flatten(), per_row.new_full((1,), B * T)])
+                       .to(torch.int32), int(torch.diff(per_row).max()))
+        return cu[key]
+
+    def varlen(fn):
+        """fn (FlashAttention's varlen signature) over (B, H, T, D) inputs, as (total, H, D)."""
+        def call(q, k, v, ids):
+            B, H, T, D = q.shape
+            cu_seqlens, max_len = packed(q, ids)
+            qt, kt, vt = (t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v))  # (total, H, D)
+            o = fn(qt, kt, vt, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+            return o.view(B, T, H, D).transpose(1, 2)
+        return call
+
+    if triton_ok:  # the same kernels through the varlen API: its cost is the layout and offsets handling
+        out["tfkernels-triton-varlen"] = varlen(
+            lambda *a, **kw: tfkernels.varlen_attention(*a, **kw, backend="triton"))
     try:
         if not cfg.cuda:
             raise ImportError("needs a GPU")
         from flash_attn import flash_attn_varlen_func
 
-        cu = {}
-
-        def fa2(q, k, v, ids):
-            B, H, T, D = q.shape
-            key = (B, T, ids.data_ptr())
-            if key not in cu:  # the cumulative lengths of every document of every row, built once
-                cu.clear()
-                starts = torch.nonzero(torch.diff(ids, prepend=ids.new_full((1,), -1))).flatten()
-                per_row = torch.cat([starts, starts.new_full((1,), T)])
-                offs = torch.arange(B, device=q.device)[:, None] * T
-                cu[key] = (torch.cat([(per_row[:-1][None] + offs).flatten(), per_row.new_full((1,), B * T)])
-                           .to(torch.int32), int(torch.diff(per_row).max()))
-            cu_seqlens, max_len = cu[key]
-            qt, kt, vt = (t.transpose(1, 2).reshape(B * T, H, D) for t in (q, k, v))  # (total, H, D)
-            o = flash_attn_varlen_func(qt, kt, vt, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
-            return o.view(B, T, H, D).transpose(1, 2)
-
+        fa2 = varlen(flash_attn_varlen_func)
         out["flash-attn-2-varlen"] = fa2
     except ImportError as err:
         out["flash-attn-2-varlen"] = Unavailable(f"flash_attn: {_util.short(err, 80)}")

@@ -153,7 +153,7 @@ def test_documents_bench_smoke(tmp_path):
     assert rows and all(r["status"] == "ok" for r in rows), rows
     ok = {(r["provider"], r["T"], r["L"], r["pass"]) for r in rows}
     for pass_ in ("fwd", "fwd+bwd"):
-        for name in ("tfkernels-triton", "tfkernels-triton-mask", "sdpa-mask"):
+        for name in ("tfkernels-triton", "tfkernels-triton-varlen", "tfkernels-triton-mask", "sdpa-mask"):
             assert (name, 48, 16, pass_) in ok and (name, 48, "mixed", pass_) in ok
         assert ("tfkernels-triton-full", 48, None, pass_) in ok
     md = bd.table(rows, {"gpu": "cpu"}, "float32")

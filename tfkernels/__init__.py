@@ -2,6 +2,9 @@
 
     tfkernels.attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                         enable_gqa=False, *, backend=None)
+    tfkernels.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
+                               dropout_p=0.0, scale=None, causal=False, window_size=None, softcap=0.0,
+                               return_lse=False, backend=None)   # FlashAttention's varlen API
     tfkernels.softmax(x, dim=-1, *, backend=None)
     tfkernels.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None)
     tfkernels.rms_norm(x, normalized_shape, weight=None, eps=None, *, backend=None)
@@ -10,7 +13,7 @@
 backend: "triton", "cuda", "torch" or None (automatic; TFKERNELS_BACKEND sets the default).
 """
 from ._backend import BackendUnavailableError
-from .ops import attention, layer_norm, rms_norm, softmax
+from .ops import attention, layer_norm, rms_norm, softmax, varlen_attention
 from . import nn, reference
 from .swap import swap, unswap
 from . import hf as _hf
@@ -19,5 +22,5 @@ _hf.install_import_hook()  # registers attn_implementation="tfkernels" once tran
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "layer_norm", "rms_norm", "softmax", "nn", "reference", "swap", "unswap",
+__all__ = ["attention", "varlen_attention", "layer_norm", "rms_norm", "softmax", "nn", "reference", "swap", "unswap",
            "BackendUnavailableError"]

@@ -13,7 +13,8 @@ def check_tensor(t, name: str) -> None:
     # neither, and failed deep inside with torch's own view/matmul errors
     if t.is_nested:
         raise TypeError(f"{name} is a nested tensor; tfkernels takes dense tensors: pad the sequences "
-                        "(attention: with a key-padding attn_mask) or run them one by one")
+                        "(attention: with a key-padding attn_mask), concatenate them for tfkernels.varlen_attention, "
+                        "or run them one by one")
     if t.layout != torch.strided:
         raise TypeError(f"{name} has layout {t.layout}; tfkernels takes dense (strided) tensors")
 

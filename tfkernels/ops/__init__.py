@@ -6,5 +6,6 @@ from .attention import attention
 from .layer_norm import layer_norm
 from .rms_norm import rms_norm
 from .softmax import softmax
+from .varlen import varlen_attention
 
-__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax", "varlen_attention"]
