@@ -148,9 +148,13 @@ def test_not_a_tensor():
 def test_nested_and_sparse_tensors_are_named(backend):
     """A jagged nested tensor or a sparse one gets an error that says so (they failed deep inside,
     with torch's view/matmul messages)."""
-    jag = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 7, 8)], layout=torch.jagged)
-    with pytest.raises(TypeError, match="q is a nested tensor"):
+    # attention takes SDPA's jagged (B, H, j, D) (tests/test_varlen.py); other nested layouts are named
+    jag = torch.nested.nested_tensor([torch.randn(5, 2, 8), torch.randn(7, 2, 8)], layout=torch.jagged)
+    with pytest.raises(ValueError, match=r"nested q must be \(B, H, j, D\)"):
         tfkernels.attention(jag, jag, jag, backend=backend)
+    strided = torch.nested.nested_tensor([torch.randn(2, 5, 8), torch.randn(2, 7, 8)])
+    with pytest.raises(TypeError, match="layout=torch.jagged"):
+        tfkernels.attention(strided, strided, strided, backend=backend)
     rows = torch.nested.nested_tensor([torch.randn(5, 8), torch.randn(7, 8)], layout=torch.jagged)
     with pytest.raises(TypeError, match="x is a nested tensor"):
         tfkernels.layer_norm(rows, (8,), backend=backend)

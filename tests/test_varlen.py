@@ -14,8 +14,9 @@ def _cu(lens):
     return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
-def reference(q, k, v, lens_q, lens_k, causal=False, window=(-1, -1), scale=None, softcap=0.0):
-    """Per sequence, float64: out (total_q, H_q, D), lse (H_q, total_q) (-inf for a row that sees nothing)."""
+def reference(q, k, v, lens_q, lens_k, causal=False, window=(-1, -1), scale=None, softcap=0.0, bottom_right=True):
+    """Per sequence, float64: out (total_q, H_q, D), lse (H_q, total_q) (-inf for a row that sees nothing).
+    Causal and the window aligned to each sequence's bottom right (FlashAttention) or top left (SDPA)."""
     q, k, v = q.double(), k.double(), v.double()
     Hq, D = q.shape[1], q.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -28,7 +29,7 @@ def reference(q, k, v, lens_q, lens_k, causal=False, window=(-1, -1), scale=None
         s = qi @ ki.transpose(-1, -2) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        diag = torch.arange(lq, device=q.device)[:, None] + lk - lq  # FlashAttention's bottom right
+        diag = torch.arange(lq, device=q.device)[:, None] + (lk - lq if bottom_right else 0)
         j = torch.arange(lk, device=q.device)[None, :]
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         if causal:
@@ -186,6 +187,55 @@ def test_varlen_reads_offsets_once_per_tensor_version(monkeypatch):
         cu_inf = torch.tensor([0, 4, 10])
         out = tfkernels.varlen_attention(q, q, q, cu_inf, causal=True, backend="torch")
     assert out.shape == q.shape
+
+
+def _nested(lens, H, D, dtype=torch.float32):
+    """A jagged nested (B, H, j, D) as SDPA takes it, and its leaf (B, j, H * D)."""
+    leaf = torch.nested.nested_tensor([torch.randn(n, H * D, dtype=dtype) for n in lens], layout=torch.jagged,
+                                      device=DEVICE, requires_grad=True)
+    return leaf.unflatten(-1, (H, D)).transpose(1, 2), leaf
+
+
+@pytest.mark.parametrize("case", ["self-causal", "cross-window"])
+def test_attention_takes_jagged_nested_tensors(backend, case):
+    """attention() on SDPA's jagged layout: each sequence on its own, is_causal and the window
+    top-left per sequence (SDPA's convention); the output shares q's ragged structure."""
+    if case == "self-causal":
+        lens_q = lens_k = [5, 12, 1]
+        causal, window, Hkv = True, (-1, -1), 1
+    else:
+        lens_q, lens_k = [6, 3, 9], [4, 8, 9]
+        causal, window, Hkv = False, (2, 1), 2
+    q, qleaf = _nested(lens_q, 4, 32)
+    k, kleaf = _nested(lens_k, Hkv, 32)
+    v, vleaf = _nested(lens_k, Hkv, 32)
+    out, lse = tfkernels.attention(q, k, v, is_causal=causal, window_size=window, enable_gqa=Hkv > 1,
+                                   return_lse=True, backend=backend)
+    assert out.is_nested and out.shape[:2] == (3, 4) and out._ragged_idx == 2 and lse.shape[:2] == (3, 4)
+    flat = lambda t: t.values().transpose(0, 1)  # noqa: E731 (B, H, j, D) nested -> (total, H, D)
+    ref_out, ref_lse = reference(flat(q), flat(k), flat(v), lens_q, lens_k, causal, window, bottom_right=False)
+    assert_close(out.values().transpose(0, 1), ref_out, torch.float32, "out")
+    fin = torch.isfinite(ref_lse)
+    assert_close(lse.values()[fin], ref_lse[fin], torch.float32, "lse")
+    dout = torch.randn_like(ref_out)
+    loss = (out.values().transpose(0, 1).double() * dout).sum()
+    ref_loss = (ref_out * dout).sum()
+    for name, g, r in zip(("dq", "dk", "dv"), torch.autograd.grad(loss, (qleaf, kleaf, vleaf), retain_graph=True),
+                          torch.autograd.grad(ref_loss, (qleaf, kleaf, vleaf))):
+        assert_close(g.values(), r.values(), torch.float32, name, scale=2.0)
+
+
+def test_attention_jagged_bad_input():
+    q, _ = _nested([3, 5], 2, 16)
+    with pytest.raises(TypeError, match="v is .*not nested"):
+        tfkernels.attention(q, q, torch.randn(2, 2, 5, 16))
+    with pytest.raises(ValueError, match=r"\(B, H, j, D\)"):
+        tfkernels.attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))
+    with pytest.raises(ValueError, match="no attn_mask"):
+        tfkernels.attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+    k, _ = _nested([3], 2, 16)
+    with pytest.raises(ValueError, match="same batch size"):
+        tfkernels.attention(q, k, k)
 
 
 def test_varlen_bad_input():

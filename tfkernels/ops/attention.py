@@ -1471,12 +1471,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     ranges; unsorted ids are correct but every block is then masked. int32 ids avoid a device sync
     (int64 ids are checked to fit int32).
 
+    Nested tensors (layout=torch.jagged), as SDPA takes them: q (B, H_q, j, D), k and v
+    (B, H_kv, j_k, D) with the sequence dim ragged, no attn_mask: each sequence is attended on its
+    own (is_causal and window_size top-left per sequence), through `varlen_attention`'s packed path;
+    the output is nested like q.
+
     backend: "triton", "cuda", "torch" or None (automatic).
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"attention: return_lse must be a bool, got {type(return_lse).__name__}")
     # numpy scalars (np.float32 from a config or an array) are Reals but not floats, which the
     # op's schema takes; a float is left as it is (under torch.compile it may be symbolic)
+    if any(isinstance(t, Tensor) and t.is_nested for t in (q, k, v)):  # SDPA's jagged nested tensors
+        from .varlen import jagged_attention  # (varlen imports this module)
+
+        return jagged_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+                                return_lse, document_ids, backend)
     for name, t in (("q", q), ("k", k), ("v", v)):  # first: the steps below read their shapes
         _validate.check_tensor(t, name)
     if CausalBias is not None and isinstance(attn_mask, CausalBias):

@@ -140,10 +140,22 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         _check_offsets(host_k, "cu_seqlens_k", total_k, "k")
         _check_max(max_seqlen_q, host_q, "max_seqlen_q")
         _check_max(max_seqlen_k, host_k, "max_seqlen_k")
-        shared = host_q == host_k
-    enable_gqa = q.shape[1] != k.shape[1]
-    kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, window_size=(left, right),
+    kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=q.shape[1] != k.shape[1], window_size=(left, right),
               softcap=softcap, return_lse=return_lse, backend=backend)
+    return _packed(q, k, v, cu_q, cu_k, host_q, host_k, shared, causal, True, kw)
+
+
+def _packed(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, host_q: Optional[list],
+            host_k: Optional[list], shared: bool, causal: bool, bottom_right: bool, kw: dict):
+    """Attention of packed sequences q (total_q, H_q, D), k, v (total_k, H_kv, D) with int64 offsets
+    cu_q, cu_k (and their host copies, None under torch.compile); causal and kw['window_size']
+    aligned per sequence to the bottom right (FlashAttention) or the top left (SDPA, applied to each
+    sequence on its own). kw: attention()'s other keywords."""
+    total_q, total_k = q.shape[0], k.shape[0]
+    return_lse = kw["return_lse"]
+    left, right = kw["window_size"]
+    if host_q is not None:
+        shared = host_q == host_k
 
     def run(qf: Tensor, kf: Tensor, vf: Tensor, ids, is_causal: bool):
         # (T, H, D) -> (1, H, T, D) views; the kernels take the strides as they are
@@ -155,9 +167,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     lens_q = cu_q[1:] - cu_q[:-1]
     doc_q = _seq_index(cu_q, lens_q, total_q)
     if shared or not (causal or left >= 0 or right >= 0):
-        # the packed rows are the kernels' rows: top-left alignment of the whole row is each
-        # sequence's own alignment when the offsets agree, and alignment does not matter without
-        # causal or a window
+        # the packed rows are the kernels' rows: when the offsets agree every sequence has lq == lk
+        # and the row's top-left alignment is each sequence's (either corner), and alignment does
+        # not matter without causal or a window
         ids_q = doc_q.to(torch.int32)
         if shared:
             out, lse = run(q, k, v, ids_q, causal)
@@ -181,9 +193,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     def place(x: Tensor, doc: Tensor, lens: Tensor, cu: Tensor, moves: bool):
         """x's frame (frame, H, D), its ids (frame,) int32 and the frame slot of each row (or None)."""
-        if not moves:  # x's frame is x: its sequences already end where the frame's do
+        if not moves:  # x's frame is x: its sequences already fill their segments
             return x, doc.to(torch.int32), None
-        slot = (start + slots - lens - cu[:-1])[doc] + torch.arange(doc.numel(), device=doc.device)
+        first = start + slots - lens if bottom_right else start  # the sequence's first slot
+        slot = (first - cu[:-1])[doc] + torch.arange(doc.numel(), device=doc.device)
         xf = x.new_zeros((frame, *x.shape[1:])).index_copy(0, slot, x)  # differentiable in x
         ids = torch.full((frame,), -1, dtype=torch.int32, device=doc.device).index_copy(0, slot, doc.to(torch.int32))
         return xf, ids, slot
@@ -198,4 +211,51 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     return (out, lse) if return_lse else out
 
 
-__all__ = ["varlen_attention"]
+def jagged_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     window_size, softcap, return_lse: bool, document_ids, backend):
+    """`tfkernels.attention` on nested tensors of the jagged layout, as SDPA takes them: q
+    (B, H_q, j_q, D), k and v (B, H_kv, j_k, D), the sequence dim ragged (made from (B, j, H, D)
+    by .transpose(1, 2)). Each sequence is its own SDPA call: is_causal and window_size top-left
+    per sequence (SDPA's convention; SDPA itself runs no causal nested attention). -> a nested
+    (B, H_q, j_q, D) sharing q's ragged structure; with return_lse, also lse (B, H_q, j_q) nested."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not (isinstance(t, Tensor) and t.is_nested and t.layout == torch.jagged):
+            raise TypeError(f"attention: with nested tensors, q, k and v must all be nested with layout=torch.jagged; "
+                            f"{name} is {type(t).__name__ if not isinstance(t, Tensor) else t.layout}"
+                            f"{' (not nested)' if isinstance(t, Tensor) and not t.is_nested else ''}")
+        if t.dim() != 4 or t._ragged_idx != 2:
+            raise ValueError(f"attention: nested {name} must be (B, H, j, D) with the sequence dim ragged, as SDPA "
+                             f"takes them (from (B, j, H, D): .transpose(1, 2)); got shape {tuple(t.shape)} "
+                             f"ragged in dim {t._ragged_idx}")
+        if t._lengths is not None:  # a narrow()ed nested tensor: its sequences have holes
+            raise ValueError(f"attention: nested {name} has holes (lengths besides offsets, e.g. from narrow()); "
+                             "make it contiguous first")
+    if attn_mask is not None:
+        raise ValueError("attention: nested q, k and v take no attn_mask (each sequence's length is its mask; "
+                         "is_causal and window_size apply per sequence)")
+    if document_ids is not None:
+        raise ValueError("attention: nested q, k and v take no document_ids (each sequence is its own document)")
+    if not (q.size(0) == k.size(0) == v.size(0)):
+        raise ValueError(f"attention: nested q, k and v must have the same batch size, got {q.size(0)}, {k.size(0)} "
+                         f"and {v.size(0)}")
+    cu_q, cu_k, cu_v = q.offsets(), k.offsets(), v.offsets()
+    host_q = host_k = None
+    if not torch.compiler.is_compiling():
+        host_q, host_k = _host_offsets(cu_q), _host_offsets(cu_k)
+        if cu_v is not cu_k and _host_offsets(cu_v) != host_k:
+            raise ValueError("attention: nested k and v must have the same sequence lengths")
+    left, right = _check_window(window_size)
+    kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, window_size=(left, right), softcap=softcap,
+              return_lse=return_lse, backend=backend)
+    # the buffers behind the nested tensors: values() of (B, H, j, D) is (H, total, D)
+    res = _packed(q.values().transpose(0, 1), k.values().transpose(0, 1), v.values().transpose(0, 1),
+                  cu_q.to(torch.int64), cu_k.to(torch.int64), host_q, host_k, cu_k is cu_q, bool(is_causal),
+                  False, kw)
+    out, lse = res if return_lse else (res, None)
+    out = torch.nested.nested_tensor_from_jagged(out, cu_q).transpose(1, 2)  # (B, j, H, D) -> (B, H, j, D)
+    if not return_lse:
+        return out
+    return out, torch.nested.nested_tensor_from_jagged(lse.transpose(0, 1), cu_q).transpose(1, 2)
+
+
+__all__ = ["jagged_attention", "varlen_attention"]
