@@ -268,3 +268,21 @@ def test_varlen_bad_input():
         call(q, q, q, cu, causal=1)
     with pytest.raises(TypeError, match="window_size"):
         call(q, q, q, cu, window_size=3)
+
+
+def test_attention_jagged_compiles():
+    """A model over nested tensors under torch.compile: the offsets are not read, and the frame-free
+    self-attention path needs nothing from the host."""
+    x, _ = _nested([5, 3], 2, 16)
+    x = x.transpose(1, 2).flatten(-2).detach().requires_grad_()  # the (B, j, H * D) leaf
+
+    def f(x):
+        q = x.unflatten(-1, (2, 16)).transpose(1, 2)
+        return tfkernels.attention(q, q, q, is_causal=True).transpose(1, 2).flatten(-2)
+
+    eager = f(x)
+    compiled = torch.compile(f)(x)
+    assert_close(compiled.values(), eager.values(), torch.float32, "compiled")
+    (g,) = torch.autograd.grad(compiled.values().sum(), x)
+    (ge,) = torch.autograd.grad(eager.values().sum(), x)
+    assert_close(g.values(), ge.values(), torch.float32, "grad")
