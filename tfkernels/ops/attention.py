@@ -1271,9 +1271,9 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     _validate.check_same_device(q, "q", k=k, v=v, attn_mask=attn_mask)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(f"attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:  # (v's alone is padded before this)
         raise ValueError(f"attention: head dims differ: q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}; "
-                         "they must be equal")
+                         "q's and k's must be equal")
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"attention: k {list(k.shape)} and v {list(v.shape)} must have the same heads and length")
     if q.shape[-1] == 0:
@@ -1331,6 +1331,28 @@ def _check_softcap(softcap) -> float:
     if not (math.isfinite(softcap) and softcap >= 0.0):
         raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
     return softcap if softcap < SOFTCAP_OFF else 0.0
+
+
+def _value_dim_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+                         return_lse, document_ids, backend):
+    """v's head dim Ev differs from q's and k's E, as SDPA allows (DeepSeek's MLA: E = 192, Ev = 128).
+    The kernels take one head dim, so the smaller side is padded with zeros up to max(E, Ev): zero
+    columns of q and k add nothing to the scores; zero columns of v give output columns that are
+    sliced off, and the pads' backward drops their gradients. The scale stays 1/sqrt(E). The padded
+    columns cost their share of the work (Ev = 128 under E = 192: the P @ V products and the output
+    are 1.5x what they need to be)."""
+    E, Ev = q.shape[-1], v.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    if Ev < E:
+        v = torch.nn.functional.pad(v, (0, E - Ev))
+    else:
+        q, k = (torch.nn.functional.pad(t, (0, Ev - E)) for t in (q, k))
+    res = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
+                    softcap=softcap, return_lse=return_lse, document_ids=document_ids, backend=backend)
+    out, lse = res if return_lse else (res, None)
+    out = out[..., :Ev].contiguous() if Ev < E else out  # contiguous, as SDPA's and the kernels' outputs are
+    return (out, lse) if return_lse else out
 
 
 def _causal_bias_attention(q, k, v, bias, dropout_p, is_causal, scale, enable_gqa, window_size, softcap, return_lse,
@@ -1416,7 +1438,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     Batch sizes broadcast, as in SDPA (a K/V batch of 1 serves every query batch).
     As in SDPA, more leading dims (N, ..., H, T, D) or three, (N, T, D), are taken too: they are
     folded into B (as views where the strides allow).
-    D <= 256, the same for q, k and v. float16, bfloat16 or float32 (fp32 dots use TF32 when
+    D <= 256, the same for q and k; v's may differ, as in SDPA (the kernels then run the larger,
+    zero-padded: see `_value_dim_attention`). float16, bfloat16 or float32 (fp32 dots use TF32 when
     `torch.backends.cuda.matmul.allow_tf32`).
 
     is_causal: top-left lower-triangular mask, also for T_q != T_k (row i sees keys 0..i)::
@@ -1496,6 +1519,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
         scale = float(scale)
     if not isinstance(dropout_p, (bool, int, float)) and isinstance(dropout_p, numbers.Real):
         dropout_p = float(dropout_p)
+    if v.shape[-1] != q.shape[-1] and k.shape[-1] == q.shape[-1] and min(q.shape[-1], v.shape[-1]) > 0:
+        return _value_dim_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, softcap,
+                                    return_lse, document_ids, backend)
     q, k, v = _broadcast_batch(*_autocast(q, k, v))
     q, k, v, attn_mask, lead = _fold_to_4d(q, k, v, attn_mask)
     docs = _documents.check_document_ids(document_ids, q.shape[:1] if lead is None else lead, q.shape[-2],
