@@ -225,7 +225,7 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
     if quick:
         attn = [("bf16", 128, True, None, 0.0), ("fp16", 64, False, None, 0.0), ("bf16", 256, False, None, 0.0),
                 ("fp32", 64, True, None, 0.0), ("fp16", 128, False, "bool", 0.1), ("fp32-tf32", 128, False, None, 0.0),
-                ("bf16", 128, True, "window", 0.0), ("bf16", 128, True, "docs", 0.0)]
+                ("bf16", 128, True, "window", 0.0), ("bf16", 128, True, "docs", 0.0), ("bf16", 64, True, "gqa", 0.0)]
         rows = [("softmax", "bf16", 4096), ("layer_norm", "bf16", 4096), ("rms_norm", "fp32", 65536)]
     else:
         attn = [(dt, D, c, None, 0.0) for dt in dts for D in (64, 128, 256) for c in (False, True)]
@@ -234,7 +234,9 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
                  ("bf16", 128, True, "window", 0.0), ("bf16", 256, True, "window", 0.0), ("fp16", 64, True, "window", 0.0),
                  ("bf16", 64, True, "docs", 0.0), ("bf16", 128, True, "docs", 0.0), ("bf16", 256, True, "docs", 0.0),
                  ("fp32", 128, False, "docs", 0.0), ("fp16", 64, False, "docs", 0.0), ("fp32", 64, True, "docs", 0.0),
-                 ("fp32", 256, True, "docs", 0.0), ("fp32-tf32", 128, True, "docs", 0.0)]
+                 ("fp32", 256, True, "docs", 0.0), ("fp32-tf32", 128, True, "docs", 0.0),
+                 ("bf16", 64, True, "gqa", 0.0), ("fp16", 64, False, "gqa", 0.0), ("bf16", 256, True, "gqa", 0.0),
+                 ("fp32", 128, True, "gqa", 0.0), ("fp32-tf32", 128, True, "gqa", 0.0)]
         rows = [(op, dt, N) for op in ("softmax", "layer_norm", "rms_norm") for dt in ("fp16", "bf16", "fp32")
                 for N in (768, 4096, 65536)]
     out = {}

@@ -42,8 +42,8 @@ def _tile_configs():
                         for chain in (A._fwd_configs(q, False), A._fwd_configs(q, True), A._fwd_configs(q, False, True)):
                             for cfg in chain:
                                 fwd[cfg[:2]] = max(fwd.get(cfg[:2], 0), D)
-                        for docs in (False, True):
-                            for cfg in A._bwd_configs(q, docs):
+                        for docs, grouped in ((False, False), (True, False), (False, True)):
+                            for cfg in A._bwd_configs(q, docs, grouped):
                                 bwd[cfg[:4]] = max(bwd.get(cfg[:4], 0), D)
     finally:
         A._gpu_major, A._tf32_allowed = real_major, real_tf32
@@ -58,7 +58,7 @@ FWD_TILES, BWD_TILES = _tile_configs()
 
 def _force(monkeypatch, fwd=(16, 16), bwd=(16, 16, 16, 16)):
     monkeypatch.setattr(A, "_fwd_configs", lambda q, has_rules, has_docs=False: (fwd + (4, 2),))
-    monkeypatch.setattr(A, "_bwd_configs", lambda q, has_docs=False: (bwd + (4, 2),))
+    monkeypatch.setattr(A, "_bwd_configs", lambda q, has_docs=False, grouped=False: (bwd + (4, 2),))
     monkeypatch.setattr(A, "_FIRST_FIT", {})  # an index remembered for the real chains means nothing here
 
 
@@ -103,13 +103,14 @@ def _run(case, D, seed):
 
 
 def _pairs():
-    """Each forward tile shape with a backward one, cycling through the shorter list, so that every
-    shape of both runs once; largest with largest, since the lengths grow with the largest block
-    and the interpreter's time with the number of programs."""
+    """Each forward tile shape with a backward one, the shorter list stretched over the longer (some
+    of its shapes run twice), so that every shape of both runs at least once; largest with largest,
+    smallest with smallest, since the lengths grow with the largest block and the interpreter's time
+    with the number of programs."""
     fwd = sorted(FWD_TILES, key=lambda t: (t[0] * t[1], t), reverse=True)
     bwd = sorted(BWD_TILES, key=lambda t: (t[0] * t[1], t), reverse=True)
     n = max(len(fwd), len(bwd))
-    return [(fwd[i % len(fwd)], bwd[i % len(bwd)]) for i in range(n)]
+    return [(fwd[i * len(fwd) // n], bwd[i * len(bwd) // n]) for i in range(n)]
 
 
 @pytest.mark.parametrize("tiles", _pairs(), ids=lambda t: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*t[0], *t[1]))

@@ -60,7 +60,8 @@ def _all_chains(monkeypatch, which):
                     if which == "fwd":
                         chains += [A._fwd_configs(q, False), A._fwd_configs(q, True), A._fwd_configs(q, True, True)]
                     else:
-                        chains += [A._bwd_configs(q, False), A._bwd_configs(q, True)]
+                        chains += [A._bwd_configs(q, docs, grouped) for docs in (False, True)
+                                   for grouped in (False, True)]
     return chains
 
 
@@ -93,6 +94,8 @@ def test_configs_follow_the_inputs(monkeypatch):
     assert A._fwd_configs(q, False)[0] == A._FWD_CONFIGS[(9, 128)]
     assert A._fwd_configs(q, True)[0][1] == 64  # a mask or dropout: BLOCK_N 64
     assert A._bwd_configs(q)[0] == A._BWD_CONFIGS[(9, 128)]
+    m1, n1, m2, n2, w, s = A._BWD_CONFIGS[(9, 128)]
+    assert A._bwd_configs(q, grouped=True)[0] == (m1, n1, m2, n2, 8, 3)  # GQA: no spills in the head loop
     monkeypatch.setattr(A, "_tf32_allowed", lambda: False)
     q32 = q.float()
     assert A._fwd_configs(q32, False)[0] == A._FWD_IEEE[(9, 128)]

@@ -872,11 +872,16 @@ def _fwd_configs(q: Tensor, has_rules: bool, has_docs: bool = False) -> tuple:
     return _fwd_fallbacks(bm, bn, w, s)
 
 
-def _bwd_configs(q: Tensor, has_docs: bool = False) -> tuple:
+def _bwd_configs(q: Tensor, has_docs: bool = False, grouped: bool = False) -> tuple:
     """has_docs: document ids add a third query-block loop (the documents' upper edge) to the dK/dV
     kernel, and at 4 warps ptxas then spills 216 bytes per thread (bf16 D = 64 on sm_90; IEEE fp32
     D = 128 at 8 warps likewise): 8 warps, and IEEE fp32 a halved key block, spill nothing
-    (`python -m benchmarks.static --only docs`)."""
+    (`python -m benchmarks.static --only docs`).
+    grouped: GQA/MQA (H_q > H_kv). The dK/dV kernel then runs its query-block loops inside a loop
+    over the group's heads (with one head Triton specialises GROUP = 1 and the outer loop goes), and
+    the nest holds more registers: bf16 causal on sm_90 spills 472 bytes per thread at D = 64 with
+    4 warps, 120 at D = 128 with 8 warps and 5 stages (32 with 4 stages); sm_80 D = 128 at 4 warps
+    32. 8 warps, and 3 stages for Hopper's D = 128, spill nothing (`--only gqa`)."""
     major = _gpu_major(q)
     if major is None:
         return (_INTERP_BWD,)
@@ -889,8 +894,12 @@ def _bwd_configs(q: Tensor, has_docs: bool = False) -> tuple:
     m1, n1, m2, n2, w, s = _BWD_CONFIGS[key]
     if q.dtype == torch.float32:  # TF32: twice the bytes per tile
         n1, m2, s = max(m1, n1 // 2), max(n2, m2 // 2), min(s, 2)
-    if has_docs:
+        if grouped and major >= 9:  # the head loop: sm_90 D = 128 spills 312 bytes at BLOCK_M1 = 32, 56 at 16
+            m1 = max(16, m1 // 2)  # (halving BLOCK_N1 instead spills none, but drops wgmma for mma.sync)
+    if has_docs or grouped:
         w = max(w, 8)
+    if grouped and major >= 9 and _d_bucket(q.shape[-1]) >= 128:
+        s = min(s, 3)
     return _bwd_fallbacks(m1, n1, m2, n2, w, s)
 
 
@@ -1081,7 +1090,7 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
                   UPCAST=_upcast(q))
     rp_keep = _keep_scale(dropout_p)
     key = ("bwd", q.device, q.dtype, D, has_mask, mask_bool, has_dropout, win_left, win_right, bool(is_causal),
-           softcap > 0.0, has_docs, prec, bool(mask_grad))
+           softcap > 0.0, has_docs, prec, bool(mask_grad), Hq != Hkv)
 
     def launch(m1, n1, m2, n2, warps, stages):
         # a retry reruns both kernels: they overwrite dk, dv, dq and dmask, nothing accumulates
@@ -1099,7 +1108,7 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
             B, Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
 
-    _launch_first_fit(key, _bwd_configs(q, has_docs), launch)
+    _launch_first_fit(key, _bwd_configs(q, has_docs, Hq != Hkv), launch)
     return dq, dk, dv, dmask
 
 
