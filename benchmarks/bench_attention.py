@@ -3,7 +3,9 @@
 Grid (FlashAttention's): B*T = 16,384 tokens, H*D = 2048, so B = 16384 / T and H = 2048 / D;
 T in {512, 1k, 2k, 4k, 8k, 16k}, D in {64, 128}, causal and not. --quick keeps T in {1k, 4k, 16k}
 (short, middle, long; factor 4 apart) -- 12 configurations, about 2 minutes on an H100.
---smoke runs B*T = 64, H = 2, D = 32, T in {16, 32} on CPU.
+GQA (Llama's grouping, H_kv = H / 4, causal; its own tables): T in {1k, 4k, 16k} (--quick: 4k),
+D in {64, 128}; the FLOPs are the query heads' (as MHA with H heads).
+--smoke runs B*T = 64, H = 2, D = 32, T in {16, 32} (and GQA 2:1 at T = 32) on CPU.
 
 FLOPs: forward 4*B*H*T*T*D (two matmuls, 2 FLOPs per multiply-add), halved when causal; backward
 2.5x forward (five matmuls, one recomputing QK^T); forward+backward 3.5x forward.
@@ -21,8 +23,9 @@ materialises the (T, T) scores: it is timed only at T <= 2048, its memory is mea
 (that is where it runs out). torch.compile is not a provider here: compiling SDPA calls the same
 SDPA kernels. FlashAttention takes (B, T, H, D): its inputs are made in that layout before timing.
 
-Correctness: output and dq, dk, dv of batch 0, heads 0-1 (attention is independent per (b, h))
-against SDPA on fp32 copies of that slice, before anything is timed.
+Correctness: output and dq, dk, dv of batch 0, heads 0-1 (attention is independent per (b, h); with
+GQA the first K/V head and its group of query heads) against SDPA on fp32 copies of that slice,
+before anything is timed.
 """
 from __future__ import annotations
 
@@ -46,22 +49,29 @@ MATH_MAX_T = 2048  # sdpa-math: timed up to here, memory measured everywhere
 @dataclass
 class Provider:
     name: str
-    fn: object  # fn(q, k, v, causal) -> out, in `layout`
+    fn: object  # fn(q, k, v, causal) -> out, in `layout`; k and v may have fewer heads (GQA)
     layout: str = "bhtd"  # or "bthd"
     context: object = field(default=contextlib.nullcontext)  # entered around every call and timing
 
 
+GQA_GROUP = 4  # query heads per K/V head in the GQA configs (Llama 2 70B, Llama 3: 8; Mistral 7B: 4)
+
+
 def sweep_configs(cfg: BenchConfig):
-    """(B, H, T, D, causal) in sweep order."""
+    """(B, H, H_kv, T, D, causal) in sweep order: MHA, then GQA."""
     if cfg.smoke:
-        Ts, Ds, tokens, hidden = [16, 32], [32], 64, 64
+        Ts, Ds, tokens, hidden, gqa_Ts, group = [16, 32], [32], 64, 64, [32], 2
     else:
         Ts = [1024, 4096, 16384] if cfg.quick else [512, 1024, 2048, 4096, 8192, 16384]
         Ds, tokens, hidden = [64, 128], TOKENS, HIDDEN
+        gqa_Ts, group = ([4096] if cfg.quick else [1024, 4096, 16384]), GQA_GROUP
     for D in Ds:
         for causal in (False, True):
             for T in Ts:
-                yield tokens // T, hidden // D, T, D, causal
+                yield tokens // T, hidden // D, hidden // D, T, D, causal
+    for D in Ds:
+        for T in gqa_Ts:
+            yield tokens // T, hidden // D, hidden // D // group, T, D, True
 
 
 def flops(B, H, T, D, causal) -> dict:
@@ -80,8 +90,13 @@ def _sdpa(backend_name: str):
     if not hasattr(SDPBackend, member):
         raise Unavailable(f"this torch has no SDPBackend.{member}")
     backend = getattr(SDPBackend, member)
-    return Provider(f"sdpa-{backend_name}", lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c),
+    return Provider(f"sdpa-{backend_name}",
+                    lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c, enable_gqa=_gqa(q, k)),
                     context=lambda: sdpa_kernel([backend]))
+
+
+def _gqa(q, k) -> bool:
+    return k.shape[1] != q.shape[1]  # (B, H, T, D) inputs
 
 
 def make_provider(name: str, cfg: BenchConfig) -> Provider:
@@ -95,7 +110,8 @@ def make_provider(name: str, cfg: BenchConfig) -> Provider:
             raise Unavailable("Triton on CPU needs TRITON_INTERPRET=1")
         if backend == "cuda" and not cfg.cuda:
             raise Unavailable("the CUDA C++ backend needs a GPU")
-        return Provider(name, lambda q, k, v, c: tfkernels.attention(q, k, v, is_causal=c, backend=backend))
+        return Provider(name, lambda q, k, v, c: tfkernels.attention(q, k, v, is_causal=c, enable_gqa=_gqa(q, k),
+                                                                     backend=backend))
     if name.startswith("sdpa-"):
         return _sdpa(name.split("-", 1)[1])
     if name in ("flash-attn-2", "flash-attn-3"):
@@ -140,19 +156,33 @@ def _from(layout, *ts):
     return [t.transpose(1, 2) if layout == "bthd" else t for t in ts]
 
 
+def _heads(q, k) -> tuple[int, int]:
+    """The checked slice's query and K/V heads: heads 0-1, or with GQA the first K/V head and its
+    whole group (its dK, dV sum over all of them)."""
+    group = q.shape[1] // k.shape[1]
+    return (2, 2) if group == 1 else (group, 1)
+
+
+def _slice(q, k, v, dout):
+    nq, nk = _heads(q, k)
+    return q[:1, :nq], k[:1, :nk], v[:1, :nk], dout[:1, :nq]
+
+
 def _reference(q, k, v, dout, causal):
-    """fp32 output and gradients on batch 0, heads 0-1 (SDPA's default backend for fp32)."""
-    sl = [t[:1, :2].detach().float().requires_grad_() for t in (q, k, v)]
-    out = F.scaled_dot_product_attention(*sl, is_causal=causal)
-    grads = torch.autograd.grad(out, sl, dout[:1, :2].float())
+    """fp32 output and gradients on batch 0, the checked heads (SDPA's default backend for fp32)."""
+    q, k, v, dout = _slice(q, k, v, dout)
+    sl = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*sl, is_causal=causal, enable_gqa=_gqa(q, k))
+    grads = torch.autograd.grad(out, sl, dout.float())
     return [out.detach(), *grads]
 
 
 def _baseline_err(q, k, v, dout, causal, ref) -> float:
     """PyTorch's own error in the benchmark dtype on the same slice (default SDPA backend)."""
-    sl = [t[:1, :2].detach().clone().requires_grad_() for t in (q, k, v)]
-    out = F.scaled_dot_product_attention(*sl, is_causal=causal)
-    grads = torch.autograd.grad(out, sl, dout[:1, :2].clone())
+    q, k, v, dout = _slice(q, k, v, dout)
+    sl = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*sl, is_causal=causal, enable_gqa=_gqa(q, k))
+    grads = torch.autograd.grad(out, sl, dout.clone())
     return _util.max_rel_err([out, *grads], ref)
 
 
@@ -161,8 +191,10 @@ def _check(p: Provider, q, k, v, dout, causal):
     qs, ks, vs = [t.detach().requires_grad_() for t in (q, k, v)]
     out = p.fn(qs, ks, vs, causal)
     grads = torch.autograd.grad(out, (qs, ks, vs), dout)
-    outs = _from(p.layout, out.detach(), *grads)
-    return [t[:1, :2] for t in outs]
+    out, dq, dk, dv = _from(p.layout, out.detach(), *grads)
+    ref_q, ref_k = (t.transpose(1, 2) if p.layout == "bthd" else t for t in (qs, ks))
+    nq, nk = _heads(ref_q, ref_k)
+    return [out[:1, :nq], dq[:1, :nq], dk[:1, :nk], dv[:1, :nk]]
 
 
 def _peak_mib(p: Provider, q, k, v, dout, causal) -> float:
@@ -189,29 +221,30 @@ def run(cfg: BenchConfig, notes: dict, log=print) -> list[dict]:
         except Unavailable as err:
             notes.setdefault(f"attention/{name}", f"skipped: {err}")
     rows = []
-    for B, H, T, D, causal in sweep_configs(cfg):
+    for B, H, Hkv, T, D, causal in sweep_configs(cfg):
         if cfg.out_of_time():
             notes.setdefault("attention/budget", "time budget (--budget) reached: later configs not run")
-            notes["attention/budget"] += f"; D={D} causal={causal} T={T}"
+            notes["attention/budget"] += f"; D={D} causal={causal} T={T}" + (f" H_kv={Hkv}" if Hkv != H else "")
             continue
-        rows += _run_config(providers, B, H, T, D, causal, cfg, notes, log)
+        rows += _run_config(providers, B, H, Hkv, T, D, causal, cfg, notes, log)
         _util.empty_cache(cfg)
     return rows
 
 
-def _run_config(providers, B, H, T, D, causal, cfg, notes, log) -> list[dict]:
-    g = torch.Generator(device=cfg.device).manual_seed(T * 131 + D * 7 + int(causal))
+def _run_config(providers, B, H, Hkv, T, D, causal, cfg, notes, log) -> list[dict]:
+    g = torch.Generator(device=cfg.device).manual_seed(T * 131 + D * 7 + int(causal) + (Hkv if Hkv != H else 0))
     kw = dict(device=cfg.device, dtype=cfg.dtype, generator=g)
-    q, k, v, dout = (torch.randn(B, H, T, D, **kw) for _ in range(4))
+    q, k, v, dout = (torch.randn(B, h, T, D, **kw) for h in (H, Hkv, Hkv, H))
     ref = _reference(q, k, v, dout, causal)
     tol = _util.tolerance(cfg.dtype, _baseline_err(q, k, v, dout, causal, ref))
     fl = flops(B, H, T, D, causal)
-    tag = f"D={D:<3d} {'causal' if causal else 'full  '} T={T:<5d}"
+    tag = f"D={D:<3d} {'causal' if causal else 'full  '} T={T:<5d}" + (f" GQA {H // Hkv}:1" if Hkv != H else "")
     rows = []
 
     def row(provider, pass_, status, err=None, t=None, mib=None, note=""):
         r = dict(suite="attention", op="attention", provider=provider, **{"pass": pass_}, dtype=cfg.dtype_name,
-                 shape=f"{B}x{H}x{T}x{D}", B=B, H=H, T=T, D=D, causal=causal, x=T, status=status, err=err,
+                 shape=f"{B}x{H}x{T}x{D}" + (f" kv{Hkv}" if Hkv != H else ""), B=B, H=H, Hkv=Hkv, T=T, D=D,
+                 causal=causal, x=T, status=status, err=err,
                  tol=tol, note=note)
         if pass_ == "mem":
             r.update(metric="MiB", value=mib)

@@ -70,6 +70,16 @@ def _save(fig, path, title):
     return path
 
 
+def _attn_combo(r: dict) -> tuple:
+    """An attention table's key: (GQA group, D, causal); group 1 is MHA (rows before GQA had no H_kv)."""
+    return (r["H"] // r.get("Hkv", r["H"]), r["D"], r["causal"])
+
+
+def _attn_title(combo: tuple, sep: str = " ") -> str:
+    group, D, causal = combo
+    return sep.join([f"D={D}", "causal" if causal else "non-causal"] + ([f"GQA {group}:1"] if group > 1 else []))
+
+
 def _lines(ax, rows, logy=False):
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != TFK, p))
     for p in providers:
@@ -112,13 +122,13 @@ def plot_all(out: Path, result: dict) -> list[Path]:
 
     attn = [r for r in rows if r["suite"] == "attention"]
     if attn:
-        combos = sorted({(r["D"], r["causal"]) for r in attn})
+        combos = sorted({_attn_combo(r) for r in attn})
         fig, axes = plt.subplots(len(combos), 3, figsize=(15, 3.6 * len(combos)), squeeze=False)
-        for i, (D, causal) in enumerate(combos):
+        for i, combo in enumerate(combos):
             for j, pass_ in enumerate(("fwd", "bwd", "fwd+bwd")):
                 ax = axes[i][j]
-                _lines(ax, [r for r in attn if r["D"] == D and r["causal"] == causal and r["pass"] == pass_])
-                ax.set_title(f"D={D} {'causal' if causal else 'non-causal'} {pass_}")
+                _lines(ax, [r for r in attn if _attn_combo(r) == combo and r["pass"] == pass_])
+                ax.set_title(f"{_attn_title(combo)} {pass_}")
                 ax.set_xlabel("T (B*T fixed)")
                 ax.set_ylabel("TFLOP/s")
                 ax.legend(fontsize=7)
@@ -127,10 +137,10 @@ def plot_all(out: Path, result: dict) -> list[Path]:
         mem = [r for r in attn if r["pass"] == "mem"]
         if mem:
             fig, axes = plt.subplots(1, len(combos), figsize=(4.5 * len(combos), 3.8), squeeze=False)
-            for j, (D, causal) in enumerate(combos):
+            for j, combo in enumerate(combos):
                 ax = axes[0][j]
-                _lines(ax, [r for r in mem if r["D"] == D and r["causal"] == causal], logy=True)
-                ax.set_title(f"peak memory fwd+bwd, D={D} {'causal' if causal else 'non-causal'}", fontsize=9)
+                _lines(ax, [r for r in mem if _attn_combo(r) == combo], logy=True)
+                ax.set_title(f"peak memory fwd+bwd, {_attn_title(combo)}", fontsize=9)
                 ax.set_xlabel("T (B*T fixed)")
                 ax.set_ylabel("MiB")
                 ax.legend(fontsize=7)
@@ -206,18 +216,18 @@ def summary_md(result: dict) -> str:
     attn = [r for r in rows if r["suite"] == "attention"]
     if attn:
         out += ["## Attention: TFLOP/s (B*T = %d, H*D = %d)" % (attn[0]["B"] * attn[0]["T"], attn[0]["H"] * attn[0]["D"]), ""]
-        for D, causal in sorted({(r["D"], r["causal"]) for r in attn}):
+        for combo in sorted({_attn_combo(r) for r in attn}):
             for pass_ in ("fwd", "bwd", "fwd+bwd"):
-                sel = [r for r in attn if r["D"] == D and r["causal"] == causal and r["pass"] == pass_]
+                sel = [r for r in attn if _attn_combo(r) == combo and r["pass"] == pass_]
                 if sel:
-                    out += [f"### D={D}, {'causal' if causal else 'non-causal'}, {pass_}", "",
+                    out += [f"### {_attn_title(combo, ', ')}, {pass_}", "",
                             _table(sel, "T", _cell, _providers(sel)), ""]
         mem = [r for r in attn if r["pass"] == "mem"]
         if mem:
             out += ["## Attention: peak memory of forward+backward (MiB, inputs excluded)", ""]
-            for D, causal in sorted({(r["D"], r["causal"]) for r in mem}):
-                sel = [r for r in mem if r["D"] == D and r["causal"] == causal]
-                out += [f"### D={D}, {'causal' if causal else 'non-causal'}", "",
+            for combo in sorted({_attn_combo(r) for r in mem}):
+                sel = [r for r in mem if _attn_combo(r) == combo]
+                out += [f"### {_attn_title(combo, ', ')}", "",
                         _table(sel, "T", _cell, _providers(sel)), ""]
 
     e2e = [r for r in rows if r["suite"] == "e2e"]

@@ -54,6 +54,10 @@ def test_expected_providers_ran(smoke_run):
     if hasattr(tfkernels, "attention"):
         for pass_ in ("fwd", "bwd", "fwd+bwd"):
             assert ("attention", "tfkernels-triton", pass_) in ran, result["notes"]
+        # the GQA configs: checked against SDPA on the first K/V head's group, and timed
+        gqa = {(r["provider"], r["pass"]) for r in result["rows"]
+               if r["suite"] == "attention" and r["status"] == "ok" and r["Hkv"] < r["H"]}
+        assert {("tfkernels-triton", "fwd+bwd"), ("sdpa-math", "fwd+bwd")} <= gqa, gqa
     assert not [r for r in result["rows"] if r["status"] == "failed"], "a provider failed its correctness check"
     # a missing provider is a note, never an error
     assert any("flash-attn" in k for k in result["notes"])
@@ -63,6 +67,7 @@ def test_summary_and_compare(smoke_run):
     out, result = smoke_run
     summary = (out / "summary.md").read_text()
     assert "GB/s" in summary and "TFLOP/s" in summary and result["env"]["commit"] in summary
+    assert "### D=32, causal, GQA 2:1, fwd+bwd" in summary and "### D=32, non-causal, fwd" in summary
     from benchmarks import report
 
     table = report.compare(out / "results.json", result["rows"], threshold=10.0)  # same run: nothing moves
