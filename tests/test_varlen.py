@@ -286,3 +286,62 @@ def test_attention_jagged_compiles():
     (g,) = torch.autograd.grad(compiled.values().sum(), x)
     (ge,) = torch.autograd.grad(eager.values().sum(), x)
     assert_close(g.values(), ge.values(), torch.float32, "grad")
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attn_func / flash_attn_varlen_func: FlashAttention's own signatures
+# ----------------------------------------------------------------------------------------------
+
+# (B, T_q, T_k, H_q, H_kv, causal, window): bottom-right alignment when T_q != T_k
+DENSE_CASES = {
+    "square-causal-gqa": (2, 19, 19, 4, 2, True, (-1, -1)),  # both corners agree: the (B, H, T, D) views
+    "decode-chunk-causal": (2, 5, 23, 2, 2, True, (-1, -1)),  # T_q < T_k: each row over its KV cache
+    "more-queries-window": (1, 21, 9, 2, 1, True, (4, 0)),  # T_q > T_k: the first 12 rows see nothing
+    "cross-no-alignment": (2, 7, 13, 2, 2, False, (-1, -1)),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_flash_attn_func_matches_flash_attention_semantics(backend, case):
+    B, Tq, Tk, Hq, Hkv, causal, window = DENSE_CASES[case]
+    q = torch.randn(B, Tq, Hq, 32, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, Tk, Hkv, 32, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, Tk, Hkv, 32, device=DEVICE, requires_grad=True)
+    out, lse, probs = tfkernels.flash_attn_func(q, k, v, softmax_scale=0.3, causal=causal, window_size=window,
+                                                return_attn_probs=True, deterministic=True, backend=backend)
+    assert out.shape == (B, Tq, Hq, 32) and lse.shape == (B, Hq, Tq) and probs is None
+    # the packed reference: each batch row one sequence, bottom-right
+    ref_out, ref_lse = reference(q.reshape(B * Tq, Hq, 32), k.reshape(B * Tk, Hkv, 32), v.reshape(B * Tk, Hkv, 32),
+                                 [Tq] * B, [Tk] * B, causal, window, scale=0.3)
+    assert_close(out.reshape(B * Tq, Hq, 32), ref_out, torch.float32, "out")
+    ref_lse = ref_lse.reshape(Hq, B, Tq).transpose(0, 1)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse).cpu(), (~fin).cpu())
+    assert_close(lse[fin], ref_lse[fin], torch.float32, "lse")
+    dout = torch.randn_like(ref_out)
+    grads = torch.autograd.grad((out.reshape(B * Tq, Hq, 32).double() * dout).sum(), (q, k, v), retain_graph=True)
+    ref_grads = torch.autograd.grad((ref_out * dout).sum(), (q, k, v))
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, torch.float32, name, scale=2.0)
+
+
+def test_flash_attn_varlen_func_is_varlen_attention(backend):
+    lens_q, lens_k = [3, 8], [6, 8]
+    q, k, v = _inputs(lens_q, lens_k, 2, 2, 32, torch.float32)
+    args = (q, k, v, _cu(lens_q), _cu(lens_k), 8, 8)
+    out, lse, probs = tfkernels.flash_attn_varlen_func(*args, 0.0, 0.25, True, (2, 0), 0.0, None, False, True,
+                                                       backend=backend)
+    ref, ref_lse = tfkernels.varlen_attention(*args, scale=0.25, causal=True, window_size=(2, 0), return_lse=True,
+                                              backend=backend)
+    assert probs is None and torch.equal(out, ref) and torch.equal(lse, ref_lse)
+
+
+def test_flash_api_refuses_what_it_lacks():
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        tfkernels.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        tfkernels.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="flash_attn_func: q must be"):
+        tfkernels.flash_attn_func(q[0], q, q)
