@@ -974,13 +974,16 @@ def test_empty_keys_and_queries(backend, which):
     backend = backend if which == "kernel" else "torch"
     q = _rand(1, 2, 5, 16, dtype=torch.float32).requires_grad_(True)
     k = _rand(1, 2, 0, 16).requires_grad_(True)
-    for kw in ({}, dict(is_causal=True), dict(attn_mask=torch.zeros(5, 0, device=DEVICE, dtype=torch.bool))):
+    ids = torch.zeros(5, dtype=torch.int32, device=DEVICE), torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    for kw in ({}, dict(is_causal=True), dict(attn_mask=torch.zeros(5, 0, device=DEVICE, dtype=torch.bool)),
+               dict(document_ids=ids)):
         out = tfkernels.attention(q, k, k, backend=backend, **kw)
         assert out.shape == q.shape and (out == 0).all(), kw
         (gq,) = torch.autograd.grad(out.sum(), q)
         assert (gq == 0).all(), kw
     e = _rand(1, 2, 0, 16)
     assert tfkernels.attention(e, q.detach(), q.detach(), backend=backend).shape == e.shape
+    assert tfkernels.attention(e, q.detach(), q.detach(), document_ids=ids[::-1], backend=backend).shape == e.shape
 
 
 # ---------------------------------------------------------------------------------------------

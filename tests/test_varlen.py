@@ -11,7 +11,8 @@ from conftest import DEVICE, assert_close
 
 
 def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return torch.tensor([0, *torch.tensor(lens, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32,
+                        device=DEVICE)
 
 
 def reference(q, k, v, lens_q, lens_k, causal=False, window=(-1, -1), scale=None, softcap=0.0, bottom_right=True):
@@ -167,6 +168,19 @@ def test_varlen_dropout(backend):
     clean = tfkernels.varlen_attention(*args, causal=True, backend=backend)
     assert not torch.allclose(a, clean)
     assert (tfkernels.varlen_attention(*args, dropout_p=1.0, causal=True, backend=backend) == 0).all()
+
+
+@pytest.mark.parametrize("lens", [([0], [0]), ([], []), ([3], [0]), ([0], [4]), ([0, 3], [2, 0])],
+                         ids=["empty", "no-sequences", "no-keys", "no-queries", "one-side-each"])
+def test_varlen_empty(backend, lens):
+    """Empty sequences and empty batches: zero rows, -inf lse, zero gradients, no error."""
+    lens_q, lens_k = lens
+    q, k, v = _inputs(lens_q, lens_k, 2, 2, 16, torch.float32)
+    out, lse = tfkernels.varlen_attention(q, k, v, _cu(lens_q), _cu(lens_k), causal=True, return_lse=True,
+                                          backend=backend)
+    assert out.shape == q.shape and lse.shape == (2, q.shape[0]) and (out == 0).all() and torch.isinf(lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v)))
 
 
 def test_varlen_reads_offsets_once_per_tensor_version(monkeypatch):

@@ -28,6 +28,7 @@ correct but not faster than a dense mask. Sorted ids (the packed case) get the e
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -184,7 +185,7 @@ def _one(ids, name: str, lead: tuple, T: int, ref: Tensor) -> Tensor:
         lo, hi = torch.aminmax(ids)  # a device sync: pass int32 ids to skip it
         if int(lo) < -INT32_MAX - 1 or int(hi) > INT32_MAX:
             raise ValueError(f"attention: {name} must fit in int32, got values in [{int(lo)}, {int(hi)}]")
-    return ids.reshape(-1, T).to(torch.int32).contiguous()
+    return ids.reshape(math.prod(lead), T).to(torch.int32).contiguous()  # (not -1: T may be 0)
 
 
 def check_document_ids(document_ids, lead: tuple, Tq: int, Tk: int, q: Tensor) -> Optional[tuple[Tensor, Tensor]]:
