@@ -170,6 +170,21 @@ def test_varlen_dropout(backend):
     assert (tfkernels.varlen_attention(*args, dropout_p=1.0, causal=True, backend=backend) == 0).all()
 
 
+def test_varlen_packed_qkv_views(backend):
+    """q, k, v as strided views of one packed (total, 3, H, D) projection, as FlashAttention's qkvpacked
+    callers hold them: no copy needed, same answer as contiguous inputs."""
+    lens = [7, 12]
+    qkv = torch.randn(sum(lens), 3, 2, 32, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    out = tfkernels.varlen_attention(q, k, v, _cu(lens), causal=True, backend=backend)
+    ref, _ = reference(q, k, v, lens, lens, True)
+    assert_close(out, ref, torch.float32, "out")
+    dout = torch.randn_like(ref)
+    (g,) = torch.autograd.grad((out.double() * dout).sum(), qkv)
+    (r,) = torch.autograd.grad((ref * dout).sum(), qkv)
+    assert_close(g, r, torch.float32, "dqkv", scale=2.0)
+
+
 @pytest.mark.parametrize("lens", [([0], [0]), ([], []), ([3], [0]), ([0], [4]), ([0, 3], [2, 0])],
                          ids=["empty", "no-sequences", "no-keys", "no-queries", "one-side-each"])
 def test_varlen_empty(backend, lens):
