@@ -156,8 +156,10 @@ def test_nested_and_sparse_tensors_are_named(backend):
     with pytest.raises(TypeError, match="layout=torch.jagged"):
         tfkernels.attention(strided, strided, strided, backend=backend)
     rows = torch.nested.nested_tensor([torch.randn(5, 8), torch.randn(7, 8)], layout=torch.jagged)
-    with pytest.raises(TypeError, match="x is a nested tensor"):
-        tfkernels.layer_norm(rows, (8,), backend=backend)
+    with pytest.raises(ValueError, match="must not be the batch dim"):  # the ops take it over the other dims
+        tfkernels.softmax(rows, 1, backend=backend)
+    with pytest.raises(TypeError, match="weight is a nested tensor"):
+        tfkernels.layer_norm(torch.randn(2, 8), (8,), weight=rows, backend=backend)
     with pytest.raises(TypeError, match="x has layout torch.sparse_coo"):
         tfkernels.softmax(torch.randn(4, 8).to_sparse(), -1, backend=backend)
 

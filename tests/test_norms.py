@@ -203,3 +203,35 @@ def test_zero_length_rows(op, backend):
     assert y.shape == (3, 0)
     y.sum().backward()
     assert x.grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("op", OPS + ["softmax"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["ragged1", "ragged2"])
+def test_jagged_nested_tensors(op, transposed, backend):
+    """A jagged nested tensor (as an NJT model feeds its norms) is normalized row by row, like torch's
+    own ops on it: float64 reference on the same rows, forward and every gradient; the result shares
+    the input's ragged structure."""
+    leaf = torch.nested.nested_tensor([torch.randn(5, 3, 24), torch.randn(1, 3, 24), torch.randn(9, 3, 24)],
+                                      layout=torch.jagged, device=DEVICE, requires_grad=True)
+    x = leaf.transpose(1, 2) if transposed else leaf  # (B, 3, j, 24), ragged dim 2, or (B, j, 3, 24)
+    w = (torch.randn(24, device=DEVICE) + 1).requires_grad_(True)
+    b = torch.randn(24, device=DEVICE).requires_grad_(True)
+    if op == "softmax":
+        y, ref = tfkernels.softmax(x, -1, backend=backend), (lambda x, w, b: torch.softmax(x, -1))
+    elif op == "layer_norm":
+        y, ref = tfkernels.layer_norm(x, (24,), w, b, backend=backend), (lambda x, w, b: F.layer_norm(x, (24,), w, b))
+    else:
+        y, ref = tfkernels.rms_norm(x, (24,), w, 1e-6, backend=backend), (lambda x, w, b: F.rms_norm(x, (24,), w, 1e-6))
+    assert y.is_nested and y.shape == x.shape and y._ragged_idx == x._ragged_idx
+    # the reference on the dense rows (values: (total, 3, 24) or (3, total, 24)), in float64
+    v64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (leaf.values(), w, b))
+    y64 = ref(v64.transpose(0, 1) if transposed else v64, w64, b64)
+    assert_close(y.values(), y64, torch.float32, "y")
+    dy = torch.randn_like(y64)
+    inputs = (leaf, w, b) if op != "softmax" else (leaf,)
+    grads = torch.autograd.grad(y.values(), inputs, dy.float(), allow_unused=True)
+    refs = torch.autograd.grad(y64, (v64, w64, b64)[:len(inputs)], dy, allow_unused=True)
+    for name, g, r in zip(("dx", "dw", "db"), grads, refs):
+        if r is None:  # rms_norm has no bias
+            continue
+        assert_close(g.values() if g.is_nested else g, r, torch.float32, name, scale=4.0)

@@ -12,9 +12,8 @@ def check_tensor(t, name: str) -> None:
     # the kernels index memory through sizes and strides: a nested (jagged) or sparse tensor has
     # neither, and failed deep inside with torch's own view/matmul errors
     if t.is_nested:
-        raise TypeError(f"{name} is a nested tensor; tfkernels takes dense tensors: pad the sequences "
-                        "(attention: with a key-padding attn_mask), concatenate them for tfkernels.varlen_attention, "
-                        "or run them one by one")
+        raise TypeError(f"{name} is a nested tensor; tfkernels takes it only as the input of attention, softmax "
+                        "and the norms (layout=torch.jagged); elsewhere, dense tensors")
     if t.layout != torch.strided:
         raise TypeError(f"{name} has layout {t.layout}; tfkernels takes dense (strided) tensors")
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
+from . import _jagged
 
 
 def _cuda_fwd(x, weight, bias, eps):
@@ -109,7 +110,13 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
         weight, bias: optional tensors of shape `normalized_shape`.
         eps: added to the variance.
         backend: "triton", "cuda", "torch" or None (automatic; see `tfkernels._backend`).
+
+    A nested tensor (layout=torch.jagged) is normalized row by row, as F.layer_norm does it, when
+    normalized_shape does not reach its ragged dim.
     """
+    if isinstance(x, Tensor) and x.is_nested:
+        return _jagged.rowwise(x, lambda v, _: layer_norm(v, normalized_shape, weight, bias, eps, backend=backend),
+                               _jagged.trailing(x, normalized_shape), "layer_norm")
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "layer_norm", others=(weight, bias))
     shape = _validate.check_norm_args(x, normalized_shape, weight, bias, be, "layer_norm")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
+from . import _jagged
 
 
 def _cuda_fwd(x, weight, eps):
@@ -90,8 +91,12 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     Same semantics as `torch.nn.functional.rms_norm`: y = x / sqrt(mean(x^2) + eps) * weight, where
     eps=None means what it means to the installed torch's F.rms_norm (`reference.rms_norm_default_eps`:
     float32's eps for fp16/bf16 on current torch, x's dtype's on torch 2.6). Statistics in fp32; y
-    has x's dtype.
+    has x's dtype. A nested tensor (layout=torch.jagged) is normalized row by row, as F.rms_norm
+    does it, when normalized_shape does not reach its ragged dim.
     """
+    if isinstance(x, Tensor) and x.is_nested:
+        return _jagged.rowwise(x, lambda v, _: rms_norm(v, normalized_shape, weight, eps, backend=backend),
+                               _jagged.trailing(x, normalized_shape), "rms_norm")
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "rms_norm", others=(weight,))
     shape = _validate.check_norm_args(x, normalized_shape, weight, None, be, "rms_norm")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
+from . import _jagged
 
 try:
     import triton
@@ -208,8 +209,12 @@ def softmax(x: Tensor, dim: int = -1, *, backend: Optional[str] = None) -> Tenso
 
     Any dim and any strides: the dim is moved last as a view and the kernels read rows with their
     strides. y is contiguous, as torch's is (over a dim that is not the last, that costs a copy of
-    y: a model may `view` the result). fp32 accumulation; y has x's dtype.
+    y: a model may `view` the result). fp32 accumulation; y has x's dtype. A nested tensor
+    (layout=torch.jagged) takes a dim other than its batch and ragged dims, as torch.softmax.
     """
+    if isinstance(x, Tensor) and x.is_nested:
+        d = _validate.check_dim(dim, x.dim())
+        return _jagged.rowwise(x, lambda v, shift: softmax(v, d - shift, backend=backend), (d,), "softmax")
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "softmax")
     _validate.check_float(x, "x", be)
