@@ -10,6 +10,7 @@
     tfkernels.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None)
     tfkernels.rms_norm(x, normalized_shape, weight=None, eps=None, *, backend=None)
     tfkernels.swap(model, ...) -> model
+    with tfkernels.sdpa_override(): ...      # F.scaled_dot_product_attention -> tfkernels.attention
 
 backend: "triton", "cuda", "torch" or None (automatic; TFKERNELS_BACKEND sets the default).
 """
@@ -18,6 +19,7 @@ from .ops import attention, layer_norm, rms_norm, softmax, varlen_attention
 from . import nn, reference
 from .swap import swap, unswap
 from .flash_api import flash_attn_func, flash_attn_varlen_func
+from .functional import sdpa_override
 from . import hf as _hf
 
 _hf.install_import_hook()  # registers attn_implementation="tfkernels" once transformers loads
@@ -25,4 +27,4 @@ _hf.install_import_hook()  # registers attn_implementation="tfkernels" once tran
 __version__ = "0.1.0"
 
 __all__ = ["attention", "varlen_attention", "flash_attn_func", "flash_attn_varlen_func", "layer_norm", "rms_norm",
-           "softmax", "nn", "reference", "swap", "unswap", "BackendUnavailableError"]
+           "softmax", "nn", "reference", "swap", "unswap", "sdpa_override", "BackendUnavailableError"]

@@ -11,6 +11,9 @@ What is replaced (each new module shares the old one's Parameter objects, so opt
   - torch.nn.MultiheadAttention           -> tfkernels.nn.MultiheadAttention; the PyTorch fused fast
     paths of nn.TransformerEncoder(Layer) that would bypass the modules are switched off
   - Hugging Face models: attention implementation -> "tfkernels" (tfkernels.hf.attention_forward)
+  - torch.nn.functional.scaled_dot_product_attention, called by the model's own code: routed to
+    tfkernels.attention during each forward of `model` (hooks on it enter
+    `tfkernels.sdpa_override(backend)`; see tfkernels.functional for the rules)
 Only modules whose class is exactly the torch one (or one whose `forward` is not overridden) are
 replaced; anything else is left alone, and so are modules with a parametrization (its weight is
 computed at every access: a replacement would freeze it) or a `forward` set on the instance (e.g.
@@ -26,7 +29,7 @@ from typing import List, Optional, Tuple
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _config, hf
+from . import _config, functional, hf
 from . import nn as tnn
 
 __all__ = ["swap", "unswap"]
@@ -153,7 +156,7 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
             raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
     state = getattr(model, _STATE, None)
     if state is None:
-        state = {"modules": [], "configs": [], "flags": [], "backend_attrs": []}
+        state = {"modules": [], "configs": [], "flags": [], "backend_attrs": [], "hooks": []}
     report: List[Tuple[str, str, str]] = []
 
     # 1. module replacement; a module object used in several places gets one replacement
@@ -217,6 +220,15 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
                 state["backend_attrs"].append((m, m.__dict__.get("_tfkernels_backend", _MISSING)))
                 m._tfkernels_backend = backend
 
+    # 4. F.scaled_dot_product_attention in the model's own code: routed while its forward runs (the
+    #    post hook runs even when the forward raises). A second swap replaces the first's hooks.
+    for handle in state["hooks"]:
+        handle.remove()
+    state["hooks"] = []
+    if attention:
+        state["hooks"] = [model.register_forward_pre_hook(lambda m, args: functional._enter(backend)),
+                          model.register_forward_hook(lambda m, args, out: functional._exit(), always_call=True)]
+
     object.__setattr__(model, _STATE, state)
     for qual, old, new in report:
         logger.info("tfkernels.swap: %s: %s -> %s", qual or "<model>", old, new)
@@ -238,6 +250,8 @@ def unswap(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(_STATE, None)
     if state is None:
         return model
+    for handle in state.get("hooks", ()):
+        handle.remove()
     for parent, name, old in reversed(state["modules"]):
         parent._modules[name] = old
     for m, attr, value in reversed(state["flags"]):
