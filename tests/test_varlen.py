@@ -76,7 +76,7 @@ def _check(backend, lens_q, lens_k, causal, window, dtype=torch.float32, Hq=4, H
                                           softcap=softcap, scale=scale, return_lse=True, backend=backend)
     ref_out, ref_lse = reference(q, k, v, lens_q, lens_q if lens_k is None else lens_k, causal, window, scale,
                                  softcap)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.is_contiguous()
     assert_close(out, ref_out, dtype, "out")
     assert torch.equal(torch.isinf(lse).cpu(), torch.isinf(ref_lse).cpu())
     fin = torch.isfinite(ref_lse)
@@ -338,7 +338,7 @@ def test_flash_attn_func_matches_flash_attention_semantics(backend, case):
     v = torch.randn(B, Tk, Hkv, 32, device=DEVICE, requires_grad=True)
     out, lse, probs = tfkernels.flash_attn_func(q, k, v, softmax_scale=0.3, causal=causal, window_size=window,
                                                 return_attn_probs=True, deterministic=True, backend=backend)
-    assert out.shape == (B, Tq, Hq, 32) and lse.shape == (B, Hq, Tq) and probs is None
+    assert out.shape == (B, Tq, Hq, 32) and lse.shape == (B, Hq, Tq) and probs is None and out.is_contiguous()
     # the packed reference: each batch row one sequence, bottom-right
     ref_out, ref_lse = reference(q.reshape(B * Tq, Hq, 32), k.reshape(B * Tk, Hkv, 32), v.reshape(B * Tk, Hkv, 32),
                                  [Tq] * B, [Tk] * B, causal, window, scale=0.3)

@@ -162,7 +162,9 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, host_q:
         res = attention(qf.transpose(0, 1).unsqueeze(0), kf.transpose(0, 1).unsqueeze(0),
                         vf.transpose(0, 1).unsqueeze(0), is_causal=is_causal, document_ids=ids, **kw)
         out, lse = res if return_lse else (res, None)
-        return out[0].transpose(0, 1), (None if lse is None else lse[0])  # (T, H_q, D), (H_q, T)
+        # (T, H_q, D) contiguous, as FlashAttention returns it (callers `view` it as (T, H_q * D)),
+        # and (H_q, T)
+        return out[0].transpose(0, 1).contiguous(), (None if lse is None else lse[0])
 
     lens_q = cu_q[1:] - cu_q[:-1]
     doc_q = _seq_index(cu_q, lens_q, total_q)
