@@ -374,3 +374,31 @@ def test_flash_api_refuses_what_it_lacks():
         tfkernels.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1))
     with pytest.raises(ValueError, match="flash_attn_func: q must be"):
         tfkernels.flash_attn_func(q[0], q, q)
+
+
+def test_flash_attn_packed_forms(backend):
+    """The qkvpacked / kvpacked forms are the unpacked functions on views of the packed tensor."""
+    torch.manual_seed(5)
+    qkv = torch.randn(2, 11, 3, 2, 32, device=DEVICE, requires_grad=True)
+    out = tfkernels.flash_attn_qkvpacked_func(qkv, causal=True, backend=backend)
+    ref = tfkernels.flash_attn_func(*qkv.unbind(2), causal=True, backend=backend)
+    assert torch.equal(out, ref)
+    (g,) = torch.autograd.grad(out.sum(), qkv)
+    assert g.shape == qkv.shape and torch.isfinite(g).all() and g[:, :, 2].abs().sum() > 0
+    q, kv = qkv[:, :4, 0].detach(), qkv[:, :, 1:].detach()
+    out = tfkernels.flash_attn_kvpacked_func(q, kv, causal=True, window_size=(3, 0), backend=backend)
+    assert torch.equal(out, tfkernels.flash_attn_func(q, *kv.unbind(2), causal=True, window_size=(3, 0),
+                                                      backend=backend))
+    lens = [4, 7]
+    flat = qkv.detach()[0]  # (11, 3, 2, 32): two packed sequences
+    out = tfkernels.flash_attn_varlen_qkvpacked_func(flat, _cu(lens), 7, causal=True, backend=backend)
+    assert torch.equal(out, tfkernels.varlen_attention(*flat.unbind(1), _cu(lens), causal=True, backend=backend))
+    out, lse, _ = tfkernels.flash_attn_varlen_kvpacked_func(flat[:5, 0], flat[:, 1:], _cu([2, 3]), _cu(lens), 3, 7,
+                                                            causal=True, return_attn_probs=True, backend=backend)
+    ref, ref_lse = tfkernels.varlen_attention(flat[:5, 0], *flat[:, 1:].unbind(1), _cu([2, 3]), _cu(lens),
+                                              causal=True, return_lse=True, backend=backend)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, heads, head_dim\)"):
+        tfkernels.flash_attn_qkvpacked_func(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"kv must be \(total, 2, heads, head_dim\)"):
+        tfkernels.flash_attn_varlen_kvpacked_func(flat[:, 0], flat, _cu(lens), _cu(lens))

@@ -6,6 +6,7 @@
                                dropout_p=0.0, scale=None, causal=False, window_size=None, softcap=0.0,
                                return_lse=False, backend=None)   # FlashAttention's varlen API
     tfkernels.flash_attn_func, tfkernels.flash_attn_varlen_func       # flash_attn 2's signatures, (B, T, H, D)
+    (and flash_attn's qkvpacked / kvpacked forms)
     tfkernels.softmax(x, dim=-1, *, backend=None)
     tfkernels.layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None)
     tfkernels.rms_norm(x, normalized_shape, weight=None, eps=None, *, backend=None)
@@ -18,7 +19,8 @@ from ._backend import BackendUnavailableError
 from .ops import attention, layer_norm, rms_norm, softmax, varlen_attention
 from . import nn, reference
 from .swap import swap, unswap
-from .flash_api import flash_attn_func, flash_attn_varlen_func
+from .flash_api import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                        flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 from .functional import sdpa_override
 from . import hf as _hf
 
@@ -26,5 +28,6 @@ _hf.install_import_hook()  # registers attn_implementation="tfkernels" once tran
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "varlen_attention", "flash_attn_func", "flash_attn_varlen_func", "layer_norm", "rms_norm",
-           "softmax", "nn", "reference", "swap", "unswap", "sdpa_override", "BackendUnavailableError"]
+__all__ = ["attention", "varlen_attention", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
+           "flash_attn_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
+           "layer_norm", "rms_norm", "softmax", "nn", "reference", "swap", "unswap", "sdpa_override", "BackendUnavailableError"]

@@ -2,6 +2,9 @@
 
     from tfkernels import flash_attn_func, flash_attn_varlen_func   # was: from flash_attn import ...
 
+(and the packed forms: flash_attn_qkvpacked_func, flash_attn_kvpacked_func and their varlen twins,
+which split the packed tensor into views).
+
 The signatures and semantics are flash_attn 2's: (B, T, H, D) inputs (the varlen one (total, H, D)
 with cu_seqlens), `softmax_scale`, `causal` and `window_size` aligned to the bottom right when
 T_q != T_k (query i of T_q sees keys up to i + T_k - T_q), GQA by head count, the lse (B, H, T_q)
@@ -85,4 +88,58 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     return (*res, None) if return_attn_probs else res
 
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False, *, backend: Optional[str] = None):
+    """flash_attn.flash_attn_qkvpacked_func: qkv (B, T, 3, H, D) -> (B, T, H, D) (views, no copy in)."""
+    _check_packed(qkv, 5, 2, 3, "qkv", "(batch, seqlen, 3, heads, head_dim)")
+    return flash_attn_func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False, *, backend: Optional[str] = None):
+    """flash_attn.flash_attn_kvpacked_func: q (B, T_q, H_q, D), kv (B, T_k, 2, H_kv, D)."""
+    _check_packed(kv, 5, 2, 2, "kv", "(batch, seqlen, 2, heads, head_dim)")
+    return flash_attn_func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: Optional[int] = None,
+                                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                     causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False, *,
+                                     backend: Optional[str] = None):
+    """flash_attn.flash_attn_varlen_qkvpacked_func: qkv (total, 3, H, D), one cu_seqlens."""
+    _check_packed(qkv, 4, 1, 3, "qkv", "(total, 3, heads, head_dim)")
+    return flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
+                                    dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False, *,
+                                    backend: Optional[str] = None):
+    """flash_attn.flash_attn_varlen_kvpacked_func: q (total_q, H_q, D), kv (total_k, 2, H_kv, D)."""
+    _check_packed(kv, 4, 1, 2, "kv", "(total, 2, heads, head_dim)")
+    return flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, backend=backend)
+
+
+def _check_packed(t, ndim: int, dim: int, n: int, name: str, layout: str) -> None:
+    _validate.check_tensor(t, name)
+    if t.dim() != ndim or t.shape[dim] != n:
+        raise ValueError(f"{name} must be {layout}, got shape {list(t.shape)}")
+
+
+__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func"]
