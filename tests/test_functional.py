@@ -110,6 +110,22 @@ def test_sdpa_override_rules(kernel_calls):
     assert F.scaled_dot_product_attention is ORIGINAL
 
 
+def test_sdpa_override_keeps_another_patch(monkeypatch, kernel_calls):
+    """A patch installed before the override (another library's) serves what no kernel takes and
+    comes back afterwards."""
+    seen = []
+
+    def other(*args, **kwargs):
+        seen.append(1)
+        return ORIGINAL(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", other)
+    x = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    with tfkernels.sdpa_override():
+        F.scaled_dot_product_attention(x, x, x)  # float64: no kernel
+    assert seen == [1] and not kernel_calls and F.scaled_dot_product_attention is other
+
+
 def test_swapped_functional_sdpa_compiles(kernel_calls):
     """torch.compile traces the hooks' patch: the graph holds tfkernels' op, not SDPA."""
     torch._dynamo.reset()

@@ -15,8 +15,9 @@ before (on a CPU without the interpreter, for instance, SDPA keeps its CPU kerne
 backend named (`sdpa_override(backend="cuda")`), every call runs that backend.
 
 It patches the attribute on the `torch.nn.functional` module, process-wide, for the duration
-(nested and re-entrant: the original comes back when the outermost exit runs; a forward that
-raises still restores it). Code that bound the function before (`from torch.nn.functional import
+(nested and re-entrant: what was there before, torch's function or another library's patch, comes
+back when the outermost exit runs, and serves the calls no kernel takes; a forward that raises
+still restores it). Code that bound the function before (`from torch.nn.functional import
 scaled_dot_product_attention`) keeps the original. Under torch.compile the patch is traced like
 any other Python: the compiled graph holds the tfkernels op. Activation checkpointing recomputes
 its segment in the backward, outside the override: the recomputation uses SDPA (the same math,
@@ -35,6 +36,7 @@ from . import _backend, _config
 from .ops.attention import MAX_HEAD_DIM, attention
 
 _ORIGINAL = F.scaled_dot_product_attention
+_saved = [_ORIGINAL]  # what the outermost override replaced (another library's patch, maybe) and restores
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _lock = threading.Lock()
 _depth = [0]  # active overrides (a list: mutated in place, also from traced code)
@@ -58,7 +60,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """SDPA's signature; tfkernels.attention where a kernel runs it, the original SDPA elsewhere."""
     backend = _backends[-1] if _backends else None
     if backend is None and not _kernel_eligible(query, key, value):
-        return _ORIGINAL(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+        return _saved[0](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
     return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
 
@@ -72,6 +74,8 @@ def _exit() -> None:
 
 
 def _push(backend) -> None:
+    if _depth[0] == 0 and F.scaled_dot_product_attention is not scaled_dot_product_attention:
+        _saved[0] = F.scaled_dot_product_attention
     _backends.append(backend)
     _depth[0] += 1
     F.scaled_dot_product_attention = scaled_dot_product_attention
@@ -81,7 +85,7 @@ def _pop() -> None:
     _backends.pop()
     _depth[0] -= 1
     if _depth[0] == 0:
-        F.scaled_dot_product_attention = _ORIGINAL
+        F.scaled_dot_product_attention = _saved[0]
 
 
 def _locked(fn, *args) -> None:
