@@ -20,6 +20,7 @@ SHAPES = {
     "gpt2-nobias": dict(bias=False),
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False),             # RMSNorm + SwiGLU + RoPE
     "llama-bias": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=True),
+    "llama-gqa": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=2),  # 4 query heads, 2 K/V
 }
 
 
@@ -81,6 +82,9 @@ def test_cli_export_and_bad_input(tmp_path, capsys):
     _, mixed = _checkpoint(tmp_path / "mixed", norm="rmsnorm")  # no transformers architecture matches
     with pytest.raises(ValueError, match="no transformers architecture for GPT"):
         export_hf(mixed, tmp_path / "y")
+    _, gqa = _checkpoint(tmp_path / "gqa", n_kv_head=2)  # GPT-2's layout with grouped K/V heads
+    with pytest.raises(ValueError, match="GPT-2 has no grouped-query attention"):
+        export_hf(gqa, tmp_path / "g")
     _, bert = _checkpoint(tmp_path / "bert", arch="bert", pos="rope")
     with pytest.raises(ValueError, match="no transformers architecture for BERT with norm=layernorm, mlp=gelu, pos=rope"):
         export_hf(bert, tmp_path / "z")

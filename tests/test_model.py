@@ -368,3 +368,66 @@ def test_explicit_document_ids():
         model(idx[:, :4], cache=cache, document_ids=ids[:, :4])
         with pytest.raises(ValueError, match="the KV cache holds document ids"):
             model(idx[:, 4:6], cache=cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped-query attention (n_kv_head)
+# ----------------------------------------------------------------------------------------------
+
+GQA = dict(SMALL, n_head=4, n_kv_head=2, norm="rmsnorm", mlp="swiglu", pos="rope")  # Llama's shape, 4:2
+
+
+def test_gqa_config():
+    with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head=4"):
+        make_config("gpt", "tiny", n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="n_kv_head=8 must divide"):
+        make_config("gpt", "tiny", n_head=4, n_kv_head=8)
+    with pytest.raises(ValueError, match="GPT option"):
+        make_config("bert", "tiny", n_kv_head=2)
+    gqa, mha = GPT(make_config("gpt", "tiny", **GQA)), GPT(make_config("gpt", "tiny", **dict(GQA, n_kv_head=None)))
+    assert gqa.transformer.h[0].attn.c_attn.weight.shape == (32 + 2 * 16, 32)  # q, then 2 K and 2 V heads of 8
+    # per layer, K and V each lose 2 heads of 8 rows: 16 rows of 32 weights and 16 biases
+    assert gqa.num_params() == mha.num_params() - GQA["n_layer"] * 2 * (16 * 32 + 16)
+
+
+@pytest.mark.parametrize("backend", ["torch", *kernel_backends()])
+def test_gqa_gpt_kernel_switch_and_grad(backend):
+    fused, ref = pair("gpt", backend=backend, **GQA)
+    fused.train(), ref.train()
+    idx = torch.randint(0, 64, (2, 16))
+    (lf, loss_f), (lr, loss_r) = fused(idx, idx), ref(idx, idx)
+    torch.testing.assert_close(lf, lr, atol=1e-4, rtol=1e-4)
+    loss_f.backward(), loss_r.backward()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_gqa_equals_mha_with_shared_heads():
+    """Query head h uses K/V head h // (n_head / n_kv_head): the GQA model equals the MHA model whose
+    K and V projections repeat each K/V head for its group."""
+    torch.manual_seed(0)
+    gqa = GPT(make_config("gpt", "tiny", kernels="torch", **GQA)).eval()
+    mha = GPT(make_config("gpt", "tiny", kernels="torch", **dict(GQA, n_kv_head=None))).eval()
+    sd = gqa.state_dict()
+    for i in range(GQA["n_layer"]):
+        for kind in ("weight", "bias"):
+            q, k, v = sd[f"transformer.h.{i}.attn.c_attn.{kind}"].split((32, 16, 16))
+            rep = lambda t: t.view(2, 8, -1).repeat_interleave(2, 0).reshape(32, -1).squeeze(-1)  # noqa: E731
+            sd[f"transformer.h.{i}.attn.c_attn.{kind}"] = torch.cat([q, rep(k), rep(v)])  # (kv head, Dh, C) rows
+    mha.load_state_dict(sd)
+    idx = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(mha(idx)[0], gqa(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["torch", *kernel_backends()])
+def test_gqa_kv_cache_matches_the_full_forward(kernels):
+    torch.manual_seed(0)
+    kw = dict(kernels="torch") if kernels == "torch" else dict(kernels="tfkernels", backend=kernels)
+    model = GPT(make_config("gpt", "tiny", **kw, **GQA)).eval()
+    idx = torch.randint(1, 64, (2, 16))
+    full = model(idx)[0]
+    cache = KVCache(model.cfg.n_layer, model.cfg.block_size)
+    with torch.no_grad():
+        got = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 6), (6, 7), (7, 10), (10, 16))]
+    assert cache.k[0].shape[1] == 2  # the cache holds the K/V heads only
+    torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-5, rtol=1e-5)

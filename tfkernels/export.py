@@ -49,6 +49,9 @@ def _arch(mcfg: ModelConfig) -> str:
         raise ValueError(f"export --format hf: no transformers architecture for BERT with norm={mcfg.norm}, "
                          f"mlp={mcfg.mlp}, pos={mcfg.pos}; supported: layernorm+gelu+learned (XLM-RoBERTa-XL layout)")
     if shape == ("layernorm", "gelu", "learned"):
+        if (mcfg.n_kv_head or mcfg.n_head) != mcfg.n_head:
+            raise ValueError(f"export --format hf: GPT-2 has no grouped-query attention (n_kv_head={mcfg.n_kv_head}, "
+                             f"n_head={mcfg.n_head}); rmsnorm+swiglu+rope exports as Llama, which has")
         return "gpt2"
     if shape == ("rmsnorm", "swiglu", "rope"):
         return "llama"
@@ -92,16 +95,19 @@ def gpt2_state_dict(sd: dict, cfg: ModelConfig) -> tuple[dict, dict]:
 
 def llama_state_dict(sd: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     C = cfg.n_embd
+    Hkv = cfg.n_kv_head or cfg.n_head
+    kv = Hkv * (C // cfg.n_head)
+    rows = {"q_proj": (0, C), "k_proj": (C, C + kv), "v_proj": (C + kv, C + 2 * kv)}  # c_attn's q, k, v rows
     out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"]}
     hidden = None
     for i in range(cfg.n_layer):
         p, q = f"transformer.h.{i}", f"model.layers.{i}"
         out[f"{q}.input_layernorm.weight"] = sd[f"{p}.ln_1.weight"]
         out[f"{q}.post_attention_layernorm.weight"] = sd[f"{p}.ln_2.weight"]
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), range(3)):
-            out[f"{q}.self_attn.{name}.weight"] = sd[f"{p}.attn.c_attn.weight"][part * C:(part + 1) * C]
+        for name, (lo, hi) in rows.items():
+            out[f"{q}.self_attn.{name}.weight"] = sd[f"{p}.attn.c_attn.weight"][lo:hi]
             if cfg.bias:
-                out[f"{q}.self_attn.{name}.bias"] = sd[f"{p}.attn.c_attn.bias"][part * C:(part + 1) * C]
+                out[f"{q}.self_attn.{name}.bias"] = sd[f"{p}.attn.c_attn.bias"][lo:hi]
         out[f"{q}.self_attn.o_proj.weight"] = sd[f"{p}.attn.c_proj.weight"]
         gate, up = sd[f"{p}.mlp.c_fc.weight"].chunk(2, dim=0)
         hidden = gate.shape[0]
@@ -115,7 +121,7 @@ def llama_state_dict(sd: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": C, "intermediate_size": hidden, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "head_dim": C // cfg.n_head,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": Hkv, "head_dim": C // cfg.n_head,
         "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": 1e-6,
         "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
         "attention_bias": cfg.bias, "mlp_bias": cfg.bias,

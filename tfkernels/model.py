@@ -46,6 +46,7 @@ class ModelConfig:
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 128
+    n_kv_head: Optional[int] = None  # GPT: K/V heads for grouped-query attention (None: n_head, MHA)
     dropout: float = 0.0           # embeddings, residual branches and attention probabilities
     bias: bool = True              # biases in Linear layers and LayerNorm
     norm: str = "layernorm"        # "layernorm" or "rmsnorm"
@@ -70,6 +71,13 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None:
+            if self.arch != "gpt":
+                raise ValueError("n_kv_head (grouped-query attention) is a GPT option")
+            if not (isinstance(self.n_kv_head, int) and 1 <= self.n_kv_head <= self.n_head
+                    and self.n_head % self.n_kv_head == 0):
+                raise ValueError(f"n_kv_head={self.n_kv_head!r} must divide n_head={self.n_head} (1 <= n_kv_head "
+                                 "<= n_head)")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("pos='rope' needs an even head dim")
         if self.document_mask and self.arch != "gpt":
@@ -212,7 +220,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.cfg, self.causal = cfg, causal
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head  # GQA: each K/V head serves n_head // n_kv_head queries
+        kv = self.n_kv_head * self.head_dim
+        self.split = (cfg.n_embd, kv, kv)
+        self.c_attn = nn.Linear(cfg.n_embd, sum(self.split), bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         if cfg.pos == "rope":
@@ -225,10 +236,11 @@ class SelfAttention(nn.Module):
         """x (B, T, C). attn_mask: SDPA's (BERT's key-padding mask). docs: document masking (causal
         attention only), ANDed with the causal mask; attn_mask must then be None."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)                             # (B, T, C) each
+        q, k, v = self.c_attn(x).split(self.split, dim=2)                    # (B, T, C), (B, T, Hkv * Dh) x 2
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)      # (B, Hkv, T, Dh)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)      # (B, Hkv, T, Dh)
+        gqa = self.n_kv_head != self.n_head
         start = cache.pos if cache is not None else 0
         if self.cfg.pos == "rope":
             q, k = apply_rope(q, self.rope_cos, self.rope_sin, start), apply_rope(k, self.rope_cos, self.rope_sin, start)
@@ -247,11 +259,11 @@ class SelfAttention(nn.Module):
                 attn_mask, is_causal = docs.sdpa_mask, False
         p = self.cfg.dropout if self.training else 0.0
         if self.cfg.kernels == "tfkernels":
-            y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
+            y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, enable_gqa=gqa,
                              document_ids=document_ids, backend=self.cfg.backend)  # (B, H, T, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
-                                               is_causal=is_causal)          # (B, H, T, Dh)
+                                               is_causal=is_causal, enable_gqa=gqa)  # (B, H, T, Dh)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                     # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -38,6 +38,8 @@ HELP = {
                      "<|endoftext|>); the fused kernels skip the tiles between documents",
     "eval_interval": "evaluate every N steps (and at the end); 0 = only at the end",
     "eval_steps": "validation batches per evaluation (>= 1)",
+    "n_kv_head": "GPT: K/V heads for grouped-query attention, a divisor of n_head (default n_head: MHA); "
+                 "the kernels run GQA natively, the Llama export keeps it",
     "ckpt_interval": "checkpoint every N steps (and at the end, and on Ctrl-C); 0 = only then",
 }
 

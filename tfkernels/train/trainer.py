@@ -46,7 +46,7 @@ AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 RANGES = {
     **dict.fromkeys(("max_steps", "batch_size", "grad_accum", "eval_steps", "log_interval", "max_bytes",
-                     "block_size", "vocab_size", "n_layer", "n_head", "n_embd"), AT_LEAST_1),
+                     "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head"), AT_LEAST_1),
     **dict.fromkeys(("eval_interval", "ckpt_interval", "warmup_steps", "weight_decay", "grad_clip"), AT_LEAST_0),
     "lr": (lambda v: v > 0, "> 0"),
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -191,6 +191,7 @@ class TrainConfig:
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
+    n_kv_head: Optional[int] = None      # GPT: grouped-query attention's K/V heads (default n_head)
     dropout: Optional[float] = None
     norm: Optional[str] = None
     mlp: Optional[str] = None
@@ -255,8 +256,8 @@ class TrainConfig:
         return strict_from_dict(cls, d, "training")
 
     def model_config(self, vocab_size: Optional[int] = None) -> ModelConfig:
-        over = {k: getattr(self, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout",
-                                             "norm", "mlp", "pos", "nsp", "kernels", "backend")}
+        over = {k: getattr(self, k) for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head",
+                                             "dropout", "norm", "mlp", "pos", "nsp", "kernels", "backend")}
         if self.model == "gpt":
             over.pop("nsp")
             # eos_id: the tokenizer's <|endoftext|>, which data.prepare puts after every document
