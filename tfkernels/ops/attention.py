@@ -38,8 +38,9 @@ Kernels (Triton, written like the fused-attention tutorial):
 
 Semantics and limits:
 - q (B, H_q, T_q, D), k (B, H_kv, T_k, D), v (B, H_kv, T_k, D); any strides (incl. 0); output
-  (B, H_q, T_q, D) contiguous. D (the same for q, k, v) up to 256, any value (BLOCK_D is the next
-  power of two, padded lanes are masked). Any T_q, T_k (T_q != T_k allowed).
+  (B, H_q, T_q, D) contiguous. D (the same for q, k, v in the kernels; the public function pads
+  a different v head dim, `_value_dim_attention`) up to 256, any value (BLOCK_D is the next power
+  of two, padded lanes are masked). Any T_q, T_k (T_q != T_k allowed).
 - is_causal: SDPA's top-left `tril` (row i sees keys j <= i), also when T_q != T_k. It may be
   combined with attn_mask (SDPA forbids that).
 - window (left, right), FlashAttention's window_size: row i sees keys i - left .. i + right
