@@ -130,12 +130,7 @@ def resolve(backend: str | None, x: torch.Tensor, op: str, unfit: str | None = N
     returned as asked and the op raises. `others`: the op's other tensor inputs (for the autodiff
     check: any of them may carry a forward-mode tangent).
     """
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend is not None:
-        backend = backend.lower()
-        if backend not in _config.BACKENDS:
-            raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
+    backend = _config.check_backend(backend)
     if backend == "torch":
         return "torch"
     transform = autodiff_transform((x, *others))

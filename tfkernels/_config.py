@@ -29,6 +29,17 @@ def env_backend() -> str | None:
     return value
 
 
+def check_backend(backend) -> str | None:
+    """A `backend=` argument as the ops read it (lower case), or None; TypeError / ValueError naming it."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend.lower() not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+    return backend.lower()
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -26,12 +26,12 @@ from .ops.attention import _check_window, attention
 from .ops.varlen import _packed, varlen_attention
 
 
-def _refuse(alibi_slopes, block_table=None) -> None:
+def _refuse(fn: str, alibi_slopes, block_table=None) -> None:
     if alibi_slopes is not None:
-        raise NotImplementedError("flash_attn_func: alibi_slopes is not supported; pass the ALiBi bias to "
+        raise NotImplementedError(f"{fn}: alibi_slopes is not supported; pass the ALiBi bias to "
                                   "tfkernels.attention as an additive attn_mask (broadcast (1, H, T_q, T_k))")
     if block_table is not None:
-        raise NotImplementedError("flash_attn_varlen_func: paged KV caches (block_table) are not supported")
+        raise NotImplementedError(f"{fn}: paged KV caches (block_table) are not supported")
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -40,7 +40,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     return_attn_probs: bool = False, *, backend: Optional[str] = None):
     """flash_attn.flash_attn_func: q (B, T_q, H_q, D), k and v (B, T_k, H_kv, D) -> (B, T_q, H_q, D);
     with return_attn_probs, (out, lse (B, H_q, T_q) float32, None). See the module docstring."""
-    _refuse(alibi_slopes)
+    _refuse("flash_attn_func", alibi_slopes)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _validate.check_tensor(t, name)
         if t.dim() != 4:
@@ -81,7 +81,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            backend: Optional[str] = None):
     """flash_attn.flash_attn_varlen_func: `tfkernels.varlen_attention` with FlashAttention's positional
     signature; with return_attn_probs, (out, lse (H_q, total_q) float32, None)."""
-    _refuse(alibi_slopes, block_table)
+    _refuse("flash_attn_varlen_func", alibi_slopes, block_table)
     res = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                            scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
                            return_lse=return_attn_probs, backend=backend)

@@ -103,11 +103,7 @@ def sdpa_override(backend: Optional[str] = None):
     """Route `torch.nn.functional.scaled_dot_product_attention` to tfkernels inside the block (see
     the module docstring). backend: "triton", "cuda", "torch", or None (kernels where they run,
     SDPA elsewhere)."""
-    if backend is not None:
-        if not isinstance(backend, str) or backend.lower() not in _config.BACKENDS:
-            raise ValueError(f"sdpa_override: backend={backend!r} is not a backend; expected one of "
-                             f"{_config.BACKENDS} or None")
-        backend = backend.lower()
+    backend = _config.check_backend(backend)
     _enter(backend)
     try:
         yield

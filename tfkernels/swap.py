@@ -148,12 +148,7 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend is not None:
-        backend = backend.lower()  # as the ops read it
-        if backend not in _config.BACKENDS:  # here, not at the first forward
-            raise ValueError(f"backend={backend!r} is not a backend; expected one of {_config.BACKENDS} or None")
+    backend = _config.check_backend(backend)  # here, not at the first forward
     state = getattr(model, _STATE, None)
     if state is None:
         state = {"modules": [], "configs": [], "flags": [], "backend_attrs": [], "hooks": []}
@@ -222,7 +217,7 @@ def swap(model: nn.Module, *, norms: bool = True, softmax: bool = True, attentio
 
     # 4. F.scaled_dot_product_attention in the model's own code: routed while its forward runs (the
     #    post hook runs even when the forward raises). A second swap replaces the first's hooks.
-    for handle in state["hooks"]:
+    for handle in state.get("hooks", ()):
         handle.remove()
     state["hooks"] = []
     if attention:

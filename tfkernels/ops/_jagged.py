@@ -23,9 +23,9 @@ def trailing(x: Tensor, normalized_shape) -> tuple:
     return tuple(range(x.dim() - n, x.dim()))
 
 
-def rowwise(x: Tensor, fn: Callable[[Tensor, int], Tensor], dims: tuple, op: str) -> Tensor:
-    """fn(values, shift) on x's buffer, wrapped like x. dims: the dims of x the op reduces over
-    (non-negative); the buffer's dim for x's dim d is d - shift, shift = 1."""
+def rowwise(x: Tensor, fn: Callable[[Tensor], Tensor], dims: tuple, op: str) -> Tensor:
+    """fn(values) on x's buffer, wrapped like x. dims: the dims of x the op reduces over
+    (non-negative); x's dim d is the buffer's dim d - 1."""
     if x.layout != torch.jagged:
         raise TypeError(f"{op}: x is a nested tensor with layout {x.layout}; tfkernels takes nested tensors with "
                         "layout=torch.jagged (or dense ones)")
@@ -33,5 +33,5 @@ def rowwise(x: Tensor, fn: Callable[[Tensor, int], Tensor], dims: tuple, op: str
     if 0 in dims or ragged in dims:
         raise ValueError(f"{op}: on a nested tensor of shape {tuple(x.shape)}, the dims it reduces over "
                          f"({sorted(dims)}) must not be the batch dim (0) or the ragged dim ({ragged})")
-    out = fn(x.values(), 1)
+    out = fn(x.values())
     return torch.nested.nested_tensor_from_jagged(out, x.offsets(), lengths=x.lengths(), jagged_dim=ragged)

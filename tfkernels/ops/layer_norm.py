@@ -115,7 +115,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     normalized_shape does not reach its ragged dim.
     """
     if isinstance(x, Tensor) and x.is_nested:
-        return _jagged.rowwise(x, lambda v, _: layer_norm(v, normalized_shape, weight, bias, eps, backend=backend),
+        return _jagged.rowwise(x, lambda v: layer_norm(v, normalized_shape, weight, bias, eps, backend=backend),
                                _jagged.trailing(x, normalized_shape), "layer_norm")
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "layer_norm", others=(weight, bias))

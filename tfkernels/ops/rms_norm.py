@@ -95,7 +95,7 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
     does it, when normalized_shape does not reach its ragged dim.
     """
     if isinstance(x, Tensor) and x.is_nested:
-        return _jagged.rowwise(x, lambda v, _: rms_norm(v, normalized_shape, weight, eps, backend=backend),
+        return _jagged.rowwise(x, lambda v: rms_norm(v, normalized_shape, weight, eps, backend=backend),
                                _jagged.trailing(x, normalized_shape), "rms_norm")
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "rms_norm", others=(weight,))

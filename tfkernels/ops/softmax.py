@@ -214,7 +214,7 @@ def softmax(x: Tensor, dim: int = -1, *, backend: Optional[str] = None) -> Tenso
     """
     if isinstance(x, Tensor) and x.is_nested:
         d = _validate.check_dim(dim, x.dim())
-        return _jagged.rowwise(x, lambda v, shift: softmax(v, d - shift, backend=backend), (d,), "softmax")
+        return _jagged.rowwise(x, lambda v: softmax(v, d - 1, backend=backend), (d,), "softmax")
     _validate.check_tensor(x, "x")
     be = _backend.resolve(backend, x, "softmax")
     _validate.check_float(x, "x", be)
