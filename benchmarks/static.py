@@ -194,6 +194,26 @@ def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, 
     return run
 
 
+def _kvcache_case(dtype, D, Hq=32, Hkv=8, Tq=1, page=0, splits=4, window=(-1, -1), softcap=0.0, tf32=False):
+    """A decode step against a 4k-key cache: the split kernel and the combine (splits > 1)."""
+    import torch
+    KV = importlib.import_module("tfkernels.ops.kvcache")
+
+    def run():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        B, S = 2, 4096
+        q = torch.randn(B, Tq, Hq, D, dtype=dtype)
+        table = None
+        if page:
+            kc = torch.randn(B * S // page, page, Hkv, D, dtype=dtype)
+            table = torch.arange(B * S // page, dtype=torch.int32).view(B, S // page)
+        else:
+            kc = torch.randn(B, S, Hkv, D, dtype=dtype)
+        lens = torch.full((B,), S, dtype=torch.int32)
+        KV._triton_fwd(q, kc, kc, lens, table, None, D ** -0.5, window[1] == 0, window[0], -1, softcap, splits)
+    return run
+
+
 def _rows_case(op, dtype, N, M=64):
     import torch
     _norm = importlib.import_module("tfkernels.ops._norm")
@@ -227,6 +247,7 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
                 ("fp32", 64, True, None, 0.0), ("fp16", 128, False, "bool", 0.1), ("fp32-tf32", 128, False, None, 0.0),
                 ("bf16", 128, True, "window", 0.0), ("bf16", 128, True, "docs", 0.0)]
         rows = [("softmax", "bf16", 4096), ("layer_norm", "bf16", 4096), ("rms_norm", "fp32", 65536)]
+        kv = [("bf16", 128, 16, "")]
     else:
         attn = [(dt, D, c, None, 0.0) for dt in dts for D in (64, 128, 256) for c in (False, True)]
         attn += [("bf16", 128, False, "bool", 0.0), ("bf16", 128, True, "float", 0.0), ("bf16", 128, False, None, 0.1),
@@ -239,6 +260,11 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
                  ("fp32", 128, True, "gqa", 0.0), ("fp32-tf32", 128, True, "gqa", 0.0)]
         rows = [(op, dt, N) for op in ("softmax", "layer_norm", "rms_norm") for dt in ("fp16", "bf16", "fp32")
                 for N in (768, 4096, 65536)]
+        # (dtype, D, page size (0: dense), extra: "mha" 32 K/V heads, "window" (1023, 0) + softcap 30,
+        # "chunk" 4 new tokens of a chunked prefill/speculative step, "nosplit")
+        kv = [("bf16", 128, 0, ""), ("bf16", 128, 16, ""), ("bf16", 64, 0, "mha"), ("fp16", 128, 256, ""),
+              ("bf16", 256, 0, ""), ("bf16", 128, 0, "window"), ("bf16", 128, 0, "chunk"), ("fp32", 128, 0, ""), ("fp32", 256, 0, ""),
+              ("fp32", 64, 16, ""), ("fp32-tf32", 128, 0, ""), ("bf16", 128, 0, "nosplit")]
     out = {}
     for dt, D, causal, mask, p in attn:
         gqa = mask == "gqa"  # 4 query heads per K/V head (the kernels' GROUP loop is not specialised away)
@@ -253,6 +279,12 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
                                     docs=docs)
     for op, dt, N in rows:
         out[f"{op} {dt} N={N}"] = _rows_case(op, dts[dt][0], N)
+    for dt, D, page, extra in kv:
+        name = f"kvcache {dt} D={D}" + (f" paged{page}" if page else "") + (f" {extra}" if extra else "")
+        out[name] = _kvcache_case(dts[dt][0], D, Hkv=32 if extra == "mha" else 8, Tq=4 if extra == "chunk" else 1,
+                                  page=page, splits=1 if extra == "nosplit" else 4,
+                                  window=(1023, 0) if extra == "window" else (-1, -1),
+                                  softcap=30.0 if extra == "window" else 0.0, tf32=dts[dt][1])
     return out
 
 
@@ -267,7 +299,8 @@ def run(gpu_name: str, quick: bool = False, only: Optional[str] = None) -> Repor
     report = Report(gpu=f"{gpu_name} ({gpu.name})", triton=triton.__version__)
     drv, state = _make_driver(gpu, report)
     triton_driver.set_active(drv)
-    attention._gpu_major = lambda x: gpu.major  # the launchers pick this GPU's configs
+    kvcache = importlib.import_module("tfkernels.ops.kvcache")
+    attention._gpu_major = kvcache._gpu_major = lambda x: gpu.major  # the launchers pick this GPU's configs
     for name, make_launches in cases(quick).items():
         if only and only not in name:
             continue

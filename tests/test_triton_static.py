@@ -87,6 +87,21 @@ def test_backward_fallback_chains(monkeypatch):
         assert chain[-1][:4] == (16, 16, 16, 16) and chain[-1][5] == 1, chain
 
 
+def test_kvcache_configs(monkeypatch):
+    import torch
+    KV = importlib.import_module("tfkernels.ops.kvcache")
+    for major in (8, 9):
+        monkeypatch.setattr(KV, "_gpu_major", lambda x, major=major: major)
+        for D in (32, 64, 128, 256):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for rows in (1, 4, 16, 40, 200):
+                    bm, bn, w, s = KV._kv_config(torch.empty(1, 1, 1, D, dtype=dtype), rows)
+                    assert 16 <= bm <= 64 and bm >= min(rows, 64) and bn >= 16 and w >= 1 and s >= 1
+                    chain = KV._kv_fallbacks(bm, bn, w, s)
+                    assert chain[0] == (bm, bn, w, s) and len(set(chain)) == len(chain)
+                    assert chain[-1][1] == 16 or bn == 16
+
+
 def test_configs_follow_the_inputs(monkeypatch):
     import torch
     monkeypatch.setattr(A, "_gpu_major", lambda x: 9)
@@ -169,6 +184,9 @@ def test_every_launch_compiles_and_fits(report):
             assert last["fits"], f"{case}: {kernel} never fit\n{report['table']}"
         if case.startswith("attention"):
             assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= kernels, case
+        if case.startswith("kvcache"):  # a split decode step: the split kernel and the combine
+            assert kernels == {"_kvcache_fwd", "_kvcache_combine"}, case
+    assert any(c.startswith("kvcache") for c in cases)
 
 
 def test_fast_path_uses_tuned_configs_without_spills(report):

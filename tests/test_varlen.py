@@ -369,9 +369,6 @@ def test_flash_api_refuses_what_it_lacks():
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
         tfkernels.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        tfkernels.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1))
     with pytest.raises(ValueError, match="flash_attn_func: q must be"):
         tfkernels.flash_attn_func(q[0], q, q)
 

@@ -11,8 +11,11 @@ T_q != T_k (query i of T_q sees keys up to i + T_k - T_q), GQA by head count, th
 (varlen: (H, total_q)) returned with `return_attn_probs=True` (as (out, lse, None): the third,
 FlashAttention's debugging-only probabilities, is never formed). `deterministic` is accepted: the
 backward has no atomics and is always deterministic. `alibi_slopes` is refused (use
-`tfkernels.attention` with an additive attn_mask), as are paged KV caches (`block_table`).
-One more keyword, `backend`, picks the kernels as everywhere in tfkernels.
+`tfkernels.attention` with an additive attn_mask).
+`flash_attn_with_kvcache` (decoding against a KV cache, in place, paged or not, rotary embedding of
+the new tokens) runs `tfkernels.kvcache_attention`'s split-KV kernels; a `block_table` given to
+`flash_attn_varlen_func` gathers the sequences' pages into packed keys first (a copy of the used
+pages). One more keyword, `backend`, picks the kernels as everywhere in tfkernels.
 """
 from __future__ import annotations
 
@@ -23,15 +26,14 @@ from torch import Tensor
 
 from . import _validate
 from .ops.attention import _check_window, attention
-from .ops.varlen import _packed, varlen_attention
+from .ops.kvcache import _check_index, _host_values, kvcache_attention
+from .ops.varlen import _check_cu, _packed, varlen_attention
 
 
-def _refuse(fn: str, alibi_slopes, block_table=None) -> None:
+def _refuse(fn: str, alibi_slopes) -> None:
     if alibi_slopes is not None:
         raise NotImplementedError(f"{fn}: alibi_slopes is not supported; pass the ALiBi bias to "
                                   "tfkernels.attention as an additive attn_mask (broadcast (1, H, T_q, T_k))")
-    if block_table is not None:
-        raise NotImplementedError(f"{fn}: paged KV caches (block_table) are not supported")
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -81,11 +83,109 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            backend: Optional[str] = None):
     """flash_attn.flash_attn_varlen_func: `tfkernels.varlen_attention` with FlashAttention's positional
     signature; with return_attn_probs, (out, lse (H_q, total_q) float32, None)."""
-    _refuse("flash_attn_varlen_func", alibi_slopes, block_table)
+    _refuse("flash_attn_varlen_func", alibi_slopes)
+    if block_table is not None:
+        k, v = _unpage(k, v, block_table, cu_seqlens_k)
     res = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p,
                            scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
                            return_lse=return_attn_probs, backend=backend)
     return (*res, None) if return_attn_probs else res
+
+
+def _unpage(k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
+    """flash_attn_varlen_func's paged keys: k_cache, v_cache (num_pages, page_size, H_kv, D), sequence i's
+    keys in pages block_table[i] (in order), its length from cu_seqlens_k -> packed (total_k, H_kv, D)."""
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        _validate.check_tensor(t, name)
+        if t.dim() != 4:
+            raise ValueError(f"flash_attn_varlen_func: with block_table, {name} must be the paged cache "
+                             f"(num_pages, page_size, heads_kv, head_dim), got shape {list(t.shape)}")
+    cu = _check_cu(cu_seqlens_k, "cu_seqlens_k", k_cache)
+    table = _check_index(block_table, "block_table", (cu.numel() - 1, None), k_cache).long()
+    lengths = cu.diff()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)  # (total_k,)
+    p = torch.arange(seq.numel(), device=cu.device) - cu[seq]                                 # position in its sequence
+    page_size = k_cache.shape[1]
+    if not torch.compiler.is_compiling():
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest > table.shape[1] * page_size:
+            raise ValueError(f"flash_attn_varlen_func: a sequence of {longest} keys needs more than block_table's "
+                             f"{table.shape[1]} pages of {page_size}")
+        used = table[seq, p // page_size] if seq.numel() else table.new_zeros(0)
+        if used.numel() and not bool(((used >= 0) & (used < k_cache.shape[0])).all()):
+            raise ValueError(f"flash_attn_varlen_func: block_table names pages outside the cache's {k_cache.shape[0]}")
+    rows = table[seq, p // page_size], p % page_size
+    return k_cache[rows], v_cache[rows]
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, interleaved: bool) -> Tensor:
+    """flash_attn's rotary embedding of x (B, T, H, D) at positions pos (B, T): the first rotary_dim =
+    2 * cos.shape[1] features rotated in pairs (interleaved: (x0, x1), (x2, x3), ...; else GPT-NeoX's
+    halves), computed in fp32, the rest passed through."""
+    half = cos.shape[1]
+    c = cos[pos].float().unsqueeze(2)  # (B, T, 1, rotary_dim / 2)
+    s_ = sin[pos].float().unsqueeze(2)
+    xr = x[..., :2 * half].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rot = torch.cat([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1)
+    return torch.cat([rot.to(x.dtype), x[..., 2 * half:]], dim=-1)
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens=None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False, *, backend: Optional[str] = None):
+    """flash_attn.flash_attn_with_kvcache: q (B, T_q, H_q, D) against k_cache, v_cache (B_cache, S, H_kv, D)
+    or paged (num_pages, page_size, H_kv, D) with block_table; k, v (B, T_new, H_kv, D) are written into
+    the cache in place at cache_seqlens (an int or (B,); None: the cache is full) first. rotary_cos /
+    rotary_sin (seqlen_ro, rotary_dim / 2): the new keys are rotated at positions cache_seqlens + i, q
+    likewise when causal or windowed, else every query at cache_seqlens. Returns out (B, T_q, H_q, D),
+    with return_softmax_lse also lse (B, H_q, T_q) float32. See tfkernels.kvcache_attention."""
+    _refuse("flash_attn_with_kvcache", alibi_slopes)
+    if cache_leftpad is not None:
+        raise NotImplementedError("flash_attn_with_kvcache: cache_leftpad is not supported; keep each row's keys "
+                                  "at the start of its cache row")
+    if cache_seqlens is None:  # FlashAttention: every row's cache is full
+        _validate.check_tensor(k_cache, "k_cache")
+        cap = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
+        cache_seqlens = cap - (0 if k is None else k.shape[1])
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("flash_attn_with_kvcache: pass both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None:
+        for name, t in (("q", q), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _validate.check_tensor(t, name)
+        if rotary_cos.dim() != 2 or rotary_sin.shape != rotary_cos.shape:
+            raise ValueError(f"flash_attn_with_kvcache: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), "
+                             f"got {list(rotary_cos.shape)} and {list(rotary_sin.shape)}")
+        if 2 * rotary_cos.shape[1] > q.shape[-1]:
+            raise ValueError(f"flash_attn_with_kvcache: rotary_dim {2 * rotary_cos.shape[1]} exceeds the head dim "
+                             f"{q.shape[-1]}")
+        B, Tq = q.shape[:2]
+        if not torch.compiler.is_compiling():  # a position past the table: an index error on the GPU
+            lens = _host_values(cache_seqlens) if isinstance(cache_seqlens, Tensor) else [int(cache_seqlens)]
+            last = max(lens, default=0) + max(Tq, 0 if k is None else k.shape[1]) - 1
+            if last >= rotary_cos.shape[0]:
+                raise ValueError(f"flash_attn_with_kvcache: rotary_cos has {rotary_cos.shape[0]} positions, but a "
+                                 f"token sits at position {last}")
+        base = (cache_seqlens.long() if isinstance(cache_seqlens, Tensor)
+                else torch.full((B,), int(cache_seqlens), dtype=torch.long, device=q.device))[:, None]
+        left, right = _check_window(window_size)
+        step = torch.arange(Tq, device=q.device) if (causal or left >= 0 or right >= 0) else torch.zeros(
+            Tq, dtype=torch.long, device=q.device)
+        q = _rotate(q, rotary_cos, rotary_sin, base + step, rotary_interleaved)
+        if k is not None:
+            k = _rotate(k, rotary_cos, rotary_sin, base + torch.arange(k.shape[1], device=q.device), rotary_interleaved)
+    return kvcache_attention(q, k_cache, v_cache, cache_seqlens, k, v, block_table=block_table,
+                             cache_batch_idx=cache_batch_idx, scale=softmax_scale, causal=causal, window_size=window_size,
+                             softcap=softcap, num_splits=num_splits, return_lse=return_softmax_lse, backend=backend)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -141,5 +241,5 @@ def _check_packed(t, ndim: int, dim: int, n: int, name: str, layout: str) -> Non
         raise ValueError(f"{name} must be {layout}, got shape {list(t.shape)}")
 
 
-__all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+__all__ = ["flash_attn_func", "flash_attn_with_kvcache", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func"]
