@@ -10,7 +10,7 @@
 # What each stage leaves (the run tool brings back at most 8 files, at most 2 folders down):
 #   tests  log.txt, build.txt (CUDA build output), junit.xml
 #   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png,
-#                         window.md (sliding-window and packed-document tables)}
+#                         window.md (sliding-window, packed-document and decoding tables)}
 #   e2e    log.txt, e2e/{finetune.json,finetune.csv,bench_train.json,bench_train.md,
 #                        bench_swap_gpt2.json,bench_swap_gpt2.md}
 #   (+ build.txt in bench / e2e with BUILD_CUDA=1)
@@ -191,6 +191,12 @@ case "$STAGE" in
       env $( ((GPU)) || echo TRITON_INTERPRET=1) "$PY" -m benchmarks.bench_documents "${wargs[@]}" --out "$DOCS_TMP"
     if [[ -f "$DOCS_TMP/documents.md" ]]; then
       { echo; cat "$DOCS_TMP/documents.md"; } >> "$OUT/bench/window.md"
+    fi
+    # decoding against a KV cache: its table appended to window.md too
+    step "bench_decode: split-KV decoding vs one pass, the training kernel, SDPA, flash_attn_with_kvcache" 75 \
+      env $( ((GPU)) || echo TRITON_INTERPRET=1) "$PY" -m benchmarks.bench_decode "${wargs[@]}" --out "$DOCS_TMP"
+    if [[ -f "$DOCS_TMP/decode.md" ]]; then
+      { echo; cat "$DOCS_TMP/decode.md"; } >> "$OUT/bench/window.md"
     fi
     ;;
   e2e)

@@ -163,3 +163,18 @@ def test_documents_bench_smoke(tmp_path):
         assert ("tfkernels-triton-full", 48, None, pass_) in ok
     md = bd.table(rows, {"gpu": "cpu"}, "float32")
     assert "| 48 | 16 | tfkernels-triton |" in md and "| 48 | full | tfkernels-triton-full |" in md
+
+
+def test_decode_bench_smoke(tmp_path):
+    """benchmarks/bench_decode.py on CPU: every kvcache provider (split, one pass, paged), the training
+    kernel and SDPA pass the correctness check against fp32 math and are timed; the table is written."""
+    from benchmarks import bench_decode
+
+    assert bench_decode.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    names = {r["provider"] for r in rows}
+    assert {"tfkernels-triton", "tfkernels-triton-nosplit", "tfkernels-triton-paged", "tfkernels-attention",
+            "sdpa"} <= names
+    assert all(r["status"] == "ok" and r["GBps"] > 0 for r in rows), rows
+    md = (tmp_path / "decode.md").read_text()
+    assert "| 4/2 | 2 | 40 | tfkernels-triton-paged |" in md

@@ -429,5 +429,5 @@ def test_gqa_kv_cache_matches_the_full_forward(kernels):
     cache = KVCache(model.cfg.n_layer, model.cfg.block_size)
     with torch.no_grad():
         got = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 6), (6, 7), (7, 10), (10, 16))]
-    assert cache.k[0].shape[1] == 2  # the cache holds the K/V heads only
+    assert cache.k[0].shape[2] == 2  # the cache holds the K/V heads only
     torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-5, rtol=1e-5)

@@ -30,6 +30,7 @@ from torch import nn
 import tfkernels.nn as tfnn
 
 from tfkernels import attention as tf_attention
+from tfkernels import kvcache_attention as tf_kvcache_attention
 
 try:  # SDPA's lower-right causal mask; tfkernels.attention takes it as well
     from torch.nn.attention.bias import causal_lower_right
@@ -182,7 +183,8 @@ class DocumentMask:
 
 class KVCache:
     """Keys and values of the tokens a GPT has seen, per layer, for incremental decoding: buffers of
-    (B, H, block_size, Dh) in the dtype the keys come in (autocast's), filled as tokens arrive. With
+    (B, block_size, H_kv, Dh) (FlashAttention's cache layout, which tfkernels.kvcache_attention reads
+    and appends to in place) in the dtype the keys come in (autocast's), filled as tokens arrive. With
     document masking it also keeps the tokens' document ids, so that new tokens are masked against
     the cached ones as a full forward would mask them."""
 
@@ -194,15 +196,22 @@ class KVCache:
         self.doc: Optional[torch.Tensor] = None       # (B, max_len) int32 document ids (document masking only)
         self.next_doc: Optional[torch.Tensor] = None  # (B,) int32: the document the next token starts in
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, Dh) at positions pos .. pos + T - 1; returns every cached key and value."""
-        end = self.pos + k.shape[-2]
+    def buffers(self, layer: int, k: torch.Tensor):
+        """Layer's (k, v) buffers (B, max_len, H_kv, Dh), made on first use like k (B, H_kv, T, Dh)."""
         if self.k[layer] is None:
-            shape = (*k.shape[:-2], self.max_len, k.shape[-1])
-            self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        self.k[layer][..., self.pos:end, :] = k
-        self.v[layer][..., self.pos:end, :] = v
-        return self.k[layer][..., :end, :], self.v[layer][..., :end, :]
+            B, H, _, D = k.shape
+            self.k[layer] = k.new_empty((B, self.max_len, H, D))
+            self.v[layer] = k.new_empty((B, self.max_len, H, D))
+        return self.k[layer], self.v[layer]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, Dh) at positions pos .. pos + T - 1; returns every cached key and value
+        as (B, H, pos + T, Dh) views."""
+        end = self.pos + k.shape[-2]
+        kc, vc = self.buffers(layer, k)
+        kc[:, self.pos:end] = k.transpose(1, 2)
+        vc[:, self.pos:end] = v.transpose(1, 2)
+        return kc[:, :end].transpose(1, 2), vc[:, :end].transpose(1, 2)
 
     def append_documents(self, ids: torch.Tensor) -> torch.Tensor:
         """Store the document ids (B, T) of the tokens at pos .. pos + T - 1; returns every cached token's ids."""
@@ -247,6 +256,14 @@ class SelfAttention(nn.Module):
         if docs is not None and (attn_mask is not None or not self.causal):
             raise ValueError("document masking is for causal attention without another attn_mask")
         is_causal = self.causal
+        p = self.cfg.dropout if self.training else 0.0
+        if cache is not None and self.cfg.kernels == "tfkernels" and docs is None and attn_mask is None and p == 0.0:
+            # decoding: the new keys appended in place and attended with the cached ones by the split-KV
+            # kernel, the queries (bottom-right causal) in (B, T, H, Dh), the output in that layout too
+            kc, vc = cache.buffers(layer, k)
+            y = tf_kvcache_attention(q.transpose(1, 2), kc, vc, start, k.transpose(1, 2), v.transpose(1, 2),
+                                     causal=self.causal, backend=self.cfg.backend)  # (B, T, H, Dh)
+            return self.resid_dropout(self.c_proj(y.view(B, T, C)))
         if cache is not None:
             k, v = cache.append(layer, k, v)                                 # (B, H, start + T, Dh)
             if start > 0:  # the new queries sit at the end: the causal diagonal is aligned bottom-right
@@ -257,7 +274,6 @@ class SelfAttention(nn.Module):
                 document_ids = (docs.q_ids, docs.k_ids)                      # ANDed with the causal mask above
             else:  # SDPA takes one mask, not a mask and is_causal: sdpa_mask holds causality too
                 attn_mask, is_causal = docs.sdpa_mask, False
-        p = self.cfg.dropout if self.training else 0.0
         if self.cfg.kernels == "tfkernels":
             y = tf_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, enable_gqa=gqa,
                              document_ids=document_ids, backend=self.cfg.backend)  # (B, H, T, Dh)

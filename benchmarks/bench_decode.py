@@ -1,0 +1,196 @@
+"""Decoding against a KV cache: one new query per sequence, time and read bandwidth of the split-KV
+kernels against the training kernel, SDPA and FlashAttention's decoding kernel.
+
+    python -m benchmarks.bench_decode [--quick] [--out DIR]     # GPU: writes DIR/decode.md, decode.json
+    TRITON_INTERPRET=1 python -m benchmarks.bench_decode --smoke  # CPU: tiny sizes, one rep
+
+Shapes: bf16, D = 128, T_q = 1, every row's cache full to L keys. "gqa": H_q = 32, H_kv = 8
+(Llama-3-8B's heads); "mha": H_q = H_kv = 32. Providers:
+  tfkernels-triton          kvcache_attention, automatic split count (`_auto_splits`)
+  tfkernels-triton-nosplit  kvcache_attention, num_splits=1: what the splits buy at small batch
+  tfkernels-triton-paged    kvcache_attention on a paged cache (16-key pages, shuffled)
+  tfkernels-attention       tfkernels.attention with T_q = 1 (the training kernel; what a model
+                            without the decoding op runs): one program per query head
+  sdpa                      F.scaled_dot_product_attention, (B, H, L, D) cache, enable_gqa
+  flash-attn-2              flash_attn_with_kvcache, when flash_attn is installed
+
+The work is reading the cache: bytes = 2 (K and V) * B * L * H_kv * D * 2, GB/s = bytes / time, to
+compare with the copy bandwidth (~3.0 TB/s on an H100). Correctness: each provider's output
+against fp32 math on the same cache, within the dtype's tolerance, before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import _util
+from ._util import BenchConfig, Unavailable
+
+PAGE = 16
+
+
+def configs(quick: bool, smoke: bool):
+    """(name, B, H_q, H_kv, L, D)."""
+    if smoke:
+        return [("gqa", 2, 4, 2, 40, 32), ("mha", 1, 2, 2, 24, 32)]
+    lens = (4096, 32768) if quick else (1024, 4096, 16384, 65536)
+    out = []
+    for B in ((1, 16) if quick else (1, 4, 16, 64)):
+        for L in lens:
+            if B * L <= 2 ** 20:  # caches up to 2 GiB (gqa) / 8 GiB (mha) of bf16
+                out.append(("gqa", B, 32, 8, L, 128))
+    for B, L in (((1, 16384), (16, 4096)) if quick else ((1, 4096), (1, 32768), (16, 4096), (64, 2048))):
+        out.append(("mha", B, 32, 32, L, 128))
+    return out
+
+
+class Inputs:
+    """One shape's tensors: q (B, 1, H_q, D); the cache dense (B, L, H_kv, D), in SDPA's layout
+    (B, H_kv, L, D), and paged (B * L / PAGE shuffled pages) with its block table."""
+
+    def __init__(self, B, Hq, Hkv, L, D, cfg: BenchConfig):
+        g = torch.Generator(device=cfg.device).manual_seed(B * 7919 + L)
+        kw = dict(device=cfg.device, dtype=cfg.dtype, generator=g)
+        self.q = torch.randn(B, 1, Hq, D, **kw)
+        self.k, self.v = torch.randn(B, L, Hkv, D, **kw), torch.randn(B, L, Hkv, D, **kw)
+        self.k_sdpa, self.v_sdpa = self.k.transpose(1, 2).contiguous(), self.v.transpose(1, 2).contiguous()
+        self.lens = torch.full((B,), L, dtype=torch.int32, device=cfg.device)
+        pages = -(-L // PAGE)
+        order = torch.randperm(B * pages, generator=torch.Generator().manual_seed(L)).to(cfg.device)
+        self.table = order.view(B, pages).to(torch.int32)
+        kp = torch.zeros(B * pages, PAGE, Hkv, D, device=cfg.device, dtype=cfg.dtype)
+        vp = torch.zeros_like(kp)
+        pad = pages * PAGE - L
+        kp[order] = F.pad(self.k, (0, 0, 0, 0, 0, pad)).view(B * pages, PAGE, Hkv, D)
+        vp[order] = F.pad(self.v, (0, 0, 0, 0, 0, pad)).view(B * pages, PAGE, Hkv, D)
+        self.k_pages, self.v_pages = kp, vp
+
+    def reference(self):
+        q = self.q.float().transpose(1, 2)
+        return F.scaled_dot_product_attention(q, self.k_sdpa.float(), self.v_sdpa.float(),
+                                              enable_gqa=True).transpose(1, 2)
+
+
+def providers(cfg: BenchConfig) -> dict:
+    """name -> fn(inputs) -> out (B, 1, H_q, D); an Unavailable says why one is skipped."""
+    import tfkernels
+
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    out = {}
+    if cfg.cuda or interp:
+        out["tfkernels-triton"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, backend="triton")
+        out["tfkernels-triton-nosplit"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, num_splits=1,
+                                                                                backend="triton")
+        out["tfkernels-triton-paged"] = lambda x: tfkernels.kvcache_attention(
+            x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, backend="triton")
+        out["tfkernels-attention"] = lambda x: tfkernels.attention(
+            x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa, enable_gqa=True, backend="triton").transpose(1, 2)
+    else:
+        for name in ("tfkernels-triton", "tfkernels-triton-nosplit", "tfkernels-triton-paged", "tfkernels-attention"):
+            out[name] = Unavailable("Triton on CPU needs TRITON_INTERPRET=1")
+    out["sdpa"] = lambda x: F.scaled_dot_product_attention(x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa,
+                                                           enable_gqa=True).transpose(1, 2)
+    try:
+        if not cfg.cuda:
+            raise ImportError("needs a GPU")
+        from flash_attn import flash_attn_with_kvcache
+
+        out["flash-attn-2"] = lambda x: flash_attn_with_kvcache(x.q, x.k, x.v, cache_seqlens=x.lens)
+    except ImportError as err:
+        out["flash-attn-2"] = Unavailable(f"flash_attn: {_util.short(err, 80)}")
+    return out
+
+
+def run(cfg: BenchConfig, log=print) -> list[dict]:
+    rows = []
+    provs = providers(cfg)
+    for name, fn in provs.items():
+        if isinstance(fn, Unavailable):
+            log(f"  {name}: skipped ({fn})")
+    for kind, B, Hq, Hkv, L, D in configs(cfg.quick, cfg.smoke):
+        if cfg.out_of_time():
+            log("  out of time budget: no more shapes")
+            break
+        keys = dict(kind=kind, B=B, Hq=Hq, Hkv=Hkv, L=L, D=D)
+        try:
+            x = Inputs(B, Hq, Hkv, L, D, cfg)
+        except Exception as e:  # noqa: BLE001 — an OOM at the largest shapes is a row
+            rows.append(dict(keys, provider="-", status="oom" if _util.is_oom(e) else "failed", note=_util.short(e)))
+            continue
+        ref = x.reference()
+        base = _util.rel_err(provs["sdpa"](x), ref)  # the dtype's own error, as the tolerance's base
+        tol = _util.tolerance(cfg.dtype, base)
+        nbytes = 2 * B * L * Hkv * D * x.k.element_size()
+        for name, fn in provs.items():
+            if isinstance(fn, Unavailable) or name in cfg.skip:
+                continue
+            tag = f"{kind} B={B:<3d} L={L:<6d} {name:26s}"
+            try:
+                with torch.no_grad():
+                    err = _util.rel_err(fn(x), ref)
+                    if not err <= tol:
+                        log(f"  {tag} FAILED correctness (rel err {err:.2e} > tol {tol:.2e})")
+                        rows.append(dict(keys, provider=name, status="failed", err=err, tol=tol))
+                        continue
+                    t = _util.bench(lambda: fn(x), cfg)
+                gbs = nbytes / (t.ms * 1e-3) / 1e9
+                rows.append(dict(keys, provider=name, status="ok", err=err, tol=tol, ms=t.ms, ms_p20=t.ms_p20,
+                                 ms_p80=t.ms_p80, GBps=gbs, bytes=nbytes))
+                log(f"  {tag} {t.ms * 1e3:9.1f} us {gbs:8.1f} GB/s")
+            except Exception as e:  # noqa: BLE001 — recorded, the other providers still run
+                status = "oom" if _util.is_oom(e) else "failed"
+                rows.append(dict(keys, provider=name, status=status, note=_util.short(e)))
+                log(f"  {tag} {status}: {_util.short(e)}")
+        del x
+        _util.empty_cache(cfg)
+    return rows
+
+
+def table(rows: list[dict], info: dict, dtype_name: str) -> str:
+    lines = [f"# Decoding against a KV cache, {info.get('gpu')}", "",
+             "Environment: " + ", ".join(f"{k} {info[k]}" for k in ("gpu", "driver", "cuda", "torch", "triton", "commit")
+                                         if k in info), "",
+             f"`python -m benchmarks.bench_decode`: {dtype_name}, T_q = 1, D = 128, every cache full to L keys; "
+             "time (median, microseconds) and the cache's bytes read per second (K and V).", "",
+             "| heads | B | L | provider | us | GB/s | vs sdpa | status |", "|---|---:|---:|---|---:|---:|---:|---|"]
+    sdpa = {(r["kind"], r["B"], r["L"]): r["ms"] for r in rows if r["provider"] == "sdpa" and r["status"] == "ok"}
+    for r in sorted(rows, key=lambda r: (r["kind"], r["B"], r["L"], r["provider"])):
+        ok = r["status"] == "ok"
+        base = sdpa.get((r["kind"], r["B"], r["L"]))
+        speed = f"{base / r['ms']:.2f}x" if ok and base else ""
+        heads = f"{r['Hq']}/{r['Hkv']}"
+        lines.append(f"| {heads} | {r['B']} | {r['L']} | {r['provider']} | {_util.fmt(r['ms'] * 1e3) if ok else ''} "
+                     f"| {_util.fmt(r['GBps']) if ok else ''} | {speed} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU sizes (TRITON_INTERPRET=1), one rep")
+    ap.add_argument("--out", type=Path, help="write decode.md and decode.json there (and print the table)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = BenchConfig(device="cuda" if cuda else "cpu", dtype=dtype, dtype_name=str(dtype).split(".")[-1],
+                      quick=args.quick, smoke=not cuda, warmup_ms=25, rep_ms=100)
+    info = _util.env_info(cfg.device)
+    rows = run(cfg)
+    md = table(rows, info, cfg.dtype_name)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "decode.md").write_text(md)
+        (args.out / "decode.json").write_text(json.dumps({"env": info, "rows": [dict(r, **info) for r in rows]},
+                                                         indent=1))
+    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
