@@ -140,6 +140,26 @@ def test_generate_with_kv_cache_matches_sdpa(name, attention_calls, attention_kw
         _close(a, b, 2e-5, f"{name} logits of generated token {step}")
 
 
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_generate_unpadded_decodes_through_kvcache_attention(name, attention_calls, monkeypatch):
+    """Without padding every decode step (T_q = 1, no mask) runs kvcache_attention on the cache's
+    (B, T_k, H_kv, D) views (GQA for qwen2); the prefill runs attention. Same tokens as 'sdpa'."""
+    ref_model = _build(name)
+    model = tfkernels.swap(copy.deepcopy(ref_model), backend=BACKEND)
+    decode = []
+    fn = tfkernels.kvcache_attention
+    monkeypatch.setattr(tfkernels, "kvcache_attention", lambda *a, **k: decode.append(k["backend"]) or fn(*a, **k))
+    ids = _batch()[0][:2, :8]
+    gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        want = ref_model.generate(ids, **gen)
+        got = model.generate(ids, **gen)
+    assert len(attention_calls) == 2 and decode == [BACKEND] * 2 * 3  # two layers: prefill, then 3 steps
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        _close(a, b, 2e-5, f"{name} logits of generated token {step}")
+
+
 # ---- sliding window, softcap ------------------------------------------------------------------
 
 W, TW = 8, 24  # window shorter than the sequence: the window bites
@@ -260,12 +280,16 @@ def test_sliding_window_with_cache_offset_uses_the_mask(attention_kwargs):
 
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("name", list(WINDOW_MODELS))
-def test_generate_sliding_window_matches(name, padding, attention_kwargs):
+def test_generate_sliding_window_matches(name, padding, attention_kwargs, monkeypatch):
     """Greedy generation with a KV cache, window 8 shorter than the 12-token prompt and the 18 tokens
     generated: the prefill runs the kernel's window when nothing is padded (the mask otherwise), every
-    decode step (T_q = 1 < T_k, bottom-right aligned) the mask; tokens as the reference generates them."""
+    decode step (T_q = 1 < T_k, bottom-right aligned) the mask on sliding layers, and on global layers
+    without padding (no mask) kvcache_attention; tokens as the reference generates them."""
     ref = _build_window(name)
     model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
+    decode = []
+    fn = tfkernels.kvcache_attention
+    monkeypatch.setattr(tfkernels, "kvcache_attention", lambda *a, **k: decode.append(1) or fn(*a, **k))
     ids, mask = _window_batch(padding)
     ids, mask = ids[:, :12], mask[:, :12]
     steps = 6
@@ -275,8 +299,9 @@ def test_generate_sliding_window_matches(name, padding, attention_kwargs):
         want = ref.generate(ids, **gen)
         got = model.generate(ids, **gen)
     n = model.config.num_hidden_layers
-    assert len(attention_kwargs) == n * steps
     sliding = _sliding_layers(model)
+    assert len(decode) == (n - len(sliding)) * (steps - 1) * (padding == "none")
+    assert len(attention_kwargs) + len(decode) == n * steps
     for i, kw in enumerate(attention_kwargs):
         native = i < n and i in sliding and padding == "none"  # the prefill's sliding layers
         assert kw.get("window_size") == ((W - 1, 0) if native else None), (i, kw)

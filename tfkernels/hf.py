@@ -21,6 +21,10 @@ Beyond SDPA:
     window_size=(W - 1, 0)`: key tiles outside the window are skipped (O(T * W)). Anything else
     (padding, KV-cache decoding, chunked masks, custom mask functions, compile/tracing, other models)
     gets the SDPA mask as before; packed sequences: below.
+  - Decode steps (T_q = 1) with no mask (no padding; HF drops the mask then) run
+    `tfkernels.kvcache_attention` on (B, T_k, H_kv, D) views of the cache HF passes: one program per
+    K/V head for its whole query group, the keys split across SMs (flash-decoding), GQA without
+    repeating K/V, and the (B, 1, H, D) output HF wants without a transpose copy.
   - Packed sequences (padding-free training, e.g. `DataCollatorWithFlattening`: sequences concatenated
     in a row, position_ids restarting, no attention_mask, no cache): when transformers' mask is exactly
     causal within each sequence (sliding-window causal on a sliding layer of a `_NATIVE_WINDOW_MODELS`
@@ -544,6 +548,15 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
 
+    if q_len == 1 and attention_mask is None and documents is None and window is None and not dropout:
+        # a decode step with nothing masked (no padding): the split-KV decoding kernel reads the cache
+        # (B, H_kv, T_k, D) through (B, T_k, H_kv, D) views and writes (B, 1, H, D), the layout returned
+        import tfkernels
+
+        out = tfkernels.kvcache_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), kv_len,
+                                          scale=scaling, softcap=softcap,
+                                          backend=getattr(module, "_tfkernels_backend", None))
+        return out, None
     out = _attention_fn()(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                           is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, window_size=window,
                           softcap=softcap, document_ids=documents,
