@@ -304,6 +304,14 @@ def test_kvcache_bad_input():
         f(q, k_cache, v_cache, lens, num_splits=-1)
     with pytest.raises(ValueError, match="softcap"):
         f(q, k_cache, v_cache, lens, softcap=-1.0)
+    # a refused call leaves the cache as it was (every check runs before the append)
+    before = k_cache.clone()
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        f(q.double(), k_cache.double(), v_cache.double(), lens, _rand(2, 1, 2, 16).double(),
+          _rand(2, 1, 2, 16).double(), backend="triton")
+    with pytest.raises(TypeError, match="window_size must be a pair"):
+        f(q, k_cache, v_cache, lens, _rand(2, 1, 2, 16), _rand(2, 1, 2, 16), window_size=(1, 2, 3))
+    assert torch.equal(k_cache, before)
 
 
 # ---------------------------------------------------------------------------------- flash_attn's API

@@ -496,6 +496,14 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
     if host is not None:
         _check_values(host, t_new, cap, _host_values(block_table) if paged else None, page, k_cache.shape[0],
                       _host_values(cache_batch_idx) if idx is not None else None, k_cache.shape[0])
+    be = _backend.resolve(backend, q, "kvcache_attention", None, others=(k_cache, v_cache, k, v))
+    _validate.check_float(q, "q", be)
+    if D > MAX_HEAD_DIM and be != "torch":
+        if backend is not None:
+            raise ValueError(f"kvcache_attention: head dim D={D} exceeds the kernels' limit of {MAX_HEAD_DIM} "
+                             "(use backend='torch')")
+        be = "torch"
+    # every check done: only now is the cache written
     if k is not None:
         _append(k_cache, v_cache, k, v, seqlens, table, idx)
         seqlens = seqlens + t_new
@@ -503,13 +511,6 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
     args = (q, k_cache, v_cache, seqlens, table, idx, scale_f, bool(causal), left, right, softcap)
     # after the append: new keys that require grad make the cache part of the graph
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    be = _backend.resolve(backend, q, "kvcache_attention", None, others=(k_cache, v_cache))
-    _validate.check_float(q, "q", be)
-    if D > MAX_HEAD_DIM and be != "torch":
-        if backend is not None:
-            raise ValueError(f"kvcache_attention: head dim D={D} exceeds the kernels' limit of {MAX_HEAD_DIM} "
-                             "(use backend='torch')")
-        be = "torch"
     if be == "torch" or grad:  # the reference, or attention's autograd
         out, lse = _composed(*args, backend=be if be != "auto" else None)
     else:
