@@ -8,6 +8,7 @@ fp32 with that mask, times forward and forward+backward, and writes the markdown
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -94,10 +95,11 @@ def table(rows: list[dict], info: dict, title: str, intro: str, col: str, order)
     return "\n".join(lines) + "\n"
 
 
-def main(argv, doc: str, run, table_fn, out_name: str) -> int:
-    """The command line both benches share: --quick, --smoke (CPU, TRITON_INTERPRET=1), --out DIR."""
+def main(argv, doc: str, run, table_fn, out_name: str, json_name: str | None = None) -> int:
+    """The command line the standalone benches share (window, documents, decode): --quick, --smoke
+    (CPU, TRITON_INTERPRET=1), --out DIR (the table as out_name, and the rows as json_name if given)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="T in {4k, 16k}")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU sizes (TRITON_INTERPRET=1), one rep")
     ap.add_argument("--out", type=Path, help=f"write {out_name} (and print it)")
     args = ap.parse_args(argv)
@@ -112,4 +114,7 @@ def main(argv, doc: str, run, table_fn, out_name: str) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / out_name).write_text(md)
+        if json_name:
+            (args.out / json_name).write_text(json.dumps({"env": info, "rows": [dict(r, **info) for r in rows]},
+                                                         indent=1))
     return 0 if rows and all(r["status"] == "ok" for r in rows) else 1

@@ -20,16 +20,13 @@ against fp32 math on the same cache, within the dtype's tolerance, before timing
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import _util
+from . import _masked, _util
 from ._util import BenchConfig, Unavailable
 
 PAGE = 16
@@ -171,25 +168,7 @@ def table(rows: list[dict], info: dict, dtype_name: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU sizes (TRITON_INTERPRET=1), one rep")
-    ap.add_argument("--out", type=Path, help="write decode.md and decode.json there (and print the table)")
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = BenchConfig(device="cuda" if cuda else "cpu", dtype=dtype, dtype_name=str(dtype).split(".")[-1],
-                      quick=args.quick, smoke=not cuda, warmup_ms=25, rep_ms=100)
-    info = _util.env_info(cfg.device)
-    rows = run(cfg)
-    md = table(rows, info, cfg.dtype_name)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decode.md").write_text(md)
-        (args.out / "decode.json").write_text(json.dumps({"env": info, "rows": [dict(r, **info) for r in rows]},
-                                                         indent=1))
-    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+    return _masked.main(argv, __doc__, run, table, "decode.md", "decode.json")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Argument checks shared by the public functions: clear ValueError/TypeError naming the argument."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,3 +75,24 @@ def check_dim(dim, ndim: int, name: str = "dim") -> int:
     if not lo <= dim <= hi:
         raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions (expected [{lo}, {hi}])")
     return dim % max(ndim, 1)
+
+
+# id(tensor) -> (a weak reference to it, its _version, its values as a list); keyed by id because
+# tensors compare elementwise, and dropped when the tensor is freed
+_HOST: dict = {}
+
+
+def host_values(t: torch.Tensor) -> list:
+    """t.tolist() (a device sync), read once per tensor and version: a model passes the same offsets or
+    lengths to every layer, so the later layers find them here and queue their kernels without
+    waiting; an in-place change bumps the version and is read again. Inference tensors have no
+    version counter: read every time."""
+    if t.is_inference():
+        return t.tolist()
+    hit = _HOST.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    values = t.tolist()
+    key = id(t)
+    _HOST[key] = (weakref.ref(t, lambda _, key=key: _HOST.pop(key, None)), t._version, values)
+    return values

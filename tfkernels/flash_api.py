@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _validate
 from .ops.attention import _check_window, attention
-from .ops.kvcache import _check_index, _host_values, kvcache_attention
+from .ops.kvcache import _check_index, kvcache_attention
 from .ops.varlen import _check_cu, _packed, varlen_attention
 
 
@@ -170,7 +170,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                              f"{q.shape[-1]}")
         B, Tq = q.shape[:2]
         if not torch.compiler.is_compiling():  # a position past the table: an index error on the GPU
-            lens = _host_values(cache_seqlens) if isinstance(cache_seqlens, Tensor) else [int(cache_seqlens)]
+            lens = _validate.host_values(cache_seqlens) if isinstance(cache_seqlens, Tensor) else [int(cache_seqlens)]
             last = max(lens, default=0) + max(Tq, 0 if k is None else k.shape[1]) - 1
             if last >= rotary_cos.shape[0]:
                 raise ValueError(f"flash_attn_with_kvcache: rotary_cos has {rotary_cos.shape[0]} positions, but a "

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from typing import Optional, Union
 
 import torch
@@ -356,21 +355,6 @@ def _(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, windo
 
 # ---------------------------------------------------------------------------------------------- checks
 
-_HOST: dict = {}  # id(tensor) -> (weak reference, _version, values): see the module docstring
-
-
-def _host_values(t: Tensor) -> list:
-    if t.is_inference():  # no version counter to key on: read every time
-        return t.tolist()
-    hit = _HOST.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    values = t.tolist()
-    key = id(t)
-    _HOST[key] = (weakref.ref(t, lambda _, key=key: _HOST.pop(key, None)), t._version, values)
-    return values
-
-
 def _check_index(t, name: str, shape: tuple, q: Tensor) -> Tensor:
     _validate.check_tensor(t, name)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
@@ -489,13 +473,13 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
     if isinstance(cache_seqlens, Tensor):
         seqlens = _check_index(cache_seqlens, "cache_seqlens", (B,), q)
         if not torch.compiler.is_compiling():  # a sync, once per tensor and version
-            host = _host_values(cache_seqlens)
+            host = _validate.host_values(cache_seqlens)
     else:
         host = [int(cache_seqlens)] * B
         seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     if host is not None:
-        _check_values(host, t_new, cap, _host_values(block_table) if paged else None, page, k_cache.shape[0],
-                      _host_values(cache_batch_idx) if idx is not None else None, k_cache.shape[0])
+        _check_values(host, t_new, cap, _validate.host_values(block_table) if paged else None, page, k_cache.shape[0],
+                      _validate.host_values(cache_batch_idx) if idx is not None else None, k_cache.shape[0])
     be = _backend.resolve(backend, q, "kvcache_attention", None, others=(k_cache, v_cache, k, v))
     _validate.check_float(q, "q", be)
     if D > MAX_HEAD_DIM and be != "torch":

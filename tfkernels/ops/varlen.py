@@ -31,7 +31,6 @@ offsets are trusted and a frame, when needed, has the static size total_q + tota
 from __future__ import annotations
 
 import numbers
-import weakref
 from typing import Optional
 
 import torch
@@ -48,24 +47,6 @@ def _check_cu(cu, name: str, q: Tensor) -> Tensor:
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"varlen_attention: {name} must be 1-D (batch + 1,), got shape {list(cu.shape)}")
     return cu.to(device=q.device, dtype=torch.int64)
-
-
-# id(offsets tensor) -> (a weak reference to it, its _version, its values as a list); keyed by id
-# because tensors compare elementwise, and dropped when the tensor is freed
-_HOST: dict = {}
-
-
-def _host_offsets(cu: Tensor) -> list:
-    """cu's values on the host, read once per tensor and version (see the module docstring)."""
-    if cu.is_inference():  # no version counter to key on: read every time
-        return cu.tolist()
-    hit = _HOST.get(id(cu))
-    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
-        return hit[2]
-    values = cu.tolist()
-    key = id(cu)
-    _HOST[key] = (weakref.ref(cu, lambda _, key=key: _HOST.pop(key, None)), cu._version, values)
-    return values
 
 
 def _check_offsets(cu: list, name: str, total: int, tensor_name: str) -> None:
@@ -134,8 +115,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"got {cu_q.numel()} and {cu_k.numel()}")
     host_q = host_k = None
     if not torch.compiler.is_compiling():
-        host_q = _host_offsets(cu_seqlens_q)  # the checks and the frame's size (a sync, once per tensor)
-        host_k = host_q if shared else _host_offsets(cu_seqlens_k)
+        host_q = _validate.host_values(cu_seqlens_q)  # the checks and the frame's size (a sync, once per tensor)
+        host_k = host_q if shared else _validate.host_values(cu_seqlens_k)
         _check_offsets(host_q, "cu_seqlens_q", total_q, "q")
         _check_offsets(host_k, "cu_seqlens_k", total_k, "k")
         _check_max(max_seqlen_q, host_q, "max_seqlen_q")
@@ -243,8 +224,8 @@ def jagged_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask, dropout_p, is_c
     cu_q, cu_k, cu_v = q.offsets(), k.offsets(), v.offsets()
     host_q = host_k = None
     if not torch.compiler.is_compiling():
-        host_q, host_k = _host_offsets(cu_q), _host_offsets(cu_k)
-        if cu_v is not cu_k and _host_offsets(cu_v) != host_k:
+        host_q, host_k = _validate.host_values(cu_q), _validate.host_values(cu_k)
+        if cu_v is not cu_k and _validate.host_values(cu_v) != host_k:
             raise ValueError("attention: nested k and v must have the same sequence lengths")
     left, right = _check_window(window_size)
     kw = dict(dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa, window_size=(left, right), softcap=softcap,
