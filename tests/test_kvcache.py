@@ -8,7 +8,7 @@ import torch
 import tfkernels
 from tfkernels.ops import kvcache as kv_mod
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, kernel_backends
 
 
 def reference(q, k_cache, v_cache, lens, causal=False, window=(-1, -1), scale=None, softcap=0.0, table=None,
@@ -171,6 +171,29 @@ def test_kvcache_empty_rows(backend):
     ref, ref_lse = reference(q, k_cache, v_cache, seqlens, causal=True)
     assert_close(out, ref, torch.float32, "out")
     assert_lse(lse, ref_lse, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("path", ["triton", "cuda", "torch", "grad"])
+def test_kvcache_ignores_unwritten_slots(path):
+    """A cache is allocated with torch.empty: the slots past each row's length may hold NaN or inf.
+    No path may let them into the output (P = 0 times NaN is NaN in a matmul)."""
+    if path == "cuda" and "cuda" not in kernel_backends():
+        pytest.skip("no cuda backend here")
+    torch.manual_seed(10)
+    q, k_cache, v_cache = _rand(2, 2, 4, 16), _rand(2, 12, 2, 16), _rand(2, 12, 2, 16)
+    lens = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
+    for b, n in enumerate(lens.tolist()):
+        k_cache[b, n:], v_cache[b, n:] = float("nan"), float("inf")
+    if path == "grad":
+        q.requires_grad_()
+    out = tfkernels.kvcache_attention(q, k_cache, v_cache, lens, causal=True, num_splits=2,
+                                      backend="triton" if path == "grad" else path)
+    ref, _ = reference(q.detach(), k_cache, v_cache, lens, causal=True)
+    assert torch.isfinite(out).all()
+    assert_close(out.detach(), ref, torch.float32, path)
+    if path == "grad":
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all()
 
 
 def test_kvcache_strided_inputs_and_int_seqlens(backend):

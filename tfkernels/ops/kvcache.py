@@ -323,6 +323,10 @@ def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causa
     B, Tq, Hq, D = q.shape
     k = _gather_cache(k_cache, block_table, batch_idx, B)
     v = _gather_cache(v_cache, block_table, batch_idx, B)
+    # the slots past a row's length were never written (torch.empty: any bits, NaN included), and a
+    # masked key still meets P = 0 in P @ V, where 0 * NaN = NaN: zero them (the kernels never load them)
+    held = (torch.arange(k.shape[1], device=q.device) < seqlens.long()[:, None])[:, :, None, None]
+    k, v = torch.where(held, k, 0.0), torch.where(held, v, 0.0)
     mask = _visible(seqlens, Tq, k.shape[1], causal, window_left, window_right)
     out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
                          enable_gqa=Hq != k.shape[2], softcap=softcap, return_lse=True, backend=backend)
