@@ -212,6 +212,20 @@ def test_kvcache_strided_inputs_and_int_seqlens(backend):
     assert_close(out, ref, torch.float32, "strided")
 
 
+def test_kvcache_expanded_cache(backend):
+    """A prompt's cache shared by every row (stride 0 over the batch, never copied) and a stride-0
+    (expanded) query over the heads: read through their strides."""
+    torch.manual_seed(11)
+    k_cache = _rand(1, 20, 2, 24).expand(3, 20, 2, 24)
+    v_cache = _rand(1, 20, 2, 24).expand(3, 20, 2, 24)
+    q = _rand(3, 1, 1, 24).expand(3, 1, 4, 24)
+    lens = torch.tensor([20, 7, 13], dtype=torch.int32, device=DEVICE)
+    out, lse = tfkernels.kvcache_attention(q, k_cache, v_cache, lens, num_splits=3, return_lse=True, backend=backend)
+    ref, ref_lse = reference(q, k_cache, v_cache, lens)
+    assert_close(out, ref, torch.float32, "expanded")
+    assert_lse(lse, ref_lse, torch.float32, "expanded lse")
+
+
 def test_kvcache_decode_loop_matches_full_attention(backend):
     """Prefill, then one token at a time through a paged cache, is causal attention over the sequence."""
     torch.manual_seed(4)

@@ -343,11 +343,13 @@ def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: 
     int32 (the keys per row, new ones included), block_table (B, max_pages) int32 or None,
     batch_idx (B,) int32 or None -> (out (B, T_q, H_q, D) contiguous, lse (B, H_q, T_q) fp32, -inf
     for a row with no visible key)."""
-    args = (q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right, softcap)
-    if backend == "cuda":
-        return _composed(*args, backend="cuda")
-    return _backend.run("kvcache_attention", backend, _triton_fwd,
-                        lambda *a: _composed(*a[:-1], backend="cuda"), *args, num_splits)
+    return _backend.run("kvcache_attention", backend, _triton_fwd, _cuda_fwd, q, k_cache, v_cache, seqlens,
+                        block_table, batch_idx, scale, causal, window_left, window_right, softcap, num_splits)
+
+
+def _cuda_fwd(*args):
+    """The "cuda" backend has no decoding kernel: the cuda attention on the gathered cache (num_splits unused)."""
+    return _composed(*args[:-1], backend="cuda")
 
 
 @kvcache_attention_fwd.register_fake
@@ -425,9 +427,15 @@ def _check_values(lengths: list, t_new: int, cap: int, table: Optional[list], pa
 # ---------------------------------------------------------------------------------------------- public
 
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Tensor, block_table: Optional[Tensor],
-            batch_idx: Optional[Tensor]) -> None:
-    """Write the new keys and values (B, T_new, H_kv, D) at positions seqlens[b] .. + T_new - 1."""
+            batch_idx: Optional[Tensor], start: Optional[int] = None) -> None:
+    """Write the new keys and values (B, T_new, H_kv, D) at positions seqlens[b] .. + T_new - 1.
+    start: the one length of every row when the caller gave an int (a model's decode loop, at every
+    layer): a plain slice copy then, without building and scattering through index tensors."""
     B, T = k.shape[:2]
+    if start is not None and block_table is None and batch_idx is None:
+        k_cache[:, start:start + T] = k
+        v_cache[:, start:start + T] = v
+        return
     pos = seqlens.long()[:, None] + torch.arange(T, device=k.device)       # (B, T_new)
     if block_table is not None:
         page = k_cache.shape[1]
@@ -493,7 +501,8 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
         be = "torch"
     # every check done: only now is the cache written
     if k is not None:
-        _append(k_cache, v_cache, k, v, seqlens, table, idx)
+        _append(k_cache, v_cache, k, v, seqlens, table, idx,
+                None if isinstance(cache_seqlens, Tensor) else int(cache_seqlens))
         seqlens = seqlens + t_new
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
     args = (q, k_cache, v_cache, seqlens, table, idx, scale_f, bool(causal), left, right, softcap)
