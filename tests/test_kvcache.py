@@ -428,3 +428,8 @@ def test_flash_attn_varlen_func_paged(backend):
     bad[2, 2] = 99
     with pytest.raises(ValueError, match="pages outside"):
         tfkernels.flash_attn_varlen_func(q, k_pages, v_pages, cu(lens_q), cu(lens_k), block_table=bad)
+    with pytest.raises(ValueError, match="a sequence of 9 keys needs more than block_table.s 2 pages of 4"):
+        tfkernels.flash_attn_varlen_func(q, k_pages, v_pages, cu(lens_q), cu(lens_k), block_table=table[:, :2])
+    down = torch.tensor([0, 9, 5, 17], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        tfkernels.flash_attn_varlen_func(q, k_pages, v_pages, cu(lens_q), down, block_table=table)

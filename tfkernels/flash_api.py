@@ -102,18 +102,21 @@ def _unpage(k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_seqlens_k:
                              f"(num_pages, page_size, heads_kv, head_dim), got shape {list(t.shape)}")
     cu = _check_cu(cu_seqlens_k, "cu_seqlens_k", k_cache)
     table = _check_index(block_table, "block_table", (cu.numel() - 1, None), k_cache).long()
+    page_size = k_cache.shape[1]
+    if not torch.compiler.is_compiling():  # host copies read once per tensor version (varlen reads cu again)
+        cu_host, pages = _validate.host_values(cu_seqlens_k), _validate.host_values(block_table)
+        for i, n in enumerate(b - a for a, b in zip(cu_host, cu_host[1:])):
+            if n < 0:
+                raise ValueError(f"flash_attn_varlen_func: cu_seqlens_k must be non-decreasing, got {cu_host}")
+            if n > table.shape[1] * page_size:
+                raise ValueError(f"flash_attn_varlen_func: a sequence of {n} keys needs more than block_table's "
+                                 f"{table.shape[1]} pages of {page_size}")
+            if any(not 0 <= pg < k_cache.shape[0] for pg in pages[i][:-(-n // page_size)]):
+                raise ValueError(f"flash_attn_varlen_func: block_table names pages outside the cache's "
+                                 f"{k_cache.shape[0]}")
     lengths = cu.diff()
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)  # (total_k,)
     p = torch.arange(seq.numel(), device=cu.device) - cu[seq]                                 # position in its sequence
-    page_size = k_cache.shape[1]
-    if not torch.compiler.is_compiling():
-        longest = int(lengths.max()) if lengths.numel() else 0
-        if longest > table.shape[1] * page_size:
-            raise ValueError(f"flash_attn_varlen_func: a sequence of {longest} keys needs more than block_table's "
-                             f"{table.shape[1]} pages of {page_size}")
-        used = table[seq, p // page_size] if seq.numel() else table.new_zeros(0)
-        if used.numel() and not bool(((used >= 0) & (used < k_cache.shape[0])).all()):
-            raise ValueError(f"flash_attn_varlen_func: block_table names pages outside the cache's {k_cache.shape[0]}")
     rows = table[seq, p // page_size], p % page_size
     return k_cache[rows], v_cache[rows]
 
