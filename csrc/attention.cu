@@ -152,12 +152,12 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p, 
     smem_gemm<false, false>(sO, dp, sP, BN, sV, dp, BM, dp, BN, true);  // O += Pd V
   }
   __syncthreads();
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  T* out = static_cast<T*>(p.out) + b * p.out_s[0] + h * p.out_s[1];
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
     if (i < p.Tq && d < p.D) {
       const float l = sSum[r];
-      out[static_cast<int64_t>(i) * p.D + d] = from_f<T>(l > 0.0f ? sO[idx] / l : 0.0f);
+      out[i * p.out_s[2] + d] = from_f<T>(l > 0.0f ? sO[idx] / l : 0.0f);
     }
   }
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
@@ -278,14 +278,13 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     }
   }
   __syncthreads();
-  const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
-  T* dk = static_cast<T*>(p.dk) + base;
-  T* dv = static_cast<T*>(p.dv) + base;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_s[0] + hk * p.dk_s[1];
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_s[0] + hk * p.dv_s[1];
   for (int idx = threadIdx.x; idx < BN * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, j = n0 + r;
     if (j < p.Tk && d < p.D) {
-      dk[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdK[idx] * p.scale);
-      dv[static_cast<int64_t>(j) * p.D + d] = from_f<T>(sdV[idx]);
+      dk[j * p.dk_s[2] + d] = from_f<T>(sdK[idx] * p.scale);
+      dv[j * p.dv_s[2] + d] = from_f<T>(sdV[idx]);
     }
   }
 }
@@ -344,10 +343,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     smem_gemm<false, false>(sdQ, dp, sDS, BN, sK, dp, BM, dp, BN, true);  // dQ += dS K
   }
   __syncthreads();
-  T* dq = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.Tq * p.D;
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1];
   for (int idx = threadIdx.x; idx < BM * dp; idx += blockDim.x) {
     const int r = idx / dp, d = idx - r * dp, i = m0 + r;
-    if (i < p.Tq && d < p.D) dq[static_cast<int64_t>(i) * p.D + d] = from_f<T>(sdQ[idx] * p.scale);
+    if (i < p.Tq && d < p.D) dq[i * p.dq_s[2] + d] = from_f<T>(sdQ[idx] * p.scale);
   }
 }
 

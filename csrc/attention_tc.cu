@@ -224,10 +224,10 @@ struct QueryBlock {
 };
 
 // Rows r0 and r0 + 8 (those < nrows) of a 16 x DP fragment accumulator, row r times factor[r], into
-// columns < D of a contiguous (nrows, D) output.
+// columns < D of an (nrows, D) output whose rows are ld elements apart (its columns adjacent).
 template <typename T, int DP>
-__device__ __forceinline__ void store_rows(T* out, const float (&acc)[DP / 8][4], int r0, int nrows, int D,
-                                           const float (&factor)[2]) {
+__device__ __forceinline__ void store_rows(T* out, int64_t ld, const float (&acc)[DP / 8][4], int r0, int nrows,
+                                           int D, const float (&factor)[2]) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -238,7 +238,7 @@ __device__ __forceinline__ void store_rows(T* out, const float (&acc)[DP / 8][4]
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = d * 8 + 2 * t + e;
-        if (col < D) out[static_cast<int64_t>(i) * D + col] = from_f<T>(acc[d][2 * r + e] * factor[r]);
+        if (col < D) out[i * ld + col] = from_f<T>(acc[d][2 * r + e] * factor[r]);
       }
   }
 }
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
     if (t == 0 && i < p.Tq)
       p.lse[static_cast<int64_t>(blk.bh) * p.Tq + i] = l > 0.0f ? row_max[r] + logf(l) : INFINITY;
   }
-  store_rows<T, DP>(static_cast<T*>(p.out) + static_cast<int64_t>(blk.bh) * p.Tq * p.D, o, i0, p.Tq, p.D, inv);
+  store_rows<T, DP>(static_cast<T*>(p.out) + b * p.out_s[0] + h * p.out_s[1], p.out_s[2], o, i0, p.Tq, p.D, inv);
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -514,7 +514,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
   }
   if (R & kWindowCap) cp_async_wait<0>();  // with no key tile (a window past Tk) Q, dO were never waited for
   const float scale[2] = {p.scale, p.scale};
-  store_rows<T, DP>(static_cast<T*>(p.dq) + static_cast<int64_t>(blk.bh) * p.Tq * p.D, dq, i0, p.Tq, p.D, scale);
+  store_rows<T, DP>(static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], dq, i0, p.Tq, p.D, scale);
 }
 
 template <typename T, int DP, int STAGES, int R>
@@ -629,10 +629,9 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   }
   cp_async_wait<0>();  // with no query tile (causal or a window, past Tq) the K/V copies were never waited for
 
-  const int64_t base = static_cast<int64_t>(bhk) * p.Tk * p.D;
   const float scale[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
-  store_rows<T, DP>(static_cast<T*>(p.dk) + base, dk, j0, p.Tk, p.D, scale);
-  store_rows<T, DP>(static_cast<T*>(p.dv) + base, dv, j0, p.Tk, p.D, one);
+  store_rows<T, DP>(static_cast<T*>(p.dk) + b * p.dk_s[0] + hk * p.dk_s[1], p.dk_s[2], dk, j0, p.Tk, p.D, scale);
+  store_rows<T, DP>(static_cast<T*>(p.dv) + b * p.dv_s[0] + hk * p.dv_s[1], p.dv_s[2], dv, j0, p.Tk, p.D, one);
 }
 
 // ------------------------------------------------------------------------------ launch

@@ -87,8 +87,10 @@ struct AttnParams {
   // kernels read them.
   const int* q_doc; const int* k_doc;
   void* doc_scratch;
-  // forward outputs
-  void* out; float* lse;
+  // forward outputs; out, dq, dk, dv (below) in any (batch, head, time) strides with dim stride 1
+  // (the glue gives them their input's order of heads and time, tfkernels/ops/attention.py
+  // _like_layout), lse (B, Hq, Tq) contiguous
+  void* out; int64_t out_s[3]; float* lse;
   // backward inputs / outputs
   const void* dout; int64_t do_s[4];
   const void* o; int64_t o_s[4];
@@ -96,7 +98,9 @@ struct AttnParams {
   // (B, Hq, Tq) fp32 contiguous or nullptr: the gradient of lse when the caller used lse (0 on fully
   // masked rows); d lse / d S = P, so it enters as delta - dlse
   const float* dlse;
-  void* dq; void* dk; void* dv;
+  void* dq; int64_t dq_s[3];
+  void* dk; int64_t dk_s[3];
+  void* dv; int64_t dv_s[3];
   float* dmask;                 // nullptr unless the float mask needs its gradient (zero-filled)
 
   // Set by attention_fwd/bwd from the fields above (callers leave them): what the kernels read.
@@ -132,5 +136,6 @@ cudaError_t attention_bwd(const AttnParams& p, cudaStream_t stream);
 size_t attention_doc_scratch_bytes(const AttnParams& p, bool backward);
 
 constexpr int ATTN_MAX_HEAD_DIM = 256;
+
 
 }  // namespace tfk

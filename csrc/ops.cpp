@@ -191,6 +191,20 @@ void fill_strides(int64_t (&dst)[4], const Tensor& t) {
   for (int i = 0; i < 4; ++i) dst[i] = t.stride(i);
 }
 
+// An output's or a gradient's (batch, head, time) strides; its dim stride is 1 (like_layout).
+void fill_strides3(int64_t (&dst)[3], const Tensor& t) {
+  for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
+}
+
+// An empty (B, H, T, D) tensor like x for the attention kernels to write: (B, T, H, D) memory seen
+// through transpose(1, 2) when x's heads are inner to its time steps, else contiguous. The same
+// rule, stride for stride, as tfkernels/ops/attention.py _like_layout, which the fake
+// implementations use (torch.compile and opcheck compare them with these).
+Tensor like_layout(const Tensor& x) {
+  if (x.stride(1) < x.stride(2)) return at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options()).transpose(1, 2);
+  return at::empty(x.sizes(), x.options());
+}
+
 void check_4d(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(on_device(t), "tfkernels_cuda.", op, ": ", name, " must be ", kDeviceName);
   TORCH_CHECK(t.dim() == 4, "tfkernels_cuda.", op, ": ", name, " must be 4-D (B, H, T, D), got ", t.dim(), "-D");
@@ -319,7 +333,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   AttnKeep keep;
   tfk::AttnParams p = attn_params(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left,
                                   window_right, softcap, /*backward=*/false, keep, op);
-  Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  Tensor out = like_layout(q);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.Tk == 0) {  // no queries, or no keys: every row fully masked
     out.zero_();
@@ -327,6 +341,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     return {out, lse};
   }
   p.out = out.data_ptr();
+  fill_strides3(p.out_s, out);
   p.lse = lse.data_ptr<float>();
   check_attn_launch(tfk::attention_fwd(p, stream()), op, p);
   return {out, lse};
@@ -355,9 +370,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   const Tensor o = out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
   const Tensor lse = lse_in.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), Tk = k.size(2);
-  Tensor dq = at::empty(q.sizes(), q.options());
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
+  Tensor dq = like_layout(q), dk = like_layout(k), dv = like_layout(v);
   const auto f32 = q.options().dtype(at::kFloat);
   // dS is zero on the tiles the kernels skip (outside the causal triangle, the window or the
   // documents), so the buffer starts at zero
@@ -386,6 +399,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  fill_strides3(p.dq_s, dq);
+  fill_strides3(p.dk_s, dk);
+  fill_strides3(p.dv_s, dv);
   p.dmask = mask_grad && p.mask_kind == 2 ? dmask.data_ptr<float>() : nullptr;
   check_attn_launch(tfk::attention_bwd(p, stream()), op, p);
   return {dq, dk, dv, dmask};

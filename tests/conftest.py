@@ -7,8 +7,14 @@ With TFKERNELS_CUDA_EMULATE=1 and no GPU, the cuda backend is the host emulation
 (tfkernels/_cuda_emu.py) and its tests run on CPU tensors too (this is how CI tests the CUDA kernels).
 """
 import os
+import tempfile
 
 import torch
+
+# Inductor caches compiled graphs across runs, keyed by the graph and torch, not by this package's
+# fake implementations: a graph cached by an older checkout would replay that checkout's output
+# strides (and fail its own stride asserts). A fresh cache for each test run.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tfkernels-inductor-"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -106,6 +112,17 @@ def pytest_sessionfinish(session, exitstatus):
         module.stop_compile()  # a run that stopped before the guard (-x, Ctrl-C) leaves no nvcc behind
 
 
+def assert_attention_layout(t, like, name=""):
+    """t is dense in like's order of heads and time (dims -3 and -2), as the kernels write their output
+    and gradients (tfkernels/ops/attention.py _like_layout): (..., T, H, D) memory seen through a
+    transpose when like's heads are inner to its time steps, else contiguous. Size-1 dims' strides
+    do not matter (torch treats them as any)."""
+    if like.shape[-3] > 1 and like.shape[-2] > 1 and like.stride(-3) < like.stride(-2):
+        assert t.transpose(-3, -2).is_contiguous(), (name, t.shape, t.stride(), like.stride())
+    else:
+        assert t.is_contiguous(), (name, t.shape, t.stride(), like.stride())
+
+
 def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=None, enable_gqa=False,
                     dropout_p=0.0, dropout_mask=None, seed=None, out_scale=1.0, grad_scale=2.0, window_size=None,
                     softcap=0.0, document_ids=None):
@@ -119,7 +136,8 @@ def check_attention(q, k, v, backend, dtype, mask=None, is_causal=False, scale=N
     out = tfkernels.attention(*leaves, attn_mask=mask_leaf if mask_leaf is not None else mask, dropout_p=dropout_p,
                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, window_size=window_size,
                               softcap=softcap, document_ids=document_ids, backend=backend)
-    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype and out.is_contiguous()
+    assert out.shape == q.shape[:3] + (v.shape[-1],) and out.dtype == q.dtype
+    assert_attention_layout(out, q, "out")
     ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref_mask = mask.detach().double().requires_grad_(True) if mask_leaf is not None else mask
     ref = reference.attention(*ref_leaves, attn_mask=ref_mask, dropout_p=dropout_p, is_causal=is_causal,

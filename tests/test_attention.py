@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import tfkernels
 from tfkernels import reference
 
-from conftest import DEVICE, assert_close, check_attention
+from conftest import DEVICE, assert_attention_layout, assert_close, check_attention
 
 attn_mod = importlib.import_module("tfkernels.ops.attention")  # the module (ops.attention is the function)
 
@@ -177,6 +177,44 @@ def test_non_contiguous_and_expanded(backend):
     reference.attention(*ref).sum().backward()
     for a, r in zip((qq, kk, vv), ref):
         assert_close(a.grad, r.grad, torch.float32, scale=2.0)
+
+
+def test_output_and_gradient_layouts(backend):
+    """The kernels write out, dq, dk and dv in their inputs' order of heads and time (_like_layout): for
+    q from a (B, T, H, D) projection the caller's out.transpose(1, 2).reshape(B, T, H * D) is a view,
+    not a copy, and each gradient comes back in its input's order; contiguous (B, H, T, D) inputs get
+    contiguous results. The fake implementations (torch.compile) predict the same strides as the
+    real ones, and the values still match the reference."""
+    torch.manual_seed(29)
+    ops = torch.ops.tfkernels
+    B, H, Hkv, T, D = 2, 4, 2, 23, 16
+    q = _rand(B, T, H, D).transpose(1, 2).requires_grad_(True)  # a (B, T, H, D) projection's view
+    k = _rand(B, Hkv, T, D).requires_grad_(True)  # contiguous (B, H, T, D)
+    v = _rand(B, T, Hkv, D).transpose(1, 2).requires_grad_(True)
+    out = tfkernels.attention(q, k, v, is_causal=True, enable_gqa=True, backend=backend)
+    assert_attention_layout(out, q, "out")
+    y = out.transpose(1, 2).reshape(B, T, H * D)
+    assert y.data_ptr() == out.data_ptr()  # a view: the model's re-layout costs nothing
+    dq, dk, dv = torch.autograd.grad(y, (q, k, v), torch.randn_like(y))
+    for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        assert_attention_layout(g, like, name)
+    check_attention(q, k, v, backend, torch.float32, is_causal=True, enable_gqa=True)  # the values
+    # the ops themselves, real against fake, forward and backward
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    args = lambda q, k, v: (q, k, v, None, None, None, 0.0, None, True, 0.25, -1, -1, 0.0, backend)  # noqa: E731
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    real = ops.attention_fwd(*args(qd, kd, vd))
+    dout = torch.randn(B, T, H, D, device=DEVICE).transpose(1, 2)
+    bwd_args = lambda dout, q, k, v, o, lse: (dout, q, k, v, None, None, None, o, lse, None, 0.0, None, True, 0.25,  # noqa: E731
+                                              -1, -1, 0.0, False, backend)
+    real_bwd = ops.attention_bwd(*bwd_args(dout, qd, kd, vd, *real))
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fdo = (mode.from_tensor(t) for t in (qd, kd, vd, dout))
+        fake = ops.attention_fwd(*args(fq, fk, fv))
+        fake_bwd = ops.attention_bwd(*bwd_args(fdo, fq, fk, fv, *fake))
+    for r, f in zip((*real, *real_bwd[:3]), (*fake, *fake_bwd[:3])):
+        assert r.shape == f.shape and r.stride() == f.stride()
+    torch.library.opcheck(ops.attention_fwd.default, args(q, k, v))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
         if t.dim() != 4:
             raise ValueError(f"flash_attn_func: {name} must be (batch, seqlen, heads, head_dim), got shape "
                              f"{list(t.shape)}")
-    left, right = _check_window(window_size)
+    left, right = _check_window(window_size, "flash_attn_func")
     B, Tq, Hq, _ = q.shape
     Tk = k.shape[1]
     kw = dict(dropout_p=dropout_p, scale=softmax_scale, enable_gqa=Hq != k.shape[2], window_size=(left, right),
@@ -57,7 +57,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
         # both corners are one (or alignment does not matter): the kernels on (B, H, T, D) views
         res = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, **kw)
         out, lse = res if return_attn_probs else (res, None)
-        out = out.transpose(1, 2).contiguous()  # (B, T_q, H, D), contiguous as FlashAttention's
+        out = out.transpose(1, 2).contiguous()  # (B, T_q, H, D) as FlashAttention's; the kernels wrote it so
     else:  # each batch row a sequence of varlen's bottom-right path; its offsets are known here
         if k.shape[0] != B or v.shape[0] != B:
             raise ValueError(f"flash_attn_func: q, k and v must have the same batch size, got {B}, {k.shape[0]} and "

@@ -280,6 +280,7 @@ class SelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                                is_causal=is_causal, enable_gqa=gqa)  # (B, H, T, Dh)
+        # free after the kernels and SDPA's flash backend: they write y in q's (B, T, H, Dh) memory
         y = y.transpose(1, 2).contiguous().view(B, T, C)                     # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

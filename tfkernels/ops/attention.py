@@ -38,7 +38,8 @@ Kernels (Triton, written like the fused-attention tutorial):
 
 Semantics and limits:
 - q (B, H_q, T_q, D), k (B, H_kv, T_k, D), v (B, H_kv, T_k, D); any strides (incl. 0); output
-  (B, H_q, T_q, D) contiguous. D (the same for q, k, v in the kernels; the public function pads
+  (B, H_q, T_q, D) in q's layout of heads and time (`_like_layout`: (B, T, H, D) memory for the usual
+  transposed projection, so the caller's transpose back is free), and dq/dk/dv likewise. D (the same for q, k, v in the kernels; the public function pads
   a different v head dim, `_value_dim_attention`) up to 256, any value (BLOCK_D is the next power
   of two, padded lanes are masked). Any T_q, T_k (T_q != T_k allowed).
 - is_causal: SDPA's top-left `tril` (row i sees keys j <= i), also when T_q != T_k. It may be
@@ -78,12 +79,12 @@ with exactly these arguments and results):
         seed None (dropout_p == 0) or int64 CPU tensor of shape (1,); dropout_p in [0, 1] (1: all
         dropped, output and gradients 0);
         window_left/right -1 (unbounded) or >= 0; softcap >= 0 (0 = off);
-        out (B,Hq,Tq,D) contiguous in q's dtype; lse (B,Hq,Tq) fp32 contiguous, natural log,
+        out (B,Hq,Tq,D) in q's dtype and _like_layout(q) (a stride test both backends make); lse (B,Hq,Tq) fp32 contiguous, natural log,
         +inf for a fully masked row.
     attention_bwd(dout, q, k, v, mask: Tensor?, q_doc: Tensor?, k_doc: Tensor?, out, lse, dlse: Tensor?, dropout_p: float,
                   seed: Tensor?, is_causal: bool, scale: float, window_left: int, window_right: int,
                   softcap: float, mask_grad: bool) -> (dq, dk, dv, dmask)
-        dout (B,Hq,Tq,D) any strides; dq/dk/dv contiguous in q/k/v's dtypes;
+        dout (B,Hq,Tq,D) any strides; dq/dk/dv in q/k/v's dtypes and _like_layout(q/k/v);
         dlse None or (B,Hq,Tq) fp32 contiguous, 0 on fully masked rows: the gradient of lse, when the
         caller used it (d lse / d S = P, so the kernels take delta - dlse for delta);
         dmask (B,Hq,Tq,Tk) fp32 contiguous = dS when mask_grad, else an empty (0,) fp32 tensor.
@@ -100,6 +101,7 @@ with exactly these arguments and results):
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from typing import Optional
@@ -405,13 +407,14 @@ if triton is not None:
         Mask,  # pointer to the mask, shape (B, Hq, Tq, Tk), strides stride_m* (0 on broadcast dims)
         QDoc, KDoc,  # document ids (B, Tq), (B, Tk) int32 contiguous (HAS_DOCS only)
         Ranges,  # (3, B, n_gran) int32: the query granules' key ranges (_documents.ranges; HAS_DOCS only)
-        O,  # pointer to out, shape (B, Hq, Tq, D), contiguous
+        O,  # pointer to out, shape (B, Hq, Tq, D), strides stride_o* (d: 1; see _like_layout)
         LSE,  # pointer to lse, shape (B, Hq, Tq), fp32 contiguous
         seed, dropout_p, rp_keep, qk_scale, cap2,  # rp_keep = 1 / (1 - dropout_p); see _scores
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
+        stride_ob, stride_oh, stride_om,
         B, Hq, Tq, Tk, D, GROUP,  # GROUP = Hq // Hkv
         win_l, win_r,  # query i sees keys i - win_l (WIN_LEFT) .. i + win_r (WIN_RIGHT; causal: 0)
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MAY_EMPTY: tl.constexpr,
@@ -468,8 +471,8 @@ if triton is not None:
             out = acc * (rp_keep / l_i)[:, None]
         else:
             out = acc / l_i[:, None]
-        O_bh = O + bh.to(tl.int64) * Tq * D
-        _store_tile(O_bh + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+        O_bh = _bh_ptr(O, b, h, stride_ob, stride_oh)
+        _store_tile(O_bh + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
                     offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
         if EVEN_M:
             tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse)
@@ -564,8 +567,8 @@ if triton is not None:
         Ranges,  # (3, B, n_gran) int32: the key granules' query ranges (HAS_DOCS only)
         DO,  # pointer to dout, shape (B, Hq, Tq, D), strides stride_do*
         LSE, Delta,  # pointers to lse and delta, shape (B, Hq, Tq), fp32 contiguous
-        DK,  # pointer to dk, shape (B, Hkv, Tk, D), contiguous
-        DV,  # pointer to dv, shape (B, Hkv, Tk, D), contiguous
+        DK,  # pointer to dk, shape (B, Hkv, Tk, D), strides stride_dk* (d: 1; see _like_layout)
+        DV,  # pointer to dv, shape (B, Hkv, Tk, D), strides stride_dv* (d: 1)
         DMask,  # pointer to dmask (= dS), shape (B, Hq, Tq, Tk), fp32 contiguous (MASK_GRAD only)
         seed, dropout_p, rp_keep, qk_scale, cap2, scale,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -573,6 +576,7 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         B, Hq, Hkv, Tq, Tk, D, GROUP, win_l, win_r,
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_GRAD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -632,9 +636,10 @@ if triton is not None:
                     stride_mq, stride_mk, qk_scale, cap2, win_l, win_r, dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT,
                     SOFTCAP, HAS_MASK, MASK_BOOL, MASK_GRAD, HAS_DROPOUT, HAS_DOCS, EVEN_M, EVEN_D, BLOCK_M, DOT_PRECISION, UPCAST)
         dk *= scale  # dK = scale * dS^T Q
-        out_off = bhk.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
-        _store_tile(DK + out_off, dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
-        _store_tile(DV + out_off, dv.to(DV.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
+        _store_tile(_bh_ptr(DK, b, hk, stride_dkb, stride_dkh) + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                    dk.to(DK.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
+        _store_tile(_bh_ptr(DV, b, hk, stride_dvb, stride_dvh) + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                    dv.to(DV.dtype.element_ty), offs_n, offs_d, Tk, D, not EVEN_N, not EVEN_D)
 
     @triton.jit
     def _attn_bwd_dq_inner(
@@ -680,13 +685,14 @@ if triton is not None:
     def _attn_bwd_dq(
         Q, K, V, Mask, QDoc, KDoc, DO, LSE, Delta,  # as in _attn_bwd_dkdv
         Ranges,  # as in _attn_fwd
-        DQ,  # pointer to dq, shape (B, Hq, Tq, D), contiguous
+        DQ,  # pointer to dq, shape (B, Hq, Tq, D), strides stride_dq* (d: 1; see _like_layout)
         seed, dropout_p, rp_keep, qk_scale, cap2, scale,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_mb, stride_mh, stride_mq, stride_mk,
         stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm,
         B, Hq, Tq, Tk, D, GROUP, win_l, win_r,
         WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, HAS_DOCS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
@@ -733,7 +739,7 @@ if triton is not None:
             dropout_p, rp_keep, True, WIN_LEFT, WIN_RIGHT, SOFTCAP, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HAS_DOCS, EVEN_D,
             BLOCK_N, DOT_PRECISION, UPCAST)
         dq *= scale  # dQ = scale * dS K
-        _store_tile(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
+        _store_tile(_bh_ptr(DQ, b, h, stride_dqb, stride_dqh) + offs_m[:, None] * stride_dqm + offs_d[None, :],
                     dq.to(DQ.dtype.element_ty), offs_m, offs_d, Tq, D, not EVEN_M, not EVEN_D)
 
     @triton.jit
@@ -1018,10 +1024,25 @@ def _doc_args(q_doc, k_doc, q, rows_are_queries: bool):
     return q_doc, k_doc, _documents.ranges(rows, cols), True
 
 
+def _like_layout(x: Tensor) -> Tensor:
+    """An empty (B, H, T, D) tensor like x, for an output or a gradient of the kernels: (B, T, H, D)
+    memory, seen through .transpose(1, 2), when x's heads are inner to its time steps, else (B, H, T, D)
+    contiguous. The usual q = proj(x).view(B, T, H, D).transpose(1, 2) gives the first, and the
+    caller's out.transpose(1, 2).reshape(B, T, H * D) is then a view, not a copy of B*T*H*D elements
+    (nanoGPT's, this package's model, the HF and flash_api wrappers, varlen's packed rows); the
+    gradients the same way for the projection's backward. SDPA's flash backend does the same. One
+    comparison of two strides, so the fake implementations (torch.compile), the Triton host code and
+    the CUDA glue (csrc/ops.cpp, like_layout) agree on it exactly."""
+    B, H, T, D = x.shape
+    if x.stride(1) < x.stride(2):
+        return x.new_empty((B, T, H, D)).transpose(1, 2)
+    return x.new_empty((B, H, T, D))
+
+
 def _triton_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left, window_right, softcap):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    o = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    o = _like_layout(q)
     lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         lse.fill_(float("inf"))
@@ -1045,7 +1066,7 @@ def _triton_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, 
         _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
             q, k, v, m_ptr, qd, kd, ranges, o, lse,
             _seed_value(seed, dropout_p), float(dropout_p), _keep_scale(dropout_p), qk_scale, cap2,
-            *q.stride(), *k.stride(), *v.stride(), *m_str,
+            *q.stride(), *k.stride(), *v.stride(), *m_str, *o.stride()[:3],
             B, Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             WIN_LEFT=win_left, WIN_RIGHT=win_right, CAUSAL=bool(is_causal), SOFTCAP=softcap > 0.0, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
             MAY_EMPTY=may_empty,
@@ -1062,9 +1083,7 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
                 window_right, softcap, mask_grad):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _like_layout(q), _like_layout(k), _like_layout(v)
     # dS is zero on the tiles the causal kernels skip, so the buffer starts at zero
     dmask = (torch.zeros((B, Hq, Tq, Tk), dtype=torch.float32, device=q.device) if mask_grad
              else torch.empty((0,), dtype=torch.float32, device=q.device))
@@ -1098,14 +1117,14 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
         _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
             q, k, v, m_ptr, qd, kd, k_ranges, dout, lse, delta, dk, dv, dm_ptr,
             seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(), *dk.stride()[:3], *dv.stride()[:3],
             B, Hq, Hkv, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
             BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
         _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
             q, k, v, m_ptr, qd, kd, dout, lse, delta, q_ranges, dq,
             seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(), *dq.stride()[:3],
             B, Hq, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             EVEN_M=Tq % m2 == 0, BLOCK_M=m2, BLOCK_N=n2, num_warps=warps, num_stages=stages, **common)
 
@@ -1147,11 +1166,24 @@ def _cuda_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed
 # registration and autograd
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
+def _stride_exact_op(name: str):
+    """torch.library.custom_op for an op whose results' strides follow its inputs' (_like_layout):
+    tagged so that Inductor hands it inputs with exactly the strides it was traced with (by default
+    it may pick other layouts for a custom op's inputs, and the fake implementation's predicted
+    output strides would then be wrong at run time). needs_exact_strides where torch has it, else
+    needs_fixed_stride_order (the same stride order, which is all _like_layout compares)."""
+    tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
+    if tag is not None and "tags" in inspect.signature(torch.library.custom_op).parameters:
+        return torch.library.custom_op(name, mutates_args=(), tags=(tag,))
+    return torch.library.custom_op(name, mutates_args=())
+
+
+@_stride_exact_op("tfkernels::attention_fwd")
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_doc: Optional[Tensor],
                   k_doc: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], is_causal: bool, scale: float,
                   window_left: int, window_right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
-    """-> out (B, Hq, Tq, D) contiguous, lse (B, Hq, Tq) fp32 (see the module docstring)."""
+    """-> out (B, Hq, Tq, D) in q's layout (_like_layout), lse (B, Hq, Tq) fp32 contiguous (see the module
+    docstring)."""
     # attention() checks softcap in eager; under torch.compile it may not (a symbolic float), so the
     # value the op runs with is checked here, where it is concrete
     if not (math.isfinite(softcap) and softcap >= 0.0):
@@ -1163,15 +1195,16 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_doc
 @attention_fwd.register_fake
 def _(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, window_left, window_right, softcap, backend):
     B, Hq, Tq, D = q.shape
-    return q.new_empty((B, Hq, Tq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
+    return _like_layout(q), q.new_empty((B, Hq, Tq), dtype=torch.float32)
 
 
-@torch.library.custom_op("tfkernels::attention_bwd", mutates_args=())
+@_stride_exact_op("tfkernels::attention_bwd")
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], q_doc: Optional[Tensor],
                   k_doc: Optional[Tensor], out: Tensor, lse: Tensor, dlse: Optional[Tensor], dropout_p: float,
                   seed: Optional[Tensor], is_causal: bool, scale: float, window_left: int, window_right: int,
                   softcap: float, mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv, dmask ((B, Hq, Tq, Tk) fp32 when mask_grad, else empty)."""
+    """-> dq, dk, dv in q's, k's and v's layouts (_like_layout), dmask ((B, Hq, Tq, Tk) fp32 contiguous when
+    mask_grad, else empty)."""
     if dlse is not None:  # a fully masked row has lse = inf and P = 0: its dlse must not make 0 * inf
         dlse = torch.where(torch.isinf(lse), 0.0, dlse.to(torch.float32))  # a new, contiguous tensor
     return _backend.run("attention", backend, _triton_bwd, _cuda_bwd, dout, q, k, v, mask, q_doc, k_doc, out, lse,
@@ -1185,7 +1218,7 @@ def _(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed, is_cau
     Tk = k.shape[2]
     dmask = (q.new_empty((B, Hq, Tq, Tk), dtype=torch.float32) if mask_grad
              else q.new_empty((0,), dtype=torch.float32))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    return _like_layout(q), _like_layout(k), _like_layout(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -1317,29 +1350,30 @@ def _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
                              f"(B, H_q, T_q, T_k) = {list(target)}")
 
 
-def _check_window(window_size) -> tuple[int, int]:
-    """window_size as (left, right) ints, -1 = unbounded; FlashAttention's convention."""
+def _check_window(window_size, op: str = "attention") -> tuple[int, int]:
+    """window_size as (left, right) ints, -1 = unbounded; FlashAttention's convention. op: the public
+    function the errors name."""
     if window_size is None:
         return -1, -1
     ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
     if ok:
         ok = all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
     if not ok:
-        raise TypeError(f"attention: window_size must be a pair of ints (left, right), got {window_size!r}")
+        raise TypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}")
     left, right = (int(w) for w in window_size)
     if left < -1 or right < -1:
-        raise ValueError(f"attention: window_size sides must be >= 0, or -1 for unbounded; got {window_size!r}")
+        raise ValueError(f"{op}: window_size sides must be >= 0, or -1 for unbounded; got {window_size!r}")
     return left, right
 
 
-def _check_softcap(softcap) -> float:
+def _check_softcap(softcap, op: str = "attention") -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"attention: softcap must be a float, got {type(softcap).__name__}")
+        raise TypeError(f"{op}: softcap must be a float, got {type(softcap).__name__}")
     if torch.compiler.is_compiling():  # may be symbolic (see scale): the op checks the value it runs with
         return softcap
     softcap = float(softcap)
     if not (math.isfinite(softcap) and softcap >= 0.0):
-        raise ValueError(f"attention: softcap must be a finite float >= 0 (0 = off), got {softcap}")
+        raise ValueError(f"{op}: softcap must be a finite float >= 0 (0 = off), got {softcap}")
     return softcap if softcap < SOFTCAP_OFF else 0.0
 
 
@@ -1361,7 +1395,10 @@ def _value_dim_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable
     res = attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
                     softcap=softcap, return_lse=return_lse, document_ids=document_ids, backend=backend)
     out, lse = res if return_lse else (res, None)
-    out = out[..., :Ev].contiguous() if Ev < E else out  # contiguous, as SDPA's and the kernels' outputs are
+    if Ev < E:  # one copy to a dense output, keeping the kernels' order of heads and time (_like_layout)
+        out = out[..., :Ev]
+        out = (out.transpose(-3, -2).contiguous().transpose(-3, -2) if out.stride(-3) < out.stride(-2)
+               else out.contiguous())
     return (out, lse) if return_lse else out
 
 

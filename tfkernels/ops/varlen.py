@@ -103,7 +103,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"{v.shape[0]}")
     if not isinstance(causal, bool):
         raise TypeError(f"varlen_attention: causal must be a bool, got {type(causal).__name__}")
-    left, right = _check_window(window_size)
+    left, right = _check_window(window_size, "varlen_attention")
     total_q, total_k = q.shape[0], k.shape[0]
     if cu_seqlens_k is None and total_k != total_q:
         raise ValueError(f"varlen_attention: without cu_seqlens_k, k must have q's {total_q} rows, got {total_k}")
@@ -144,7 +144,8 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, host_q:
                         vf.transpose(0, 1).unsqueeze(0), is_causal=is_causal, document_ids=ids, **kw)
         out, lse = res if return_lse else (res, None)
         # (T, H_q, D) contiguous, as FlashAttention returns it (callers `view` it as (T, H_q * D)),
-        # and (H_q, T)
+        # and (H_q, T). The kernels wrote (1, T, H_q, D) memory already (q's order of heads and time,
+        # attention._like_layout): contiguous() copies only for the torch backend's output
         return out[0].transpose(0, 1).contiguous(), (None if lse is None else lse[0])
 
     lens_q = cu_q[1:] - cu_q[:-1]
