@@ -9,6 +9,7 @@ Shapes: bf16, D = 128, T_q = 1, every row's cache full to L keys. "gqa": H_q = 3
   tfkernels-triton          kvcache_attention, automatic split count (`_auto_splits`)
   tfkernels-triton-nosplit  kvcache_attention, num_splits=1: what the splits buy at small batch
   tfkernels-triton-paged    kvcache_attention on a paged cache (16-key pages, shuffled)
+  tfkernels-cuda(-paged)    the same op on backend="cuda" (csrc/kvcache.cu), dense and paged
   tfkernels-attention       tfkernels.attention with T_q = 1 (the training kernel; what a model
                             without the decoding op runs): one program per query head
   sdpa                      F.scaled_dot_product_attention, (B, H, L, D) cache, enable_gqa
@@ -91,6 +92,12 @@ def providers(cfg: BenchConfig) -> dict:
     else:
         for name in ("tfkernels-triton", "tfkernels-triton-nosplit", "tfkernels-triton-paged", "tfkernels-attention"):
             out[name] = Unavailable("Triton on CPU needs TRITON_INTERPRET=1")
+    if cfg.cuda:
+        out["tfkernels-cuda"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, backend="cuda")
+        out["tfkernels-cuda-paged"] = lambda x: tfkernels.kvcache_attention(
+            x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, backend="cuda")
+    else:
+        out["tfkernels-cuda"] = out["tfkernels-cuda-paged"] = Unavailable("the CUDA C++ backend needs a GPU")
     out["sdpa"] = lambda x: F.scaled_dot_product_attention(x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa,
                                                            enable_gqa=True).transpose(1, 2)
     try:

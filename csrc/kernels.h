@@ -137,5 +137,36 @@ size_t attention_doc_scratch_bytes(const AttnParams& p, bool backward);
 
 constexpr int ATTN_MAX_HEAD_DIM = 256;
 
+// ---------------------------------------------------------------- decoding (kvcache.cu)
+
+// Attention of new queries against a KV cache, tfkernels/ops/kvcache.py's semantics: row b holds
+// L = min(seqlens[b], cap) keys; query t sits at key position L - Tq + t (bottom-right); causal:
+// keys j <= that; window (left, right), -1 unbounded, around it; softcap > 0 caps the scores.
+struct KvParams {
+  DType dtype;                  // of q, k, v, out
+  const void* q; int64_t q_s[4];  // (B, Tq, Hq, D), strides in elements
+  // (B_cache, S, Hkv, D), or the pages (n_pages, page, Hkv, D) with block_table
+  const void* k; int64_t k_s[4];
+  const void* v; int64_t v_s[4];
+  bool k_vec, v_vec;            // rows read as 16-byte vectors: dim stride 1, D and the other strides
+                                // multiples of 16 bytes' elements, base 16-byte aligned
+  const int* seqlens;           // (B,) int32
+  const int* block_table; int64_t bt_s[2];  // (B, max_pages) int32, or nullptr (dense cache)
+  const int* batch_idx;         // (B,) int32: the cache row of batch row b, or nullptr (row b)
+  int B, Tq, Hq, Hkv, D;
+  int cap;                      // keys a row can hold: S, or max_pages * page
+  int page;                     // keys per page (1 when dense)
+  int cache_rows;               // k.size(0): page ids and batch_idx are clamped to [0, cache_rows)
+  float scale, softcap;
+  bool causal; int window_left, window_right;
+  int num_splits;               // 1 .. KV_MAX_SPLITS: chunks of the key range, one block each
+  void* out;                    // (B, Tq, Hq, D) contiguous
+  float* lse;                   // (B, Hq, Tq) contiguous, natural log, -inf for a row that sees no key
+  float* o_part; float* lse_part;  // num_splits > 1: (num_splits, B, Hq, Tq, D), (num_splits, B, Hq, Tq)
+};
+
+constexpr int KV_MAX_SPLITS = 128;
+
+cudaError_t kvcache_attention_fwd(const KvParams& p, cudaStream_t stream);
 
 }  // namespace tfk

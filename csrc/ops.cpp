@@ -407,6 +407,101 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, 
   return {dq, dk, dv, dmask};
 }
 
+// Whether t's (..., D) rows can be read as 16-byte vectors: dim stride 1, the other strides and D
+// multiples of a vector's elements, the base 16-byte aligned.
+bool rows_vectorizable(const Tensor& t) {
+  const int64_t v = 16 / static_cast<int64_t>(t.element_size());
+  if (t.stride(-1) != 1 || t.size(-1) % v != 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i < t.dim() - 1; ++i)
+    if (t.stride(i) % v != 0) return false;
+  return true;
+}
+
+// tfkernels/ops/kvcache.py's op for backend="cuda" (its Python side checked the values: lengths
+// within the cache, page ids, batch indices; the kernels clamp them anyway, so a bad value never
+// reads outside the cache). num_splits >= 1: the caller picks it (kvcache.py _auto_splits).
+std::tuple<Tensor, Tensor> kvcache_attention_fwd(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                 const Tensor& seqlens, const std::optional<Tensor>& block_table,
+                                                 const std::optional<Tensor>& batch_idx, double scale, bool causal,
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 int64_t num_splits) {
+  const char* op = "kvcache_attention_fwd";
+  TORCH_CHECK(on_device(q) && on_device(k_cache) && on_device(v_cache) && on_device(seqlens), "tfkernels_cuda.", op,
+              ": q, the caches and seqlens must be ", kDeviceName);
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "tfkernels_cuda.", op,
+              ": q must be (B, T_q, H_q, D) and the caches (B_cache or pages, S, H_kv, D) alike");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "tfkernels_cuda.", op, ": the caches must have q's dtype");
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && D <= tfk::ATTN_MAX_HEAD_DIM, "tfkernels_cuda.",
+              op, ": the caches must have q's head dim (at most ", tfk::ATTN_MAX_HEAD_DIM, ") and H_q % H_kv == 0");
+  TORCH_CHECK(seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 && seqlens.size(0) == B && seqlens.is_contiguous(),
+              "tfkernels_cuda.", op, ": seqlens must be (B,) int32 contiguous");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= tfk::KV_MAX_SPLITS, "tfkernels_cuda.", op, ": num_splits must be in 1..",
+              tfk::KV_MAX_SPLITS);
+  TFK_DEVICE_GUARD(q);
+  tfk::KvParams p{};
+  p.dtype = dtype_of(q, op, "q");
+  p.q = q.data_ptr();
+  fill_strides(p.q_s, q);
+  p.k = k_cache.data_ptr();
+  fill_strides(p.k_s, k_cache);
+  p.v = v_cache.data_ptr();
+  fill_strides(p.v_s, v_cache);
+  p.k_vec = rows_vectorizable(k_cache);
+  p.v_vec = rows_vectorizable(v_cache);
+  p.seqlens = seqlens.data_ptr<int>();
+  const bool paged = block_table.has_value() && block_table->defined();
+  if (paged) {
+    TORCH_CHECK(on_device(*block_table) && block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
+                    block_table->size(0) == B, "tfkernels_cuda.", op, ": block_table must be (B, max_pages) int32");
+    p.block_table = block_table->data_ptr<int>();
+    p.bt_s[0] = block_table->stride(0);
+    p.bt_s[1] = block_table->stride(1);
+  }
+  if (batch_idx.has_value() && batch_idx->defined()) {
+    TORCH_CHECK(on_device(*batch_idx) && batch_idx->scalar_type() == at::kInt && batch_idx->dim() == 1 &&
+                    batch_idx->size(0) == B && batch_idx->is_contiguous(), "tfkernels_cuda.", op,
+                ": batch_idx must be (B,) int32 contiguous");
+    p.batch_idx = batch_idx->data_ptr<int>();
+  }
+  p.B = static_cast<int>(B);
+  p.Tq = static_cast<int>(Tq);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.D = static_cast<int>(D);
+  p.page = paged ? static_cast<int>(k_cache.size(1)) : 1;
+  const int64_t cap = paged ? block_table->size(1) * k_cache.size(1) : k_cache.size(1);
+  TORCH_CHECK(cap < (int64_t{1} << 31) && k_cache.size(0) > 0, "tfkernels_cuda.", op,
+              ": the cache must hold fewer than 2^31 keys a row, and at least one row");
+  p.cap = static_cast<int>(cap);
+  p.cache_rows = static_cast<int>(k_cache.size(0));
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.causal = causal;
+  p.window_left = static_cast<int>(window_left);
+  p.window_right = static_cast<int>(window_right);
+  p.num_splits = static_cast<int>(num_splits);
+  Tensor out = at::empty({B, Tq, Hq, D}, q.options());
+  Tensor lse = at::empty({B, Hq, Tq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  Tensor o_part, lse_part;  // kept alive until the launches are queued
+  if (num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    o_part = at::empty({num_splits, B, Hq, Tq, D}, f32);
+    lse_part = at::empty({num_splits, B, Hq, Tq}, f32);
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_launch(tfk::kvcache_attention_fwd(p, stream()), op);
+  return {out, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tfkernels_cuda, m) {
@@ -421,6 +516,9 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? q_doc, Tensor? k_doc, "
         "Tensor out, Tensor lse, Tensor? dlse, float dropout_p, Tensor? seed, bool is_causal, float scale, "
         "int window_left, int window_right, float softcap, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("kvcache_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor? block_table, "
+        "Tensor? batch_idx, float scale, bool causal, int window_left, int window_right, float softcap, "
+        "int num_splits) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tfkernels_cuda, TFK_DISPATCH_KEY, m) {
@@ -432,6 +530,7 @@ TORCH_LIBRARY_IMPL(tfkernels_cuda, TFK_DISPATCH_KEY, m) {
   m.impl("softmax_bwd", &softmax_bwd);
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("kvcache_attention_fwd", &kvcache_attention_fwd);
 }
 
 // Importable as a Python module (tfkernels._C from setup.py, or the JIT build); the ops register

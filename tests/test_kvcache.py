@@ -80,6 +80,8 @@ CASES = {
     "paged-decode": (1, 4, 2, 32, [37, 5, 16], 1, True, (-1, -1), 0.0, 3, "paged16"),
     "paged-odd-page": (2, 6, 3, 24, [21, 0, 9], 2, False, (-1, -1), 0.0, 2, "paged5"),
     "d256": (1, 2, 1, 256, [18, 3], 0, False, (-1, -1), 0.0, 2, "dense"),
+    # 18 columns: not a whole number of 16-byte vectors (the cuda kernel's element-wise loads)
+    "odd-head-dim": (2, 4, 2, 18, [11, 30], 1, True, (-1, -1), 0.0, 2, "dense"),
 }
 
 
@@ -126,10 +128,10 @@ def test_kvcache_matches_reference(backend, case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["append-causal-mqa", "paged-decode", "softcap-batch-idx"])
-def test_kvcache_half_precision(case, dtype):
+def test_kvcache_half_precision(case, dtype, backend):
     torch.manual_seed(5)
     q, k_cache, v_cache, seqlens, k, v, kw = _setup(case, dtype)
-    out, lse = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, k, v, return_lse=True, backend="triton", **kw)
+    out, lse = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, k, v, return_lse=True, backend=backend, **kw)
     lens = seqlens + (0 if k is None else k.shape[1])
     ref, ref_lse = reference(q, k_cache, v_cache, lens, kw["causal"], kw["window_size"], None, kw["softcap"],
                              kw["block_table"], kw["cache_batch_idx"])
@@ -138,16 +140,59 @@ def test_kvcache_half_precision(case, dtype):
     assert_lse(lse, ref_lse, torch.float32, f"{case} lse", scale=100.0)
 
 
-def test_kvcache_splits_agree():
+def test_kvcache_splits_agree(backend):
     """Any split count gives the same answer as one pass (up to fp32 reassociation), also more splits
     than key blocks and splits that find no key (a short row)."""
     torch.manual_seed(2)
     q, k_cache, v_cache = _rand(2, 1, 4, 32), _rand(2, 64, 2, 32), _rand(2, 64, 2, 32)
     seqlens = torch.tensor([64, 3], dtype=torch.int32, device=DEVICE)
-    one = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, num_splits=1, backend="triton")
+    one = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, num_splits=1, backend=backend)
     for n in (2, 4, 9):
-        got = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, num_splits=n, backend="triton")
+        got = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, num_splits=n, backend=backend)
         assert_close(got, one.double(), torch.float32, f"{n} splits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kvcache_long_cache_many_tiles(dtype, backend):
+    """Caches of several key tiles of every kernel (the cuda kernel's 64-key tiles, Triton's blocks)
+    with ragged lengths, splits whose ranges end mid-tile, a causal window, GQA 8/2, paged too."""
+    torch.manual_seed(31)
+    B, Hq, Hkv, D, S = 3, 8, 2, 64, 300
+    q = _rand(B, 2, Hq, D, dtype=dtype)
+    lens = torch.tensor([300, 129, 64], dtype=torch.int32, device=DEVICE)
+    dense_k, dense_v = _rand(B, S, Hkv, D, dtype=dtype), _rand(B, S, Hkv, D, dtype=dtype)
+    pk, pv, table = _paged(B, S, Hkv, D, 32, dtype)
+    for b in range(B):  # the same keys in the pages
+        for j in range(table.shape[1]):
+            n = min(32, S - 32 * j)
+            pk[table[b, j], :n], pv[table[b, j], :n] = dense_k[b, 32 * j:32 * j + n], dense_v[b, 32 * j:32 * j + n]
+    for window, splits in (((-1, -1), 1), ((-1, -1), 3), ((70, -1), 2)):
+        ref, ref_lse = reference(q, dense_k, dense_v, lens, True, window, None, 0.0, None, None)
+        for k_cache, v_cache, tb in ((dense_k, dense_v, None), (pk, pv, table)):
+            out, lse = tfkernels.kvcache_attention(q, k_cache, v_cache, lens, causal=True, window_size=window,
+                                                   block_table=tb, num_splits=splits, return_lse=True, backend=backend)
+            name = f"window {window} splits {splits} paged {tb is not None}"
+            assert_close(out, ref, dtype, name)
+            assert_lse(lse, ref_lse, torch.float32, name, scale=1.0 if dtype == torch.float32 else 100.0)
+
+
+def test_kvcache_cuda_long_queries_take_the_attention_kernel(monkeypatch):
+    """On the cuda backend, more than CUDA_DECODE_ROWS query rows per K/V head (a chunked prefill)
+    run the tensor-core attention on the gathered cache; up to it, the decoding kernel."""
+    if "cuda" not in kernel_backends():
+        pytest.skip("no cuda backend here")
+    torch.manual_seed(8)
+    calls = []
+    real = kv_mod._composed
+    monkeypatch.setattr(kv_mod, "_composed", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    k_cache, v_cache = _rand(1, 80, 1, 16), _rand(1, 80, 1, 16)
+    lens = torch.tensor([80], dtype=torch.int32, device=DEVICE)
+    for tq in (kv_mod.CUDA_DECODE_ROWS // 2, kv_mod.CUDA_DECODE_ROWS // 2 + 1):  # GQA group of 2
+        q = _rand(1, tq, 2, 16)
+        out = tfkernels.kvcache_attention(q, k_cache, v_cache, lens, causal=True, backend="cuda")
+        ref, _ = reference(q, k_cache, v_cache, lens, causal=True)
+        assert_close(out, ref, torch.float32, f"T_q {tq}")
+    assert calls == [kv_mod.CUDA_DECODE_ROWS // 2 + 1]
 
 
 def test_auto_splits():
@@ -339,14 +384,14 @@ def test_kvcache_bad_input():
         f(q, pk, pv, lens, block_table=table, cache_batch_idx=torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
         f(q, k_cache, v_cache, lens, num_splits=-1)
-    with pytest.raises(ValueError, match="softcap"):
+    with pytest.raises(ValueError, match="kvcache_attention: softcap"):
         f(q, k_cache, v_cache, lens, softcap=-1.0)
     # a refused call leaves the cache as it was (every check runs before the append)
     before = k_cache.clone()
     with pytest.raises(TypeError, match="q has dtype torch.float64"):
         f(q.double(), k_cache.double(), v_cache.double(), lens, _rand(2, 1, 2, 16).double(),
           _rand(2, 1, 2, 16).double(), backend="triton")
-    with pytest.raises(TypeError, match="window_size must be a pair"):
+    with pytest.raises(TypeError, match="kvcache_attention: window_size must be a pair"):
         f(q, k_cache, v_cache, lens, _rand(2, 1, 2, 16), _rand(2, 1, 2, 16), window_size=(1, 2, 3))
     assert torch.equal(k_cache, before)
 

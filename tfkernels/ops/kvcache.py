@@ -33,9 +33,13 @@ and version to check them (the cache's capacity, the pages); an int cache_seqlen
 Under torch.compile nothing is read; the kernel clamps lengths to the capacity and page ids to the
 pages, so that a bad value never reads outside the cache.
 
+The "cuda" backend has the same kernels in CUDA C++ (csrc/kvcache.cu: 16 query rows a block, fp32
+FMAs from shared memory, the same split ranges and combine) for up to CUDA_DECODE_ROWS query rows per
+K/V head; a longer T_q (chunked prefill) runs its tensor-core attention on the gathered cache.
+
 Backward: this op is for inference. A query or cache that requires grad (in grad mode) runs
 `attention` on the gathered cache with the equivalent bool mask, which has autograd (so does the
-"torch" backend, the reference, and "cuda", which has no decode kernel of its own).
+"torch" backend, the reference).
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _backend, _validate, reference
+from .. import _backend, _cuda_ext, _validate, reference
 from .attention import (LN2, LOG2E, MAX_HEAD_DIM, SOFTCAP_OFF, _check_softcap, _check_window, _dot_precision,
                         _gpu_major, _launch_first_fit, _softcap_args, _upcast, attention)
 
@@ -319,7 +323,8 @@ def _visible(seqlens: Tensor, Tq: int, S: int, causal: bool, window_left: int, w
 def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right, softcap,
               backend):
     """The op as `attention` on the gathered cache with a bool mask: the reference ("torch"), the
-    "cuda" backend's path, and the differentiable one. (out (B, T_q, H_q, D), lse (B, H_q, T_q) fp32)."""
+    "cuda" backend's path past CUDA_DECODE_ROWS, and the differentiable one. (out (B, T_q, H_q, D),
+    lse (B, H_q, T_q) fp32)."""
     B, Tq, Hq, D = q.shape
     k = _gather_cache(k_cache, block_table, batch_idx, B)
     v = _gather_cache(v_cache, block_table, batch_idx, B)
@@ -347,9 +352,28 @@ def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: 
                         block_table, batch_idx, scale, causal, window_left, window_right, softcap, num_splits)
 
 
-def _cuda_fwd(*args):
-    """The "cuda" backend has no decoding kernel: the cuda attention on the gathered cache (num_splits unused)."""
-    return _composed(*args[:-1], backend="cuda")
+# Query rows per K/V head (T_q * GROUP) up to which the cuda backend runs its decoding kernel
+# (csrc/kvcache.cu, fp32 FMAs on 16-row blocks); past it (a chunked prefill) every 16 rows would
+# read the cache again, and the tensor-core attention on the gathered cache does the work better.
+CUDA_DECODE_ROWS = 64
+
+
+def _cuda_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right, softcap,
+              num_splits):
+    B, Tq, Hq, _ = q.shape
+    Hkv = k_cache.shape[2]
+    rows = Tq * (Hq // Hkv)
+    if rows > CUDA_DECODE_ROWS:
+        return _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left,
+                         window_right, softcap, backend="cuda")
+    cap = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if num_splits <= 0:  # as the Triton kernel picks them (16-row blocks; blocks of 128 keys)
+        win_r = 0 if causal else max(window_right, 0)
+        keys = cap if not (window_left >= 0 and (causal or window_right >= 0)) else min(cap, Tq + window_left + win_r)
+        num_splits = _auto_splits(-(-rows // 16) * B * Hkv, -(-keys // 128), _sm_count(q))
+    num_splits = max(1, min(num_splits, MAX_SPLITS))
+    return _cuda_ext.ops().kvcache_attention_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, float(scale),
+                                                 bool(causal), window_left, window_right, float(softcap), num_splits)
 
 
 @kvcache_attention_fwd.register_fake
@@ -468,8 +492,8 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
                          "(the block table already picks each row's pages)")
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"kvcache_attention: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
-    left, right = _check_window(window_size)
-    softcap = _check_softcap(softcap)
+    left, right = _check_window(window_size, "kvcache_attention")
+    softcap = _check_softcap(softcap, "kvcache_attention")
     table = _check_index(block_table, "block_table", (B, None), q) if paged else None
     idx = _check_index(cache_batch_idx, "cache_batch_idx", (B,), q) if cache_batch_idx is not None else None
     if not paged and idx is None and k_cache.shape[0] != B:
