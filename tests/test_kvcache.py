@@ -127,7 +127,7 @@ def test_kvcache_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["append-causal-mqa", "paged-decode", "softcap-batch-idx"])
+@pytest.mark.parametrize("case", ["append-causal-mqa", "paged-decode", "softcap-batch-idx", "d256"])
 def test_kvcache_half_precision(case, dtype, backend):
     torch.manual_seed(5)
     q, k_cache, v_cache, seqlens, k, v, kw = _setup(case, dtype)
