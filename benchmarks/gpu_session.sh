@@ -28,7 +28,8 @@
 #                      script is checked off-GPU). Without it, a machine with no GPU is an error.
 #   PARTS=triton,cuda  tests: PARTS=triton skips the CUDA build; PARTS=cuda runs only the backend="cuda" cases
 #   SANITIZE=0         tests: 1 ends the stage with compute-sanitizer racecheck + memcheck on the C++
-#                      attention cases (SANITIZE_K selects them, SANITIZE_CAP=200 s for both)
+#                      attention cases (SANITIZE_K selects them from SANITIZE_FILE, default
+#                      tests/test_cuda_backend.py; SANITIZE_CAP=200 s for both)
 #   TESTS=tests        tests: the pytest targets (space-separated words)
 #   PYTHON=python3  MAXFAIL=20  XDIST=8 (pytest -n, when pytest-xdist is installed; 0 = off)
 #   BUILD_CAP=330  TRAIN_STEPS=60   step timeout / sizes
@@ -166,7 +167,8 @@ case "$STAGE" in
       if command -v compute-sanitizer >/dev/null; then
         for tool in racecheck memcheck; do
           step "compute-sanitizer --tool $tool" $((${SANITIZE_CAP:-200} / 2)) compute-sanitizer --tool "$tool" \
-            --error-exitcode 3 "$PY" -m pytest -q -x tests/test_cuda_backend.py -k "${SANITIZE_K:-test_attention and 128}"
+            --error-exitcode 3 "$PY" -m pytest -q -x "${SANITIZE_FILE:-tests/test_cuda_backend.py}" \
+            -k "${SANITIZE_K:-test_attention and 128}"
         done
       else
         log "== SANITIZE=1 but compute-sanitizer is not on PATH: skipped"
