@@ -254,25 +254,28 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_kernel(const KvParam
   }
 }
 
-// One block per (b, h, t) row: the splits' partial outputs weighted by exp(lse_s - lse).
+// One block per (b, h, t) row: the splits' partial outputs weighted by exp(lse_s - lse). The
+// weights are computed once into shared memory, not once per column.
 template <typename T>
 __global__ void kvcache_combine_kernel(const KvParams p) {
+  __shared__ float sW[KV_MAX_SPLITS];
   const int64_t row = blockIdx.x, n_rows = static_cast<int64_t>(p.B) * p.Hq * p.Tq;
   float m = -INFINITY;
   for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, p.lse_part[s * n_rows + row]);
   const float m_safe = m == -INFINITY ? 0.0f : m;
+  for (int s = threadIdx.x; s < p.num_splits; s += blockDim.x)
+    sW[s] = expf(p.lse_part[s * n_rows + row] - m_safe);  // 0 for empty splits
+  __syncthreads();
   float total = 0.0f;
-  for (int s = 0; s < p.num_splits; ++s) total += expf(p.lse_part[s * n_rows + row] - m_safe);  // 0 for empty splits
+  for (int s = 0; s < p.num_splits; ++s) total += sW[s];
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   const int t = static_cast<int>(row % p.Tq), h = static_cast<int>(row / p.Tq % p.Hq);
   const int64_t b = row / (static_cast<int64_t>(p.Tq) * p.Hq);
   T* o = static_cast<T*>(p.out) + ((b * p.Tq + t) * p.Hq + h) * p.D;
   for (int d = threadIdx.x; d < p.D; d += blockDim.x) {
     float sum = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float w = expf(p.lse_part[s * n_rows + row] - m_safe);
-      if (w > 0.0f) sum = fmaf(w, p.o_part[(s * n_rows + row) * p.D + d], sum);
-    }
+    for (int s = 0; s < p.num_splits; ++s)
+      if (sW[s] > 0.0f) sum = fmaf(sW[s], p.o_part[(s * n_rows + row) * p.D + d], sum);
     o[d] = from_f<T>(sum * inv);
   }
   if (threadIdx.x == 0) p.lse[row] = total > 0.0f ? m_safe + logf(total) : -INFINITY;

@@ -112,6 +112,21 @@ def pytest_sessionfinish(session, exitstatus):
         module.stop_compile()  # a run that stopped before the guard (-x, Ctrl-C) leaves no nvcc behind
 
 
+def visible_keys(diag, n_keys, causal, window):
+    """(T_q, n_keys) bool for the float64 references of the packed and cached ops: query i, whose
+    diagonal key position is diag[i] ((T_q, 1) int), sees key j when causal allows it (j <= diag) and
+    j is in the window (diag - left .. diag + right, -1 unbounded)."""
+    j = torch.arange(n_keys, device=diag.device)[None, :]
+    keep = torch.ones(diag.shape[0], n_keys, dtype=torch.bool, device=diag.device)
+    if causal:
+        keep &= j <= diag
+    if window[0] >= 0:
+        keep &= j >= diag - window[0]
+    if window[1] >= 0:
+        keep &= j <= diag + window[1]
+    return keep
+
+
 def assert_attention_layout(t, like, name=""):
     """t is dense in like's order of heads and time (dims -3 and -2), as the kernels write their output
     and gradients (tfkernels/ops/attention.py _like_layout): (..., T, H, D) memory seen through a

@@ -8,7 +8,7 @@ import torch
 import tfkernels
 from tfkernels.ops import kvcache as kv_mod
 
-from conftest import DEVICE, assert_close, kernel_backends
+from conftest import DEVICE, assert_close, kernel_backends, visible_keys
 
 
 def reference(q, k_cache, v_cache, lens, causal=False, window=(-1, -1), scale=None, softcap=0.0, table=None,
@@ -33,15 +33,7 @@ def reference(q, k_cache, v_cache, lens, causal=False, window=(-1, -1), scale=No
         s = torch.einsum("thd,jhd->htj", q[b].double(), k) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        pos = L - Tq + torch.arange(Tq, device=q.device)[:, None]
-        j = torch.arange(L, device=q.device)[None, :]
-        keep = torch.ones(Tq, L, dtype=torch.bool, device=q.device)
-        if causal:
-            keep &= j <= pos
-        if window[0] >= 0:
-            keep &= j >= pos - window[0]
-        if window[1] >= 0:
-            keep &= j <= pos + window[1]
+        keep = visible_keys(L - Tq + torch.arange(Tq, device=q.device)[:, None], L, causal, window)
         s = s.masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(s, -1) if L else s.new_full((Hq, Tq), float("-inf"))
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import tfkernels
 from tfkernels.ops import varlen as varlen_mod
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, visible_keys
 
 
 def _cu(lens):
@@ -31,15 +31,7 @@ def reference(q, k, v, lens_q, lens_k, causal=False, window=(-1, -1), scale=None
         if softcap:
             s = softcap * torch.tanh(s / softcap)
         diag = torch.arange(lq, device=q.device)[:, None] + (lk - lq if bottom_right else 0)
-        j = torch.arange(lk, device=q.device)[None, :]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        if causal:
-            keep &= j <= diag
-        if window[0] >= 0:
-            keep &= j >= diag - window[0]
-        if window[1] >= 0:
-            keep &= j <= diag + window[1]
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~visible_keys(diag, lk, causal, window), float("-inf"))
         lse = torch.logsumexp(s, -1)  # -inf for an empty row
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
         outs.append((p @ vi).transpose(0, 1))

@@ -228,6 +228,12 @@ def _auto_splits(programs: int, key_blocks: int, sms: int) -> int:
     return max(1, min(math.ceil(2 * sms / programs), most, MAX_SPLITS))
 
 
+def _window_keys(cap: int, Tq: int, win_l: int, win_r: int, both_sides: bool) -> int:
+    """Keys a program may visit, for the split count: the capacity, or a window bounded on both
+    sides (T_q + left + right keys at most)."""
+    return min(cap, Tq + win_l + win_r) if both_sides else cap
+
+
 def _sm_count(x: Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
 
@@ -254,7 +260,7 @@ def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, cau
     qk_scale, cap2 = _softcap_args(float(scale), float(softcap))
     bm, bn, warps, stages = _kv_config(q, Tq * group)
     if num_splits <= 0:
-        keys = cap if not (win_left and win_right) else min(cap, Tq + win_l + win_r)
+        keys = _window_keys(cap, Tq, win_l, win_r, win_left and win_right)
         num_splits = _auto_splits(triton.cdiv(Tq * group, bm) * B * Hkv, triton.cdiv(keys, 128), _sm_count(q))
     num_splits = max(1, min(num_splits, triton.cdiv(max(cap, 1), bn)))  # never more splits than key blocks
     split = num_splits > 1
@@ -368,8 +374,8 @@ def _cuda_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causa
                          window_right, softcap, backend="cuda")
     cap = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     if num_splits <= 0:  # as the Triton kernel picks them (16-row blocks; blocks of 128 keys)
-        win_r = 0 if causal else max(window_right, 0)
-        keys = cap if not (window_left >= 0 and (causal or window_right >= 0)) else min(cap, Tq + window_left + win_r)
+        keys = _window_keys(cap, Tq, max(window_left, 0), 0 if causal else max(window_right, 0),
+                            window_left >= 0 and (causal or window_right >= 0))
         num_splits = _auto_splits(-(-rows // 16) * B * Hkv, -(-keys // 128), _sm_count(q))
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     return _cuda_ext.ops().kvcache_attention_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, float(scale),
