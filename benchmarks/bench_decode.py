@@ -5,7 +5,10 @@ kernels against the training kernel, SDPA and FlashAttention's decoding kernel.
     TRITON_INTERPRET=1 python -m benchmarks.bench_decode --smoke  # CPU: tiny sizes, one rep
 
 Shapes: bf16, D = 128, T_q = 1, every row's cache full to L keys. "gqa": H_q = 32, H_kv = 8
-(Llama-3-8B's heads); "mha": H_q = H_kv = 32. Providers:
+(Llama-3-8B's heads); "mha": H_q = H_kv = 32; "gqa-leftpad": gqa with a batch of prompts of
+different lengths, left-padded (row b's keys start at b * L / (2 B): a quarter of the slots are
+padding on average), as a Hugging Face generate on a padded batch decodes them: the kvcache
+providers take cache_leftpad, the attention ones the (B, 1, 1, L) boolean mask. Providers:
   tfkernels-triton          kvcache_attention, automatic split count (`_auto_splits`)
   tfkernels-triton-nosplit  kvcache_attention, num_splits=1: what the splits buy at small batch
   tfkernels-triton-paged    kvcache_attention on a paged cache (16-key pages, shuffled)
@@ -36,7 +39,7 @@ PAGE = 16
 def configs(quick: bool, smoke: bool):
     """(name, B, H_q, H_kv, L, D)."""
     if smoke:
-        return [("gqa", 2, 4, 2, 40, 32), ("mha", 1, 2, 2, 24, 32)]
+        return [("gqa", 2, 4, 2, 40, 32), ("mha", 1, 2, 2, 24, 32), ("gqa-leftpad", 3, 4, 2, 40, 32)]
     lens = (4096, 32768) if quick else (1024, 4096, 16384, 65536)
     out = []
     for B in ((1, 16) if quick else (1, 4, 16, 64)):
@@ -45,14 +48,17 @@ def configs(quick: bool, smoke: bool):
                 out.append(("gqa", B, 32, 8, L, 128))
     for B, L in (((1, 16384), (16, 4096)) if quick else ((1, 4096), (1, 32768), (16, 4096), (64, 2048))):
         out.append(("mha", B, 32, 32, L, 128))
+    for B, L in (((16, 4096),) if quick else ((4, 16384), (16, 4096), (64, 2048))):
+        out.append(("gqa-leftpad", B, 32, 8, L, 128))
     return out
 
 
 class Inputs:
     """One shape's tensors: q (B, 1, H_q, D); the cache dense (B, L, H_kv, D), in SDPA's layout
-    (B, H_kv, L, D), and paged (B * L / PAGE shuffled pages) with its block table."""
+    (B, H_kv, L, D), and paged (B * L / PAGE shuffled pages) with its block table. Left-padded
+    (kind "gqa-leftpad"): pad (B,) int32, row b's first key, and mask (B, 1, 1, L) bool; else None."""
 
-    def __init__(self, B, Hq, Hkv, L, D, cfg: BenchConfig):
+    def __init__(self, kind, B, Hq, Hkv, L, D, cfg: BenchConfig):
         g = torch.Generator(device=cfg.device).manual_seed(B * 7919 + L)
         kw = dict(device=cfg.device, dtype=cfg.dtype, generator=g)
         self.q = torch.randn(B, 1, Hq, D, **kw)
@@ -68,10 +74,16 @@ class Inputs:
         kp[order] = F.pad(self.k, (0, 0, 0, 0, 0, pad)).view(B * pages, PAGE, Hkv, D)
         vp[order] = F.pad(self.v, (0, 0, 0, 0, 0, pad)).view(B * pages, PAGE, Hkv, D)
         self.k_pages, self.v_pages = kp, vp
+        self.pad = self.mask = None
+        self.keys = B * L  # keys read
+        if kind.endswith("leftpad"):
+            self.pad = (torch.arange(B, device=cfg.device) * L // (2 * B)).to(torch.int32)
+            self.mask = (torch.arange(L, device=cfg.device) >= self.pad[:, None])[:, None, None, :]
+            self.keys = B * L - int(self.pad.sum())
 
     def reference(self):
         q = self.q.float().transpose(1, 2)
-        return F.scaled_dot_product_attention(q, self.k_sdpa.float(), self.v_sdpa.float(),
+        return F.scaled_dot_product_attention(q, self.k_sdpa.float(), self.v_sdpa.float(), attn_mask=self.mask,
                                               enable_gqa=True).transpose(1, 2)
 
 
@@ -82,30 +94,33 @@ def providers(cfg: BenchConfig) -> dict:
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     out = {}
     if cfg.cuda or interp:
-        out["tfkernels-triton"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, backend="triton")
-        out["tfkernels-triton-nosplit"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, num_splits=1,
-                                                                                backend="triton")
+        out["tfkernels-triton"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, cache_leftpad=x.pad,
+                                                                        backend="triton")
+        out["tfkernels-triton-nosplit"] = lambda x: tfkernels.kvcache_attention(
+            x.q, x.k, x.v, x.lens, cache_leftpad=x.pad, num_splits=1, backend="triton")
         out["tfkernels-triton-paged"] = lambda x: tfkernels.kvcache_attention(
-            x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, backend="triton")
+            x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, cache_leftpad=x.pad, backend="triton")
         out["tfkernels-attention"] = lambda x: tfkernels.attention(
-            x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa, enable_gqa=True, backend="triton").transpose(1, 2)
+            x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa, attn_mask=x.mask, enable_gqa=True, backend="triton").transpose(1, 2)
     else:
         for name in ("tfkernels-triton", "tfkernels-triton-nosplit", "tfkernels-triton-paged", "tfkernels-attention"):
             out[name] = Unavailable("Triton on CPU needs TRITON_INTERPRET=1")
     if cfg.cuda:
-        out["tfkernels-cuda"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, backend="cuda")
+        out["tfkernels-cuda"] = lambda x: tfkernels.kvcache_attention(x.q, x.k, x.v, x.lens, cache_leftpad=x.pad,
+                                                                      backend="cuda")
         out["tfkernels-cuda-paged"] = lambda x: tfkernels.kvcache_attention(
-            x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, backend="cuda")
+            x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, cache_leftpad=x.pad, backend="cuda")
     else:
         out["tfkernels-cuda"] = out["tfkernels-cuda-paged"] = Unavailable("the CUDA C++ backend needs a GPU")
-    out["sdpa"] = lambda x: F.scaled_dot_product_attention(x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa,
+    out["sdpa"] = lambda x: F.scaled_dot_product_attention(x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa, attn_mask=x.mask,
                                                            enable_gqa=True).transpose(1, 2)
     try:
         if not cfg.cuda:
             raise ImportError("needs a GPU")
         from flash_attn import flash_attn_with_kvcache
 
-        out["flash-attn-2"] = lambda x: flash_attn_with_kvcache(x.q, x.k, x.v, cache_seqlens=x.lens)
+        out["flash-attn-2"] = lambda x: flash_attn_with_kvcache(x.q, x.k, x.v, cache_seqlens=x.lens,
+                                                                cache_leftpad=x.pad)
     except ImportError as err:
         out["flash-attn-2"] = Unavailable(f"flash_attn: {_util.short(err, 80)}")
     return out
@@ -123,14 +138,14 @@ def run(cfg: BenchConfig, log=print) -> list[dict]:
             break
         keys = dict(kind=kind, B=B, Hq=Hq, Hkv=Hkv, L=L, D=D)
         try:
-            x = Inputs(B, Hq, Hkv, L, D, cfg)
+            x = Inputs(kind, B, Hq, Hkv, L, D, cfg)
         except Exception as e:  # noqa: BLE001 — an OOM at the largest shapes is a row
             rows.append(dict(keys, provider="-", status="oom" if _util.is_oom(e) else "failed", note=_util.short(e)))
             continue
         ref = x.reference()
         base = _util.rel_err(provs["sdpa"](x), ref)  # the dtype's own error, as the tolerance's base
         tol = _util.tolerance(cfg.dtype, base)
-        nbytes = 2 * B * L * Hkv * D * x.k.element_size()
+        nbytes = 2 * x.keys * Hkv * D * x.k.element_size()  # the keys read (not the padding)
         for name, fn in provs.items():
             if isinstance(fn, Unavailable) or name in cfg.skip:
                 continue
@@ -160,15 +175,16 @@ def table(rows: list[dict], info: dict, dtype_name: str) -> str:
     lines = [f"# Decoding against a KV cache, {info.get('gpu')}", "",
              "Environment: " + ", ".join(f"{k} {info[k]}" for k in ("gpu", "driver", "cuda", "torch", "triton", "commit")
                                          if k in info), "",
-             f"`python -m benchmarks.bench_decode`: {dtype_name}, T_q = 1, D = 128, every cache full to L keys; "
-             "time (median, microseconds) and the cache's bytes read per second (K and V).", "",
+             f"`python -m benchmarks.bench_decode`: {dtype_name}, T_q = 1, D = 128, every cache full to L keys "
+             "(gqa-leftpad: from row b's first key, b * L / (2 B)); time (median, microseconds) and the cache's "
+             "bytes read per second (K and V, the padding not counted).", "",
              "| heads | B | L | provider | us | GB/s | vs sdpa | status |", "|---|---:|---:|---|---:|---:|---:|---|"]
     sdpa = {(r["kind"], r["B"], r["L"]): r["ms"] for r in rows if r["provider"] == "sdpa" and r["status"] == "ok"}
     for r in sorted(rows, key=lambda r: (r["kind"], r["B"], r["L"], r["provider"])):
         ok = r["status"] == "ok"
         base = sdpa.get((r["kind"], r["B"], r["L"]))
         speed = f"{base / r['ms']:.2f}x" if ok and base else ""
-        heads = f"{r['Hq']}/{r['Hkv']}"
+        heads = f"{r['Hq']}/{r['Hkv']}" + (" left-padded" if r["kind"].endswith("leftpad") else "")
         lines.append(f"| {heads} | {r['B']} | {r['L']} | {r['provider']} | {_util.fmt(r['ms'] * 1e3) if ok else ''} "
                      f"| {_util.fmt(r['GBps']) if ok else ''} | {speed} | {r['status']} |")
     return "\n".join(lines) + "\n"

@@ -140,8 +140,9 @@ constexpr int ATTN_MAX_HEAD_DIM = 256;
 // ---------------------------------------------------------------- decoding (kvcache.cu)
 
 // Attention of new queries against a KV cache, tfkernels/ops/kvcache.py's semantics: row b holds
-// L = min(seqlens[b], cap) keys; query t sits at key position L - Tq + t (bottom-right); causal:
-// keys j <= that; window (left, right), -1 unbounded, around it; softcap > 0 caps the scores.
+// L = min(seqlens[b], cap) keys, from leftpad[b] on (the slots before it are left padding, never
+// read); query t sits at key position L - Tq + t (bottom-right); causal: keys j <= that; window
+// (left, right), -1 unbounded, around it; softcap > 0 caps the scores.
 struct KvParams {
   DType dtype;                  // of q, k, v, out
   const void* q; int64_t q_s[4];  // (B, Tq, Hq, D), strides in elements
@@ -153,6 +154,7 @@ struct KvParams {
   const int* seqlens;           // (B,) int32
   const int* block_table; int64_t bt_s[2];  // (B, max_pages) int32, or nullptr (dense cache)
   const int* batch_idx;         // (B,) int32: the cache row of batch row b, or nullptr (row b)
+  const int* leftpad;           // (B,) int32: row b's first key, or nullptr (0)
   int B, Tq, Hq, Hkv, D;
   int cap;                      // keys a row can hold: S, or max_pages * page
   int page;                     // keys per page (1 when dense)

@@ -50,15 +50,17 @@ __device__ __forceinline__ int64_t kv_key_offset(const KvParams& p, const int64_
 }
 
 // The (first, one-past-last) key of this block's split: [0, L) narrowed by the window of the
-// block's first and last rows (the lower end rounded down to a tile, as the Triton kernel does),
-// cut into num_splits chunks of whole tiles.
-__device__ __forceinline__ void kv_split_range(const KvParams& p, int L, int row0, int n_rows, int group, int bn,
-                                               int& start, int& end) {
+// block's first and last rows (the lower end rounded down to a tile, as the Triton kernel does) and
+// by the left padding (never loaded: its slots may hold anything), cut into num_splits chunks of
+// whole tiles.
+__device__ __forceinline__ void kv_split_range(const KvParams& p, int b, int L, int row0, int n_rows, int group,
+                                               int bn, int& start, int& end) {
   int lo = 0, hi = L;
   if (p.window_left >= 0) {
     lo = max(L - p.Tq + row0 / group - p.window_left, 0);
     lo = lo / bn * bn;
   }
+  if (p.leftpad != nullptr) lo = max(lo, min(max(p.leftpad[b], 0), L));
   const int win_r = p.causal ? 0 : p.window_right;
   if (p.causal || p.window_right >= 0) {
     const int last_t = min(row0 + kKvRows - 1, n_rows - 1) / group;
@@ -120,7 +122,7 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_kernel(const KvParam
   const int64_t cb = p.batch_idx != nullptr ? min(max(p.batch_idx[b], 0), p.cache_rows - 1) : b;
   const int rows = min(kKvRows, n_rows - row0);
   int start, end;
-  kv_split_range(p, L, row0, n_rows, group, BN, start, end);
+  kv_split_range(p, b, L, row0, n_rows, group, BN, start, end);
 
   // the rows' queries (zeros past the rows and past D), running max and sum
   const T* q = static_cast<const T*>(p.q);

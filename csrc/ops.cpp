@@ -422,7 +422,8 @@ bool rows_vectorizable(const Tensor& t) {
 // reads outside the cache). num_splits >= 1: the caller picks it (kvcache.py _auto_splits).
 std::tuple<Tensor, Tensor> kvcache_attention_fwd(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                                  const Tensor& seqlens, const std::optional<Tensor>& block_table,
-                                                 const std::optional<Tensor>& batch_idx, double scale, bool causal,
+                                                 const std::optional<Tensor>& batch_idx,
+                                                 const std::optional<Tensor>& leftpad, double scale, bool causal,
                                                  int64_t window_left, int64_t window_right, double softcap,
                                                  int64_t num_splits) {
   const char* op = "kvcache_attention_fwd";
@@ -464,6 +465,12 @@ std::tuple<Tensor, Tensor> kvcache_attention_fwd(const Tensor& q, const Tensor& 
                     batch_idx->size(0) == B && batch_idx->is_contiguous(), "tfkernels_cuda.", op,
                 ": batch_idx must be (B,) int32 contiguous");
     p.batch_idx = batch_idx->data_ptr<int>();
+  }
+  if (leftpad.has_value() && leftpad->defined()) {
+    TORCH_CHECK(on_device(*leftpad) && leftpad->scalar_type() == at::kInt && leftpad->dim() == 1 &&
+                    leftpad->size(0) == B && leftpad->is_contiguous(), "tfkernels_cuda.", op,
+                ": leftpad must be (B,) int32 contiguous");
+    p.leftpad = leftpad->data_ptr<int>();
   }
   p.B = static_cast<int>(B);
   p.Tq = static_cast<int>(Tq);
@@ -517,7 +524,7 @@ TORCH_LIBRARY(tfkernels_cuda, m) {
         "Tensor out, Tensor lse, Tensor? dlse, float dropout_p, Tensor? seed, bool is_causal, float scale, "
         "int window_left, int window_right, float softcap, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("kvcache_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor? block_table, "
-        "Tensor? batch_idx, float scale, bool causal, int window_left, int window_right, float softcap, "
+        "Tensor? batch_idx, Tensor? leftpad, float scale, bool causal, int window_left, int window_right, float softcap, "
         "int num_splits) -> (Tensor, Tensor)");
 }
 

@@ -12,9 +12,10 @@ from conftest import DEVICE, assert_close, kernel_backends, visible_keys
 
 
 def reference(q, k_cache, v_cache, lens, causal=False, window=(-1, -1), scale=None, softcap=0.0, table=None,
-              batch_idx=None):
+              batch_idx=None, leftpad=None):
     """float64, row by row: out (B, T_q, H_q, D), lse (B, H_q, T_q) (-inf for a query that sees nothing).
-    lens: the keys of each row (new ones included); the queries are the last T_q positions."""
+    lens: the keys of each row (new ones included); the queries are the last T_q positions. leftpad:
+    the keys before leftpad[b] are not row b's (their slots may hold NaN: they are dropped, not masked)."""
     B, Tq, Hq, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     outs, lses = [], []
@@ -34,6 +35,10 @@ def reference(q, k_cache, v_cache, lens, causal=False, window=(-1, -1), scale=No
         if softcap:
             s = softcap * torch.tanh(s / softcap)
         keep = visible_keys(L - Tq + torch.arange(Tq, device=q.device)[:, None], L, causal, window)
+        if leftpad is not None:
+            mine = torch.arange(L, device=q.device) >= int(leftpad[b])
+            keep &= mine
+            v = torch.where(mine[:, None, None], v, 0.0)  # P = 0 there, but 0 * NaN is NaN
         s = s.masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(s, -1) if L else s.new_full((Hq, Tq), float("-inf"))
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -233,6 +238,101 @@ def test_kvcache_ignores_unwritten_slots(path):
         assert torch.isfinite(q.grad).all()
 
 
+def _poison_slots(cache, b, slots, table=None, row=None):
+    """Write NaN into row b's cache slots (paged: through its block table)."""
+    for j in slots:
+        if table is not None:
+            page = cache.shape[1]
+            cache[int(table[b, j // page]), j % page] = float("nan")
+        else:
+            cache[b if row is None else int(row[b]), j] = float("nan")
+
+
+# layout: (causal, window, num_splits, dtype)
+LEFTPAD = {
+    "dense": (True, (9, -1), 3, torch.float32),
+    "dense-bf16": (True, (-1, -1), 2, torch.bfloat16),
+    "paged5": (True, (-1, -1), 3, torch.float32),
+    "batch_idx": (False, (4, 2), 2, torch.float32),
+}
+
+
+@pytest.mark.parametrize("layout", list(LEFTPAD))
+def test_kvcache_left_padding(backend, layout):
+    """cache_leftpad (flash_attn's): a batch of prompts right-aligned in their rows. The padding's
+    slots hold NaN and are never read; the new keys append at cache_seqlens; positions (causal, the
+    window) stay the cache's. Rows: padding below a window's start, no padding, and a row that is
+    all padding (its only keys the new ones)."""
+    torch.manual_seed(12)
+    causal, window, splits, dtype = LEFTPAD[layout]
+    B, S, Hq, Hkv, D, Tq = 3, 40, 4, 2, 32, 2
+    lens, pad = [20, 33, 6], [7, 0, 6]
+    q = _rand(B, Tq, Hq, D, dtype=dtype)
+    table = row = None
+    if layout.startswith("paged"):
+        k_cache, v_cache, table = _paged(B, S, Hkv, D, 5, dtype)
+    else:
+        rows = B + 1 if layout == "batch_idx" else B
+        k_cache, v_cache = _rand(rows, S, Hkv, D, dtype=dtype), _rand(rows, S, Hkv, D, dtype=dtype)
+        row = torch.tensor([3, 0, 1], dtype=torch.int32, device=DEVICE) if layout == "batch_idx" else None
+    for b in range(B):
+        _poison_slots(k_cache, b, range(pad[b]), table, row)
+        _poison_slots(v_cache, b, range(pad[b]), table, row)
+    k, v = _rand(B, Tq, Hkv, D, dtype=dtype), _rand(B, Tq, Hkv, D, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pad, dtype=torch.int64, device=DEVICE)  # any integer dtype
+    out, lse = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, k, v, block_table=table, cache_batch_idx=row,
+                                           cache_leftpad=leftpad, causal=causal, window_size=window, num_splits=splits,
+                                           return_lse=True, backend=backend)
+    ref, ref_lse = reference(q, k_cache, v_cache, seqlens + Tq, causal, window, table=table, batch_idx=row,
+                             leftpad=leftpad)
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, dtype, f"{layout} out")
+    assert_lse(lse, ref_lse, torch.float32, f"{layout} lse", scale=1.0 if dtype == torch.float32 else 100.0)
+    if layout == "dense":  # the composed paths: the reference backend, and attention's autograd
+        kw = dict(cache_leftpad=leftpad, causal=causal, window_size=window)
+        assert_close(tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens + Tq, backend="torch", **kw), ref,
+                     dtype, "torch")
+        qg = q.clone().requires_grad_()
+        out = tfkernels.kvcache_attention(qg, k_cache, v_cache, seqlens + Tq, backend=backend, **kw)
+        out.sum().backward()
+        assert_close(out.detach(), ref, dtype, "grad path")
+        assert torch.isfinite(qg.grad).all()
+
+
+def test_kvcache_left_padded_batch_is_each_row_alone(backend):
+    """The use cache_leftpad is for: prompts of different lengths decoded as one batch, right-aligned
+    in the cache, give each prompt's own results (positions shift by the padding, but causal and
+    window ranges are relative: they see the same keys)."""
+    torch.manual_seed(13)
+    Hq, Hkv, D, S, steps = 4, 1, 16, 24, 3
+    prompts = [5, 11, 1]
+    B, P = len(prompts), max(prompts)
+    q = _rand(B, P + steps, Hq, D)
+    k, v = _rand(B, P + steps, Hkv, D), _rand(B, P + steps, Hkv, D)
+    pad = torch.tensor([P - n for n in prompts], dtype=torch.int32, device=DEVICE)
+    k_cache, v_cache = torch.full((B, S, Hkv, D), float("nan"), device=DEVICE), torch.zeros(B, S, Hkv, D, device=DEVICE)
+    kw = dict(causal=True, window_size=(6, 0), backend=backend)
+    # batched: the prompts right-aligned (their tokens in the last n of P slots), then decode steps
+    kp, vp = torch.full_like(k[:, :P], float("nan")), torch.full_like(v[:, :P], float("nan"))  # padding: never read
+    qp = torch.zeros_like(q[:, :P])
+    for b, n in enumerate(prompts):
+        kp[b, P - n:], vp[b, P - n:], qp[b, P - n:] = k[b, :n], v[b, :n], q[b, :n]
+    batched = [tfkernels.kvcache_attention(qp, k_cache, v_cache, 0, kp, vp, cache_leftpad=pad, **kw)]
+    for t in range(steps):
+        batched.append(tfkernels.kvcache_attention(
+            torch.stack([q[b, n + t] for b, n in enumerate(prompts)])[:, None], k_cache, v_cache, P + t,
+            torch.stack([k[b, n + t] for b, n in enumerate(prompts)])[:, None],
+            torch.stack([v[b, n + t] for b, n in enumerate(prompts)])[:, None], cache_leftpad=pad, num_splits=2, **kw))
+    for b, n in enumerate(prompts):  # each row alone, unpadded
+        kc, vc = torch.zeros(1, S, Hkv, D, device=DEVICE), torch.zeros(1, S, Hkv, D, device=DEVICE)
+        alone = tfkernels.kvcache_attention(q[b:b + 1, :n + steps], kc, vc, 0, k[b:b + 1, :n + steps],
+                                            v[b:b + 1, :n + steps], **kw)[0]
+        assert_close(batched[0][b, P - n:], alone[:n].double(), torch.float32, f"prompt {b}")
+        for t in range(steps):
+            assert_close(batched[1 + t][b, 0], alone[n + t].double(), torch.float32, f"row {b} step {t}")
+
+
 def test_kvcache_strided_inputs_and_int_seqlens(backend):
     """q a transposed view, the cache a view of a (B, H_kv, S, D) buffer, the window bounded on both
     sides, an int cache_seqlens (no host read), the scale given."""
@@ -305,8 +405,9 @@ def test_kvcache_opcheck():
     table = torch.tensor([[1, 0], [2, 3]], dtype=torch.int32, device=DEVICE)
     pk, pv = _rand(4, 4, 2, 16), _rand(4, 4, 2, 16)
     op = torch.ops.tfkernels.kvcache_attention_fwd.default
-    torch.library.opcheck(op, (q, k_cache, v_cache, seqlens, None, None, 0.25, True, -1, -1, 0.0, 2, "triton"))
-    torch.library.opcheck(op, (q, pk, pv, seqlens, table, None, 0.25, False, 3, -1, 0.0, 1, "triton"))
+    pad = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(op, (q, k_cache, v_cache, seqlens, None, None, None, 0.25, True, -1, -1, 0.0, 2, "triton"))
+    torch.library.opcheck(op, (q, pk, pv, seqlens, table, None, pad, 0.25, False, 3, -1, 0.0, 1, "triton"))
 
 
 def test_kvcache_compiles():
@@ -315,12 +416,19 @@ def test_kvcache_compiles():
     q, k_new, v_new = _rand(2, 1, 4, 32), _rand(2, 1, 2, 32), _rand(2, 1, 2, 32)
     k_cache, v_cache = _rand(2, 16, 2, 32), _rand(2, 16, 2, 32)
     seqlens = torch.tensor([9, 4], dtype=torch.int32, device=DEVICE)
+    pad = torch.tensor([2, 0], dtype=torch.int32, device=DEVICE)
     k2, v2 = k_cache.clone(), v_cache.clone()
-    eager = tfkernels.kvcache_attention(q, k2, v2, seqlens, k_new, v_new, causal=True, num_splits=2)
-    fn = torch.compile(lambda *a: tfkernels.kvcache_attention(*a, causal=True, num_splits=2), fullgraph=True)
+    eager = tfkernels.kvcache_attention(q, k2, v2, seqlens, k_new, v_new, cache_leftpad=pad, causal=True, num_splits=2)
+    fn = torch.compile(lambda *a: tfkernels.kvcache_attention(*a, cache_leftpad=pad, causal=True, num_splits=2),
+                       fullgraph=True)
     out = fn(q, k_cache, v_cache, seqlens, k_new, v_new)
     assert_close(out, eager.double(), torch.float32, "compiled")
     assert torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
+    # an int length with a block table: the int is checked, the table is not read under compile
+    pk, pv, table = _paged(2, 16, 2, 32, 4, torch.float32)
+    eager = tfkernels.kvcache_attention(q, pk, pv, 11, block_table=table, causal=True)
+    fn = torch.compile(lambda *a: tfkernels.kvcache_attention(*a, 11, block_table=table, causal=True), fullgraph=True)
+    assert_close(fn(q, pk, pv), eager.double(), torch.float32, "compiled paged")
 
 
 def test_kvcache_reads_lengths_once_per_tensor_version(monkeypatch):
@@ -374,6 +482,14 @@ def test_kvcache_bad_input():
     f(q, pk, pv, torch.tensor([3, 4], dtype=torch.int32, device=DEVICE), block_table=table)  # page 7 unused
     with pytest.raises(ValueError, match="cannot be combined with block_table"):
         f(q, pk, pv, lens, block_table=table, cache_batch_idx=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_leftpad\\[1\\] = 5 must be in \\[0, 4\\]"):
+        f(q, k_cache, v_cache, lens, cache_leftpad=torch.tensor([0, 5], device=DEVICE))
+    with pytest.raises(ValueError, match="cache_leftpad\\[0\\] = -1"):
+        f(q, k_cache, v_cache, 3, cache_leftpad=torch.tensor([-1, 0], device=DEVICE))
+    with pytest.raises(TypeError, match="cache_leftpad must be an integer tensor"):
+        f(q, k_cache, v_cache, lens, cache_leftpad=torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_leftpad must have shape \\(2\\)"):
+        f(q, k_cache, v_cache, lens, cache_leftpad=torch.zeros(3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
         f(q, k_cache, v_cache, lens, num_splits=-1)
     with pytest.raises(ValueError, match="kvcache_attention: softcap"):
@@ -408,7 +524,8 @@ def _rotary_reference(x, cos, sin, pos, interleaved):
 @pytest.mark.parametrize("interleaved,causal", [(True, True), (False, False)])
 def test_flash_attn_with_kvcache_rotary(interleaved, causal):
     """flash_attn's contract: the new keys rotated at cache_seqlens + i; q there too when causal, else
-    every query at cache_seqlens; rotary_dim < D leaves the rest alone."""
+    every query at cache_seqlens; rotary_dim < D leaves the rest alone. With cache_leftpad (causal
+    case) the positions stay the cache's: rotary ones too, as flash_attn's test computes them."""
     torch.manual_seed(8)
     B, Tq, H, D, S = 2, 3, 2, 32, 24
     q, k_new, v_new = _rand(B, Tq, H, D), _rand(B, Tq, H, D), _rand(B, Tq, H, D)
@@ -416,17 +533,19 @@ def test_flash_attn_with_kvcache_rotary(interleaved, causal):
     angle = torch.rand(S, 8, device=DEVICE) * 6.0
     cos, sin = angle.cos(), angle.sin()                      # rotary_dim 16 of 32
     lens = torch.tensor([4, 10], dtype=torch.int32, device=DEVICE)
+    pad = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE) if causal else None
     k_ref = k_cache.clone()
-    out, lse = tfkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cos, sin, lens, causal=causal,
-                                                 rotary_interleaved=interleaved, return_softmax_lse=True,
-                                                 backend="triton")
+    out, lse = tfkernels.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cos, sin, lens, cache_leftpad=pad,
+                                                 causal=causal, rotary_interleaved=interleaved,
+                                                 return_softmax_lse=True, backend="triton")
     pos = lens.long()[:, None] + torch.arange(Tq, device=DEVICE)
     qpos = pos if causal else lens.long()[:, None].expand(B, Tq)
     k_rot = _rotary_reference(k_new, cos, sin, pos, interleaved)
     for b in range(B):
         k_ref[b, lens[b]:lens[b] + Tq] = k_rot[b].float()
     assert_close(k_cache, k_ref.double(), torch.float32, "rotated keys in the cache")
-    ref, ref_lse = reference(_rotary_reference(q, cos, sin, qpos, interleaved), k_cache, v_cache, lens + Tq, causal)
+    ref, ref_lse = reference(_rotary_reference(q, cos, sin, qpos, interleaved), k_cache, v_cache, lens + Tq, causal,
+                             leftpad=pad)
     assert_close(out, ref, torch.float32, "out")
     assert_lse(lse, ref_lse, torch.float32, "lse")
 
@@ -437,8 +556,6 @@ def test_flash_attn_with_kvcache_defaults_and_refusals():
     out = tfkernels.flash_attn_with_kvcache(q, k_cache, v_cache, softmax_scale=0.5, backend="triton")
     ref, _ = reference(q, k_cache, v_cache, [6, 6], scale=0.5)
     assert_close(out, ref, torch.float32, "full cache")
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        tfkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=2, cache_leftpad=torch.zeros(2))
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
         tfkernels.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=2, alibi_slopes=torch.ones(2))
     cos = torch.ones(4, 4, device=DEVICE)

@@ -12,8 +12,8 @@ T_q != T_k (query i of T_q sees keys up to i + T_k - T_q), GQA by head count, th
 FlashAttention's debugging-only probabilities, is never formed). `deterministic` is accepted: the
 backward has no atomics and is always deterministic. `alibi_slopes` is refused (use
 `tfkernels.attention` with an additive attn_mask).
-`flash_attn_with_kvcache` (decoding against a KV cache, in place, paged or not, rotary embedding of
-the new tokens) runs `tfkernels.kvcache_attention`'s split-KV kernels; a `block_table` given to
+`flash_attn_with_kvcache` (decoding against a KV cache, in place, paged or not, left-padded rows,
+rotary embedding of the new tokens) runs `tfkernels.kvcache_attention`'s split-KV kernels; a `block_table` given to
 `flash_attn_varlen_func` gathers the sequences' pages into packed keys first (a copy of the used
 pages). One more keyword, `backend`, picks the kernels as everywhere in tfkernels.
 """
@@ -150,12 +150,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     or paged (num_pages, page_size, H_kv, D) with block_table; k, v (B, T_new, H_kv, D) are written into
     the cache in place at cache_seqlens (an int or (B,); None: the cache is full) first. rotary_cos /
     rotary_sin (seqlen_ro, rotary_dim / 2): the new keys are rotated at positions cache_seqlens + i, q
-    likewise when causal or windowed, else every query at cache_seqlens. Returns out (B, T_q, H_q, D),
+    likewise when causal or windowed, else every query at cache_seqlens. cache_leftpad (B,): row b's keys
+    start at that slot (left padding; positions, rotary ones too, stay the cache's, as in flash_attn).
+    Returns out (B, T_q, H_q, D),
     with return_softmax_lse also lse (B, H_q, T_q) float32. See tfkernels.kvcache_attention."""
     _refuse("flash_attn_with_kvcache", alibi_slopes)
-    if cache_leftpad is not None:
-        raise NotImplementedError("flash_attn_with_kvcache: cache_leftpad is not supported; keep each row's keys "
-                                  "at the start of its cache row")
     if cache_seqlens is None:  # FlashAttention: every row's cache is full
         _validate.check_tensor(k_cache, "k_cache")
         cap = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, Tensor) else 1)
@@ -187,8 +186,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         if k is not None:
             k = _rotate(k, rotary_cos, rotary_sin, base + torch.arange(k.shape[1], device=q.device), rotary_interleaved)
     return kvcache_attention(q, k_cache, v_cache, cache_seqlens, k, v, block_table=block_table,
-                             cache_batch_idx=cache_batch_idx, scale=softmax_scale, causal=causal, window_size=window_size,
-                             softcap=softcap, num_splits=num_splits, return_lse=return_softmax_lse, backend=backend)
+                             cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad, scale=softmax_scale,
+                             causal=causal, window_size=window_size, softcap=softcap, num_splits=num_splits,
+                             return_lse=return_softmax_lse, backend=backend)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,

@@ -12,7 +12,10 @@ Semantics: row b has L = cache_seqlens[b] (+ T_new) keys; query t sits at positi
 (bottom-right, the new tokens are the last ones). causal: it sees keys j <= L - T_q + t; window
 (left, right): keys L - T_q + t - left .. + right (-1 unbounded); softcap as in attention. A query
 that sees no key returns 0 (lse -inf). GQA/MQA by head count; the cache's batch rows picked by
-cache_batch_idx (B,) (not with a block_table).
+cache_batch_idx (B,) (not with a block_table). cache_leftpad (B,) (FlashAttention's): row b's keys
+start at cache_leftpad[b], the slots before it are left padding (a batch of prompts of different
+lengths, right-aligned): keys j < cache_leftpad[b] are never read. Positions stay the cache's
+(query t at L - T_q + t, the window around it), as in FlashAttention.
 
 Why a kernel of its own: the training kernel runs one program per (query block, b * H_q + h). At
 decode, T_q is 1: B * H_q programs (12 for a batch-1 GPT-2 small; an H100 has 132 SMs), each
@@ -68,7 +71,7 @@ MAX_SPLITS = 128
 if triton is not None:
 
     @triton.jit
-    def _kvcache_fwd(Q, K, V, Seqlens, BlockTable, BatchIdx, O, LSE, OPart, LSEPart,
+    def _kvcache_fwd(Q, K, V, Seqlens, BlockTable, BatchIdx, LeftPad, O, LSE, OPart, LSEPart,
                      qk_scale, cap2,
                      stride_qb, stride_qt, stride_qh, stride_qd,
                      stride_kb, stride_ks, stride_kh, stride_kd,
@@ -77,7 +80,8 @@ if triton is not None:
                      stride_ob, stride_ot, stride_oh, stride_od,
                      B, Tq, Hq, Hkv, D, GROUP, CAP, N_PAGES, win_l, win_r, N_SPLITS,
                      WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                     PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, SPLIT: tl.constexpr,
+                     PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+                     SPLIT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -96,12 +100,15 @@ if triton is not None:
         L = tl.minimum(tl.load(Seqlens + b), CAP)  # clamped: a length past the cache never reads past it
         pos = L - Tq + t  # the rows' key positions (bottom-right)
         # the block's key range: [0, L), narrowed by the window of its first and last rows, the lower
-        # end rounded down to a key block (aligned tiles; the window test masks the extra keys)
+        # end rounded down to a key block (aligned tiles; the window test masks the extra keys), and
+        # never below the left padding (whose slots may hold anything: they are not even loaded)
         lo = 0
         hi = L
         if WIN_LEFT:
             lo = tl.maximum(L - Tq + (pid_m * BLOCK_M) // GROUP - win_l, 0)
             lo = (lo // BLOCK_N) * BLOCK_N
+        if HAS_LEFTPAD:
+            lo = tl.maximum(lo, tl.minimum(tl.maximum(tl.load(LeftPad + b), 0), L))
         if WIN_RIGHT:
             last_t = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, n_rows - 1) // GROUP
             hi = tl.minimum(L - Tq + last_t + win_r + 1, L)
@@ -240,8 +247,8 @@ def _sm_count(x: Tensor) -> int:
 
 # ---------------------------------------------------------------------------------------------- kernels
 
-def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right,
-                softcap, num_splits):
+def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, scale, causal, window_left,
+                window_right, softcap, num_splits):
     B, Tq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
@@ -270,17 +277,18 @@ def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, cau
         lse_part = torch.empty((num_splits, B, Hq, Tq), dtype=torch.float32, device=q.device)
     table = block_table if paged else seqlens
     idx = batch_idx if batch_idx is not None else seqlens
+    pad = leftpad if leftpad is not None else seqlens
     n_pages = k_cache.shape[0]
-    key = ("kvcache", q.device, q.dtype, D, page, paged, batch_idx is not None, win_left, win_right, softcap > 0.0,
-           split, _dot_precision(q.dtype))
+    key = ("kvcache", q.device, q.dtype, D, page, paged, batch_idx is not None, leftpad is not None, win_left,
+           win_right, softcap > 0.0, split, _dot_precision(q.dtype))
 
     def launch(bm, bn, warps, stages):
         _kvcache_fwd[(triton.cdiv(Tq * group, bm), B * Hkv, num_splits)](
-            q, k_cache, v_cache, seqlens, table, idx, out, lse, o_part, lse_part, qk_scale, cap2,
+            q, k_cache, v_cache, seqlens, table, idx, pad, out, lse, o_part, lse_part, qk_scale, cap2,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *(table.stride() if paged else (0, 0)), *out.stride(),
             B, Tq, Hq, Hkv, D, group, cap, n_pages, win_l, win_r, num_splits,
             WIN_LEFT=win_left, WIN_RIGHT=win_right, SOFTCAP=softcap > 0.0, PAGED=paged, PAGE=page,
-            HAS_BATCH_IDX=batch_idx is not None, SPLIT=split,
+            HAS_BATCH_IDX=batch_idx is not None, HAS_LEFTPAD=leftpad is not None, SPLIT=split,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D),
             DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q), num_warps=warps, num_stages=stages)
 
@@ -311,12 +319,22 @@ def _gather_cache(cache: Tensor, block_table: Optional[Tensor], batch_idx: Optio
     return cache
 
 
-def _visible(seqlens: Tensor, Tq: int, S: int, causal: bool, window_left: int, window_right: int) -> Tensor:
+def _held(seqlens: Tensor, leftpad: Optional[Tensor], S: int) -> Tensor:
+    """(B, S) bool: slot j holds one of row b's keys (past the left padding, before the length)."""
+    j = torch.arange(S, device=seqlens.device)
+    keep = j < seqlens.long()[:, None]
+    if leftpad is not None:
+        keep = keep & (j >= leftpad.long()[:, None])
+    return keep
+
+
+def _visible(seqlens: Tensor, leftpad: Optional[Tensor], Tq: int, S: int, causal: bool, window_left: int,
+             window_right: int) -> Tensor:
     """(B, 1, T_q, S) bool: key j is one of row b's keys and in query t's causal/window range."""
     j = torch.arange(S, device=seqlens.device)
     L = seqlens.long().clamp(max=S)[:, None, None]                   # (B, 1, 1)
     pos = L - Tq + torch.arange(Tq, device=seqlens.device)[None, :, None]  # (B, T_q, 1)
-    keep = j < L
+    keep = _held(seqlens, leftpad, S)[:, None, :]
     if causal:
         keep = keep & (j <= pos)
     if window_left >= 0:
@@ -326,19 +344,20 @@ def _visible(seqlens: Tensor, Tq: int, S: int, causal: bool, window_left: int, w
     return keep.unsqueeze(1)
 
 
-def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right, softcap,
-              backend):
+def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, scale, causal, window_left, window_right,
+              softcap, backend):
     """The op as `attention` on the gathered cache with a bool mask: the reference ("torch"), the
     "cuda" backend's path past CUDA_DECODE_ROWS, and the differentiable one. (out (B, T_q, H_q, D),
     lse (B, H_q, T_q) fp32)."""
     B, Tq, Hq, D = q.shape
     k = _gather_cache(k_cache, block_table, batch_idx, B)
     v = _gather_cache(v_cache, block_table, batch_idx, B)
-    # the slots past a row's length were never written (torch.empty: any bits, NaN included), and a
-    # masked key still meets P = 0 in P @ V, where 0 * NaN = NaN: zero them (the kernels never load them)
-    held = (torch.arange(k.shape[1], device=q.device) < seqlens.long()[:, None])[:, :, None, None]
+    # the slots past a row's length (and the left padding) were never written (torch.empty: any bits,
+    # NaN included), and a masked key still meets P = 0 in P @ V, where 0 * NaN = NaN: zero them (the
+    # kernels never load them)
+    held = _held(seqlens, leftpad, k.shape[1])[:, :, None, None]
     k, v = torch.where(held, k, 0.0), torch.where(held, v, 0.0)
-    mask = _visible(seqlens, Tq, k.shape[1], causal, window_left, window_right)
+    mask = _visible(seqlens, leftpad, Tq, k.shape[1], causal, window_left, window_right)
     out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
                          enable_gqa=Hq != k.shape[2], softcap=softcap, return_lse=True, backend=backend)
     return out.transpose(1, 2).contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32))
@@ -348,14 +367,15 @@ def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causa
 
 @torch.library.custom_op("tfkernels::kvcache_attention_fwd", mutates_args=())
 def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, block_table: Optional[Tensor],
-                          batch_idx: Optional[Tensor], scale: float, causal: bool, window_left: int, window_right: int,
-                          softcap: float, num_splits: int, backend: str) -> tuple[Tensor, Tensor]:
+                          batch_idx: Optional[Tensor], leftpad: Optional[Tensor], scale: float, causal: bool,
+                          window_left: int, window_right: int, softcap: float, num_splits: int,
+                          backend: str) -> tuple[Tensor, Tensor]:
     """q (B, T_q, H_q, D), caches (B_cache, S, H_kv, D) or paged (pages, page, H_kv, D), seqlens (B,)
     int32 (the keys per row, new ones included), block_table (B, max_pages) int32 or None,
-    batch_idx (B,) int32 or None -> (out (B, T_q, H_q, D) contiguous, lse (B, H_q, T_q) fp32, -inf
-    for a row with no visible key)."""
+    batch_idx (B,) int32 or None, leftpad (B,) int32 (row b's first key) or None -> (out (B, T_q,
+    H_q, D) contiguous, lse (B, H_q, T_q) fp32, -inf for a row with no visible key)."""
     return _backend.run("kvcache_attention", backend, _triton_fwd, _cuda_fwd, q, k_cache, v_cache, seqlens,
-                        block_table, batch_idx, scale, causal, window_left, window_right, softcap, num_splits)
+                        block_table, batch_idx, leftpad, scale, causal, window_left, window_right, softcap, num_splits)
 
 
 # Query rows per K/V head (T_q * GROUP) up to which the cuda backend runs its decoding kernel
@@ -364,13 +384,13 @@ def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: 
 CUDA_DECODE_ROWS = 64
 
 
-def _cuda_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right, softcap,
-              num_splits):
+def _cuda_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, scale, causal, window_left, window_right,
+              softcap, num_splits):
     B, Tq, Hq, _ = q.shape
     Hkv = k_cache.shape[2]
     rows = Tq * (Hq // Hkv)
     if rows > CUDA_DECODE_ROWS:
-        return _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left,
+        return _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, scale, causal, window_left,
                          window_right, softcap, backend="cuda")
     cap = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
     if num_splits <= 0:  # as the Triton kernel picks them (16-row blocks; blocks of 128 keys)
@@ -378,12 +398,13 @@ def _cuda_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causa
                             window_left >= 0 and (causal or window_right >= 0))
         num_splits = _auto_splits(-(-rows // 16) * B * Hkv, -(-keys // 128), _sm_count(q))
     num_splits = max(1, min(num_splits, MAX_SPLITS))
-    return _cuda_ext.ops().kvcache_attention_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, float(scale),
-                                                 bool(causal), window_left, window_right, float(softcap), num_splits)
+    return _cuda_ext.ops().kvcache_attention_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad,
+                                                 float(scale), bool(causal), window_left, window_right, float(softcap),
+                                                 num_splits)
 
 
 @kvcache_attention_fwd.register_fake
-def _(q, k_cache, v_cache, seqlens, block_table, batch_idx, scale, causal, window_left, window_right, softcap,
+def _(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, scale, causal, window_left, window_right, softcap,
       num_splits, backend):
     B, Tq, Hq, D = q.shape
     return q.new_empty((B, Tq, Hq, D)), q.new_empty((B, Hq, Tq), dtype=torch.float32)
@@ -435,10 +456,13 @@ def _check_caches(q, k_cache, v_cache, k, v, paged: bool):
 
 
 def _check_values(lengths: list, t_new: int, cap: int, table: Optional[list], page: int, n_pages: int,
-                  idx: Optional[list], batch_cache: int) -> None:
+                  idx: Optional[list], batch_cache: int, leftpad: Optional[list]) -> None:
     for b, n in enumerate(lengths):
         if n < 0:
             raise ValueError(f"kvcache_attention: cache_seqlens[{b}] = {n} is negative")
+        if leftpad is not None and not 0 <= leftpad[b] <= n + t_new:
+            raise ValueError(f"kvcache_attention: cache_leftpad[{b}] = {leftpad[b]} must be in [0, {n + t_new}] "
+                             f"(row {b}'s first key; it holds {n + t_new} slots)")
         if n + t_new > cap:
             raise ValueError(f"kvcache_attention: row {b} would hold {n} + {t_new} keys, more than the cache's "
                              f"capacity of {cap}")
@@ -478,7 +502,8 @@ def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Ten
 
 def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Union[Tensor, int],
                       k: Optional[Tensor] = None, v: Optional[Tensor] = None, *, block_table: Optional[Tensor] = None,
-                      cache_batch_idx: Optional[Tensor] = None, scale: Optional[float] = None, causal: bool = False,
+                      cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                      scale: Optional[float] = None, causal: bool = False,
                       window_size: Optional[tuple[int, int]] = None, softcap: float = 0.0, num_splits: int = 0,
                       return_lse: bool = False, backend: Optional[str] = None):
     """Attention of q (B, T_q, H_q, D) to a KV cache; see the module docstring for the layouts.
@@ -487,6 +512,8 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
     and v (B, T_new, H_kv, D), those are written into k_cache / v_cache in place at positions
     cache_seqlens .. + T_new - 1 and attended to (the caller advances cache_seqlens).
     block_table (B, max_pages): a paged cache. cache_batch_idx (B,): the cache row of each batch row.
+    cache_leftpad (B,) integer: row b's keys start at that slot (left padding before it is never read;
+    0 <= cache_leftpad[b] <= cache_seqlens[b] + T_new).
     scale (default 1/sqrt(D)), causal and window_size (left, right) aligned to the bottom right,
     softcap: as in flash_attn_with_kvcache. num_splits: key-range splits per program (0: automatic,
     1: none). Returns out (B, T_q, H_q, D) and, with return_lse, lse (B, H_q, T_q) float32."""
@@ -502,6 +529,7 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
     softcap = _check_softcap(softcap, "kvcache_attention")
     table = _check_index(block_table, "block_table", (B, None), q) if paged else None
     idx = _check_index(cache_batch_idx, "cache_batch_idx", (B,), q) if cache_batch_idx is not None else None
+    pad = _check_index(cache_leftpad, "cache_leftpad", (B,), q) if cache_leftpad is not None else None
     if not paged and idx is None and k_cache.shape[0] != B:
         raise ValueError(f"kvcache_attention: k_cache has {k_cache.shape[0]} rows but q has batch {B} "
                          "(pass cache_batch_idx to pick rows of a larger cache)")
@@ -511,17 +539,22 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (numbers.Integral, Tensor)):
         raise TypeError(f"kvcache_attention: cache_seqlens must be an int or an integer tensor (B,), got "
                         f"{type(cache_seqlens).__name__}")
-    host = None
+    # the values are checked on the host in eager calls (a sync, once per tensor and version); under
+    # torch.compile only an int cache_seqlens is (the kernels clamp the rest: never a read outside)
+    compiling = torch.compiler.is_compiling()
+
+    def read(t):
+        return None if t is None or compiling else _validate.host_values(t)
+
     if isinstance(cache_seqlens, Tensor):
         seqlens = _check_index(cache_seqlens, "cache_seqlens", (B,), q)
-        if not torch.compiler.is_compiling():  # a sync, once per tensor and version
-            host = _validate.host_values(cache_seqlens)
+        host = read(cache_seqlens)
     else:
         host = [int(cache_seqlens)] * B
         seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     if host is not None:
-        _check_values(host, t_new, cap, _validate.host_values(block_table) if paged else None, page, k_cache.shape[0],
-                      _validate.host_values(cache_batch_idx) if idx is not None else None, k_cache.shape[0])
+        _check_values(host, t_new, cap, read(block_table), page, k_cache.shape[0], read(cache_batch_idx),
+                      k_cache.shape[0], read(cache_leftpad))
     be = _backend.resolve(backend, q, "kvcache_attention", None, others=(k_cache, v_cache, k, v))
     _validate.check_float(q, "q", be)
     if D > MAX_HEAD_DIM and be != "torch":
@@ -535,7 +568,7 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
                 None if isinstance(cache_seqlens, Tensor) else int(cache_seqlens))
         seqlens = seqlens + t_new
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    args = (q, k_cache, v_cache, seqlens, table, idx, scale_f, bool(causal), left, right, softcap)
+    args = (q, k_cache, v_cache, seqlens, table, idx, pad, scale_f, bool(causal), left, right, softcap)
     # after the append: new keys that require grad make the cache part of the graph
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     if be == "torch" or grad:  # the reference, or attention's autograd
