@@ -117,15 +117,31 @@ def test_swap_matches_unswapped(name, attention_calls):
     assert torch.equal(again, expected)
 
 
+def _spy_kvcache(monkeypatch):
+    """Record (cache_seqlens, cache_leftpad) of every tfkernels.kvcache_attention call (see _runs)."""
+    calls = []
+    fn = tfkernels.kvcache_attention
+    monkeypatch.setattr(tfkernels, "kvcache_attention",
+                        lambda *a, **k: calls.append((a[3], k.get("cache_leftpad"))) or fn(*a, **k))
+    return calls
+
+
+def _runs(calls):
+    """_spy_kvcache's records as host lists (read after the calls, not counted among their reads)."""
+    return [tuple(x.tolist() if isinstance(x, torch.Tensor) else x for x in c) for c in calls]
+
+
 @pytest.mark.parametrize("name", ["llama", "mistral"])
-def test_generate_with_kv_cache_matches_sdpa(name, attention_calls, attention_kwargs):
-    """Greedy generation from a left-padded batch: the prefill (T_q = T_k, padding mask) and then one
-    query against the growing KV cache per token (T_q = 1 < T_k, HF's mask, no is_causal; with
-    Mistral's sliding window shorter than the sequence), token for token what 'sdpa' generates,
-    with the step logits close. The position_ids generate() makes for the left-padded row restart
-    (1, 1, 1, 1, 0, 1, ...) but come with the padding mask: never document ids."""
+def test_generate_with_kv_cache_matches_sdpa(name, attention_calls, attention_kwargs, monkeypatch):
+    """Greedy generation from a left-padded batch: the prefill (T_q = T_k, padding mask) runs attention,
+    then one query against the growing KV cache per token (T_q = 1 < T_k, HF's padding mask; with
+    Mistral's sliding window of 5 shorter than the sequence, the window too) runs kvcache_attention with
+    each row's run of visible keys as cache_leftpad / cache_seqlens. Token for token what 'sdpa'
+    generates, with the step logits close. The position_ids generate() makes for the left-padded row
+    restart (1, 1, 1, 1, 0, 1, ...) but come with the padding mask: never document ids."""
     ref_model = _build(name)
     model = tfkernels.swap(copy.deepcopy(ref_model), backend=BACKEND)
+    decode = _spy_kvcache(monkeypatch)
     ids, mask = _batch("left")
     ids, mask = ids[:, :8], mask[:, :8]
     gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -133,7 +149,15 @@ def test_generate_with_kv_cache_matches_sdpa(name, attention_calls, attention_kw
     with torch.no_grad():
         want = ref_model.generate(ids, **gen)
         got = model.generate(ids, **gen)
-    assert len(attention_calls) == 2 * 4  # two layers, prefill + 3 cached steps
+    assert len(attention_calls) == 2  # two layers' prefill; then 3 cached steps of kvcache_attention
+    decode = _runs(decode)
+    for step in range(3):
+        assert decode[2 * step + 1] == decode[2 * step]  # both layers: the same mask, the same runs
+        if name == "llama":  # step s: 9 + s keys, row 1's first 4 are padding
+            assert decode[2 * step] == ([9 + step] * 3, [0, 4, 0])
+        else:  # a sliding cache: the window's last 4 keys and the new one, past row 1's padding
+            assert decode[2 * step] == ([5] * 3, [0] * 3)
+    assert len(decode) == 2 * 3
     assert all(kw.get("document_ids") is None for kw in attention_kwargs)
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
@@ -283,13 +307,12 @@ def test_sliding_window_with_cache_offset_uses_the_mask(attention_kwargs):
 def test_generate_sliding_window_matches(name, padding, attention_kwargs, monkeypatch):
     """Greedy generation with a KV cache, window 8 shorter than the 12-token prompt and the 18 tokens
     generated: the prefill runs the kernel's window when nothing is padded (the mask otherwise), every
-    decode step (T_q = 1 < T_k, bottom-right aligned) the mask on sliding layers, and on global layers
-    without padding (no mask) kvcache_attention; tokens as the reference generates them."""
+    decode step (T_q = 1 < T_k) kvcache_attention, on every layer: the window's run of keys on sliding
+    layers, the padding's on global ones (all keys without padding); tokens as the reference generates
+    them."""
     ref = _build_window(name)
     model = tfkernels.swap(copy.deepcopy(ref), backend=BACKEND)
-    decode = []
-    fn = tfkernels.kvcache_attention
-    monkeypatch.setattr(tfkernels, "kvcache_attention", lambda *a, **k: decode.append(1) or fn(*a, **k))
+    decode = _spy_kvcache(monkeypatch)
     ids, mask = _window_batch(padding)
     ids, mask = ids[:, :12], mask[:, :12]
     steps = 6
@@ -300,8 +323,8 @@ def test_generate_sliding_window_matches(name, padding, attention_kwargs, monkey
         got = model.generate(ids, **gen)
     n = model.config.num_hidden_layers
     sliding = _sliding_layers(model)
-    assert len(decode) == (n - len(sliding)) * (steps - 1) * (padding == "none")
-    assert len(attention_kwargs) + len(decode) == n * steps
+    assert len(decode) == n * (steps - 1)  # the decode steps: a run of keys per row, windowed or padded
+    assert len(attention_kwargs) == n
     for i, kw in enumerate(attention_kwargs):
         native = i < n and i in sliding and padding == "none"  # the prefill's sliding layers
         assert kw.get("window_size") == ((W - 1, 0) if native else None), (i, kw)
@@ -617,6 +640,64 @@ def test_packed_models_hand_their_mask_to_attention():
     from transformers.models.falcon import modeling_falcon
 
     assert all(rebind.search(inspect.getsource(m)) for m in (modeling_doge, modeling_falcon))
+
+
+DECODE_MASKS = {  # (B, kv_len) visible keys of a decode step, and whether they are one run per row
+    "left-padding": ([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9, [0] * 8 + [1]], True),
+    "static-tail": ([[0, 1, 1, 1, 1, 1, 0, 0, 0], [1] * 6 + [0] * 3, [0, 0, 0, 1, 1, 1, 0, 0, 0]], True),
+    "empty-row": ([[0] * 9, [1] * 9, [0, 1, 1, 0, 0, 0, 0, 0, 0]], True),
+    "hole": ([[1, 1, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [1] * 9], False),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_MASKS))
+def test_decode_step_masks(case, attention_calls, monkeypatch):
+    """attention_forward on a decode step (T_q = 1, GQA, a boolean (B, 1, 1, T_k) mask as HF builds it):
+    one run of visible keys per row goes to kvcache_attention as cache_leftpad / cache_seqlens (an empty
+    row as [0, 0): zeros, as attention gives a row with no key); a mask with a hole runs attention with
+    it. Both as eager attention with the mask computes, the masked keys' slots holding NaN where the
+    run excludes them (never read)."""
+    rows, is_run = DECODE_MASKS[case]
+    torch.manual_seed(2)
+    B, H, Hkv, K, D = 3, 4, 2, 9, 16
+    visible = torch.tensor(rows, dtype=torch.bool, device=DEVICE)
+    q, k, v = (torch.randn(B, h, n, D, device=DEVICE) for h, n in ((H, 1), (Hkv, K), (Hkv, K)))
+    if is_run:  # the slots outside the runs: never read
+        k = k.masked_fill(~visible[:, None, :, None], float("nan"))
+        v = v.masked_fill(~visible[:, None, :, None], float("nan"))
+    decode = _spy_kvcache(monkeypatch)
+    module = torch.nn.Module()
+    module._tfkernels_backend = BACKEND
+    mask = visible[:, None, None, :]
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
+    out, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)
+    again, _ = hf.attention_forward(module, q, k, v, mask, scaling=0.3)  # the next layer: runs read once
+    assert len(reads) == 1  # the runs, once for both layers (kvcache_attention finds them on the host)
+    with torch.inference_mode():  # no version counters: still one read per mask
+        frozen = mask.clone()
+        assert torch.equal(hf.attention_forward(module, q, k, v, frozen, scaling=0.3)[0], out)
+        assert torch.equal(hf.attention_forward(module, q, k, v, frozen, scaling=0.3)[0], out)
+    assert len(reads) == 2
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    decode = _runs(decode[:2])
+    kk, vv = k.nan_to_num(0.0).repeat_interleave(2, 1).double(), v.nan_to_num(0.0).repeat_interleave(2, 1).double()
+    s = (q.double() @ kk.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    ref = (s.softmax(-1).nan_to_num(0.0) @ vv).transpose(1, 2)  # (B, 1, H, D); a row with no key: 0
+    assert out.shape == (B, 1, H, D)
+    _close(out, ref, 1e-5, case)
+    assert torch.equal(out, again)
+    if is_run:
+        ends = [max((j + 1 for j, x in enumerate(r) if x), default=0) for r in rows]
+        starts = [min((j for j, x in enumerate(r) if x), default=0) if any(r) else 0 for r in rows]
+        assert decode == [(ends, starts)] * 2 and attention_calls == []
+    else:
+        assert decode == [] and len(attention_calls) == 4
+    calls = len(attention_calls)
+    float_mask = torch.zeros(B, 1, 1, K, device=DEVICE).masked_fill(~mask, float("-inf"))
+    hf.attention_forward(module, q.nan_to_num(0.0), k.nan_to_num(0.0), v.nan_to_num(0.0), float_mask)
+    assert len(attention_calls) == calls + 1  # an additive mask: attention with it
 
 
 def test_attention_sinks_refused():

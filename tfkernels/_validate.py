@@ -86,13 +86,20 @@ def host_values(t: torch.Tensor) -> list:
     """t.tolist() (a device sync), read once per tensor and version: a model passes the same offsets or
     lengths to every layer, so the later layers find them here and queue their kernels without
     waiting; an in-place change bumps the version and is read again. Inference tensors have no
-    version counter: read every time."""
+    version counter: read every time (unless made by `remember_host_values(frozen=True)`)."""
+    hit = _HOST.get(id(t))
+    if hit is not None and hit[0]() is t and (hit[1] is None or (not t.is_inference() and hit[1] == t._version)):
+        return hit[2]
     if t.is_inference():
         return t.tolist()
-    hit = _HOST.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    values = t.tolist()
-    key = id(t)
-    _HOST[key] = (weakref.ref(t, lambda _, key=key: _HOST.pop(key, None)), t._version, values)
+    return remember_host_values(t, t.tolist())
+
+
+def remember_host_values(t: torch.Tensor, values: list, frozen: bool = False) -> list:
+    """Record values as t's host copy for `host_values`. frozen: t is an internal tensor made on the
+    device from a list the caller has on the host, never changed in place: trusted without a version
+    (inference tensors too), so it is never read back."""
+    if frozen or not t.is_inference():
+        key = id(t)
+        _HOST[key] = (weakref.ref(t, lambda _, key=key: _HOST.pop(key, None)), None if frozen else t._version, values)
     return values

@@ -21,10 +21,14 @@ Beyond SDPA:
     window_size=(W - 1, 0)`: key tiles outside the window are skipped (O(T * W)). Anything else
     (padding, KV-cache decoding, chunked masks, custom mask functions, compile/tracing, other models)
     gets the SDPA mask as before; packed sequences: below.
-  - Decode steps (T_q = 1) with no mask (no padding; HF drops the mask then) run
-    `tfkernels.kvcache_attention` on (B, T_k, H_kv, D) views of the cache HF passes: one program per
-    K/V head for its whole query group, the keys split across SMs (flash-decoding), GQA without
-    repeating K/V, and the (B, 1, H, D) output HF wants without a transpose copy.
+  - Decode steps (T_q = 1) run `tfkernels.kvcache_attention` on (B, T_k, H_kv, D) views of the cache
+    HF passes: one program per K/V head for its whole query group, the keys split across SMs
+    (flash-decoding), GQA without repeating K/V, and the (B, 1, H, D) output HF wants without a
+    transpose copy. With no mask (no padding; HF drops the mask then) every key is visible; with a
+    boolean mask whose visible keys are one run per row [start, end) (left padding, a static cache's
+    unwritten tail, a sliding window, or all three) the run is the row's `cache_leftpad` and
+    `cache_seqlens` (`_decode_runs`: one small read per mask, shared by the layers); any other mask
+    runs `tfkernels.attention` with it.
   - Packed sequences (padding-free training, e.g. `DataCollatorWithFlattening`: sequences concatenated
     in a row, position_ids restarting, no attention_mask, no cache): when transformers' mask is exactly
     causal within each sequence (sliding-window causal on a sliding layer of a `_NATIVE_WINDOW_MODELS`
@@ -53,11 +57,13 @@ import inspect
 import numbers
 import re
 import sys
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ._validate import remember_host_values
 from .ops import rms_norm
 
 __all__ = ["attention_forward", "register", "LlamaRMSNorm", "GemmaRMSNorm", "T5LayerNorm",
@@ -505,6 +511,46 @@ def _native_window(module, attention_mask, is_causal, q_len, kv_len, sliding_win
     return (W - 1, 0)
 
 
+# id(mask) -> (a weak reference to it, its _version, its runs): the layers of a forward share one mask.
+# An inference tensor has no version: its runs are kept as long as it lives (transformers builds the
+# mask anew for every forward and never changes it in place).
+_RUNS: dict = {}
+
+
+def _decode_runs(mask: torch.Tensor, batch: int, kv_len: int):
+    """For a decode step's boolean mask (B or 1, 1, 1, kv_len): (seqlens, leftpad), (B,) int32 on the
+    mask's device, when each row's visible keys are one run [leftpad, seqlens) (an empty row: [0, 0)),
+    else None. The runs come from the device in one read of (B, 3) ints per mask (start, end, count),
+    not the whole mask; the later layers find them here, and `kvcache_attention` finds their values
+    already on the host (no second read)."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, kv_len) \
+            or mask.shape[0] not in (1, batch) or kv_len == 0 or _tracing():
+        return None
+    version = None if mask.is_inference() else mask._version
+    hit = _RUNS.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == version:
+        runs = hit[2]
+    else:
+        m = mask[:, 0, 0, :]
+        j = torch.arange(kv_len, device=m.device)
+        stats = torch.stack([torch.where(m, j, kv_len).amin(-1), torch.where(m, j + 1, 0).amax(-1), m.sum(-1)], 1)
+        runs = None
+        rows = stats.tolist()  # the one sync
+        if all(count == 0 or end - start == count for start, end, count in rows):
+            starts = [start if count else 0 for start, _, count in rows]
+            ends = [end if count else 0 for _, end, count in rows]
+            if len(rows) == 1:
+                starts, ends = starts * batch, ends * batch
+            seqlens = torch.tensor(ends, dtype=torch.int32, device=mask.device)
+            leftpad = torch.tensor(starts, dtype=torch.int32, device=mask.device)
+            remember_host_values(seqlens, ends, frozen=True)
+            remember_host_values(leftpad, starts, frozen=True)
+            runs = (seqlens, leftpad)
+        key = id(mask)
+        _RUNS[key] = (weakref.ref(mask, lambda _, key=key: _RUNS.pop(key, None)), version, runs)
+    return runs
+
+
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -548,15 +594,18 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
         is_causal = False
 
-    if q_len == 1 and attention_mask is None and documents is None and window is None and not dropout:
-        # a decode step with nothing masked (no padding): the split-KV decoding kernel reads the cache
-        # (B, H_kv, T_k, D) through (B, T_k, H_kv, D) views and writes (B, 1, H, D), the layout returned
-        import tfkernels
+    if q_len == 1 and documents is None and window is None and not dropout:
+        # a decode step: the split-KV decoding kernel reads the cache (B, H_kv, T_k, D) through
+        # (B, T_k, H_kv, D) views and writes (B, 1, H, D), the layout returned. Every key, or each
+        # row's run of visible keys when the mask is one run per row.
+        runs = (kv_len, None) if attention_mask is None else _decode_runs(attention_mask, query.shape[0], kv_len)
+        if runs is not None:
+            import tfkernels
 
-        out = tfkernels.kvcache_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), kv_len,
-                                          scale=scaling, softcap=softcap,
-                                          backend=getattr(module, "_tfkernels_backend", None))
-        return out, None
+            out = tfkernels.kvcache_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              runs[0], cache_leftpad=runs[1], scale=scaling, softcap=softcap,
+                                              backend=getattr(module, "_tfkernels_backend", None))
+            return out, None
     out = _attention_fn()(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                           is_causal=is_causal, scale=scaling, enable_gqa=enable_gqa, window_size=window,
                           softcap=softcap, document_ids=documents,
