@@ -200,6 +200,13 @@ case "$STAGE" in
     if [[ -f "$DOCS_TMP/decode.md" ]]; then
       { echo; cat "$DOCS_TMP/decode.md"; } >> "$OUT/bench/window.md"
     fi
+    # head dim 256: the cuda backend's two dK/dV launches against its one-launch kernel (needs BUILD_CUDA=1
+    # for the cuda rows), Triton, SDPA flash; appended to window.md too
+    step "bench_head256: D = 256 backward, two dK/dV launches vs one (TFKERNELS_CUDA_DKDV_PASSES=1)" 75 \
+      env $( ((GPU)) || echo TRITON_INTERPRET=1) "$PY" -m benchmarks.bench_head256 "${wargs[@]}" --out "$DOCS_TMP"
+    if [[ -f "$DOCS_TMP/head256.md" ]]; then
+      { echo; cat "$DOCS_TMP/head256.md"; } >> "$OUT/bench/window.md"
+    fi
     ;;
   e2e)
     install

@@ -17,7 +17,8 @@
 //   dQ       grid (B*Hq, Tq/64):  per key tile S, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 //   dK, dV   grid (B*Hkv, Tk/64): the warp's 16 keys are rows: S^T = K Q^T, dP^T = V dO^T over
 //            every query tile of every query head of the GQA group (so no atomics), dV += P^T dO,
-//            dK += dS^T Q; writes the float mask's gradient when asked.
+//            dK += dS^T Q; writes the float mask's gradient when asked. At DP = 256 as two kernels
+//            on the same grid, dV then dK (see kPassDV).
 // Each kernel is compiled four times, one per Rules variant (attention_common.cuh): with or without
 // the mask and dropout rules (kMaskDropout), with or without the sliding window, soft-capping and
 // documents (kWindowCap), so a launch carries only the code and registers of what it uses; without either,
@@ -36,10 +37,13 @@
 // kept in shared memory: key_end) and a masked pair's dS is exactly 0, so padding or another
 // document's tokens that share a tile never reach a product, whatever they hold.
 // Register budget: S and dP take BN/2 fp32 per lane, O / dQ DP/2, dK + dV DP. For DP > 128 the
-// key tile shrinks to 32; dK/dV at DP 192/256 exceed the register file and spill (not tuned).
+// key tile shrinks to 32; dK + dV at DP 192 spill ~100 bytes a thread, and at DP 256 (~1 KB) the
+// gradients are two launches, dV then dK (kPassDV), which spill none.
 #include "attention_common.cuh"
 #include "mma.cuh"
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace tfk {
@@ -517,8 +521,16 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(const AttnPa
   store_rows<T, DP>(static_cast<T*>(p.dq) + b * p.dq_s[0] + h * p.dq_s[1], p.dq_s[2], dq, i0, p.Tq, p.D, scale);
 }
 
-template <typename T, int DP, int STAGES, int R>
-__global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p, bool vec) {
+// Which gradients a dK/dV launch accumulates. Both: dK and dV, 2 x DP/2 fp32 per lane. At DP = 256
+// that is 256 registers before anything else and the kernel spilled ~1 KB a thread inside its loop,
+// so there it runs as two launches: dV (S^T = K Q^T, dV += Pd^T dO; no V, no dP) and then dK (S^T,
+// dP^T = V dO^T, dK += dS^T Q; the float mask's gradient): one more K Q^T product a tile (5 products
+// instead of 4) and Q, dO read twice, for half the accumulator registers. TFKERNELS_CUDA_DKDV_PASSES=1
+// runs the one-launch kernel instead (to time both on a GPU).
+constexpr int kPassDV = 1, kPassDK = 2, kPassBoth = kPassDV | kPassDK;
+
+template <typename T, int DP, int STAGES, int R, int PASS>
+__device__ __forceinline__ void dkdv_tc(const AttnParams& p, bool vec) {
   using C = Tile<DP>;
   constexpr int BQ = C::BQ, LD = C::LD, NT = BQ / 8, DT = DP / 8;
   extern __shared__ __align__(128) float4 smem_raw[];
@@ -555,7 +567,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     }
   };
   load_rows<T, kRows, DP>(sK, k, p.k_s[2], p.k_s[3], n0, p.Tk, p.D, vec);
-  load_rows<T, kRows, DP>(sV, v, p.v_s[2], p.v_s[3], n0, p.Tk, p.D, vec);
+  if constexpr ((PASS & kPassDK) != 0) load_rows<T, kRows, DP>(sV, v, p.v_s[2], p.v_s[3], n0, p.Tk, p.D, vec);
   if (STAGES == 2 && steps > 0) load_q(0, 0);
   cp_async_commit();
 
@@ -569,7 +581,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
   const float mul_log2 = (cap ? p.softcap : p.scale) * kLog2e;
   const T* krow = a_row<DP>(sK, warp * 16, lane);
   const T* vrow = a_row<DP>(sV, warp * 16, lane);
-  float dk[DT][4] = {}, dv[DT][4] = {};
+  // the pass's accumulators (the other pass's is size 1 and untouched: no registers)
+  float dk[(PASS & kPassDK) ? DT : 1][4] = {}, dv[(PASS & kPassDV) ? DT : 1][4] = {};
   for (int it = 0; it < steps; ++it) {
     pipeline_step<STAGES>(it, steps, load_q);
     const int stage = STAGES == 1 ? 0 : (it & 1);
@@ -581,8 +594,8 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
     const T* tq = sQ + stage * BQ * LD;
     const T* tdo = sdO + stage * BQ * LD;
     float s[NT][4] = {}, dp[NT][4] = {};
-    mma_abt<T, DP, NT>(s, krow, tq, lane);    // S^T = K Q^T
-    mma_abt<T, DP, NT>(dp, vrow, tdo, lane);  // dP^T = V dO^T
+    mma_abt<T, DP, NT>(s, krow, tq, lane);                                       // S^T = K Q^T
+    if constexpr ((PASS & kPassDK) != 0) mma_abt<T, DP, NT>(dp, vrow, tdo, lane);  // dP^T = V dO^T
     const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
     const float* lse_row = p.lse + bh * p.Tq;
     const float* delta_row = p.delta + bh * p.Tq;
@@ -620,18 +633,36 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const Attn
             const int j = j0 + r * 8, e = 2 * r + c;
             const bool doc_ok = (in_doc >> (r * 2 * NT + 2 * n + c)) & 1u;
             const float dc = ds_element<R>(p, b, h, i, j, doc_ok, lse_log2, delta, s[n][e], dp[n][e]);
-            if ((R & kMaskDropout) && p.dmask != nullptr && i < p.Tq && j < p.Tk) p.dmask[(bh * p.Tq + i) * p.Tk + j] = dc;
+            if ((R & kMaskDropout) && (PASS & kPassDK) && p.dmask != nullptr && i < p.Tq && j < p.Tk)
+              p.dmask[(bh * p.Tq + i) * p.Tk + j] = dc;
           }
         }
     }
-    mma_pb<T, DP, NT>(dv, s, tdo, lane);  // dV += Pd^T dO
-    mma_pb<T, DP, NT>(dk, dp, tq, lane);  // dK += dS^T Q
+    if constexpr ((PASS & kPassDV) != 0) mma_pb<T, DP, NT>(dv, s, tdo, lane);  // dV += Pd^T dO
+    if constexpr ((PASS & kPassDK) != 0) mma_pb<T, DP, NT>(dk, dp, tq, lane);  // dK += dS^T Q
   }
   cp_async_wait<0>();  // with no query tile (causal or a window, past Tq) the K/V copies were never waited for
 
   const float scale[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
-  store_rows<T, DP>(static_cast<T*>(p.dk) + b * p.dk_s[0] + hk * p.dk_s[1], p.dk_s[2], dk, j0, p.Tk, p.D, scale);
-  store_rows<T, DP>(static_cast<T*>(p.dv) + b * p.dv_s[0] + hk * p.dv_s[1], p.dv_s[2], dv, j0, p.Tk, p.D, one);
+  if constexpr ((PASS & kPassDK) != 0)
+    store_rows<T, DP>(static_cast<T*>(p.dk) + b * p.dk_s[0] + hk * p.dk_s[1], p.dk_s[2], dk, j0, p.Tk, p.D, scale);
+  if constexpr ((PASS & kPassDV) != 0)
+    store_rows<T, DP>(static_cast<T*>(p.dv) + b * p.dv_s[0] + hk * p.dv_s[1], p.dv_s[2], dv, j0, p.Tk, p.D, one);
+}
+
+template <typename T, int DP, int STAGES, int R>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(const AttnParams p, bool vec) {
+  dkdv_tc<T, DP, STAGES, R, kPassBoth>(p, vec);
+}
+
+template <typename T, int DP, int STAGES, int R>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dv_tc_kernel(const AttnParams p, bool vec) {
+  dkdv_tc<T, DP, STAGES, R, kPassDV>(p, vec);
+}
+
+template <typename T, int DP, int STAGES, int R>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dk_tc_kernel(const AttnParams p, bool vec) {
+  dkdv_tc<T, DP, STAGES, R, kPassDK>(p, vec);
 }
 
 // ------------------------------------------------------------------------------ launch
@@ -693,6 +724,13 @@ cudaError_t fwd_tc(const AttnParams& p, cudaStream_t stream) {
   });
 }
 
+// TFKERNELS_CUDA_DKDV_PASSES=1: the one-launch dK/dV kernel at DP = 256 too (read at every backward:
+// a getenv is nothing next to the launch, and a benchmark can flip it between timings).
+bool one_dkdv_launch() {
+  const char* v = std::getenv("TFKERNELS_CUDA_DKDV_PASSES");
+  return v != nullptr && std::string(v) == "1";
+}
+
 template <typename T>
 cudaError_t bwd_tc(const AttnParams& p, cudaStream_t stream) {
   const bool vec = rows_vectorisable(p.q, p.q_s, p.D) && rows_vectorisable(p.k, p.k_s, p.D) &&
@@ -701,6 +739,13 @@ cudaError_t bwd_tc(const AttnParams& p, cudaStream_t stream) {
   const dim3 grid_q(static_cast<unsigned>(p.B) * p.Hq, (p.Tq + kRows - 1) / kRows);
   const cudaError_t err = with_padded_head_dim(p.D, [&](auto dp) -> cudaError_t {
     constexpr int DP = decltype(dp)::value;
+    if constexpr (DP == 256) {  // two passes (see kPassDV), unless asked for one
+      if (!one_dkdv_launch()) {
+        const cudaError_t e = [&]() -> cudaError_t { TFK_TC_LAUNCH(attn_bwd_dv_tc_kernel, dkdv_smem, grid_kv); }();
+        if (e != cudaSuccess) return e;
+        TFK_TC_LAUNCH(attn_bwd_dk_tc_kernel, dkdv_smem, grid_kv);
+      }
+    }
     TFK_TC_LAUNCH(attn_bwd_dkdv_tc_kernel, dkdv_smem, grid_kv);
   });
   if (err != cudaSuccess) return err;

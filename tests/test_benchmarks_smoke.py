@@ -9,6 +9,8 @@ import math
 
 import pytest
 
+from conftest import CUDA_EMULATED
+
 benchmarks = pytest.importorskip("benchmarks")
 
 
@@ -178,3 +180,23 @@ def test_decode_bench_smoke(tmp_path):
     assert all(r["status"] == "ok" and r["GBps"] > 0 for r in rows), rows
     md = (tmp_path / "decode.md").read_text()
     assert "| 4/2 | 2 | 40 | tfkernels-triton-paged |" in md
+    assert "| 4/2 left-padded | 3 | 40 | tfkernels-triton |" in md  # cache_leftpad against the masked providers
+
+
+@pytest.mark.skipif(not CUDA_EMULATED, reason="the cuda backend on CPU is the emulation")
+def test_head256_bench_smoke(tmp_path):
+    """benchmarks/bench_head256.py on CPU (emulated cuda backend): both dK/dV variants (two launches,
+    and one with TFKERNELS_CUDA_DKDV_PASSES=1) and Triton pass against SDPA in fp32 and are timed; the
+    knob is restored afterwards."""
+    import os
+
+    from benchmarks import bench_head256
+
+    assert bench_head256.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "head256.json").read_text())["rows"]
+    ok = {(r["provider"], r["mode"], r["pass"]) for r in rows if r["status"] == "ok"}
+    for name in ("tfkernels-cuda", "tfkernels-cuda-1launch", "tfkernels-triton"):
+        for mode in ("", "causal"):
+            assert {(name, mode, "fwd"), (name, mode, "fwd+bwd")} <= ok
+    assert "TFKERNELS_CUDA_DKDV_PASSES" not in os.environ
+    assert "| 40 | causal | tfkernels-cuda-1launch |" in (tmp_path / "head256.md").read_text()

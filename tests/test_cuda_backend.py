@@ -270,6 +270,19 @@ def test_attention_16bit_pipeline_stages(monkeypatch, capfd, smem, D, dtype, siz
     assert _launch_smem(_check_gqa_and_mask(capfd, D, dtype)) == sizes
 
 
+# At D = 256 the dK/dV gradients are two launches on the (B * H_kv, T_k / 64) grid, dV then dK (each
+# holds one fp32 accumulator: no spills); TFKERNELS_CUDA_DKDV_PASSES=1 runs the one-launch kernel
+# (to time both). Both against float64, a float mask's gradient (written by the dK pass) included.
+@pytest.mark.skipif(not CUDA_EMULATED, reason="counts launches in the emulator's trace")
+@pytest.mark.parametrize("passes", ["2", "1"])
+def test_attention_d256_dkdv_passes(monkeypatch, capfd, passes):
+    if passes == "1":
+        monkeypatch.setenv("TFKERNELS_CUDA_DKDV_PASSES", "1")
+    monkeypatch.setenv("TFKERNELS_CUDA_EMU_TRACE", "1")
+    trace = _check_gqa_and_mask(capfd, 256, torch.bfloat16)
+    assert len(re.findall(r"grid \(4, 2, 1\), block \(128, 1, 1\)", trace)) == int(passes)  # B * H_kv = 4
+
+
 def _check_gqa_and_mask(capfd, D, dtype) -> str:
     """Causal GQA, then a float mask, on the shapes _launch_tiles knows; returns the GQA launches' trace."""
     torch.manual_seed(D)

@@ -48,8 +48,9 @@ SPILL_BYTES = 16  # a few registers' worth, parked outside the hot loop (dQ at D
 
 
 def _documented_spill(mangled: str) -> bool:
-    """The spills the README documents: the tensor-core dK/dV kernel at head dims 192 and 256 (its
-    first template int is the padded head dim DP)."""
+    """The spills the README documents: the one-launch tensor-core dK/dV kernel at head dims 192 and 256
+    (its first template int is the padded head dim DP; at 256 it runs only with
+    TFKERNELS_CUDA_DKDV_PASSES=1, the two-pass kernels attn_bwd_dv/dk_tc_kernel spill none)."""
     return "attn_bwd_dkdv_tc_kernel" in mangled and re.search(r"Li(\d+)E", mangled).group(1) in ("192", "256")
 
 
