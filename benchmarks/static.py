@@ -194,7 +194,8 @@ def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, 
     return run
 
 
-def _kvcache_case(dtype, D, Hq=32, Hkv=8, Tq=1, page=0, splits=4, window=(-1, -1), softcap=0.0, tf32=False):
+def _kvcache_case(dtype, D, Hq=32, Hkv=8, Tq=1, page=0, splits=4, window=(-1, -1), softcap=0.0, tf32=False,
+                  leftpad=False):
     """A decode step against a 4k-key cache: the split kernel and the combine (splits > 1)."""
     import torch
     KV = importlib.import_module("tfkernels.ops.kvcache")
@@ -210,7 +211,8 @@ def _kvcache_case(dtype, D, Hq=32, Hkv=8, Tq=1, page=0, splits=4, window=(-1, -1
         else:
             kc = torch.randn(B, S, Hkv, D, dtype=dtype)
         lens = torch.full((B,), S, dtype=torch.int32)
-        KV._triton_fwd(q, kc, kc, lens, table, None, D ** -0.5, window[1] == 0, window[0], -1, softcap, splits)
+        pad = torch.tensor([0, 100], dtype=torch.int32) if leftpad else None
+        KV._triton_fwd(q, kc, kc, lens, table, None, pad, D ** -0.5, window[1] == 0, window[0], -1, softcap, splits)
     return run
 
 
@@ -264,7 +266,8 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
         # "chunk" 4 new tokens of a chunked prefill/speculative step, "nosplit")
         kv = [("bf16", 128, 0, ""), ("bf16", 128, 16, ""), ("bf16", 64, 0, "mha"), ("fp16", 128, 256, ""),
               ("bf16", 256, 0, ""), ("bf16", 128, 0, "window"), ("bf16", 128, 0, "chunk"), ("fp32", 128, 0, ""), ("fp32", 256, 0, ""),
-              ("fp32", 64, 16, ""), ("fp32-tf32", 128, 0, ""), ("bf16", 128, 0, "nosplit")]
+              ("fp32", 64, 16, ""), ("fp32-tf32", 128, 0, ""), ("bf16", 128, 0, "nosplit"),
+              ("bf16", 128, 0, "leftpad")]
     out = {}
     for dt, D, causal, mask, p in attn:
         gqa = mask == "gqa"  # 4 query heads per K/V head (the kernels' GROUP loop is not specialised away)
@@ -284,7 +287,7 @@ def cases(quick: bool) -> dict[str, Callable[[], None]]:
         out[name] = _kvcache_case(dts[dt][0], D, Hkv=32 if extra == "mha" else 8, Tq=4 if extra == "chunk" else 1,
                                   page=page, splits=1 if extra == "nosplit" else 4,
                                   window=(1023, 0) if extra == "window" else (-1, -1),
-                                  softcap=30.0 if extra == "window" else 0.0, tf32=dts[dt][1])
+                                  softcap=30.0 if extra == "window" else 0.0, tf32=dts[dt][1], leftpad=extra == "leftpad")
     return out
 
 
