@@ -77,29 +77,39 @@ def check_dim(dim, ndim: int, name: str = "dim") -> int:
     return dim % max(ndim, 1)
 
 
-# id(tensor) -> (a weak reference to it, its _version, its values as a list); keyed by id because
-# tensors compare elementwise, and dropped when the tensor is freed
-_HOST: dict = {}
+# (id(tensor), kind) -> (a weak reference to it, its _version or None, a value derived from it); keyed
+# by id because tensors compare elementwise, and dropped when the tensor is freed
+_MEMO: dict = {}
+_MISS = object()
+
+
+def remember(t: torch.Tensor, kind: str, value, frozen: bool = False):
+    """Record value as `per_version(t, kind, ...)`'s result for t as it is now. frozen: t is never
+    changed in place (an internal tensor, or an inference tensor the caller vouches for): kept without
+    a version, so inference tensors (which have none) are remembered too."""
+    if frozen or not t.is_inference():
+        key = (id(t), kind)
+        _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), None if frozen else t._version, value)
+    return value
+
+
+def per_version(t: torch.Tensor, kind: str, fn, frozen: bool = False):
+    """fn(t), computed once per tensor and version (see `remember`): a model hands the same offsets,
+    lengths or mask to every layer, so the later layers find the result here; an in-place change bumps
+    the version and computes it again. An inference tensor that is not frozen: every time."""
+    hit = _MEMO.get((id(t), kind))
+    if hit is not None and hit[0]() is t and (hit[1] is None or (not t.is_inference() and hit[1] == t._version)):
+        return hit[2]
+    return remember(t, kind, fn(t), frozen)
 
 
 def host_values(t: torch.Tensor) -> list:
-    """t.tolist() (a device sync), read once per tensor and version: a model passes the same offsets or
-    lengths to every layer, so the later layers find them here and queue their kernels without
-    waiting; an in-place change bumps the version and is read again. Inference tensors have no
-    version counter: read every time (unless made by `remember_host_values(frozen=True)`)."""
-    hit = _HOST.get(id(t))
-    if hit is not None and hit[0]() is t and (hit[1] is None or (not t.is_inference() and hit[1] == t._version)):
-        return hit[2]
-    if t.is_inference():
-        return t.tolist()
-    return remember_host_values(t, t.tolist())
+    """t.tolist() (a device sync), read once per tensor and version (`per_version`), so the later
+    layers queue their kernels without waiting."""
+    return per_version(t, "host", lambda x: x.tolist())
 
 
-def remember_host_values(t: torch.Tensor, values: list, frozen: bool = False) -> list:
-    """Record values as t's host copy for `host_values`. frozen: t is an internal tensor made on the
-    device from a list the caller has on the host, never changed in place: trusted without a version
-    (inference tensors too), so it is never read back."""
-    if frozen or not t.is_inference():
-        key = id(t)
-        _HOST[key] = (weakref.ref(t, lambda _, key=key: _HOST.pop(key, None)), None if frozen else t._version, values)
-    return values
+def remember_host_values(t: torch.Tensor, values: list) -> list:
+    """Record values as the host copy of t, a tensor made on the device from them and never changed in
+    place: `host_values(t)` then never reads it back (inference tensors too)."""
+    return remember(t, "host", values, frozen=True)

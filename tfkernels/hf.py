@@ -57,13 +57,12 @@ import inspect
 import numbers
 import re
 import sys
-import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._validate import remember_host_values
+from . import _validate
 from .ops import rms_norm
 
 __all__ = ["attention_forward", "register", "LlamaRMSNorm", "GemmaRMSNorm", "T5LayerNorm",
@@ -511,44 +510,37 @@ def _native_window(module, attention_mask, is_causal, q_len, kv_len, sliding_win
     return (W - 1, 0)
 
 
-# id(mask) -> (a weak reference to it, its _version, its runs): the layers of a forward share one mask.
-# An inference tensor has no version: its runs are kept as long as it lives (transformers builds the
-# mask anew for every forward and never changes it in place).
-_RUNS: dict = {}
-
-
 def _decode_runs(mask: torch.Tensor, batch: int, kv_len: int):
     """For a decode step's boolean mask (B or 1, 1, 1, kv_len): (seqlens, leftpad), (B,) int32 on the
     mask's device, when each row's visible keys are one run [leftpad, seqlens) (an empty row: [0, 0)),
     else None. The runs come from the device in one read of (B, 3) ints per mask (start, end, count),
-    not the whole mask; the later layers find them here, and `kvcache_attention` finds their values
-    already on the host (no second read)."""
+    not the whole mask; the later layers find them memoised per mask version (an inference mask, which
+    has no version, for its lifetime: transformers builds the mask anew for every forward and never
+    changes it in place), and `kvcache_attention` finds their values already on the host."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, kv_len) \
             or mask.shape[0] not in (1, batch) or kv_len == 0 or _tracing():
         return None
-    version = None if mask.is_inference() else mask._version
-    hit = _RUNS.get(id(mask))
-    if hit is not None and hit[0]() is mask and hit[1] == version:
-        runs = hit[2]
-    else:
-        m = mask[:, 0, 0, :]
-        j = torch.arange(kv_len, device=m.device)
-        stats = torch.stack([torch.where(m, j, kv_len).amin(-1), torch.where(m, j + 1, 0).amax(-1), m.sum(-1)], 1)
-        runs = None
-        rows = stats.tolist()  # the one sync
-        if all(count == 0 or end - start == count for start, end, count in rows):
-            starts = [start if count else 0 for start, _, count in rows]
-            ends = [end if count else 0 for _, end, count in rows]
-            if len(rows) == 1:
-                starts, ends = starts * batch, ends * batch
-            seqlens = torch.tensor(ends, dtype=torch.int32, device=mask.device)
-            leftpad = torch.tensor(starts, dtype=torch.int32, device=mask.device)
-            remember_host_values(seqlens, ends, frozen=True)
-            remember_host_values(leftpad, starts, frozen=True)
-            runs = (seqlens, leftpad)
-        key = id(mask)
-        _RUNS[key] = (weakref.ref(mask, lambda _, key=key: _RUNS.pop(key, None)), version, runs)
-    return runs
+    return _validate.per_version(mask, "decode_runs", lambda m: _runs_of(m, batch, kv_len),
+                                 frozen=mask.is_inference())
+
+
+def _runs_of(mask: torch.Tensor, batch: int, kv_len: int):
+    """`_decode_runs`' result, computed: one (B, 3) read."""
+    m = mask[:, 0, 0, :]
+    j = torch.arange(kv_len, device=m.device)
+    stats = torch.stack([torch.where(m, j, kv_len).amin(-1), torch.where(m, j + 1, 0).amax(-1), m.sum(-1)], 1)
+    rows = stats.tolist()  # the one sync
+    if not all(count == 0 or end - start == count for start, end, count in rows):
+        return None
+    starts = [start if count else 0 for start, _, count in rows]
+    ends = [end if count else 0 for _, end, count in rows]
+    if len(rows) == 1:
+        starts, ends = starts * batch, ends * batch
+    seqlens = torch.tensor(ends, dtype=torch.int32, device=mask.device)
+    leftpad = torch.tensor(starts, dtype=torch.int32, device=mask.device)
+    _validate.remember_host_values(seqlens, ends)
+    _validate.remember_host_values(leftpad, starts)
+    return seqlens, leftpad
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -328,13 +328,14 @@ def _held(seqlens: Tensor, leftpad: Optional[Tensor], S: int) -> Tensor:
     return keep
 
 
-def _visible(seqlens: Tensor, leftpad: Optional[Tensor], Tq: int, S: int, causal: bool, window_left: int,
-             window_right: int) -> Tensor:
-    """(B, 1, T_q, S) bool: key j is one of row b's keys and in query t's causal/window range."""
+def _visible(held: Tensor, seqlens: Tensor, Tq: int, causal: bool, window_left: int, window_right: int) -> Tensor:
+    """(B, 1, T_q, S) bool: key j is one of row b's keys (held (B, S), `_held`) and in query t's
+    causal/window range."""
+    S = held.shape[1]
     j = torch.arange(S, device=seqlens.device)
     L = seqlens.long().clamp(max=S)[:, None, None]                   # (B, 1, 1)
     pos = L - Tq + torch.arange(Tq, device=seqlens.device)[None, :, None]  # (B, T_q, 1)
-    keep = _held(seqlens, leftpad, S)[:, None, :]
+    keep = held[:, None, :]
     if causal:
         keep = keep & (j <= pos)
     if window_left >= 0:
@@ -355,9 +356,9 @@ def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, sca
     # the slots past a row's length (and the left padding) were never written (torch.empty: any bits,
     # NaN included), and a masked key still meets P = 0 in P @ V, where 0 * NaN = NaN: zero them (the
     # kernels never load them)
-    held = _held(seqlens, leftpad, k.shape[1])[:, :, None, None]
-    k, v = torch.where(held, k, 0.0), torch.where(held, v, 0.0)
-    mask = _visible(seqlens, leftpad, Tq, k.shape[1], causal, window_left, window_right)
+    held = _held(seqlens, leftpad, k.shape[1])                      # (B, S)
+    k, v = torch.where(held[:, :, None, None], k, 0.0), torch.where(held[:, :, None, None], v, 0.0)
+    mask = _visible(held, seqlens, Tq, causal, window_left, window_right)
     out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
                          enable_gqa=Hq != k.shape[2], softcap=softcap, return_lse=True, backend=backend)
     return out.transpose(1, 2).contiguous(), lse.to(torch.promote_types(q.dtype, torch.float32))
