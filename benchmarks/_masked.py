@@ -100,13 +100,15 @@ def main(argv, doc: str, run, table_fn, out_name: str, json_name: str | None = N
     (CPU, TRITON_INTERPRET=1), --out DIR (the table as out_name, and the rows as json_name if given)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--smoke", action="store_true", help="tiny CPU sizes (TRITON_INTERPRET=1), one rep")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes in float32, one rep: on the GPU where there is one, else on CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--out", type=Path, help=f"write {out_name} (and print it)")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.smoke
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda = torch.cuda.is_available()
+    smoke = args.smoke or not cuda  # no GPU: only the tiny sizes make sense
+    dtype = torch.float32 if smoke else torch.bfloat16
     cfg = BenchConfig(device="cuda" if cuda else "cpu", dtype=dtype, dtype_name=str(dtype).split(".")[-1],
-                      quick=args.quick, smoke=not cuda, warmup_ms=25, rep_ms=100)
+                      quick=args.quick, smoke=smoke, warmup_ms=25, rep_ms=100)
     info = _util.env_info(cfg.device)
     rows = run(cfg)
     md = table_fn(rows, info, cfg.dtype_name)

@@ -27,6 +27,7 @@ tests/test_triton_static.py runs the quick matrix for sm_80 and sm_90 in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -168,13 +169,33 @@ def _make_driver(gpu: SimpleNamespace, report: Report):
 # the cases: the ops' launchers on CPU tensors
 # ----------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _matmul_tf32(flag: bool):
+    """torch's fp32 matmul flag, which the fp32 attention kernels read per call, set for one case and
+    restored after it (left set, it leaked into the tests that share the process). Through
+    fp32_precision where torch has it: reading the legacy allow_tf32 after that was set raises."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, attr)
+    setattr(matmul, attr, ("tf32" if flag else "ieee") if attr == "fp32_precision" else flag)
+    try:
+        yield
+    finally:
+        setattr(matmul, attr, saved)
+
+
 def _attention_case(dtype, D, causal=False, mask=None, dropout=0.0, tf32=False, T=1024, Hq=4, Hkv=4, backward=True,
                     window=(-1, -1), softcap=0.0, docs=False):
     import torch
     A = importlib.import_module("tfkernels.ops.attention")  # the package exports a function by that name
 
     def run():
-        torch.backends.cuda.matmul.allow_tf32 = tf32  # fp32 inputs: TF32 or IEEE dots (read per call)
+        with _matmul_tf32(tf32):  # fp32 inputs: TF32 or IEEE dots (read per call)
+            body()
+
+    def body():
         q = torch.randn(1, Hq, T, D, dtype=dtype)
         k = torch.randn(1, Hkv, T, D, dtype=dtype)
         v = torch.randn(1, Hkv, T, D, dtype=dtype)
@@ -201,7 +222,10 @@ def _kvcache_case(dtype, D, Hq=32, Hkv=8, Tq=1, page=0, splits=4, window=(-1, -1
     KV = importlib.import_module("tfkernels.ops.kvcache")
 
     def run():
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        with _matmul_tf32(tf32):
+            body()
+
+    def body():
         B, S = 2, 4096
         q = torch.randn(B, Tq, Hq, D, dtype=dtype)
         table = None

@@ -160,6 +160,8 @@ def test_nested_and_sparse_tensors_are_named(backend):
         tfkernels.softmax(rows, 1, backend=backend)
     with pytest.raises(TypeError, match="weight is a nested tensor"):
         tfkernels.layer_norm(torch.randn(2, 8), (8,), weight=rows, backend=backend)
+    with pytest.raises(TypeError, match="weight is a nested tensor"):  # before the backend's device check
+        tfkernels.rms_norm(torch.randn(2, 8), (8,), weight=rows, backend=backend)
     with pytest.raises(TypeError, match="x has layout torch.sparse_coo"):
         tfkernels.softmax(torch.randn(4, 8).to_sparse(), -1, backend=backend)
 

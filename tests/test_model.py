@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tfkernels
-from conftest import kernel_backends
+from conftest import DEVICE, kernel_backends
 from tfkernels.model import (BERT, GPT, PRESETS, KVCache, ModelConfig, build_model, document_ids_from_tokens,
                              make_config)
 from tfkernels.train.tokenizer import EOS
@@ -21,13 +21,13 @@ def pair(arch, backend="torch", **kw):
     fused = build_model(make_config(arch, "tiny", kernels="tfkernels", backend=backend, **{**SMALL, **kw})).eval()
     missing = fused.load_state_dict(ref.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys
-    return fused, ref
+    return fused.to(DEVICE), ref.to(DEVICE)  # on a GPU the named kernel backends need CUDA tensors
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_gpt_kernel_switch_same_output(kw):
     fused, ref = pair("gpt", **kw)
-    idx = torch.randint(0, 64, (3, 16))
+    idx = torch.randint(0, 64, (3, 16), device=DEVICE)
     assert list(fused.state_dict()) == list(ref.state_dict())
     (lf, loss_f), (lr, loss_r) = fused(idx, idx), ref(idx, idx)
     assert lf.shape == (3, 16, 64)
@@ -38,12 +38,13 @@ def test_gpt_kernel_switch_same_output(kw):
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_bert_kernel_switch_same_output(kw):
     fused, ref = pair("bert", nsp=True, **kw)
-    ids = torch.randint(5, 64, (3, 16))
-    mask = torch.ones(3, 16, dtype=torch.bool)
+    ids = torch.randint(5, 64, (3, 16), device=DEVICE)
+    mask = torch.ones(3, 16, dtype=torch.bool, device=DEVICE)
     mask[1, 10:] = False  # padding in one row
-    labels = torch.where(torch.rand(3, 16) < 0.3, ids, -100)
-    of = fused(ids, None, mask, labels, torch.tensor([0, 1, 0]))
-    orf = ref(ids, None, mask, labels, torch.tensor([0, 1, 0]))
+    labels = torch.where(torch.rand(3, 16, device=DEVICE) < 0.3, ids, -100)
+    nsp = torch.tensor([0, 1, 0], device=DEVICE)
+    of = fused(ids, None, mask, labels, nsp)
+    orf = ref(ids, None, mask, labels, nsp)
     assert of.mlm_logits.shape == (3, 16, 64) and of.nsp_logits.shape == (3, 2)
     torch.testing.assert_close(of.mlm_logits, orf.mlm_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(of.loss, orf.loss)
@@ -58,7 +59,7 @@ def test_bert_kernel_switch_same_output(kw):
 def test_kernel_switch_triton_interpreter(arch):
     # one tiny case on the Triton kernels (norms; attention too once tfkernels.attention exists)
     fused, ref = pair(arch, backend="triton", n_layer=1, block_size=8)
-    ids = torch.randint(5, 64, (1, 8))
+    ids = torch.randint(5, 64, (1, 8), device=DEVICE)
     if arch == "gpt":
         out_f, out_r = fused(ids)[0], ref(ids)[0]
     else:
@@ -87,8 +88,8 @@ def test_kv_cache_matches_the_full_forward(pos, kernels, document_mask):
     row, ending a chunk (the next chunk starts a new document) and inside a chunk."""
     torch.manual_seed(0)
     kw = dict(kernels="torch") if kernels == "torch" else dict(kernels="tfkernels", backend=kernels)
-    model = GPT(make_config("gpt", "tiny", pos=pos, document_mask=document_mask, **kw, **SMALL)).eval()
-    idx = torch.randint(1, 64, (2, 16))
+    model = GPT(make_config("gpt", "tiny", pos=pos, document_mask=document_mask, **kw, **SMALL)).eval().to(DEVICE)
+    idx = torch.randint(1, 64, (2, 16), device=DEVICE)
     if document_mask:
         idx[0, [0, 4, 5, 11]] = EOS
         idx[1, [7, 15]] = EOS
@@ -249,7 +250,7 @@ def packed_batch(V=64):
     for r, spans in enumerate(DOC_SPANS):
         for _, end in spans[:-1]:
             idx[r, end - 1] = EOS
-    return idx, torch.randint(0, V, idx.shape)
+    return idx.to(DEVICE), torch.randint(0, V, idx.shape).to(DEVICE)
 
 
 def loss_and_grads(model, idx, targets, docs_alone=False):
@@ -266,7 +267,7 @@ def loss_and_grads(model, idx, targets, docs_alone=False):
                 out, part = model(idx[r:r + 1, s:e], targets[r:r + 1, s:e])
                 parts.append((r, s, e, out[0]))
                 loss = loss + part * (e - s) / idx.numel()
-        logits = torch.empty(*idx.shape, parts[0][3].shape[-1], dtype=parts[0][3].dtype)
+        logits = torch.empty(*idx.shape, parts[0][3].shape[-1], dtype=parts[0][3].dtype, device=idx.device)
         for r, s, e, out in parts:
             logits[r, s:e] = out.detach()
     loss.backward()
@@ -284,10 +285,11 @@ def test_document_mask_equals_documents_run_alone(path, kw):
     tfkernels.attention's reference backend and its kernels (document_ids)."""
     cfg = dict(SMALL, block_size=DOC_T, **kw)
     torch.manual_seed(0)
-    ref = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).double()
+    ref = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).double().to(DEVICE)
     kernels, _, backend = path.partition("-")
     model = GPT(make_config("gpt", "tiny", kernels=kernels, backend=backend or None, document_mask=True, **cfg))
     model.load_state_dict(ref.state_dict())
+    model.to(DEVICE)
     idx, targets = packed_batch()
     want_logits, want_grads = loss_and_grads(ref, idx, targets, docs_alone=True)
     logits, grads = loss_and_grads(model, idx, targets)
@@ -298,7 +300,7 @@ def test_document_mask_equals_documents_run_alone(path, kw):
         torch.testing.assert_close(g.double(), want, atol=1e-6 + 2e-4 * want.abs().max().item(), rtol=0,
                                    msg=lambda m: f"{name}: {m}")
     # and the mask matters: without it the later documents read the earlier ones
-    plain = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).double()
+    plain = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).double().to(DEVICE)
     plain.load_state_dict(ref.state_dict())
     with torch.no_grad():
         unmasked = plain(idx)[0]
@@ -317,13 +319,14 @@ def test_document_mask_fused_vs_plain_pytorch(backend, kw):
     ref = GPT(make_config("gpt", "tiny", kernels="torch", document_mask=True, **cfg))
     fused = GPT(make_config("gpt", "tiny", kernels="tfkernels", backend=backend, document_mask=True, **cfg))
     fused.load_state_dict(ref.state_dict())
+    ref.to(DEVICE), fused.to(DEVICE)
     idx, targets = packed_batch()
     (lf, gf), (lr, gr) = loss_and_grads(fused, idx, targets), loss_and_grads(ref, idx, targets)
     torch.testing.assert_close(lf, lr, atol=2e-5, rtol=1e-4)
     for name in gr:
         torch.testing.assert_close(gf[name], gr[name], atol=1e-6 + 2e-4 * gr[name].abs().max().item(), rtol=0,
                                    msg=lambda m: f"{name}: {m}")
-    alone = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).eval()
+    alone = GPT(make_config("gpt", "tiny", kernels="torch", **cfg)).eval().to(DEVICE)
     alone.load_state_dict(ref.state_dict())
     with torch.no_grad():
         first = alone(idx[:1, :13])[0][0]
@@ -394,7 +397,7 @@ def test_gqa_config():
 def test_gqa_gpt_kernel_switch_and_grad(backend):
     fused, ref = pair("gpt", backend=backend, **GQA)
     fused.train(), ref.train()
-    idx = torch.randint(0, 64, (2, 16))
+    idx = torch.randint(0, 64, (2, 16), device=DEVICE)
     (lf, loss_f), (lr, loss_r) = fused(idx, idx), ref(idx, idx)
     torch.testing.assert_close(lf, lr, atol=1e-4, rtol=1e-4)
     loss_f.backward(), loss_r.backward()
@@ -423,8 +426,8 @@ def test_gqa_equals_mha_with_shared_heads():
 def test_gqa_kv_cache_matches_the_full_forward(kernels):
     torch.manual_seed(0)
     kw = dict(kernels="torch") if kernels == "torch" else dict(kernels="tfkernels", backend=kernels)
-    model = GPT(make_config("gpt", "tiny", **kw, **GQA)).eval()
-    idx = torch.randint(1, 64, (2, 16))
+    model = GPT(make_config("gpt", "tiny", **kw, **GQA)).eval().to(DEVICE)
+    idx = torch.randint(1, 64, (2, 16), device=DEVICE)
     full = model(idx)[0]
     cache = KVCache(model.cfg.n_layer, model.cfg.block_size)
     with torch.no_grad():

@@ -178,7 +178,7 @@ def test_ddp_two_processes_gloo(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tfkernels",
            "pretrain", "--model", "gpt", "--max-steps", "3", "--out", str(tmp_path / "ddp"), "--data-dir", data_dir,
            "--vocab-size", "512", "--max-bytes", "400000", "--batch-size", "4", "--block-size", "32",
-           "--eval-steps", "1", "--no-tensorboard", "--no-progress", "--no-plot"]
+           "--eval-steps", "1", "--no-tensorboard", "--no-progress", "--no-plot", "--device", "cpu"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "x2" in r.stdout + r.stderr and "done: 3 steps" in r.stdout
@@ -188,6 +188,14 @@ def test_ddp_two_processes_gloo(tmp_path, data_dir):
     r0, r1 = ck["rank_states"]
     assert not torch.equal(r0["rng"]["torch"], r1["rng"]["torch"]) and not torch.equal(r0["data"]["gen"], r1["data"]["gen"])
     assert r0["data"]["offset"] == r1["data"]["offset"]  # the position in the global order is shared
+
+
+def test_ddp_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from tfkernels.train import trainer
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert trainer.ddp_cuda_device(0) == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"local rank 1 needs GPU 1, but 1 CUDA device\(s\) are visible.*--device cpu"):
+        trainer.ddp_cuda_device(1)
 
 
 def test_eval_on_another_corpus_uses_the_runs_tokenizer(tmp_path, data_dir, monkeypatch, capsys):
@@ -414,7 +422,7 @@ def one_bert_step(out, big, grad_accum, batch_size, setattr=setattr) -> dict:
         s = train(TrainConfig(model="bert", nsp=True, preset="tiny", kernels="torch", data="random", vocab_size=128,
                               block_size=big["input_ids"].shape[1], batch_size=batch_size, grad_accum=grad_accum,
                               max_steps=1, grad_clip=0, lr=1e-3, eval_steps=1, out=str(out), tensorboard=False,
-                              progress=False, plot=False))
+                              progress=False, plot=False, device="cpu", precision="fp32"))
     finally:
         handle.remove()
     return {"loss": s["losses"][1], "grads": grads[0],

@@ -20,6 +20,14 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} has layout {t.layout}; tfkernels takes dense (strided) tensors")
 
 
+def check_optional_tensors(**tensors) -> None:
+    """check_tensor on each argument that is given: before the backend is chosen, so that a nested or
+    sparse weight gets its own error rather than one about the device a kernel backend needs."""
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(t, name)
+
+
 def check_float(t: torch.Tensor, name: str, backend: str) -> None:
     """Kernels take fp16/bf16/fp32; the torch reference takes any floating dtype."""
     if not t.is_floating_point():

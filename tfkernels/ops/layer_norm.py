@@ -118,6 +118,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
         return _jagged.rowwise(x, lambda v: layer_norm(v, normalized_shape, weight, bias, eps, backend=backend),
                                _jagged.trailing(x, normalized_shape), "layer_norm")
     _validate.check_tensor(x, "x")
+    _validate.check_optional_tensors(weight=weight, bias=bias)
     be = _backend.resolve(backend, x, "layer_norm", others=(weight, bias))
     shape = _validate.check_norm_args(x, normalized_shape, weight, bias, be, "layer_norm")
     if not isinstance(eps, (int, float)):

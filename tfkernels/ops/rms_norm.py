@@ -98,6 +98,7 @@ def rms_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: 
         return _jagged.rowwise(x, lambda v: rms_norm(v, normalized_shape, weight, eps, backend=backend),
                                _jagged.trailing(x, normalized_shape), "rms_norm")
     _validate.check_tensor(x, "x")
+    _validate.check_optional_tensors(weight=weight)
     be = _backend.resolve(backend, x, "rms_norm", others=(weight,))
     shape = _validate.check_norm_args(x, normalized_shape, weight, None, be, "rms_norm")
     if eps is not None and not isinstance(eps, (int, float)):

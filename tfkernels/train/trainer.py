@@ -391,6 +391,16 @@ def _log0(msg: str, rank: int) -> None:
         tqdm.write(msg)
 
 
+
+def ddp_cuda_device(local_rank: int) -> torch.device:
+    """This process's GPU under torchrun: one per local rank. More processes than GPUs is an error
+    that says so (CUDA's own, from set_device, is "invalid device ordinal")."""
+    n = torch.cuda.device_count()
+    if local_rank >= n:
+        raise ValueError(f"DDP: local rank {local_rank} needs GPU {local_rank}, but {n} CUDA device(s) are visible: "
+                         f"start at most {n} processes per node (--nproc_per_node), or pass --device cpu (gloo)")
+    return torch.device("cuda", local_rank)
+
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None, task=None) -> dict:
     """Run (or resume) a pretraining run; returns a summary (losses per step, last eval, throughput).
 
@@ -417,7 +427,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = No
     if ddp:
         import torch.distributed as dist
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = ddp_cuda_device(int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
