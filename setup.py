@@ -60,6 +60,7 @@ def _cuda_extension():
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                             "nvcc": nvcc_flags.COMMON_FLAGS + gencode
                                     + nvcc_flags.parallel_flags(os.path.join(CUDA_HOME, "bin", "nvcc"))},
+        extra_link_args=nvcc_flags.shared_libstdcxx(nvcc_flags.cxx()),
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -11,6 +11,8 @@ with the Triton kernels.
 """
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -683,6 +685,32 @@ def test_attention_documents_bad_direct_calls():
     with pytest.raises(RuntimeError, match="k_doc must be int32"):
         ops.attention_bwd(dout, q, k, k, None, qd, kd.to(torch.int16), out, lse, None, 0.0, None, False, 0.25, -1, -1,
                           0.0, False)
+
+
+NUMBERS_IN_ERRORS = """
+import torch
+from tfkernels import _cuda_ext
+ops, dev = _cuda_ext.ops(), {dev!r}
+q = torch.randn(1, 1, 4, 300, device=dev)
+qd, kd = torch.zeros(1, 4, dtype=torch.int32, device=dev), torch.zeros(1, 4, dtype=torch.int32, device=dev)
+k = torch.randn(1, 1, 4, 16, device=dev)
+for args in [(q, q, q, None, None, None), (k, k, k, None, qd[:, :3], kd)]:
+    try:
+        ops.attention_fwd(*args, 0.0, None, False, 0.25, -1, -1, 0.0)
+    except RuntimeError as e:
+        print("raised:", str(e).splitlines()[0])
+"""
+
+
+def test_errors_with_numbers_raise_whole():
+    """The C++ glue's errors that format numbers (a head dim, a shape) raise whole. Built with a
+    static libstdc++ (the GPU machines' g++, before setup.py named the shared one), each of them
+    crashed the process with SIGSEGV: run in a subprocess, so that a crash fails this test alone."""
+    proc = subprocess.run([sys.executable, "-c", NUMBERS_IN_ERRORS.format(dev=DEV)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "head dim must be in [1, 256], got 300" in proc.stdout, proc.stdout
+    assert "q_doc must be (B, T) = (1, 4), got [1, 3]" in proc.stdout, proc.stdout
 
 
 def test_opcheck_cuda_ops():

@@ -212,3 +212,52 @@ def test_parallel_flags_are_accepted(tmp_path):
     proc = subprocess.run([NVCC, "-c", str(src), "-o", str(tmp_path / "k.o"), *flags], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert _nvcc.parallel_flags(str(tmp_path / "no-such-nvcc")) == []
+
+
+def test_shared_libstdcxx_is_named_where_the_compiler_finds_it(tmp_path):
+    """_nvcc.shared_libstdcxx: the path the compiler prints for libstdc++.so.6 when it is a file,
+    else nothing (a bare name means not found; a missing compiler adds no flag)."""
+    lib = tmp_path / "libstdc++.so.6"
+    lib.write_text("")
+    for name, printed, want in [("found", lib, [str(lib)]), ("bare", "libstdc++.so.6", []),
+                                ("gone", tmp_path / "none" / "libstdc++.so.6", [])]:
+        fake = tmp_path / f"cxx-{name}"
+        fake.write_text(f"#!/bin/sh\necho '{printed}'\n")
+        fake.chmod(0o755)
+        assert _nvcc.shared_libstdcxx(str(fake)) == want, name
+    assert _nvcc.shared_libstdcxx(str(tmp_path / "no-such-c++")) == []
+
+
+STATIC_REPRO = r'''
+import sys, torch
+from torch.utils.cpp_extension import load_inline
+src = """
+#include <torch/extension.h>
+void boom(int64_t n) { TORCH_CHECK(false, "n is ", n, ", sizes ", torch::IntArrayRef({2, n})); }
+TORCH_LIBRARY(tfk_static_repro, m) { m.def("boom(int n) -> ()", &boom); }
+"""
+load_inline(name="tfk_static_repro", cpp_sources=[src], extra_ldflags=sys.argv[2:], is_python_module=False,
+            build_directory=sys.argv[1])
+try:
+    torch.ops.tfk_static_repro.boom(7)
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+'''
+
+
+@pytest.mark.skipif(shutil.which(_nvcc.cxx()) is None, reason="no C++ compiler")
+def test_an_extension_linked_with_a_static_libstdcxx_still_formats_numbers(tmp_path):
+    """The GPU machines' g++ linked libstdc++ statically into the extension, and a TORCH_CHECK message
+    with a number in it then crashed the process (or, here, stopped at the number). A torch extension
+    linked the same way (-static-libstdc++) but with _nvcc.shared_libstdcxx's flag ahead of it raises
+    the whole message, as the extension's builds (setup.py, JIT, emulation) now link."""
+    flags = _nvcc.shared_libstdcxx(_nvcc.cxx())
+    if not flags:
+        pytest.skip("the compiler names no shared libstdc++")
+    script = tmp_path / "repro.py"
+    script.write_text(STATIC_REPRO)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), *flags, "-static-libstdc++"],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "cannot find -lstdc++" in proc.stderr:
+        pytest.skip(f"no static libstdc++ to link here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0 and "raised: n is 7, sizes [2, 7]" in proc.stdout, proc.stdout + proc.stderr

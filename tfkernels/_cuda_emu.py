@@ -115,8 +115,10 @@ def build():
     if "address" in kinds and not _asan_runtime_loaded():
         raise RuntimeError("TFKERNELS_CUDA_EMU_SANITIZE=address: the AddressSanitizer runtime must be loaded before "
                            f"Python starts; run the command with {ASAN_ENV}")
-    flags, ldflags = FLAGS + sanitize_flags(kinds), sanitize_flags(kinds)
-    h.update(" ".join(flags).encode())
+    from ._nvcc import cxx, shared_libstdcxx
+
+    flags, ldflags = FLAGS + sanitize_flags(kinds), sanitize_flags(kinds) + shared_libstdcxx(cxx())
+    h.update(" ".join(flags + ldflags).encode())
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     build_dir = os.path.join(cache, "tfkernels", f"emu-{torch.__version__}-{h.hexdigest()[:16]}")
     src_dir = os.path.join(build_dir, "src")

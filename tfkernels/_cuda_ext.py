@@ -180,7 +180,7 @@ def _load_jit() -> None:
     if not sources:
         _state["error"] = f"the csrc/ sources are not available (looked in {_CSRC}); install from a source checkout"
         return
-    from ._nvcc import COMMON_FLAGS, parallel_flags
+    from ._nvcc import COMMON_FLAGS, cxx, parallel_flags, shared_libstdcxx
 
     cuda_flags = COMMON_FLAGS + _arch_flags() + parallel_flags(nvcc)
     h = hashlib.sha256()
@@ -198,6 +198,7 @@ def _load_jit() -> None:
         extra_include_paths=[_CSRC],
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=cuda_flags,
+        extra_ldflags=shared_libstdcxx(cxx()),
         verbose=os.environ.get("TFKERNELS_VERBOSE_BUILD", "0") not in ("", "0"),
     )
     _state["ops"] = _registered()
