@@ -45,7 +45,7 @@ def shared_libstdcxx(compiler: str) -> list[str]:
     linked a private static copy of libstdc++ into the extension, beside the shared one torch loads:
     two copies of the iostream locale machinery in one process, and every TORCH_CHECK message that
     formats a number (a size, a head dim) crashed with SIGSEGV instead of raising (H100, 2026-11-24:
-    5 of 13 bad-argument calls; on this CPU machine, with -static-libstdc++, the message just stopped
+    5 of the 11 bad-argument calls tried; on this CPU machine, with -static-libstdc++, the message just stopped
     at the first number). Named before the compiler's own -lstdc++, the shared library defines every
     libstdc++ symbol, so an archive after it adds nothing; where -lstdc++ finds the shared library
     anyway, this repeats it, which changes nothing.
