@@ -11,8 +11,8 @@
 #   tests  log.txt, build.txt (CUDA build output), junit.xml
 #   bench  log.txt, bench/{results.csv,results.json,summary.md,norms.png,attention.png,attention_memory.png,
 #                         window.md (sliding-window, packed-document and decoding tables)}
-#   e2e    log.txt, e2e/{finetune.json,finetune.csv,bench_train.json,bench_train.md,
-#                        bench_swap_gpt2.json,bench_swap_gpt2.md}
+#   e2e    log.txt (with profile_step's per-kernel tables), e2e/{finetune.json,finetune.csv,
+#                        bench_train.json,bench_train.md,bench_swap_gpt2.json,bench_swap_gpt2.md}
 #   (+ build.txt in bench / e2e with BUILD_CUDA=1)
 #
 # Every stage installs the package first (the machine may be fresh; without the CUDA build that takes
@@ -228,6 +228,12 @@ case "$STAGE" in
     step "bench_train: gpt2-124m pretraining step, tfkernels vs torch, eager and compiled" 250 \
       "$PY" benchmarks/bench_train.py "${train[@]}"
     cp "$TMP"/train/bench_train.{json,md} "$E2E"/ 2>/dev/null || log "== bench_train wrote nothing"
+    # where the step's time goes, torch against tfkernels (its tables go to the log: the files would
+    # pass the run tool's 8)
+    prof=(--preset gpt2-124m --batch-size 16 --out "$TMP/profile")
+    ((GPU)) || prof+=(--preset tiny --batch-size 2 --block-size 16 --warmup 1 --steps 1)
+    step "profile_step: torch.profiler over gpt2-124m training steps, per kernel, torch vs tfkernels" 150 \
+      "$PY" benchmarks/profile_step.py "${prof[@]}"
     if ((GPU)); then
       step "bench_swap: HF GPT-2 fwd+bwd, unswapped vs tfkernels.swap" 120 "$PY" benchmarks/bench_swap.py "${swap[@]}"
     else

@@ -203,3 +203,31 @@ def test_head256_bench_smoke(tmp_path):
             assert {(name, mode, "fwd"), (name, mode, "fwd+bwd")} <= ok
     assert "TFKERNELS_CUDA_DKDV_PASSES" not in os.environ
     assert "| 40 | causal | tfkernels-cuda-1launch |" in (tmp_path / "head256.md").read_text()
+
+
+def test_profile_step_smoke(tmp_path):
+    """benchmarks/profile_step.py on CPU: a tiny GPT on the Triton kernels (interpreter) profiled for
+    one step after one warm-up; the report names the tfkernels operators and their host time."""
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--out", str(tmp_path), "--preset", "tiny", "--batch-size", "2", "--block-size", "16",
+                              "--warmup", "1", "--steps", "1", "--only", "tfkernels", "--backend", "triton",
+                              "--device", DEVICE]) == 0
+    text = (tmp_path / "profile-tfkernels.txt").read_text()
+    assert "1 profiled steps" in text and "ms/step" in text
+    assert "tfkernels::attention_fwd" in text and "tfkernels::layer_norm_bwd" in text
+    with pytest.raises(SystemExit):
+        profile_step.main(["--out", str(tmp_path), "--only", "jax"])
+
+
+def test_host_overhead_smoke():
+    """benchmarks/host_overhead.py (in its own process: it patches every Triton launch to a no-op)
+    prints a row per call with finite positive times."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--calls", "20"], capture_output=True,
+                          text=True, timeout=600, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "host us" not in line]
+    assert len(rows) == 7 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout
