@@ -40,6 +40,21 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def _fwd_bwd_rows(name: str, ours, theirs, leaves, grad_out, calls: int) -> list[tuple[str, float, float]]:
+    """Forward without and with grad, then backward (retain_graph), for one op and its torch twin."""
+    import torch
+
+    def backward(fn):
+        out = fn()
+        return per_call_us(lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True), calls)
+
+    with torch.no_grad():
+        rows = [(f"{name} forward, no grad", per_call_us(ours, calls), per_call_us(theirs, calls))]
+    rows.append((f"{name} forward, grad", per_call_us(ours, calls), per_call_us(theirs, calls)))
+    rows.append((f"{name} backward", backward(ours), backward(theirs)))
+    return rows
+
+
 def measure(calls: int) -> list[tuple[str, float, float]]:
     """(case, tfkernels us, torch us) per call."""
     import torch
@@ -47,27 +62,13 @@ def measure(calls: int) -> list[tuple[str, float, float]]:
 
     import tfkernels
 
-    rows = []
     x, w, b = torch.randn(4, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
-    dy = torch.randn(4, 8)
-    ln = lambda: tfkernels.layer_norm(x, (8,), w, b, backend="triton")  # noqa: E731
-    ref = lambda: F.layer_norm(x, (8,), w, b)  # noqa: E731
-    with torch.no_grad():
-        rows.append(("layer_norm forward, no grad", per_call_us(ln, calls), per_call_us(ref, calls)))
-    rows.append(("layer_norm forward, grad", per_call_us(ln, calls), per_call_us(ref, calls)))
-    y, yr = ln(), ref()
-    rows.append(("layer_norm backward", per_call_us(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True), calls),
-                 per_call_us(lambda: torch.autograd.grad(yr, (x, w, b), dy, retain_graph=True), calls)))
+    rows = _fwd_bwd_rows("layer_norm", lambda: tfkernels.layer_norm(x, (8,), w, b, backend="triton"),
+                         lambda: F.layer_norm(x, (8,), w, b), (x, w, b), torch.randn(4, 8), calls)
     q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
-    do = torch.randn(1, 2, 64, 16)
-    att = lambda: tfkernels.attention(q, k, v, is_causal=True, backend="triton")  # noqa: E731
-    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-    with torch.no_grad():
-        rows.append(("attention forward (causal), no grad", per_call_us(att, calls), per_call_us(sdpa, calls)))
-    rows.append(("attention forward (causal), grad", per_call_us(att, calls), per_call_us(sdpa, calls)))
-    o, orf = att(), sdpa()
-    rows.append(("attention backward", per_call_us(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), calls),
-                 per_call_us(lambda: torch.autograd.grad(orf, (q, k, v), do, retain_graph=True), calls)))
+    rows += _fwd_bwd_rows("attention (causal)", lambda: tfkernels.attention(q, k, v, is_causal=True, backend="triton"),
+                          lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v),
+                          torch.randn(1, 2, 64, 16), calls)
     with torch.no_grad():
         rows.append(("softmax forward, no grad", per_call_us(lambda: tfkernels.softmax(x, -1, backend="triton"), calls),
                      per_call_us(lambda: torch.softmax(x, -1), calls)))
