@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
+from . import _grid
 
 try:
     import triton
@@ -152,13 +153,13 @@ def ranges(row_doc: Tensor, col_doc: Tensor) -> Tensor:
     col_doc's columns (queries over keys for the forward and dQ, keys over queries for dK/dV)."""
     B, n_rows = row_doc.shape
     n_cols = col_doc.shape[1]
-    n_gran = triton.cdiv(n_rows, GRAN)
+    n_gran = _grid.cdiv(n_rows, GRAN)
     out = torch.empty((3, B, n_gran), dtype=torch.int32, device=row_doc.device)
     if B * n_gran == 0:
         return out
     key, is_sorted = search_key(col_doc)
     groups = 16
-    _doc_ranges_kernel[(triton.cdiv(n_gran, groups), B)](
+    _doc_ranges_kernel[(_grid.cdiv(n_gran, groups), B)](
         row_doc, key, is_sorted, out, B, n_rows, n_cols, n_gran, max(n_cols, 1).bit_length() + 1,
         GRAN=GRAN, GROUPS=groups)
     return out

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _grid
+
 # Rows up to this many elements are kept in registers (num_warps up to 16 keeps it spill-free
 # on sm_80/sm_90); longer rows take the looped kernels. Tests lower it to reach the looped path.
 MAX_FUSED_N = 16384
@@ -268,7 +270,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _fused_config(N: int, elem_bytes: int):
     """Tile shape and warps for the fused kernels: ~16 KB of x per tile, 16-byte accesses."""
-    block_n = triton.next_power_of_2(N)
+    block_n = _grid.next_power_of_2(N)
     block_m = max(1, min(64, 4096 // block_n))  # small rows: several per program
     num_warps = min(16, max(1, block_n * block_m * elem_bytes // 2048))
     return block_m, block_n, num_warps
@@ -289,7 +291,7 @@ def norm_fwd(x: torch.Tensor, weight, bias, eps: float, is_rms: bool):
     b = bias.contiguous() if bias is not None else y
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, x.element_size())
-        _norm_fwd_fused[(triton.cdiv(M, block_m),)](
+        _norm_fwd_fused[(_grid.cdiv(M, block_m),)](
             x, y, w, b, mean, rstd, M, N, x.stride(0), x.stride(1), eps,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -298,7 +300,7 @@ def norm_fwd(x: torch.Tensor, weight, bias, eps: float, is_rms: bool):
         _norm_fwd_looped[(M,)](
             x, y, w, b, mean, rstd, N, x.stride(0), x.stride(1), eps,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_N=min(LOOP_BLOCK_N, triton.next_power_of_2(N)), num_warps=8,
+            BLOCK_N=min(LOOP_BLOCK_N, _grid.next_power_of_2(N)), num_warps=8,
         )
     if is_rms:
         mean.zero_()
@@ -322,30 +324,30 @@ def norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, x.element_size())
         # a few row tiles per program amortises the partial write; enough programs to fill the GPU
-        num_tiles = triton.cdiv(M, block_m)
+        num_tiles = _grid.cdiv(M, block_m)
         G = max(1, min(num_tiles, 4 * _num_sms(dev)))
         dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty()
         dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty()
         _norm_bwd_fused[(G,)](
             dy, x, w, mean, rstd, dx, dwp if has_w else dx, dbp if has_bias else dx,
-            M, N, G, triton.cdiv(num_tiles, G), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            M, N, G, _grid.cdiv(num_tiles, G), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
     else:
-        block_n = min(LOOP_BLOCK_N, triton.next_power_of_2(N))
+        block_n = min(LOOP_BLOCK_N, _grid.next_power_of_2(N))
         _norm_bwd_dx_looped[(M,)](
             dy, x, w, mean, rstd, dx, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=block_n, num_warps=8,
         )
         if has_w or has_bias:
             col_block = 256
-            G = max(1, min(M, triton.cdiv(4 * _num_sms(dev), triton.cdiv(N, col_block))))
-            rows_per_group = triton.cdiv(M, G)
-            G = triton.cdiv(M, rows_per_group)
+            G = max(1, min(M, _grid.cdiv(4 * _num_sms(dev), _grid.cdiv(N, col_block))))
+            rows_per_group = _grid.cdiv(M, G)
+            G = _grid.cdiv(M, rows_per_group)
             dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty()
             dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty()
-            _norm_bwd_dwdb_looped[(triton.cdiv(N, col_block), G)](
+            _norm_bwd_dwdb_looped[(_grid.cdiv(N, col_block), G)](
                 dy, x, mean, rstd, dwp if has_w else dx, dbp if has_bias else dx,
                 M, N, rows_per_group, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                 IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, BLOCK_M=16, BLOCK_N=col_block, num_warps=4,

@@ -110,7 +110,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _config, _cuda_ext, _validate, reference
-from . import _documents
+from . import _documents, _grid
 
 try:  # SDPA's attn_mask=causal_upper_left(...) / causal_lower_right(...) (torch >= 2.2)
     from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -959,7 +959,7 @@ def _upcast(q: Tensor) -> bool:
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))  # tl.dot needs every dim >= 16
+    return max(16, _grid.next_power_of_2(D))  # tl.dot needs every dim >= 16
 
 
 def _mask_args(mask: Optional[Tensor], q: Tensor):
@@ -1063,7 +1063,7 @@ def _triton_fwd(q, k, v, mask, q_doc, k_doc, dropout_p, seed, is_causal, scale, 
            has_docs, _dot_precision(q.dtype))
 
     def launch(bm, bn, warps, stages):
-        _attn_fwd[(triton.cdiv(Tq, bm), B * Hq)](
+        _attn_fwd[(_grid.cdiv(Tq, bm), B * Hq)](
             q, k, v, m_ptr, qd, kd, ranges, o, lse,
             _seed_value(seed, dropout_p), float(dropout_p), _keep_scale(dropout_p), qk_scale, cap2,
             *q.stride(), *k.stride(), *v.stride(), *m_str, *o.stride()[:3],
@@ -1097,7 +1097,7 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
     prec = _dot_precision(q.dtype)
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     pre_m = 16 if _gpu_major(q) is None else 64
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_m), B * Hq)](
+    _attn_bwd_preprocess[(_grid.cdiv(Tq, pre_m), B * Hq)](
         out, dout, delta, *out.stride(), *dout.stride(), Hq, Tq, D, BLOCK_M=pre_m, BLOCK_D=BD)
     if dlse is not None:  # lse was used too: dS = P (dP - delta) + P dlse = P (dP - (delta - dlse))
         delta -= dlse
@@ -1114,14 +1114,14 @@ def _triton_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, se
 
     def launch(m1, n1, m2, n2, warps, stages):
         # a retry reruns both kernels: they overwrite dk, dv, dq and dmask, nothing accumulates
-        _attn_bwd_dkdv[(triton.cdiv(Tk, n1), B * Hkv)](
+        _attn_bwd_dkdv[(_grid.cdiv(Tk, n1), B * Hkv)](
             q, k, v, m_ptr, qd, kd, k_ranges, dout, lse, delta, dk, dv, dm_ptr,
             seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(), *dk.stride()[:3], *dv.stride()[:3],
             B, Hq, Hkv, Tq, Tk, D, Hq // Hkv, win_l, win_r,
             MASK_GRAD=bool(mask_grad), EVEN_M=Tq % m1 == 0, EVEN_N=Tk % n1 == 0,
             BLOCK_M=m1, BLOCK_N=n1, num_warps=warps, num_stages=stages, **common)
-        _attn_bwd_dq[(triton.cdiv(Tq, m2), B * Hq)](
+        _attn_bwd_dq[(_grid.cdiv(Tq, m2), B * Hq)](
             q, k, v, m_ptr, qd, kd, dout, lse, delta, q_ranges, dq,
             seed_v, float(dropout_p), rp_keep, qk_scale, cap2, float(scale),
             *q.stride(), *k.stride(), *v.stride(), *m_str, *dout.stride(), *dq.stride()[:3],
@@ -1142,7 +1142,7 @@ def _dropout_keep_at(seed: int, base: int, n: int, dropout_p: float, device="cpu
     """The keep decisions (n,) bool at RNG offsets base .. base + n - 1 (tests pin the stream with it)."""
     out = torch.empty(n, dtype=torch.int8, device=device)
     if n:
-        _dropout_keep_kernel[(triton.cdiv(n, 64),)](out, int(seed), int(base), float(dropout_p), n, BLOCK=64)
+        _dropout_keep_kernel[(_grid.cdiv(n, 64),)](out, int(seed), int(base), float(dropout_p), n, BLOCK=64)
     return out.bool()
 
 

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
+from . import _grid
 from .attention import (LN2, LOG2E, MAX_HEAD_DIM, SOFTCAP_OFF, _check_softcap, _check_window, _dot_precision,
                         _gpu_major, _launch_first_fit, _softcap_args, _upcast, attention)
 
@@ -221,7 +222,7 @@ def _kv_config(q: Tensor, rows: int) -> tuple:
         bn, w = max(16, bn // 4), 8        # (sm_90); 32 keys and 8 warps spill none (`benchmarks.static`)
     elif q.dtype == torch.float32:         # TF32: twice the bytes per tile
         bn, s = max(16, bn // 2), 2
-    bm = min(64, max(16, triton.next_power_of_2(rows)))  # tl.dot's minimum is 16 rows
+    bm = min(64, max(16, _grid.next_power_of_2(rows)))  # tl.dot's minimum is 16 rows
     return bm, bn, w, s
 
 
@@ -268,8 +269,8 @@ def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, s
     bm, bn, warps, stages = _kv_config(q, Tq * group)
     if num_splits <= 0:
         keys = _window_keys(cap, Tq, win_l, win_r, win_left and win_right)
-        num_splits = _auto_splits(triton.cdiv(Tq * group, bm) * B * Hkv, triton.cdiv(keys, 128), _sm_count(q))
-    num_splits = max(1, min(num_splits, triton.cdiv(max(cap, 1), bn)))  # never more splits than key blocks
+        num_splits = _auto_splits(_grid.cdiv(Tq * group, bm) * B * Hkv, _grid.cdiv(keys, 128), _sm_count(q))
+    num_splits = max(1, min(num_splits, _grid.cdiv(max(cap, 1), bn)))  # never more splits than key blocks
     split = num_splits > 1
     o_part = lse_part = lse  # dummies when not split (never touched)
     if split:
@@ -283,7 +284,7 @@ def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, s
            win_right, softcap > 0.0, split, _dot_precision(q.dtype))
 
     def launch(bm, bn, warps, stages):
-        _kvcache_fwd[(triton.cdiv(Tq * group, bm), B * Hkv, num_splits)](
+        _kvcache_fwd[(_grid.cdiv(Tq * group, bm), B * Hkv, num_splits)](
             q, k_cache, v_cache, seqlens, table, idx, pad, out, lse, o_part, lse_part, qk_scale, cap2,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *(table.stride() if paged else (0, 0)), *out.stride(),
             B, Tq, Hq, Hkv, D, group, cap, n_pages, win_l, win_r, num_splits,
@@ -295,8 +296,8 @@ def _triton_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, s
     _launch_first_fit(key, _kv_fallbacks(bm, bn, warps, stages), launch)
     if split:
         _kvcache_combine[(B * Hq * Tq,)](o_part, lse_part, out, lse, B * Hq * Tq, Tq, Hq, D, num_splits,
-                                         *out.stride(), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-                                         BLOCK_D=triton.next_power_of_2(D), num_warps=4 if D >= 128 else 2)
+                                         *out.stride(), BLOCK_S=max(2, _grid.next_power_of_2(num_splits)),
+                                         BLOCK_D=_grid.next_power_of_2(D), num_warps=4 if D >= 128 else 2)
     return out, lse
 
 

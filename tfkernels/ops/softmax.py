@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
-from . import _jagged
+from . import _grid, _jagged
 
 try:
     import triton
@@ -122,7 +122,7 @@ if triton is not None:
 
 
 def _fused_config(N: int, elem_bytes: int):
-    block_n = triton.next_power_of_2(N)
+    block_n = _grid.next_power_of_2(N)
     block_m = max(1, min(64, 4096 // block_n))
     num_warps = min(16, max(1, block_n * block_m * elem_bytes // 2048))
     return block_m, block_n, num_warps
@@ -135,11 +135,11 @@ def _triton_fwd(x: Tensor) -> Tensor:
         return y
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, x.element_size())
-        _softmax_fwd_fused[(triton.cdiv(M, block_m),)](
+        _softmax_fwd_fused[(_grid.cdiv(M, block_m),)](
             x, y, M, N, x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         _softmax_fwd_looped[(M,)](
-            x, y, N, x.stride(0), x.stride(1), BLOCK_N=min(LOOP_BLOCK_N, triton.next_power_of_2(N)), num_warps=8)
+            x, y, N, x.stride(0), x.stride(1), BLOCK_N=min(LOOP_BLOCK_N, _grid.next_power_of_2(N)), num_warps=8)
     return y
 
 
@@ -150,13 +150,13 @@ def _triton_bwd(dy: Tensor, y: Tensor) -> Tensor:
         return dx
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fused_config(N, y.element_size())
-        _softmax_bwd_fused[(triton.cdiv(M, block_m),)](
+        _softmax_bwd_fused[(_grid.cdiv(M, block_m),)](
             dy, y, dx, M, N, dy.stride(0), dy.stride(1), y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         _softmax_bwd_looped[(M,)](
             dy, y, dx, N, dy.stride(0), dy.stride(1), y.stride(0), y.stride(1),
-            BLOCK_N=min(LOOP_BLOCK_N, triton.next_power_of_2(N)), num_warps=8)
+            BLOCK_N=min(LOOP_BLOCK_N, _grid.next_power_of_2(N)), num_warps=8)
     return dx
 
 
