@@ -7,7 +7,8 @@ as GPU time (the events wait for the launch): the floor under every small-shape 
 This measures that host side alone, on any machine: every `triton.jit` function's launch is patched
 to return at once (inputs are tiny CPU tensors, so torch's own ops cost next to nothing), and each
 call is timed over `--calls` repetitions after a warm-up. torch's functions are timed the same way,
-computing for real on those tiny tensors. The Triton launch itself (tens of microseconds on Triton
+computing for real on those tiny tensors (for the document rows, SDPA over 256 tokens with the dense
+mask: compute, not only overhead). The Triton launch itself (tens of microseconds on Triton
 3.6) is not included: add it per kernel launched.
 """
 from __future__ import annotations
@@ -69,6 +70,21 @@ def measure(calls: int) -> list[tuple[str, float, float]]:
     rows += _fwd_bwd_rows("attention (causal)", lambda: tfkernels.attention(q, k, v, is_causal=True, backend="triton"),
                           lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v),
                           torch.randn(1, 2, 64, 16), calls)
+    # packed documents (4 of 64 tokens), against SDPA with the equivalent dense mask
+    qd, kd, vd = (torch.randn(1, 2, 256, 16, requires_grad=True) for _ in range(3))
+    ids = (torch.arange(256) // 64)[None].int()
+    dense = (ids[0, :, None] == ids[0, None, :]) & torch.ones(256, 256, dtype=torch.bool).tril()
+    rows += _fwd_bwd_rows("attention (document_ids)",
+                          lambda: tfkernels.attention(qd, kd, vd, is_causal=True, document_ids=ids, backend="triton"),
+                          lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense), (qd, kd, vd),
+                          torch.randn(1, 2, 256, 16), calls)
+    qv, kv, vv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (qd, kd, vd))
+    cu = torch.tensor([0, 64, 128, 192, 256], dtype=torch.int32)
+    rows += _fwd_bwd_rows("varlen_attention", lambda: tfkernels.varlen_attention(qv, kv, vv, cu, cu, 64, 64, causal=True,
+                                                                                  backend="triton"),
+                          lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qv, kv, vv)),
+                                                                 attn_mask=dense)[0].transpose(0, 1),
+                          (qv, kv, vv), torch.randn(256, 2, 16), calls)
     with torch.no_grad():
         rows.append(("softmax forward, no grad", per_call_us(lambda: tfkernels.softmax(x, -1, backend="triton"), calls),
                      per_call_us(lambda: torch.softmax(x, -1), calls)))
