@@ -78,7 +78,7 @@ def profile_run(kernels: str, args, out: Path) -> str:
     last = args.warmup + args.steps
 
     def on_step(step, _loss):
-        # on_step runs after optimizer step `step` (1-based): the profile spans steps first..last
+        # on_step runs after optimizer step `step` (1-based): the profile spans steps warmup + 1 .. last
         if step == args.warmup:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()

@@ -398,7 +398,7 @@ def _cuda_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, sca
     if num_splits <= 0:  # as the Triton kernel picks them (16-row blocks; blocks of 128 keys)
         keys = _window_keys(cap, Tq, max(window_left, 0), 0 if causal else max(window_right, 0),
                             window_left >= 0 and (causal or window_right >= 0))
-        num_splits = _auto_splits(-(-rows // 16) * B * Hkv, -(-keys // 128), _sm_count(q))
+        num_splits = _auto_splits(_grid.cdiv(rows, 16) * B * Hkv, _grid.cdiv(keys, 128), _sm_count(q))
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     return _cuda_ext.ops().kvcache_attention_fwd(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad,
                                                  float(scale), bool(causal), window_left, window_right, float(softcap),
