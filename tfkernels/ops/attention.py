@@ -110,7 +110,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _config, _cuda_ext, _validate, reference
-from . import _documents, _grid
+from . import _documents, _eager, _grid
 
 try:  # SDPA's attn_mask=causal_upper_left(...) / causal_lower_right(...) (torch >= 2.2)
     from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -1167,15 +1167,15 @@ def _cuda_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed
 # ----------------------------------------------------------------------------------------------
 
 def _stride_exact_op(name: str):
-    """torch.library.custom_op for an op whose results' strides follow its inputs' (_like_layout):
+    """torch.library.custom_op (with the eager shortcut of `_eager.op`) for an op whose results' strides follow its inputs' (_like_layout):
     tagged so that Inductor hands it inputs with exactly the strides it was traced with (by default
     it may pick other layouts for a custom op's inputs, and the fake implementation's predicted
     output strides would then be wrong at run time). needs_exact_strides where torch has it, else
     needs_fixed_stride_order (the same stride order, which is all _like_layout compares)."""
     tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
     if tag is not None and "tags" in inspect.signature(torch.library.custom_op).parameters:
-        return torch.library.custom_op(name, mutates_args=(), tags=(tag,))
-    return torch.library.custom_op(name, mutates_args=())
+        return _eager.op(name, tags=(tag,))
+    return _eager.op(name)
 
 
 @_stride_exact_op("tfkernels::attention_fwd")

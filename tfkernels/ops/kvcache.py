@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
-from . import _grid
+from . import _eager, _grid
 from .attention import (LN2, LOG2E, MAX_HEAD_DIM, SOFTCAP_OFF, _check_softcap, _check_window, _dot_precision,
                         _gpu_major, _launch_first_fit, _softcap_args, _upcast, attention)
 
@@ -367,7 +367,7 @@ def _composed(q, k_cache, v_cache, seqlens, block_table, batch_idx, leftpad, sca
 
 # ---------------------------------------------------------------------------------------------- op
 
-@torch.library.custom_op("tfkernels::kvcache_attention_fwd", mutates_args=())
+@_eager.op("tfkernels::kvcache_attention_fwd")
 def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, block_table: Optional[Tensor],
                           batch_idx: Optional[Tensor], leftpad: Optional[Tensor], scale: float, causal: bool,
                           window_left: int, window_right: int, softcap: float, num_splits: int,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
-from . import _jagged
+from . import _eager, _jagged
 
 
 def _cuda_fwd(x, weight, bias, eps):
@@ -40,7 +40,7 @@ def _triton_bwd(dy, x, weight, mean, rstd, has_bias):
     return _norm.norm_bwd(dy, x, weight, mean, rstd, has_bias, is_rms=False)
 
 
-@torch.library.custom_op("tfkernels::layer_norm_fwd", mutates_args=())
+@_eager.op("tfkernels::layer_norm_fwd")
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """x (M, N) -> y (M, N), mean (M,) fp32, rstd (M,) fp32."""
@@ -54,7 +54,7 @@ def _(x, weight, bias, eps, backend):
     return x.new_empty((M, N)), stat, stat.clone()
 
 
-@torch.library.custom_op("tfkernels::layer_norm_bwd", mutates_args=())
+@_eager.op("tfkernels::layer_norm_bwd")
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx (M, N), dw (N,) fp32 (empty without weight), db (N,) fp32 (empty without bias)."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
-from . import _jagged
+from . import _eager, _jagged
 
 
 def _cuda_fwd(x, weight, eps):
@@ -38,7 +38,7 @@ def _triton_bwd(dy, x, weight, rstd):
     return dx, dw
 
 
-@torch.library.custom_op("tfkernels::rms_norm_fwd", mutates_args=())
+@_eager.op("tfkernels::rms_norm_fwd")
 def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float, backend: str) -> tuple[Tensor, Tensor]:
     """x (M, N) -> y (M, N), rstd (M,) fp32."""
     return _backend.run("rms_norm", backend, _triton_fwd, _cuda_fwd, x, weight, eps)
@@ -50,7 +50,7 @@ def _(x, weight, eps, backend):
     return x.new_empty((M, N)), x.new_empty((M,), dtype=torch.float32)
 
 
-@torch.library.custom_op("tfkernels::rms_norm_bwd", mutates_args=())
+@_eager.op("tfkernels::rms_norm_bwd")
 def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """-> dx (M, N), dw (N,) fp32 (empty without weight)."""
     return _backend.run("rms_norm", backend, _triton_bwd, _cuda_bwd, dy, x, weight, rstd)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _cuda_ext, _validate, reference
-from . import _grid, _jagged
+from . import _eager, _grid, _jagged
 
 try:
     import triton
@@ -168,7 +168,7 @@ def _cuda_bwd(dy, y):
     return _cuda_ext.ops().softmax_bwd(dy, y)
 
 
-@torch.library.custom_op("tfkernels::softmax_fwd", mutates_args=())
+@_eager.op("tfkernels::softmax_fwd")
 def softmax_fwd(x: Tensor, backend: str) -> Tensor:
     """x (M, N), any strides -> softmax over the last dim, (M, N) contiguous."""
     return _backend.run("softmax", backend, _triton_fwd, _cuda_fwd, x)
@@ -179,7 +179,7 @@ def _(x, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("tfkernels::softmax_bwd", mutates_args=())
+@_eager.op("tfkernels::softmax_bwd")
 def softmax_bwd(dy: Tensor, y: Tensor, backend: str) -> Tensor:
     return _backend.run("softmax", backend, _triton_bwd, _cuda_bwd, dy, y)
 
