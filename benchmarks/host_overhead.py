@@ -78,6 +78,13 @@ def measure(calls: int) -> list[tuple[str, float, float]]:
                           lambda: tfkernels.attention(qd, kd, vd, is_causal=True, document_ids=ids, backend="triton"),
                           lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense), (qd, kd, vd),
                           torch.randn(1, 2, 256, 16), calls)
+    # the same ids in every call are a model's layers 2..L (the ids' conversion and ranges are
+    # remembered per ids tensor); a new ids tensor each call is the first layer of each step
+    with torch.no_grad():
+        rows.append(("attention (document_ids), new ids each call, forward, no grad",
+                     per_call_us(lambda: tfkernels.attention(qd, kd, vd, is_causal=True, document_ids=ids.clone(),
+                                                             backend="triton"), calls),
+                     per_call_us(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense.clone()), calls)))
     qv, kv, vv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (qd, kd, vd))
     cu = torch.tensor([0, 64, 128, 192, 256], dtype=torch.int32)
     rows += _fwd_bwd_rows("varlen_attention", lambda: tfkernels.varlen_attention(qv, kv, vv, cu, cu, 64, 64, causal=True,
@@ -85,6 +92,13 @@ def measure(calls: int) -> list[tuple[str, float, float]]:
                           lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qv, kv, vv)),
                                                                  attn_mask=dense)[0].transpose(0, 1),
                           (qv, kv, vv), torch.randn(256, 2, 16), calls)
+    with torch.no_grad():
+        rows.append(("varlen_attention, new offsets each call, forward, no grad",
+                     per_call_us(lambda: tfkernels.varlen_attention(qv, kv, vv, cu.clone(), None, 64, 64, causal=True,
+                                                                    backend="triton"), calls),
+                     per_call_us(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qv, kv, vv)),
+                                                                        attn_mask=dense.clone())[0].transpose(0, 1),
+                                 calls)))
     with torch.no_grad():
         rows.append(("softmax forward, no grad", per_call_us(lambda: tfkernels.softmax(x, -1, backend="triton"), calls),
                      per_call_us(lambda: torch.softmax(x, -1), calls)))

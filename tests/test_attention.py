@@ -787,6 +787,50 @@ def test_documents_match_the_dense_mask(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_documents_ranges_remembered_across_calls(backend, monkeypatch):
+    """A model passes the same ids to every layer: the converted ids and the ranges are computed once
+    per ids tensor and version (tfkernels.ops._documents, _validate.eager_memo), an in-place change
+    recomputes them, and the memo holds no reference that keeps the ids alive."""
+    import gc
+    import weakref
+
+    from tfkernels.ops import _documents
+
+    computed = []
+    real = _documents._ranges
+    monkeypatch.setattr(_documents, "_ranges", lambda r, c: computed.append(1) or real(r, c))
+    torch.manual_seed(66)
+    B, H, T, D = 2, 2, 40, 16
+    ids = torch.stack([_doc_ids([15, 20], T), _doc_ids([-3, 30], T)]).to(torch.int32)
+    q, k, v = (_rand(B, H, T, D).requires_grad_(True) for _ in range(3))
+
+    def dense(ids):
+        return (ids[:, None, :, None] == ids[:, None, None, :]) & (ids >= 0)[:, None, :, None]
+
+    def layer():
+        out = tfkernels.attention(q, k, v, is_causal=True, document_ids=ids, backend=backend)
+        return out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    out1, g1 = layer()
+    n = len(computed)
+    out2, g2 = layer()  # "the next layer": the same ids
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    if backend == "triton":  # the cuda backend finds the ranges in its own kernels
+        # one ids tensor for queries and keys: keys over queries are queries over keys, so the
+        # forward's ranges serve both backward kernels; nothing is computed the second time
+        assert n == 1 and len(computed) == 1
+    ids[1, :10] = 5  # in place: a new version, new ranges and a different result
+    out3 = tfkernels.attention(q, k, v, is_causal=True, document_ids=ids, backend=backend)
+    ref = tfkernels.attention(q, k, v, attn_mask=dense(ids), is_causal=True, backend=backend)
+    torch.testing.assert_close(out3, ref, rtol=1e-5, atol=1e-6)
+    if backend == "triton":
+        assert len(computed) == 2
+    alive = weakref.ref(ids)
+    del ids, out1, out2, out3
+    gc.collect()
+    assert alive() is None, "the memo keeps the ids tensor alive"
+
+
 def test_documents_layouts_lse_and_torch_backend(backend):
     """ids broadcast over batch dims, SDPA's 5-D and 3-D layouts, return_lse (-inf on padding rows),
     the torch backend, and a causal_lower_right bias with T_q > T_k (the queries' ids are sliced)."""

@@ -111,6 +111,16 @@ def per_version(t: torch.Tensor, kind: str, fn, frozen: bool = False):
     return remember(t, kind, fn(t), frozen)
 
 
+def eager_memo(t: torch.Tensor, kind, fn):
+    """per_version(t, kind, fn) for device work an eager model repeats in every layer (document ids'
+    conversion and ranges), else fn(t): while torch.compile traces (the memo is Python state the
+    graph must not depend on) and while a CUDA graph captures (the captured graph must hold the work,
+    or a replay on new values in the same tensor would reuse the old result)."""
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return fn(t)
+    return per_version(t, kind, fn)
+
+
 def host_values(t: torch.Tensor) -> list:
     """t.tolist() (a device sync), read once per tensor and version (`per_version`), so the later
     layers queue their kernels without waiting."""

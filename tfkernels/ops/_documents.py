@@ -29,6 +29,7 @@ correct but not faster than a dense mask. Sorted ids (the packed case) get the e
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -150,7 +151,26 @@ def search_key(doc: Tensor) -> tuple[Tensor, Tensor]:
 
 def ranges(row_doc: Tensor, col_doc: Tensor) -> Tensor:
     """(3, B, cdiv(n_rows, GRAN)) int32: lo, hi, single of each granule of row_doc's rows over
-    col_doc's columns (queries over keys for the forward and dQ, keys over queries for dK/dV)."""
+    col_doc's columns (queries over keys for the forward and dQ, keys over queries for dK/dV).
+
+    Remembered per (row_doc, col_doc) and their versions (`_validate.eager_memo`): every layer of a
+    model passes the same ids, and `check_document_ids` hands each layer the same converted tensors,
+    so the forward's ranges serve the later layers and the backward's dQ, and the search key's
+    ~8 small ops and the ranges launch run once per direction and step instead of per layer."""
+    def compute(_):
+        return weakref.ref(col_doc), _version(col_doc), _ranges(row_doc, col_doc)
+
+    col_ref, col_version, out = _validate.eager_memo(row_doc, ("doc_ranges", id(col_doc)), compute)
+    if col_ref() is not col_doc or col_version != _version(col_doc):  # another tensor at that id, or changed
+        col_ref, col_version, out = _validate.remember(row_doc, ("doc_ranges", id(col_doc)), compute(row_doc))
+    return out
+
+
+def _version(t: Tensor):
+    return None if t.is_inference() else t._version
+
+
+def _ranges(row_doc: Tensor, col_doc: Tensor) -> Tensor:
     B, n_rows = row_doc.shape
     n_cols = col_doc.shape[1]
     n_gran = _grid.cdiv(n_rows, GRAN)
@@ -178,15 +198,25 @@ def _one(ids, name: str, lead: tuple, T: int, ref: Tensor) -> Tensor:
     if ids.dim() == 0 or ids.shape[-1] != T:
         raise ValueError(f"attention: {name} of shape {list(ids.shape)} must end in the sequence length {T}")
     try:
-        ids = ids.expand(target)
+        ids.expand(target)  # the check; _as_rows expands again (a view: free)
     except RuntimeError:
         raise ValueError(f"attention: {name} of shape {list(ids.shape)} does not broadcast to the batch dims of q: "
                          f"expected {list(target)}") from None
+    # the conversion is remembered per ids tensor and version, so every layer gets the same (B, T)
+    # tensor and `ranges` finds its results from the first layer (and the int64 check's sync runs once)
+    return _validate.eager_memo(ids, ("document_ids", lead, T), lambda ids: _as_rows(ids, name, lead, T))
+
+
+def _as_rows(ids: Tensor, name: str, lead: tuple, T: int) -> Tensor:
+    """ids, which broadcast to (*lead, T), as (prod(lead), T) int32 contiguous."""
     if ids.dtype == torch.int64 and ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = torch.aminmax(ids)  # a device sync: pass int32 ids to skip it
+        lo, hi = torch.aminmax(ids)  # a device sync (once per ids tensor): pass int32 ids to skip it
         if int(lo) < -INT32_MAX - 1 or int(hi) > INT32_MAX:
             raise ValueError(f"attention: {name} must fit in int32, got values in [{int(lo)}, {int(hi)}]")
-    return ids.reshape(math.prod(lead), T).to(torch.int32).contiguous()  # (not -1: T may be 0)
+    out = ids.expand(*lead, T).reshape(math.prod(lead), T).to(torch.int32).contiguous()  # (not -1: T may be 0)
+    # a view of ids would hold ids itself (its _base) and keep the memo's weak reference from ever
+    # dying; detach() shares the storage and version counter but not the reference
+    return out.detach()
 
 
 def check_document_ids(document_ids, lead: tuple, Tq: int, Tk: int, q: Tensor) -> Optional[tuple[Tensor, Tensor]]:

@@ -46,7 +46,9 @@ def _check_cu(cu, name: str, q: Tensor) -> Tensor:
         raise TypeError(f"varlen_attention: {name} must be an integer tensor (int32 or int64), got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"varlen_attention: {name} must be 1-D (batch + 1,), got shape {list(cu.shape)}")
-    return cu.to(device=q.device, dtype=torch.int64)
+    # one converted tensor per offsets tensor and version, so that every layer hands `_packed` the
+    # same one and finds its document ids there (detach: a result that is cu itself must not hold it)
+    return _validate.eager_memo(cu, ("varlen_cu", q.device), lambda c: c.to(device=q.device, dtype=torch.int64).detach())
 
 
 def _check_offsets(cu: list, name: str, total: int, tensor_name: str) -> None:
@@ -72,6 +74,11 @@ def _check_max(max_seqlen, cu: list, name: str) -> None:
 def _seq_index(cu: Tensor, lens: Tensor, total: int) -> Tensor:
     """(total,) int64: the sequence each packed row belongs to (no host sync)."""
     return torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens, output_size=total)
+
+
+def _ids(cu: Tensor, total: int) -> Tensor:
+    """(total,) int32 document ids of the packed rows: the sequence index of each."""
+    return _seq_index(cu, cu[1:] - cu[:-1], total).to(torch.int32)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor] = None,
@@ -148,20 +155,21 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, host_q:
         # attention._like_layout): contiguous() copies only for the torch backend's output
         return out[0].transpose(0, 1).contiguous(), (None if lse is None else lse[0])
 
-    lens_q = cu_q[1:] - cu_q[:-1]
-    doc_q = _seq_index(cu_q, lens_q, total_q)
     if shared or not (causal or left >= 0 or right >= 0):
         # the packed rows are the kernels' rows: when the offsets agree every sequence has lq == lk
         # and the row's top-left alignment is each sequence's (either corner), and alignment does
-        # not matter without causal or a window
-        ids_q = doc_q.to(torch.int32)
+        # not matter without causal or a window. The ids are remembered per offsets tensor: every
+        # layer then passes attention() the same ids, and it finds their ranges from the first layer
+        ids_q = _validate.eager_memo(cu_q, ("varlen_ids", total_q), lambda cu: _ids(cu, total_q))
         if shared:
             out, lse = run(q, k, v, ids_q, causal)
         else:
-            ids_k = _seq_index(cu_k, cu_k[1:] - cu_k[:-1], total_k).to(torch.int32)
+            ids_k = _validate.eager_memo(cu_k, ("varlen_ids", total_k), lambda cu: _ids(cu, total_k))
             out, lse = run(q, k, v, (ids_q, ids_k), causal)
         return (out, lse) if return_lse else out
 
+    lens_q = cu_q[1:] - cu_q[:-1]
+    doc_q = _seq_index(cu_q, lens_q, total_q)
     lens_k = cu_k[1:] - cu_k[:-1]
     doc_k = _seq_index(cu_k, lens_k, total_k)
     slots = torch.maximum(lens_q, lens_k)
