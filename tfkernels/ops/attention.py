@@ -109,7 +109,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _config, _cuda_ext, _validate, reference
+from .. import _backend, _cuda_ext, _validate, reference
 from . import _documents, _eager, _grid
 
 try:  # SDPA's attn_mask=causal_upper_left(...) / causal_lower_right(...) (torch >= 2.2)

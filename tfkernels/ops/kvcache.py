@@ -53,9 +53,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _backend, _cuda_ext, _validate, reference
+from .. import _backend, _cuda_ext, _validate
 from . import _eager, _grid
-from .attention import (LN2, LOG2E, MAX_HEAD_DIM, SOFTCAP_OFF, _check_softcap, _check_window, _dot_precision,
+from .attention import (MAX_HEAD_DIM, _check_softcap, _check_window, _dot_precision,
                         _gpu_major, _launch_first_fit, _softcap_args, _upcast, attention)
 
 try:
