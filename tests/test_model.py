@@ -434,3 +434,68 @@ def test_gqa_kv_cache_matches_the_full_forward(kernels):
         got = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 6), (6, 7), (7, 10), (10, 16))]
     assert cache.k[0].shape[2] == 2  # the cache holds the K/V heads only
     torch.testing.assert_close(torch.cat(got, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def _left_padded(prompts, pad_token=0):
+    T = max(len(p) for p in prompts)
+    idx = torch.stack([torch.cat([torch.full((T - len(p),), pad_token), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), torch.ones(len(p), dtype=torch.long)])
+                        for p in prompts])
+    return idx, mask
+
+
+@pytest.mark.parametrize("document_mask", [False, True])
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("kernels", ["torch", "tfkernels"])
+def test_generate_left_padded_batch(kernels, pos, document_mask):
+    """Prompts of different lengths, left-padded with attention_mask: each row's greedy tokens are the
+    ones its prompt gives alone, with and without the KV cache; past block_size (16) the cached and
+    uncached paths still agree (both slide the window over the padding first)."""
+    torch.manual_seed(0)
+    model = GPT(make_config("gpt", "tiny", pos=pos, kernels=kernels, backend="torch" if kernels == "tfkernels" else None,
+                            document_mask=document_mask, **SMALL)).eval()
+    prompts = [torch.randint(1, 64, (n,)) for n in (3, 7, 5)]
+    if document_mask:
+        prompts[1][2] = EOS  # a document boundary inside a prompt
+    idx, mask = _left_padded(prompts, pad_token=EOS if document_mask else 0)  # padding that looks like an EOS
+    T = idx.shape[1]
+    for use_cache in (True, False):
+        out = model.generate(idx, 6, temperature=0, use_cache=use_cache, attention_mask=mask)
+        assert torch.equal(out[:, :T], idx)
+        for b, p in enumerate(prompts):
+            alone = model.generate(p[None], 6, temperature=0, use_cache=use_cache)
+            assert torch.equal(out[b, T:], alone[0, len(p):]), (b, use_cache)
+    long = model.generate(idx, 14, temperature=0, attention_mask=mask)  # 7 + 14 > block_size
+    assert torch.equal(long, model.generate(idx, 14, temperature=0, use_cache=False, attention_mask=mask))
+    # no padding at all: attention_mask changes nothing
+    full = torch.ones_like(idx)
+    assert torch.equal(model.generate(idx, 4, temperature=0, attention_mask=full), model.generate(idx, 4, temperature=0))
+
+
+def test_generate_left_padded_on_the_kernels():
+    """The same on the fused kernels (the tests' kernel backend): padded rows decode as alone."""
+    torch.manual_seed(0)
+    backend = kernel_backends()[0]
+    model = GPT(make_config("gpt", "tiny", pos="rope", kernels="tfkernels", backend=backend, **SMALL)).eval().to(DEVICE)
+    prompts = [torch.randint(1, 64, (n,), device=DEVICE) for n in (2, 6)]
+    idx, mask = _left_padded([p.cpu() for p in prompts])
+    out = model.generate(idx.to(DEVICE), 3, temperature=0, attention_mask=mask.to(DEVICE))
+    for b, p in enumerate(prompts):
+        assert torch.equal(out[b, 6:], model.generate(p[None], 3, temperature=0)[0, len(p):])
+
+
+def test_generate_attention_mask_errors():
+    model = GPT(make_config("gpt", "tiny", kernels="torch", **SMALL)).eval()
+    idx = torch.randint(1, 64, (2, 4))
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(idx, 1, attention_mask=torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="at least one real token"):
+        model.generate(idx, 1, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask of shape"):
+        model.generate(idx, 1, attention_mask=torch.ones(2, 3))
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):
+        model.generate(idx, 1, attention_mask=[[1, 1, 1, 1]] * 2)
+    with pytest.raises(ValueError, match="positions must be in"):
+        model(idx, positions=torch.full((2, 4), 16))
+    with pytest.raises(ValueError, match="positions of shape"):
+        model(idx, positions=torch.zeros(2, 3, dtype=torch.long))

@@ -135,11 +135,14 @@ def rope_cache(T: int, head_dim: int, base: float, device=None):
     return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x, cos, sin, start: int = 0):
-    # x: (B, H, T, Dh) at positions start .. start + T - 1; rotate the (first half, second half) pairs
-    # by position-dependent angles
+def apply_rope(x, cos, sin, start: int = 0, positions: Optional[torch.Tensor] = None):
+    # x: (B, H, T, Dh) at positions start .. start + T - 1, or at `positions` (B, T) per row (left-padded
+    # generation); rotate the (first half, second half) pairs by position-dependent angles
     T = x.shape[-2]
-    cos, sin = cos[start:start + T].to(x.dtype), sin[start:start + T].to(x.dtype)  # (T, Dh/2)
+    if positions is None:
+        cos, sin = cos[start:start + T].to(x.dtype), sin[start:start + T].to(x.dtype)  # (T, Dh/2)
+    else:
+        cos, sin = cos[positions].to(x.dtype)[:, None], sin[positions].to(x.dtype)[:, None]  # (B, 1, T, Dh/2)
     x1, x2 = x.chunk(2, dim=-1)                           # (B, H, T, Dh/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -241,9 +244,10 @@ class SelfAttention(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0,
-                docs: Optional[DocumentMask] = None):
+                docs: Optional[DocumentMask] = None, positions: Optional[torch.Tensor] = None):
         """x (B, T, C). attn_mask: SDPA's (BERT's key-padding mask). docs: document masking (causal
-        attention only), ANDed with the causal mask; attn_mask must then be None."""
+        attention only), ANDed with the causal mask; attn_mask must then be None. positions (B, T):
+        each token's position for rope (default: start .. start + T - 1 in every row)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=2)                    # (B, T, C), (B, T, Hkv * Dh) x 2
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)         # (B, H, T, Dh)
@@ -252,7 +256,8 @@ class SelfAttention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         start = cache.pos if cache is not None else 0
         if self.cfg.pos == "rope":
-            q, k = apply_rope(q, self.rope_cos, self.rope_sin, start), apply_rope(k, self.rope_cos, self.rope_sin, start)
+            q = apply_rope(q, self.rope_cos, self.rope_sin, start, positions)
+            k = apply_rope(k, self.rope_cos, self.rope_sin, start, positions)
         if docs is not None and (attn_mask is not None or not self.causal):
             raise ValueError("document masking is for causal attention without another attn_mask")
         is_causal = self.causal
@@ -317,8 +322,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, attn_mask=None, cache: Optional[KVCache] = None, layer: int = 0,
-                docs: Optional[DocumentMask] = None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, docs)  # (B, T, C)
+                docs: Optional[DocumentMask] = None, positions: Optional[torch.Tensor] = None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, docs, positions)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))                  # (B, T, C)
         return x
 
@@ -373,7 +378,7 @@ class GPT(_Base):
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self._init_weights()
 
-    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, document_ids=None):
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, document_ids=None, positions=None):
         """idx (B, T) -> (logits (B, T, V), loss). With `cache` (see generate), idx continues the
         tokens cached so far: positions start at cache.pos, attention also reads the cached keys and
         values, and the new ones are appended.
@@ -385,18 +390,25 @@ class GPT(_Base):
         padding: it attends to nothing, its attention output is zero, and no token attends to it).
         Positions stay those of the row (a document's first token is not position 0): with
         pos="rope" only distances within a document matter, so that is the same as restarting
-        positions per document; learned positions see the offset."""
+        positions per document; learned positions see the offset.
+
+        positions (B, T) integer, each in [0, block_size): the tokens' positions, for rows that do not
+        start at position 0 (left padding: `generate(..., attention_mask=)` passes the real tokens'
+        positions, counted from each row's first real token). Default: start .. start + T - 1."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.cfg.block_size}")
+        if positions is not None:
+            positions = self._check_positions(positions, idx)
         docs = self._document_mask(idx, document_ids, cache)                 # once for every layer
         x = self.transformer.wte(idx)                                        # (B, T, C)
         if self.cfg.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
+            pos = torch.arange(start, start + T, device=idx.device) if positions is None else positions
+            x = x + self.transformer.wpe(pos)                                # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None, cache, i, docs)                               # (B, T, C)
+            x = block(x, None, cache, i, docs, positions)                    # (B, T, C)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -405,6 +417,20 @@ class GPT(_Base):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _check_positions(self, positions, idx) -> torch.Tensor:
+        if not isinstance(positions, torch.Tensor):
+            raise TypeError(f"positions must be a tensor, got {type(positions).__name__}")
+        if positions.shape != idx.shape:
+            raise ValueError(f"positions of shape {list(positions.shape)} must have idx's shape {list(idx.shape)}")
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be integer positions, got {positions.dtype}")
+        positions = positions.to(device=idx.device, dtype=torch.long)
+        if positions.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(positions.min()), int(positions.max())  # an index error on the GPU is an assert
+            if lo < 0 or hi >= self.cfg.block_size:
+                raise ValueError(f"positions must be in [0, block_size={self.cfg.block_size}), got values in [{lo}, {hi}]")
+        return positions
 
     def _document_mask(self, idx, document_ids, cache: Optional[KVCache]) -> Optional[DocumentMask]:
         """The forward's DocumentMask (see forward), or None for plain causal attention."""
@@ -433,8 +459,14 @@ class GPT(_Base):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True):
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True, attention_mask=None):
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+
+        Prompts of different lengths: left-pad them to one length and pass attention_mask (B, T), 1 for
+        a real token and 0 for padding, zeros before ones in each row (Hugging Face's convention). Padding
+        is attended by nothing and each row's positions count from its first real token, so every row
+        decodes as its prompt would alone (greedy: the same tokens) while the row fits in block_size;
+        past it, the window of the last block_size tokens slides over the padding first.
 
         With use_cache (and a torch that has SDPA's causal_lower_right), the prompt runs once and each
         new token attends to the cached keys and values: one token's work a step, not the whole
@@ -446,13 +478,16 @@ class GPT(_Base):
         a sampled EOS starts a new document that sees none of the earlier text. The cache keeps the
         ids of its tokens; the re-read windows past block_size derive them again from their tokens,
         which gives the same masks."""
+        pad = self._left_padding(idx, attention_mask)                        # (B,) or None
         cache = KVCache(self.cfg.n_layer, self.cfg.block_size) if use_cache and causal_lower_right else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= self.cfg.block_size:
-                logits = self(idx[:, cache.pos:], cache=cache)[0][:, -1, :].float()  # (B, V): new tokens only
+                kw = {} if pad is None else self._padded_inputs(idx, pad, cache.pos, window=False)
+                logits = self(idx[:, cache.pos:], cache=cache, **kw)[0][:, -1, :].float()  # (B, V): new tokens only
             else:
                 idx_cond = idx[:, -self.cfg.block_size:]                     # (B, <=block_size)
-                logits = self(idx_cond)[0][:, -1, :].float()                 # (B, V)
+                kw = {} if pad is None else self._padded_inputs(idx, pad, idx.shape[1] - idx_cond.shape[1], window=True)
+                logits = self(idx_cond, **kw)[0][:, -1, :].float()           # (B, V)
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)                        # (B, 1)
             else:
@@ -463,6 +498,41 @@ class GPT(_Base):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+    def _left_padding(self, idx, attention_mask) -> Optional[torch.Tensor]:
+        """(B,) padding tokens before each row's prompt, from generate's attention_mask; None when no
+        row is padded (then nothing changes)."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} must have idx's shape "
+                             f"{list(idx.shape)}")
+        real = attention_mask.to(device=idx.device) != 0                    # (B, T)
+        pad = (~real).sum(-1)                                                # (B,)
+        left = torch.arange(idx.shape[1], device=idx.device)[None, :] >= pad[:, None]
+        if not torch.equal(real, left):
+            raise ValueError("attention_mask must be left padding: in each row, zeros (padding) before ones "
+                             "(the prompt)")
+        if idx.shape[1] and bool((pad == idx.shape[1]).any()):
+            raise ValueError("attention_mask: every row needs at least one real token (a row of only padding "
+                             "has nothing to continue)")
+        return pad if bool(pad.any()) else None
+
+    def _padded_inputs(self, idx, pad, start: int, window: bool) -> dict:
+        """forward's document_ids and positions for idx[:, start:] of a left-padded batch: padding gets
+        id -1 (attended by nothing), real tokens their documents (cfg.document_mask) or 0, and
+        positions count from each row's first real token. window: idx[:, start:] is a re-read window
+        (past block_size), whose positions start again at 0 as an unpadded window's do, less the
+        padding it still holds (pad - start); else it continues the KV cache at column `start`."""
+        col = torch.arange(idx.shape[1], device=idx.device)[None, :]         # (1, L)
+        ids = (document_ids_from_tokens(idx, self.cfg.eos_id) if self.cfg.document_mask
+               else torch.zeros_like(idx, dtype=torch.int32))
+        ids = torch.where(col >= pad[:, None], ids, -1)                      # (B, L)
+        lead = (pad - start).clamp(min=0) + start if window else pad         # (B,): where position 0 is
+        positions = (col[:, start:] - lead[:, None]).clamp(min=0)            # (B, L - start)
+        return {"document_ids": ids[:, start:], "positions": positions}
 
 
 # ----------------------------------------------------------------------------- BERT
