@@ -155,6 +155,13 @@ def test_cli_config_file_sample_eval(tmp_path, data_dir, capsys):
     assert "done: 6 steps" in capsys.readouterr().out
     assert main(["sample", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
     assert "def " in capsys.readouterr().out
+    # several prompts of different lengths: one left-padded batch, each as greedy as alone
+    argv = ["sample", "--ckpt", str(out), "--max-new-tokens", "6", "--temperature", "0"]
+    assert main([*argv, "--prompt", "def ", "--prompt", "import os\nclass Foo(object):"]) == 0
+    both = capsys.readouterr().out.split("-" * 40 + "\n")[:2]
+    assert main([*argv, "--prompt", "import os\nclass Foo(object):"]) == 0
+    alone = capsys.readouterr().out.split("-" * 40 + "\n")[0]
+    assert both[0].startswith("def ") and both[1] == alone, (both, alone)
     assert main(["eval", "--ckpt", str(out / "ckpt.pt"), "--eval-steps", "2"]) == 0
     assert '"val_loss"' in capsys.readouterr().out
     # bad input: one clear line and exit code 2

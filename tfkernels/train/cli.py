@@ -165,14 +165,19 @@ def cmd_sample(args) -> int:
         raise FileNotFoundError(f"no tokenizer.json next to {args.ckpt} (was it trained on --data random?)")
     g = torch.Generator(device=dev).manual_seed(args.seed)
     if model.cfg.arch == "gpt":
-        ids = tok.encode(args.prompt or "\n").ids or [0]
-        x = torch.tensor([ids] * args.num_samples, device=dev)
-        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k or 50, generator=g)
-        for row in y.tolist():
-            print(tok.decode(row))
+        # every prompt num_samples times, left-padded to the longest (generate's attention_mask)
+        rows = [tok.encode(p or "\n").ids or [0] for p in (args.prompt or [""]) for _ in range(args.num_samples)]
+        T = max(len(r) for r in rows)
+        x = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=dev)
+        mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
+        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k or 50, generator=g, attention_mask=mask)
+        for row, r in zip(y.tolist(), rows):
+            print(tok.decode(row[T - len(r):]))
             print("-" * 40)
         return 0
-    prompt = args.prompt or "def [MASK](self):"
+    if args.prompt and len(args.prompt) > 1:
+        raise ValueError("BERT fill-mask takes one --prompt")
+    prompt = args.prompt[0] if args.prompt else "def [MASK](self):"
     enc = tok.encode(prompt).ids
     if MASK not in enc:
         raise ValueError("BERT fill-mask: the --prompt must contain [MASK]")
@@ -249,7 +254,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("sample", help="generate text (GPT) or fill [MASK]s (BERT) from a checkpoint")
     _add_run_flags(p)
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (GPT) or with [MASK]s to fill (BERT); GPT takes it more than once: the "
+                        "prompts decode together, as one left-padded batch")
     p.add_argument("--max-new-tokens", type=int, default=200, help="GPT: tokens to generate after the prompt (>= 0)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (GPT, default 50); candidates shown (BERT, default 5)")
