@@ -7,10 +7,16 @@ tokens (throughput does not depend on the text) and writes OUT/bench_train.json 
 OUT/bench_train.md: tokens/s (after the first steps, so compilation is excluded), MFU
 (6N + 12·L·H·Dh·T FLOPs per token over the GPU's dense bf16 peak), peak memory, and the speedup
 over plain PyTorch + torch.compile. Each run is a few hundred steps at most; keep it under ~90 s.
+
+`--ablate` adds two eager runs that swap in one half of the kernels each, to say which half a
+difference to plain PyTorch comes from: `tfkernels-norms` (the fused norms, SDPA's attention) and
+`tfkernels-attention` (the fused attention, torch's norms).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import sys
@@ -36,14 +42,18 @@ def main(argv=None):
     p.add_argument("--backend", default=None, help="tfkernels backend (default automatic)")
     p.add_argument("--device", default="auto")
     p.add_argument("--only", default=None, help="comma list of run names to do, e.g. tfkernels,torch+compile")
+    p.add_argument("--ablate", action="store_true", help="also tfkernels-norms and tfkernels-attention (eager)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     runs = [("torch", False), ("tfkernels", False), ("torch", True), ("tfkernels", True)]
+    if args.ablate:
+        runs += [("tfkernels-norms", False), ("tfkernels-attention", False)]
     results = []
-    for kernels, compiled in runs:
-        name = kernels + ("+compile" if compiled else "")
+    for name_kernels, compiled in runs:
+        name = name_kernels + ("+compile" if compiled else "")
+        kernels, _, part = name_kernels.partition("-")
         if args.only and name not in args.only.split(","):
             continue
         torch._dynamo.reset()
@@ -57,7 +67,8 @@ def main(argv=None):
                           save=False, plot=False, tensorboard=False, progress=False)
         t0 = time.perf_counter()
         try:
-            s = train(cfg)
+            with only_half(part):
+                s = train(cfg)
         except Exception as err:  # record and go on: one failing configuration should not hide the others
             print(f"{name}: FAILED {err!r}", flush=True)
             results.append({"name": name, "error": repr(err)})
@@ -75,6 +86,33 @@ def main(argv=None):
         results.append(r)
         _write(out, args, results)  # after every run: a run killed later (a GPU command's time limit) keeps these
     print(_write(out, args, results))
+
+
+@contextlib.contextmanager
+def only_half(part: str):
+    """While building and training: "norms" keeps tfkernels' norms and gives the GPT SDPA's attention;
+    "attention" keeps tfkernels' attention and gives it torch's norms; "" changes nothing."""
+    import torch.nn.functional as F
+
+    import tfkernels.model as M
+
+    saved = (M.make_norm, M.tf_attention)
+    if part == "norms":
+        def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False, document_ids=None,
+                 backend=None):
+            if document_ids is not None:
+                raise ValueError("tfkernels-norms: SDPA takes no document_ids")
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                                  enable_gqa=enable_gqa)
+        M.tf_attention = sdpa
+    elif part == "attention":
+        M.make_norm = lambda cfg: saved[0](dataclasses.replace(cfg, kernels="torch"))
+    elif part:
+        raise ValueError(f"unknown half {part!r}")
+    try:
+        yield
+    finally:
+        M.make_norm, M.tf_attention = saved
 
 
 def _write(out: Path, args, results: list) -> str:

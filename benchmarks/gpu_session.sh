@@ -215,7 +215,9 @@ case "$STAGE" in
     TMP=$(mktemp -d)  # bench_train also writes per-run folders: only its two summary files are kept
     mkdir -p "$E2E"
     # the GPU arguments; without a GPU the same arguments are parsed, then small sizes appended override them
-    train=(--preset gpt2-124m --batch-size 16 --steps "${TRAIN_STEPS:-60}" --out "$TMP/train")
+    # --ablate: the fused norms alone and the fused attention alone too, to say which half of the kernels
+    # the step's difference to plain PyTorch comes from
+    train=(--preset gpt2-124m --batch-size 16 --steps "${TRAIN_STEPS:-60}" --ablate --out "$TMP/train")
     ft=(--preset bert-base --batch 32 --seq 128 --compile --json "$E2E/finetune.json" --csv "$E2E/finetune.csv")
     swap=(--model gpt2 --batch 8 --seq 1024 --out "$E2E")
     if ((!GPU)); then

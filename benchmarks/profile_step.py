@@ -13,7 +13,10 @@ the step cost the difference, nor whether the GPU waits on the host. For each of
 - per step: wall time, device (kernel) time, and their ratio, the GPU's busy share: well under 100%
   means the step waits on the host (Python overhead, launches, a synchronisation);
 - the top kernels by device time, and the top operators by host (CPU) time, per step;
-- the tfkernels operators' host time per call (`tfkernels::*`), the launch overhead to cut.
+- the tfkernels operators' host time per call (`tfkernels::*`), the launch overhead to cut;
+- the host-device synchronisations per step (CUDA only: `torch.cuda.set_sync_debug_mode("warn")`
+  over the profiled steps), by the source line that made them: one inside a layer turns the host's
+  time into GPU idle time, which a kernel table cannot show.
 
 `--trace` also writes the Chrome trace (tens of MB at gpt2-124m). On CPU (no GPU) it runs the same
 code with CPU activity only: a check of the script, with `--preset tiny`.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,7 +49,22 @@ def _is_kernel(evt) -> bool:
     return kind is not None and str(kind).endswith(("CUDA", "PrivateUse1")) and _device_us(evt) > 0
 
 
-def summarize(events, steps: int, wall_s: float, name: str, top: int = 25) -> str:
+def sync_report(records, steps: int) -> list[str]:
+    """Lines for the synchronising calls among warnings `records` (None: not measured)."""
+    if records is None:
+        return ["", "## host-device synchronisations: not measured (no CUDA)"]
+    syncs = [w for w in records if "synchroniz" in str(w.message).lower()]
+    where: dict = {}
+    for w in syncs:
+        key = f"{w.filename}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    lines = ["", f"## host-device synchronisations: {len(syncs) / steps:.1f} per step", ""]
+    for key, n in sorted(where.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{n / steps:6.1f}x  {key}")
+    return lines
+
+
+def summarize(events, steps: int, wall_s: float, name: str, top: int = 25, syncs=None) -> str:
     """The text report of one run from profiler key averages (`events`) over `steps` steps."""
     kernels = sorted((e for e in events if _is_kernel(e)), key=_device_us, reverse=True)
     device_ms = sum(_device_us(e) for e in kernels) / 1e3 / steps
@@ -66,6 +85,7 @@ def summarize(events, steps: int, wall_s: float, name: str, top: int = 25) -> st
         lines += ["", "## tfkernels operators: host time per call (us, total incl. children)", ""]
         for e in sorted(ours, key=lambda e: e.cpu_time_total, reverse=True):
             lines.append(f"{e.cpu_time_total / max(e.count, 1):9.1f} us  {e.count / steps:6.1f}x  {e.key}")
+    lines += sync_report(syncs, steps)
     return "\n".join(lines) + "\n"
 
 
@@ -76,6 +96,8 @@ def profile_run(kernels: str, args, out: Path) -> str:
     prof = profile(activities=activities)
     state = {"t0": None}
     last = args.warmup + args.steps
+    cuda = torch.cuda.is_available()
+    catcher = warnings.catch_warnings(record=True)
 
     def on_step(step, _loss):
         # on_step runs after optimizer step `step` (1-based): the profile spans steps warmup + 1 .. last
@@ -83,9 +105,15 @@ def profile_run(kernels: str, args, out: Path) -> str:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             prof.start()
+            if cuda:  # every synchronising call of the profiled steps becomes a recorded warning
+                state["syncs"] = catcher.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
             state["t0"] = time.perf_counter()
         elif step == last:
-            if torch.cuda.is_available():
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+                catcher.__exit__(None, None, None)
                 torch.cuda.synchronize()
             state["wall"] = time.perf_counter() - state["t0"]
             prof.stop()
@@ -100,7 +128,7 @@ def profile_run(kernels: str, args, out: Path) -> str:
     train(cfg, on_step=on_step)
     if "wall" not in state:
         raise RuntimeError(f"{name}: the profiled steps did not run (warmup {args.warmup}, steps {args.steps})")
-    text = summarize(prof.key_averages(), args.steps, state["wall"], name, args.top)
+    text = summarize(prof.key_averages(), args.steps, state["wall"], name, args.top, state.get("syncs"))
     (out / f"profile-{name}.txt").write_text(text)
     if args.trace:
         prof.export_chrome_trace(str(out / f"trace-{name}.json"))

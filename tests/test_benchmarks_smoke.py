@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import DEVICE, kernel_backends
 
@@ -218,6 +219,16 @@ def test_profile_step_smoke(tmp_path):
     assert "tfkernels::attention_fwd" in text and "tfkernels::layer_norm_bwd" in text
     with pytest.raises(SystemExit):
         profile_step.main(["--out", str(tmp_path), "--only", "jax"])
+    # the synchronisation report: per step, by source line (on CPU "not measured")
+    assert ("host-device synchronisations: not measured" in text) != torch.cuda.is_available()
+    import warnings
+
+    recs = [warnings.WarningMessage("called a synchronizing CUDA operation", UserWarning, f, n)
+            for f, n in (("a.py", 3), ("a.py", 3), ("b.py", 9), ("a.py", 3))] + [
+        warnings.WarningMessage("something else", UserWarning, "c.py", 1)]
+    lines = profile_step.sync_report(recs, steps=2)
+    assert lines[1] == "## host-device synchronisations: 2.0 per step"
+    assert lines[3:] == ["   1.5x  a.py:3", "   0.5x  b.py:9"]
 
 
 def test_host_overhead_smoke():
@@ -231,3 +242,33 @@ def test_host_overhead_smoke():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "host us" not in line]
     assert len(rows) == 15 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout
+
+
+def test_bench_train_ablation(tmp_path):
+    """bench_train --ablate: tfkernels-norms builds the GPT with the fused norms and SDPA's attention,
+    tfkernels-attention with torch's norms and the fused attention; both run and are tabled (CPU,
+    tiny preset, a few steps, eager only)."""
+    from benchmarks import bench_train
+    import tfkernels.model as M
+    import tfkernels.nn as tnn
+
+    cfg = M.make_config("gpt", "tiny", kernels="tfkernels", n_layer=1, n_head=2, n_embd=32, block_size=16,
+                        vocab_size=64)
+    with bench_train.only_half("norms"):
+        assert isinstance(M.build_model(cfg).transformer.ln_f, tnn.LayerNorm)
+        assert M.tf_attention is not tfkernels_attention()
+    with bench_train.only_half("attention"):
+        assert type(M.build_model(cfg).transformer.ln_f) is torch.nn.LayerNorm
+        assert M.tf_attention is tfkernels_attention()
+    assert M.tf_attention is tfkernels_attention() and M.make_norm.__name__ == "make_norm"
+    bench_train.main(["--out", str(tmp_path), "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--block-size",
+                      "16", "--device", "cpu", "--ablate", "--only", "torch,tfkernels-norms,tfkernels-attention"])
+    table = (tmp_path / "bench_train.md").read_text()
+    for name in ("torch", "tfkernels-norms", "tfkernels-attention"):
+        assert f"| {name} | " in table and f"| {name} | failed" not in table, table
+
+
+def tfkernels_attention():
+    import tfkernels
+
+    return tfkernels.attention

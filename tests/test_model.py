@@ -499,3 +499,29 @@ def test_generate_attention_mask_errors():
         model(idx, positions=torch.full((2, 4), 16))
     with pytest.raises(ValueError, match="positions of shape"):
         model(idx, positions=torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [*VARIANTS, dict(document_mask=True)])
+def test_fused_training_step_never_waits_for_the_gpu(kw):
+    """A training step of the GPT on the kernels makes no host-device synchronisation: one inside a
+    layer would turn the host's time into GPU idle time in every step (what a kernel table cannot
+    show). The first step compiles and tunes; the second runs under sync_debug_mode="error"."""
+    torch.manual_seed(0)
+    model = GPT(make_config("gpt", "tiny", kernels="tfkernels", **{**SMALL, **kw})).cuda()
+    idx = torch.randint(0, 64, (2, 16), device="cuda")
+    if kw.get("document_mask"):
+        idx[:, 5] = EOS
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            _, loss = model(idx, idx)
+        loss.backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
