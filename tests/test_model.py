@@ -333,6 +333,40 @@ def test_document_mask_fused_vs_plain_pytorch(backend, kw):
     torch.testing.assert_close(lf[0, :13], first, atol=2e-5, rtol=1e-4)
 
 
+def test_padding_queries_never_give_sdpa_an_empty_row(monkeypatch):
+    """SDPA's CUDA backends return NaN for a query row that sees no key, and the next layer's values
+    would carry it into every real token. The plain-PyTorch path's mask lets padding see itself and
+    zeroes those rows after SDPA: an SDPA that answers empty rows with NaN (as those backends do,
+    emulated here on CPU) leaves the model's outputs finite and unchanged, padding rows 0 as on
+    the kernels."""
+    import torch.nn.functional as F
+
+    from tfkernels import model as M
+
+    torch.manual_seed(0)
+    model = GPT(make_config("gpt", "tiny", kernels="torch", **SMALL)).eval()
+    idx = torch.randint(1, 64, (2, 10))
+    ids = torch.zeros(2, 10, dtype=torch.int32)
+    ids[0, :4] = -1  # left padding
+    ids[1, 7:] = -1  # and at the end
+    docs = M.DocumentMask.build(ids, ids, sdpa=True)
+    assert docs.sdpa_mask.any(-1).all(), "a query row of the mask sees no key"
+    with torch.no_grad():
+        ref = model(idx, document_ids=ids)[0]
+        sdpa = F.scaled_dot_product_attention
+
+        def nan_rows(q, k, v, attn_mask=None, **kw):  # what an efficient/cuDNN backend does with an empty row
+            out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                out = out.masked_fill(~attn_mask.any(-1, keepdim=True), float("nan"))
+            return out
+
+        monkeypatch.setattr(M.F, "scaled_dot_product_attention", nan_rows)
+        out = model(idx, document_ids=ids)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+
+
 def test_explicit_document_ids():
     """document_ids given to forward: the same as the derived ones, without cfg.document_mask; a negative
     id is padding (attends to nothing, and nothing attends to it); bad arguments are clear errors."""

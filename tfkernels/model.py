@@ -167,21 +167,31 @@ class DocumentMask:
     path gives them to tfkernels.attention, which ANDs them with the causal mask and skips the tiles
     of other documents. SDPA has no such argument, so the plain-PyTorch path gets `sdpa_mask`, the
     same rule as one bool mask (B, 1, T, T_k): same document (a negative id sees nothing) and causal,
-    aligned bottom-right like the cache's queries. Both paths compute the same function."""
+    aligned bottom-right like the cache's queries. Both paths compute the same function.
+
+    A padding query (negative id) sees no key, and SDPA's CUDA backends (memory-efficient, cuDNN)
+    return NaN for such a row, which the next layer's values would carry into every real token
+    (0 * NaN in P @ V). So the mask lets a padding query see its own key, and `sdpa_pad_rows`
+    (B, 1, T, 1) zeroes those rows of SDPA's output afterwards: 0, as the kernels give them."""
     q_ids: torch.Tensor
     k_ids: torch.Tensor
     sdpa_mask: Optional[torch.Tensor] = None
+    sdpa_pad_rows: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, q_ids: torch.Tensor, k_ids: torch.Tensor, sdpa: bool) -> "DocumentMask":
-        mask = None
+        mask = pad_rows = None
         if sdpa:  # only the "torch" kernels need the (T, T_k) mask: the fused path never builds it
             T, Tk = q_ids.shape[-1], k_ids.shape[-1]
             q_pos = torch.arange(Tk - T, Tk, device=q_ids.device)
-            causal = torch.arange(Tk, device=q_ids.device)[None, :] <= q_pos[:, None]          # (T, T_k)
-            same = (q_ids[:, :, None] == k_ids[:, None, :]) & (q_ids >= 0)[:, :, None]       # (B, T, T_k)
-            mask = (same & causal).unsqueeze(1)                                               # (B, 1, T, T_k)
-        return cls(q_ids, k_ids, mask)
+            k_pos = torch.arange(Tk, device=q_ids.device)[None, :]
+            causal = k_pos <= q_pos[:, None]                                                  # (T, T_k)
+            pad = q_ids < 0                                                                    # (B, T)
+            same = (q_ids[:, :, None] == k_ids[:, None, :]) & ~pad[:, :, None]               # (B, T, T_k)
+            itself = pad[:, :, None] & (k_pos == q_pos[:, None])                              # (B, T, T_k)
+            mask = (same & causal | itself).unsqueeze(1)                                      # (B, 1, T, T_k)
+            pad_rows = pad[:, None, :, None]                                                  # (B, 1, T, 1)
+        return cls(q_ids, k_ids, mask, pad_rows)
 
 
 class KVCache:
@@ -285,6 +295,8 @@ class SelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                                is_causal=is_causal, enable_gqa=gqa)  # (B, H, T, Dh)
+            if docs is not None:  # padding queries saw themselves (no NaN row): their output is 0
+                y = y.masked_fill(docs.sdpa_pad_rows, 0.0)
         # free after the kernels and SDPA's flash backend: they write y in q's (B, T, H, Dh) memory
         y = y.transpose(1, 2).contiguous().view(B, T, C)                     # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
