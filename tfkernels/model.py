@@ -169,10 +169,11 @@ class DocumentMask:
     same rule as one bool mask (B, 1, T, T_k): same document (a negative id sees nothing) and causal,
     aligned bottom-right like the cache's queries. Both paths compute the same function.
 
-    A padding query (negative id) sees no key, and SDPA's CUDA backends (memory-efficient, cuDNN)
-    return NaN for such a row, which the next layer's values would carry into every real token
-    (0 * NaN in P @ V). So the mask lets a padding query see its own key, and `sdpa_pad_rows`
-    (B, 1, T, 1) zeroes those rows of SDPA's output afterwards: 0, as the kernels give them."""
+    A padding query (negative id) sees no key, and SDPA's fused CUDA backends may return NaN for such
+    a row (pytorch#110213; the math backend gives 0), which the next layer's values would carry into
+    every real token (0 * NaN in P @ V). So the mask lets a padding query see its own key, and
+    `sdpa_pad_rows` (B, 1, T, 1) zeroes those rows of SDPA's output afterwards: 0, as the kernels
+    give them."""
     q_ids: torch.Tensor
     k_ids: torch.Tensor
     sdpa_mask: Optional[torch.Tensor] = None
