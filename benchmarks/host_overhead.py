@@ -99,6 +99,15 @@ def measure(calls: int) -> list[tuple[str, float, float]]:
                      per_call_us(lambda: F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qv, kv, vv)),
                                                                         attn_mask=dense.clone())[0].transpose(0, 1),
                                  calls)))
+    # one decoding step: B = 1, 4 heads, 100 cached keys of 512 slots, the new token's key and value
+    # appended in place (cache_seqlens an int: no host read), against SDPA over the filled slots
+    kc, vc = torch.randn(1, 512, 4, 16), torch.randn(1, 512, 4, 16)
+    qn, kn, vn = (torch.randn(1, 1, 4, 16) for _ in range(3))
+    with torch.no_grad():
+        rows.append(("kvcache_attention decode step (B = 1), no grad",
+                     per_call_us(lambda: tfkernels.kvcache_attention(qn, kc, vc, 100, kn, vn, backend="triton"), calls),
+                     per_call_us(lambda: F.scaled_dot_product_attention(
+                         qn.transpose(1, 2), kc[:, :101].transpose(1, 2), vc[:, :101].transpose(1, 2)), calls)))
     with torch.no_grad():
         rows.append(("softmax forward, no grad", per_call_us(lambda: tfkernels.softmax(x, -1, backend="triton"), calls),
                      per_call_us(lambda: torch.softmax(x, -1), calls)))

@@ -241,7 +241,7 @@ def test_host_overhead_smoke():
                           text=True, timeout=600, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "host us" not in line]
-    assert len(rows) == 15 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout
+    assert len(rows) == 16 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows), proc.stdout
 
 
 def test_bench_train_ablation(tmp_path):
