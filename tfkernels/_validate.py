@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 
@@ -91,34 +92,42 @@ _MEMO: dict = {}
 _MISS = object()
 
 
-def remember(t: torch.Tensor, kind: str, value, frozen: bool = False):
-    """Record value as `per_version(t, kind, ...)`'s result for t as it is now. frozen: t is never
-    changed in place (an internal tensor, or an inference tensor the caller vouches for): kept without
-    a version, so inference tensors (which have none) are remembered too."""
+def remember(t: torch.Tensor, kind: str, value, frozen: bool = False, partner: Optional[torch.Tensor] = None):
+    """Record value as `per_version(t, kind, ..., partner=partner)`'s result for t (and partner) as they
+    are now. frozen: t is never changed in place (an internal tensor, or an inference tensor the caller
+    vouches for): kept without a version, so inference tensors (which have none) are remembered too."""
     if frozen or not t.is_inference():
-        key = (id(t), kind)
-        _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), None if frozen else t._version, value)
+        key = (id(t), kind, None if partner is None else id(partner))
+        _MEMO[key] = (weakref.ref(t, lambda _, key=key: _MEMO.pop(key, None)), None if frozen else t._version, value,
+                      None if partner is None else (weakref.ref(partner), _version(partner)))
     return value
 
 
-def per_version(t: torch.Tensor, kind: str, fn, frozen: bool = False):
+def per_version(t: torch.Tensor, kind: str, fn, frozen: bool = False, partner: Optional[torch.Tensor] = None):
     """fn(t), computed once per tensor and version (see `remember`): a model hands the same offsets,
     lengths or mask to every layer, so the later layers find the result here; an in-place change bumps
-    the version and computes it again. An inference tensor that is not frozen: every time."""
-    hit = _MEMO.get((id(t), kind))
-    if hit is not None and hit[0]() is t and (hit[1] is None or (not t.is_inference() and hit[1] == t._version)):
+    the version and computes it again. An inference tensor that is not frozen: every time.
+    partner: a second tensor the result depends on; it must be the same tensor at the same version."""
+    hit = _MEMO.get((id(t), kind, None if partner is None else id(partner)))
+    if (hit is not None and hit[0]() is t and (hit[1] is None or (not t.is_inference() and hit[1] == t._version))
+            and (partner is None or (hit[3][0]() is partner and hit[3][1] == _version(partner)))):
         return hit[2]
-    return remember(t, kind, fn(t), frozen)
+    return remember(t, kind, fn(t), frozen, partner)
 
 
-def eager_memo(t: torch.Tensor, kind, fn):
-    """per_version(t, kind, fn) for device work an eager model repeats in every layer (document ids'
-    conversion and ranges), else fn(t): while torch.compile traces (the memo is Python state the
-    graph must not depend on) and while a CUDA graph captures (the captured graph must hold the work,
-    or a replay on new values in the same tensor would reuse the old result)."""
+def _version(t: torch.Tensor):
+    """t's version counter, None for an inference tensor (which has none: an in-place change is not seen)."""
+    return None if t.is_inference() else t._version
+
+
+def eager_memo(t: torch.Tensor, kind, fn, partner: Optional[torch.Tensor] = None):
+    """per_version(t, kind, fn, partner=partner) for device work an eager model repeats in every layer
+    (document ids' conversion and ranges), else fn(t): while torch.compile traces (the memo is Python
+    state the graph must not depend on) and while a CUDA graph captures (the captured graph must hold
+    the work, or a replay on new values in the same tensor would reuse the old result)."""
     if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return fn(t)
-    return per_version(t, kind, fn)
+    return per_version(t, kind, fn, partner=partner)
 
 
 def host_values(t: torch.Tensor) -> list:

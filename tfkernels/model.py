@@ -391,7 +391,8 @@ class GPT(_Base):
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self._init_weights()
 
-    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, document_ids=None, positions=None):
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, document_ids=None, positions=None, *,
+                check_positions: bool = True):
         """idx (B, T) -> (logits (B, T, V), loss). With `cache` (see generate), idx continues the
         tokens cached so far: positions start at cache.pos, attention also reads the cached keys and
         values, and the new ones are appended.
@@ -407,13 +408,15 @@ class GPT(_Base):
 
         positions (B, T) integer, each in [0, block_size): the tokens' positions, for rows that do not
         start at position 0 (left padding: `generate(..., attention_mask=)` passes the real tokens'
-        positions, counted from each row's first real token). Default: start .. start + T - 1."""
+        positions, counted from each row's first real token). Default: start .. start + T - 1. Their
+        range is checked on the host (a sync); `check_positions=False` skips that for positions built
+        in range (generate's, at every step)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.cfg.block_size}")
         if positions is not None:
-            positions = self._check_positions(positions, idx)
+            positions = self._check_positions(positions, idx, check_positions)
         docs = self._document_mask(idx, document_ids, cache)                 # once for every layer
         x = self.transformer.wte(idx)                                        # (B, T, C)
         if self.cfg.pos == "learned":
@@ -431,7 +434,7 @@ class GPT(_Base):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def _check_positions(self, positions, idx) -> torch.Tensor:
+    def _check_positions(self, positions, idx, check_range: bool) -> torch.Tensor:
         if not isinstance(positions, torch.Tensor):
             raise TypeError(f"positions must be a tensor, got {type(positions).__name__}")
         if positions.shape != idx.shape:
@@ -439,8 +442,8 @@ class GPT(_Base):
         if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise TypeError(f"positions must be integer positions, got {positions.dtype}")
         positions = positions.to(device=idx.device, dtype=torch.long)
-        if positions.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(positions.min()), int(positions.max())  # an index error on the GPU is an assert
+        if check_range and positions.numel() and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.aminmax(positions))  # an index error on the GPU is an assert
             if lo < 0 or hi >= self.cfg.block_size:
                 raise ValueError(f"positions must be in [0, block_size={self.cfg.block_size}), got values in [{lo}, {hi}]")
         return positions
@@ -495,11 +498,11 @@ class GPT(_Base):
         cache = KVCache(self.cfg.n_layer, self.cfg.block_size) if use_cache and causal_lower_right else None
         for _ in range(max_new_tokens):
             if cache is not None and idx.shape[1] <= self.cfg.block_size:
-                kw = {} if pad is None else self._padded_inputs(idx, pad, cache.pos, window=False)
+                kw = {} if pad is None else self._padded_inputs(idx, pad, cache.pos, cache)
                 logits = self(idx[:, cache.pos:], cache=cache, **kw)[0][:, -1, :].float()  # (B, V): new tokens only
             else:
                 idx_cond = idx[:, -self.cfg.block_size:]                     # (B, <=block_size)
-                kw = {} if pad is None else self._padded_inputs(idx, pad, idx.shape[1] - idx_cond.shape[1], window=True)
+                kw = {} if pad is None else self._padded_inputs(idx, pad, idx.shape[1] - idx_cond.shape[1], None)
                 logits = self(idx_cond, **kw)[0][:, -1, :].float()           # (B, V)
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)                        # (B, 1)
@@ -533,19 +536,24 @@ class GPT(_Base):
                              "has nothing to continue)")
         return pad if bool(pad.any()) else None
 
-    def _padded_inputs(self, idx, pad, start: int, window: bool) -> dict:
-        """forward's document_ids and positions for idx[:, start:] of a left-padded batch: padding gets
-        id -1 (attended by nothing), real tokens their documents (cfg.document_mask) or 0, and
-        positions count from each row's first real token. window: idx[:, start:] is a re-read window
-        (past block_size), whose positions start again at 0 as an unpadded window's do, less the
-        padding it still holds (pad - start); else it continues the KV cache at column `start`."""
-        col = torch.arange(idx.shape[1], device=idx.device)[None, :]         # (1, L)
-        ids = (document_ids_from_tokens(idx, self.cfg.eos_id) if self.cfg.document_mask
-               else torch.zeros_like(idx, dtype=torch.int32))
-        ids = torch.where(col >= pad[:, None], ids, -1)                      # (B, L)
-        lead = (pad - start).clamp(min=0) + start if window else pad         # (B,): where position 0 is
-        positions = (col[:, start:] - lead[:, None]).clamp(min=0)            # (B, L - start)
-        return {"document_ids": ids[:, start:], "positions": positions}
+    def _padded_inputs(self, idx, pad, start: int, cache: Optional[KVCache]) -> dict:
+        """forward's keywords for idx[:, start:] of a left-padded batch: document_ids (padding -1, so
+        nothing attends to it; real tokens their documents with cfg.document_mask, else 0) and
+        positions counted from each row's first real token.
+        With `cache` the slice continues it at column `start`: after the prompt it holds only new
+        tokens, whose documents continue the cache's (cache.next_doc). Without, it is a re-read window
+        (past block_size): its positions start again at 0, as an unpadded window's do, after the
+        padding it still holds (pad - start), and its documents are derived from its own tokens."""
+        part = idx[:, start:]                                                # (B, L - start)
+        col = torch.arange(start, idx.shape[1], device=idx.device)[None, :]  # its columns in idx
+        if self.cfg.document_mask:
+            first = cache.next_doc if cache is not None and start > 0 else None
+            ids = document_ids_from_tokens(part, self.cfg.eos_id, first)
+        else:
+            ids = torch.zeros_like(part, dtype=torch.int32)
+        ids = torch.where(col >= pad[:, None], ids, -1)
+        lead = pad if cache is not None else (pad - start).clamp(min=0) + start  # (B,): the column of position 0
+        return {"document_ids": ids, "positions": (col - lead[:, None]).clamp(min=0), "check_positions": False}
 
 
 # ----------------------------------------------------------------------------- BERT

@@ -29,7 +29,6 @@ correct but not faster than a dense mask. Sorted ids (the packed case) get the e
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -157,17 +156,7 @@ def ranges(row_doc: Tensor, col_doc: Tensor) -> Tensor:
     model passes the same ids, and `check_document_ids` hands each layer the same converted tensors,
     so the forward's ranges serve the later layers and the backward's dQ, and the search key's
     ~8 small ops and the ranges launch run once per direction and step instead of per layer."""
-    def compute(_):
-        return weakref.ref(col_doc), _version(col_doc), _ranges(row_doc, col_doc)
-
-    col_ref, col_version, out = _validate.eager_memo(row_doc, ("doc_ranges", id(col_doc)), compute)
-    if col_ref() is not col_doc or col_version != _version(col_doc):  # another tensor at that id, or changed
-        col_ref, col_version, out = _validate.remember(row_doc, ("doc_ranges", id(col_doc)), compute(row_doc))
-    return out
-
-
-def _version(t: Tensor):
-    return None if t.is_inference() else t._version
+    return _validate.eager_memo(row_doc, "doc_ranges", lambda _: _ranges(row_doc, col_doc), partner=col_doc)
 
 
 def _ranges(row_doc: Tensor, col_doc: Tensor) -> Tensor:

@@ -83,10 +83,11 @@ class EagerOp:
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if grad and self._function is None:  # no autograd formula: the registered op says what happens
             return self.op(*args)
+        run = self._function.apply if grad else self.impl
         if torch.autograd._profiler_enabled():
             with torch.autograd.profiler.record_function(self.name):
-                return self._function.apply(*args) if grad else self.impl(*args)
-        return self._function.apply(*args) if grad else self.impl(*args)
+                return run(*args)
+        return run(*args)
 
 
 def op(name: str, tags=()) -> Callable[[Callable], EagerOp]:

@@ -391,7 +391,6 @@ def _log0(msg: str, rank: int) -> None:
         tqdm.write(msg)
 
 
-
 def ddp_cuda_device(local_rank: int) -> torch.device:
     """This process's GPU under torchrun: one per local rank. More processes than GPUs is an error
     that says so (CUDA's own, from set_device, is "invalid device ordinal")."""
@@ -400,6 +399,7 @@ def ddp_cuda_device(local_rank: int) -> torch.device:
         raise ValueError(f"DDP: local rank {local_rank} needs GPU {local_rank}, but {n} CUDA device(s) are visible: "
                          f"start at most {n} processes per node (--nproc_per_node), or pass --device cpu (gloo)")
     return torch.device("cuda", local_rank)
+
 
 def train(cfg: TrainConfig, on_step: Optional[Callable[[int, float], None]] = None, task=None) -> dict:
     """Run (or resume) a pretraining run; returns a summary (losses per step, last eval, throughput).
