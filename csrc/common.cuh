@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -170,6 +171,97 @@ __device__ __forceinline__ void row_map2(const T* a, int64_t sa, const T* b, int
   }
 }
 
+// ------------------------------------------------------------------------- rows in registers
+// The fast layout, for rows that are contiguous, start 16-byte aligned and hold a whole number of
+// vectors: a block of (blockDim.x, blockDim.y) threads holds blockDim.y rows, one per threadIdx.y,
+// and thread x of a row keeps vectors x, x + blockDim.x, ... (VPT of them) in registers as fp32.
+// Each row then crosses global memory once; the row_* helpers above re-read it once per pass
+// (three reads of x for a LayerNorm forward, which at large N spill out of L1 and cost bandwidth).
+
+// Vector k of this thread's share of a row: its index in the row (in vectors).
+__device__ __forceinline__ int64_t reg_vec(int k) { return threadIdx.x + static_cast<int64_t>(k) * blockDim.x; }
+
+// v[k][:] = row p's vector reg_vec(k) as fp32 when `valid` and it exists (< nvec), else `fill`.
+template <typename T, int VPT>
+__device__ __forceinline__ void reg_load(const T* p, int64_t nvec, bool valid, float fill,
+                                         float (&v)[VPT][Vec<T>::N]) {
+  constexpr int V = Vec<T>::N;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t i = reg_vec(k);
+    if (valid && i < nvec) {
+      Vec<T> t;
+      t.load(p + i * V);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[k][j] = to_f(t.e[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[k][j] = fill;
+    }
+  }
+}
+
+// Stores v[k][:] (converted to T) to row p's vector reg_vec(k), for the vectors that exist.
+template <typename T, int VPT>
+__device__ __forceinline__ void reg_store(T* p, int64_t nvec, bool valid, const float (&v)[VPT][Vec<T>::N]) {
+  constexpr int V = Vec<T>::N;
+  if (!valid) return;
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int64_t i = reg_vec(k);
+    if (i < nvec) {
+      Vec<T> t;
+#pragma unroll
+      for (int j = 0; j < V; ++j) t.e[j] = from_f<T>(v[k][j]);
+      t.store(p + i * V);
+    }
+  }
+}
+
+// out[0..V) = p[0..V), fp32, in 16-byte loads (p 16-byte aligned; V a multiple of 4).
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; j += 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p + j);
+    out[j] = q.x; out[j + 1] = q.y; out[j + 2] = q.z; out[j + 3] = q.w;
+  }
+}
+
+// Sums K values over each row's threads (threadIdx.x, one row per threadIdx.y); every thread gets
+// its row's totals, in the same order on every thread. blockDim.x must be a multiple of 32, and
+// every thread of the block must call it.
+template <int K>
+__device__ __forceinline__ void row_sum(float (&v)[K]) {
+  __shared__ float sh[K][32];
+  const int wpr = blockDim.x >> 5;  // warps per row, the same for the whole block
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  if (wpr == 1) return;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
+  __syncthreads();  // a previous call's readers are done with sh
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) sh[k][warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < wpr ? sh[k][threadIdx.y * wpr + lane] : 0.0f);
+}
+
+// Maximum over each row's threads (NaN-ignoring, as fmaxf); same rules as row_sum.
+__device__ __forceinline__ float row_max(float v) {
+  __shared__ float sh[32];
+  const int wpr = blockDim.x >> 5;
+  v = warp_max(v);
+  if (wpr == 1) return v;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  return warp_max(lane < wpr ? sh[threadIdx.y * wpr + lane] : -INFINITY);
+}
+
 // ------------------------------------------------------------------------- launch helpers
 
 // Threads for a block that walks a row of n elements: ~8 elements per thread, 32..1024.
@@ -181,6 +273,44 @@ inline unsigned row_threads(int64_t n) {
 
 // Blocks for a row-per-block kernel (each block strides over rows when M exceeds the cap).
 inline unsigned row_blocks(int64_t M) { return static_cast<unsigned>(M < (1 << 20) ? M : (1 << 20)); }
+
+// How a row-per-(blockDim.y) kernel holds rows of n elements of `elem` bytes in registers:
+// vpt vectors per thread, tpr threads per row (a multiple of 32), rows per block; ok = false when
+// the rows do not fit in max_threads threads with at most max_elems elements per thread.
+struct RegPlan {
+  bool ok = false;
+  int vpt = 0, tpr = 0, rows = 0;
+};
+
+// The smallest vpt (1, 2, 4) that needs at most 256 threads a row (short rows: several per block,
+// 128 threads in all), else the largest that fits: ~16-32 bytes of a row per thread in flight.
+inline RegPlan reg_plan(int64_t n, int elem, int max_threads, int max_elems) {
+  RegPlan p;
+  const int V = 16 / elem;
+  if (n <= 0 || n % V != 0) return p;
+  const int64_t nvec = n / V;
+  for (int target : {256, max_threads}) {
+    for (int vpt = 1; vpt <= 4 && vpt * V <= max_elems; vpt *= 2) {
+      const int64_t tpr = (nvec + vpt - 1) / vpt;
+      if (tpr <= target) {
+        p.ok = true;
+        p.vpt = vpt;
+        p.tpr = static_cast<int>((tpr + 31) / 32 * 32);
+        p.rows = p.tpr >= 128 ? 1 : 128 / p.tpr;
+        return p;
+      }
+    }
+  }
+  return p;
+}
+
+// A row-major operand the register layout can read: unit column stride (or one column), rows
+// starting 16-byte aligned (base aligned, row stride a whole number of 16 bytes; 0 included).
+inline bool reg_rows_ok(const void* p, int64_t stride_m, int64_t stride_n, int64_t n, int elem) {
+  return (stride_n == 1 || n == 1) && (reinterpret_cast<uintptr_t>(p) & 15) == 0 && (stride_m * elem) % 16 == 0;
+}
+
+inline bool aligned16_or_null(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 inline int num_sms() {
   int dev = 0, sms = 0;

@@ -30,9 +30,10 @@ cudaError_t norm_fwd(DType dtype, bool is_rms,
                      float* mean, float* rstd,                             // (M,)
                      int64_t M, int64_t N, float eps, cudaStream_t stream);
 
-// Number of row groups G of the weight/bias-gradient partial sums: the caller allocates
-// (G, N) fp32 scratch buffers for dw and db (only those it needs).
-int64_t norm_bwd_groups(int64_t M, int64_t N);
+// Rows G of the weight/bias-gradient partial sums of norm_bwd for these arguments (an upper bound:
+// the layout norm_bwd takes also depends on the pointers): the caller allocates (G, N) fp32
+// scratch buffers for dw and db (only those it needs).
+int64_t norm_bwd_groups(DType dtype, bool is_rms, int64_t M, int64_t N);
 
 // dx = rstd * (g - xhat*mean(g*xhat) - mean(g)),  g = dy*w  (RMS drops mean(g));
 // dw = sum_rows(dy*xhat), db = sum_rows(dy), reduced in two stages through dw_part/db_part.

@@ -122,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd_impl(const Tensor& dy_in, const Tens
   const Tensor rstd = rstd_in.to(at::kFloat).contiguous();
   const Tensor mean = is_rms ? rstd : mean_in.to(at::kFloat).contiguous();  // unused for RMS
   TORCH_CHECK(rstd.numel() == M && mean.numel() == M, "tfkernels_cuda.", op, ": mean/rstd must have ", M, " elements");
-  const int64_t G = tfk::norm_bwd_groups(M, N);
+  const int64_t G = tfk::norm_bwd_groups(dt, is_rms, M, N);
   const Tensor dw_part = has_w ? at::empty({G, N}, f32) : Tensor();
   const Tensor db_part = has_bias ? at::empty({G, N}, f32) : Tensor();
   check_launch(tfk::norm_bwd(dt, is_rms, dy.data_ptr(), dy.stride(0), dy.stride(1), x.data_ptr(), x.stride(0), x.stride(1),

@@ -235,3 +235,40 @@ def test_jagged_nested_tensors(op, transposed, backend):
         if r is None:  # rms_norm has no bias
             continue
         assert_close(g.values() if g.is_nested else g, r, torch.float32, name, scale=4.0)
+
+
+# The cuda backend's register layout (csrc/norm.cu): contiguous rows of whole 16-byte vectors, up to
+# 32768 fp16/bf16 (16384 fp32) elements forward and 8192 backward. (M, N, dtype): several rows a
+# block (N = 64 fp32, 8 bf16), one row of 96 threads (GPT-2's 768), 2 and 4 vectors a thread, the
+# 512-thread backward (8192 bf16) and a 1024-thread forward whose backward takes the generic kernels
+# (16384 bf16); M not a multiple of the rows a block, and more rows than persistent blocks.
+REG_CASES = [(300, 64, torch.float32), (45, 8, torch.bfloat16), (301, 768, torch.bfloat16), (7, 1000, torch.float16),
+             (5, 4096, torch.float32), (3, 8192, torch.bfloat16), (2, 16384, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("M,N,dtype", REG_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_register_layout(op, M, N, dtype, backend):
+    """Forward, dx, dw and db of the register-resident kernels against float64, with a large mean
+    (the variance is two-pass from the registers) and rows of different scales."""
+    if backend != "cuda":
+        pytest.skip("the cuda backend's row layouts")
+    torch.manual_seed(M * N)
+    scale = torch.rand(M, 1, device=DEVICE) * 3 + 0.1
+    x = (torch.randn(M, N, device=DEVICE) * scale + 20.0).to(dtype)
+    _check(op, x, (N,), True, dtype, backend)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_register_layout_fallbacks(op, backend):
+    """Operands the register layout cannot read take the generic kernels with the same results: a row
+    start off 16 bytes, a row stride that is not whole vectors, a strided weight's misaligned copy."""
+    if backend != "cuda":
+        pytest.skip("the cuda backend's row layouts")
+    torch.manual_seed(5)
+    base = torch.randn(40, 264, device=DEVICE, dtype=torch.bfloat16)
+    _check(op, base[:, 1:257], (256,), True, torch.bfloat16, backend)  # start 2 bytes off
+    _check(op, torch.randn(40, 258, device=DEVICE)[:, :256], (256,), True, torch.float32, backend)  # 1032-byte rows
+    x = torch.randn(40, 256, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(40, 512, device=DEVICE, dtype=torch.bfloat16)[:, 1:257]  # only dy is off
+    _check(op, x, (256,), True, torch.bfloat16, backend, dy=dy)

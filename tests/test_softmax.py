@@ -85,3 +85,36 @@ def test_scalar_and_empty(backend):
     assert tfkernels.softmax(x, 0, backend=backend).item() == 1.0
     e = torch.randn(0, 5, device=DEVICE)
     assert tfkernels.softmax(e, -1, backend=backend).shape == (0, 5)
+
+
+# The cuda backend's register layout (csrc/softmax.cu): contiguous rows of whole 16-byte vectors.
+# Several rows a block (N = 64 fp32, 8 bf16), one 96-thread row, 2 and 4 vectors a thread, and a
+# 1024-thread forward whose backward takes the generic kernel (32768 bf16).
+REG_CASES = [(300, 64, torch.float32), (45, 8, torch.bfloat16), (33, 768, torch.float16),
+             (5, 4096, torch.float32), (3, 16384, torch.bfloat16), (2, 32768, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("M,N,dtype", REG_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_cuda_register_layout(M, N, dtype, backend):
+    if backend != "cuda":
+        pytest.skip("the cuda backend's row layouts")
+    torch.manual_seed(M + N)
+    _check(torch.randn(M, N, device=DEVICE, dtype=dtype) * 3, -1, dtype, backend)
+
+
+def test_cuda_register_layout_neg_inf_rows(backend):
+    """-inf entries and an all -inf row in rows the register kernels hold (4 rows a block), and
+    operands off the layout (a row start 4 bytes off) through the generic kernels."""
+    if backend != "cuda":
+        pytest.skip("the cuda backend's row layouts")
+    torch.manual_seed(8)
+    x = torch.randn(5, 64, device=DEVICE)
+    x[0, ::3] = float("-inf")
+    x[1, :40] = float("-inf")
+    x[2] = float("-inf")
+    y = tfkernels.softmax(x, -1, backend=backend)
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[[0, 1, 3, 4]]).any()
+    assert (y[0, ::3] == 0).all() and (y[1, :40] == 0).all()
+    assert_close(y[[0, 1, 3, 4]], torch.softmax(x.double(), -1)[[0, 1, 3, 4]], torch.float32)
+    _check(x[[0, 1, 3, 4]].clone(), -1, torch.float32, backend)
+    _check(torch.randn(6, 65, device=DEVICE)[:, 1:], -1, torch.float32, backend)
