@@ -276,6 +276,14 @@ def _fused_config(N: int, elem_bytes: int):
     return block_m, block_n, num_warps
 
 
+def _bwd_fused_config(N: int, elem_bytes: int):
+    """The backward's tile (the forward's) and warps: it holds x, dy, xhat, g and the dw/db partial
+    sums of a tile at once, so the forward's warps leave 128-230 registers a thread on sm_90 (1-4
+    programs an SM); ~8 elements a thread keep it near 64 (`python -m benchmarks.static`)."""
+    block_m, block_n, _ = _fused_config(N, elem_bytes)
+    return block_m, block_n, min(16, max(4, block_m * block_n // 256))
+
+
 def norm_fwd(x: torch.Tensor, weight, bias, eps: float, is_rms: bool):
     """x: (M, N) any strides -> y (M, N) contiguous, mean (M,) fp32, rstd (M,) fp32."""
     M, N = x.shape
@@ -322,7 +330,7 @@ def norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
         return dx, (z if has_w else empty()), (z.clone() if has_bias else empty())
     w = weight.contiguous() if has_w else dx  # unit stride, as in norm_fwd; dx: a dummy pointer
     if N <= MAX_FUSED_N:
-        block_m, block_n, num_warps = _fused_config(N, x.element_size())
+        block_m, block_n, num_warps = _bwd_fused_config(N, x.element_size())
         # a few row tiles per program amortises the partial write; enough programs to fill the GPU
         num_tiles = _grid.cdiv(M, block_m)
         G = max(1, min(num_tiles, 4 * _num_sms(dev)))
