@@ -19,6 +19,11 @@ Forward is timed under torch.no_grad() (inference: nothing saved beyond what the
 computes). Backward is timed alone: forward runs once with inputs that require grad, then
 `torch.autograd.grad(y, inputs, dy, retain_graph=True)` is what do_bench times.
 
+On CUDA each timed call is also replayed from a CUDA graph (`_util.bench_device`): the same work
+with no host side, so `ms_graph` against `ms` says how much of a small row's time is the host's
+(Python, launches, the autograd engine) rather than its kernels'. The graph replays run without
+an L2 flush, so at N <= ~2048 (under 50 MB moved) they may read from L2.
+
 Providers: tfkernels-triton, tfkernels-cuda, torch (eager), torch.compile (of the eager function,
 `dynamic=False`, compiled per shape after a dynamo reset and warmed up by the correctness check),
 liger (Liger-Kernel), apex (LayerNorm/RMSNorm only: apex has no plain row softmax). Each is checked
@@ -250,6 +255,7 @@ def _run_shape(op, M, N, cfg, copy_gbps, notes, log) -> list[dict]:
                 _util.empty_cache(cfg)
                 continue
             r = row(provider, pass_, "ok", err, tol, t)
+            _device_time(r, fn, pass_, x, w, b, dy, cfg, copy_gbps)
             log(f"  {op:10s} N={N:<6d} {provider:17s} {pass_}  {r['ms']*1e3:9.1f} us  {r['value']:8.1f} GB/s"
                 + (f"  {r['pct_copy']:5.1f}% of copy" if r.get("pct_copy") is not None else ""))
     return rows
@@ -264,6 +270,30 @@ def _time(fn, pass_, x, w, b, dy, cfg):
     y = fn(xs, ws, bs)
     dyp = dy.clone()  # a provider that writes into dy in place cannot disturb the others
     return _util.bench(lambda: torch.autograd.grad(y, inputs, dyp, retain_graph=True), cfg)
+
+
+def _device_time(r, fn, pass_, x, w, b, dy, cfg, copy_gbps) -> None:
+    """Adds ms_graph / value_graph / pct_copy_graph to row r (or graph_note: why the call could not
+    be captured -- itself a finding, e.g. a host sync in the op)."""
+    if not cfg.cuda:
+        return
+    try:
+        if pass_ == "fwd":
+            with torch.no_grad():
+                t = _util.bench_device(lambda: fn(x, w, b), cfg)
+        else:
+            xs, ws, bs = _leaves(x, w, b)
+            inputs = [v for v in (xs, ws, bs) if v is not None]
+            y = fn(xs, ws, bs)
+            dyp = dy.clone()
+            t = _util.bench_device(lambda: torch.autograd.grad(y, inputs, dyp, retain_graph=True), cfg)
+    except Exception as e:  # noqa: BLE001 -- recorded; the do_bench time above stands
+        r["graph_note"] = _util.short(e)
+        torch.cuda.synchronize()
+        return
+    r["ms_graph"] = t.ms
+    r["value_graph"] = r["bytes"] / (t.ms * 1e-3) / 1e9
+    r["pct_copy_graph"] = 100.0 * r["value_graph"] / copy_gbps if copy_gbps else None
 
 
 def _allow_retain_graph() -> None:

@@ -151,15 +151,24 @@ def plot_all(out: Path, result: dict) -> list[Path]:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _table(rows, xname, cell, providers):
+def _table(rows, xname, cell, providers, speedup=True):
     xs = sorted({r["x"] for r in rows})
-    head = f"| {xname} | " + " | ".join(providers) + f" | {TFK} vs best other |"
-    lines = [head, "|" + "---|" * (len(providers) + 2)]
+    head = f"| {xname} | " + " | ".join(providers) + (f" | {TFK} vs best other |" if speedup else " |")
+    lines = [head, "|" + "---|" * (len(providers) + 1 + speedup)]
     for x in xs:
         by_p = {r["provider"]: r for r in rows if r["x"] == x}
         cells = [cell(by_p.get(p)) for p in providers]
-        lines.append(f"| {x} | " + " | ".join(cells) + f" | {_speedup(by_p)} |")
+        lines.append(f"| {x} | " + " | ".join(cells) + (f" | {_speedup(by_p)} |" if speedup else " |"))
     return "\n".join(lines)
+
+
+def _graph_cell(r):
+    """The CUDA-graph replay's GB/s (device time alone) and how much of the do_bench time it is."""
+    if r is None or r["status"] != "ok":
+        return "-" if r is None else r["status"]
+    if r.get("value_graph") is None:
+        return "not captured" if r.get("graph_note") else "-"
+    return f"{fmt(r['value_graph'])} ({100 * r['ms_graph'] / r['ms']:.0f}%)"
 
 
 def _speedup(by_p):
@@ -212,6 +221,20 @@ def summary_md(result: dict) -> str:
                 if sel:
                     out += [f"### {op} {pass_}, M = {sel[0]['M']}", "",
                             _table(sel, "N", lambda r: _cell(r, pct=True), _providers(sel)), ""]
+        graphed = [r for r in norms if r.get("value_graph") is not None or r.get("graph_note")]
+        if graphed:
+            out += ["## Softmax / LayerNorm / RMSNorm: device time alone (CUDA graph replay)", "",
+                    "GB/s of the same calls replayed from a CUDA graph (no host work; no L2 flush, so small N "
+                    "may read from L2), and in brackets that time's share of the do_bench time above: "
+                    "a small share means the call's host side, not its kernels, set the time above.", ""]
+            for op in ("layer_norm", "rms_norm", "softmax"):
+                for pass_ in ("fwd", "bwd"):
+                    sel = [r for r in graphed if r["op"] == op and r["pass"] == pass_]
+                    if sel:
+                        out += [f"### {op} {pass_}, M = {sel[0]['M']}", "",
+                                _table(sel, "N", _graph_cell, _providers(sel), speedup=False), ""]
+            notes = sorted({(r["op"], r["provider"], r["graph_note"]) for r in graphed if r.get("graph_note")})
+            out += [f"- `{op}/{p}` not captured: {n}" for op, p, n in notes] + ([""] if notes else [])
 
     attn = [r for r in rows if r["suite"] == "attention"]
     if attn:

@@ -80,6 +80,26 @@ def test_summary_and_compare(smoke_run):
     assert "0 regressions" in table and "| norms | layer_norm | tfkernels-triton | fwd |" in table
 
 
+def test_summary_device_time_table():
+    """The norms' CUDA-graph rows (GPU only, so built by hand here): GB/s and the graph time's share
+    of the do_bench time, 'not captured' with the reason where capture failed, no table without them."""
+    from benchmarks import report
+
+    def row(provider, **extra):
+        return dict(suite="norms", op="layer_norm", provider=provider, x=1024, N=1024, M=4096, status="ok",
+                    metric="GB/s", value=70.0, pct_copy=2.3, ms=0.34, bytes=24_000_000, **{"pass": "bwd"}, **extra)
+
+    env = dict(gpu="g", driver="d", cuda="c", torch="t", triton="tr", python="p", commit="abc", date="today")
+    cfg = dict(dtype="bf16", warmup_ms=1, rep_ms=1)
+    rows = [row("tfkernels-triton", ms_graph=0.017, value_graph=1411.8),
+            row("torch.compile", graph_note="RuntimeError: operation not permitted when stream is capturing")]
+    md = report.summary_md(dict(env=env, config=cfg, rows=rows))
+    graph = md.split("device time alone (CUDA graph replay)")[1]
+    assert "| 1024 | 1,412 (5%) | not captured |" in graph
+    assert "`layer_norm/torch.compile` not captured: RuntimeError: operation not permitted" in graph
+    assert "device time alone" not in report.summary_md(dict(env=env, config=cfg, rows=[row("torch")]))
+
+
 def test_bad_only_is_rejected():
     with pytest.raises(SystemExit):
         benchmarks.main(["--smoke", "--only", "nope"])
