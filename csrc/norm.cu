@@ -293,27 +293,28 @@ __global__ void __launch_bounds__(kBwdRegThreads) norm_bwd_regs_kernel(
     reg_store<T, VPT>(ok ? dx + row * N : dx, nvec, ok, g);
   }
   if (dw_part == nullptr && db_part == nullptr) return;
-  // the block's rows (threadIdx.y) hold partials for the same columns: add them up in shared memory,
-  // in row order (deterministic), then row 0 writes the block's partial row. Only short rows have
-  // several rows a block, and then one vector a thread and 128 threads at most (reg_plan).
-  if (VPT == 1 && blockDim.y > 1) {
-    __shared__ float red[2][128][VPT == 1 ? V : 1];
+  // the block's rows (threadIdx.y) hold partials for the same columns: row 0 adds the others' in
+  // row order (deterministic), 4 columns a round through shared memory, then writes the block's row
+  if (blockDim.y > 1) {
+    __shared__ float4 red[kBwdRegThreads];
     const int t = threadIdx.y * blockDim.x + threadIdx.x;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      red[0][t][j] = aw[0][j];
-      red[1][t][j] = ab[0][j];
-    }
-    __syncthreads();
-    if (threadIdx.y == 0) {
-      for (int r = 1; r < static_cast<int>(blockDim.y); ++r) {
-        const int u = r * blockDim.x + threadIdx.x;
+    for (int a = 0; a < 2; ++a) {
+      float (&acc)[VPT][V] = a == 0 ? aw : ab;
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          aw[0][j] += red[0][u][j];
-          ab[0][j] += red[1][u][j];
+      for (int k = 0; k < VPT; ++k)
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+          __syncthreads();  // the previous round's readers are done with red
+          red[t] = make_float4(acc[k][j], acc[k][j + 1], acc[k][j + 2], acc[k][j + 3]);
+          __syncthreads();
+          if (threadIdx.y == 0) {
+            for (int r = 1; r < static_cast<int>(blockDim.y); ++r) {
+              const float4 q = red[r * blockDim.x + threadIdx.x];
+              acc[k][j] += q.x, acc[k][j + 1] += q.y, acc[k][j + 2] += q.z, acc[k][j + 3] += q.w;
+            }
+          }
         }
-      }
     }
   }
   if (threadIdx.y != 0) return;
@@ -347,9 +348,9 @@ void with_vpt(int vpt, F&& f) {
 
 int elem_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
 
-// The backward's register plan and its number of persistent blocks (= partial rows): as many as
-// are resident at once (the occupancy calculator knows the kernel's registers), at most one per
-// row group. Whether the operands allow the layout is the caller's test.
+// The backward's register plan and its number of persistent blocks (= partial rows): those resident
+// at once (the occupancy calculator knows the kernel's registers), at most two an SM, at most one
+// per row group. Whether the operands allow the layout is the caller's test.
 struct BwdRegs {
   RegPlan plan;
   int64_t blocks = 0;
@@ -360,6 +361,9 @@ BwdRegs bwd_regs_plan(int64_t M, int64_t N) {
   BwdRegs r;
   r.plan = reg_plan(N, sizeof(T), kBwdRegThreads, kBwdRegElems);
   if (!r.plan.ok) return r;
+  // short rows: as many to a block as fill kBwdRegThreads, so that few, large blocks keep the
+  // GPU's bandwidth busy and the (G, N) partials stay small next to x and dy
+  r.plan.rows = r.plan.tpr <= kBwdRegThreads / 2 ? kBwdRegThreads / r.plan.tpr : 1;
   const int threads = r.plan.tpr * r.plan.rows;
   int per_sm = 0;
   with_vpt<kBwdRegElems / Vec<T>::N>(r.plan.vpt, [&](auto vpt) {
@@ -367,8 +371,11 @@ BwdRegs bwd_regs_plan(int64_t M, int64_t N) {
                                                       threads, 0) != cudaSuccess)
       per_sm = 1;
   });
+  // at most two blocks an SM: each partial row costs 8N bytes written and read again, against the
+  // 6N (fp16/bf16) a row of x, dy and dx moves (G = 264 partials at M = 16384 rows: ~4 %)
+  per_sm = per_sm < 1 ? 1 : (per_sm > 2 ? 2 : per_sm);
   const int64_t groups = (M + r.plan.rows - 1) / r.plan.rows;
-  const int64_t resident = static_cast<int64_t>(num_sms()) * (per_sm > 0 ? per_sm : 1);
+  const int64_t resident = static_cast<int64_t>(num_sms()) * per_sm;
   r.blocks = groups < resident ? groups : resident;
   return r;
 }

@@ -506,6 +506,34 @@ def test_generate_left_padded_batch(kernels, pos, document_mask):
     assert torch.equal(model.generate(idx, 4, temperature=0, attention_mask=full), model.generate(idx, 4, temperature=0))
 
 
+@pytest.mark.parametrize("document_mask", [False, True])
+@pytest.mark.parametrize("kernels", ["torch", "tfkernels", "kernel-backend"])
+def test_left_padded_cached_logits_match_alone(kernels, document_mask):
+    """What generate feeds a cached forward for a left-padded batch (the prefill, then a step), at the
+    logits: each row's equal its prompt's alone. The fused kernels without documents skip the padding
+    inside kvcache_attention (cache.leftpad); the other paths mask it with document ids."""
+    torch.manual_seed(1)
+    backend = kernel_backends()[0] if kernels == "kernel-backend" else "torch"
+    model = GPT(make_config("gpt", "tiny", pos="rope", kernels="torch" if kernels == "torch" else "tfkernels",
+                            backend=backend if kernels != "torch" else None, document_mask=document_mask,
+                            **SMALL)).eval().to(DEVICE)
+    prompts = [torch.randint(1, 64, (n,)) for n in (2, 6, 4)]
+    idx, mask = _left_padded(prompts)
+    idx = idx.to(DEVICE)
+    pad = model._left_padding(idx, mask.to(DEVICE))
+    nxt = torch.randint(1, 64, (3, 1), device=DEVICE)
+    with torch.no_grad():
+        cache = KVCache(model.cfg.n_layer, model.cfg.block_size)
+        prefill = model(idx, cache=cache, **model._padded_inputs(idx, pad, 0, cache))[0]
+        assert (cache.leftpad is not None) == (kernels != "torch" and not document_mask)
+        both = torch.cat([idx, nxt], 1)
+        step = model(nxt, cache=cache, **model._padded_inputs(both, pad, cache.pos, cache))[0]
+        for b, p in enumerate(prompts):
+            alone = model(torch.cat([p.to(DEVICE), nxt[b]])[None])[0][0]  # (len + 1, V)
+            torch.testing.assert_close(prefill[b, idx.shape[1] - len(p):], alone[:-1], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(step[b, 0], alone[-1], atol=2e-5, rtol=1e-4)
+
+
 def test_generate_left_padded_on_the_kernels():
     """The same on the fused kernels (the tests' kernel backend): padded rows decode as alone."""
     torch.manual_seed(0)

@@ -209,6 +209,9 @@ class KVCache:
         self.pos = 0  # tokens cached so far (the next token's position)
         self.doc: Optional[torch.Tensor] = None       # (B, max_len) int32 document ids (document masking only)
         self.next_doc: Optional[torch.Tensor] = None  # (B,) int32: the document the next token starts in
+        # (B,) int32: padding slots before each row's first token (generate's left padding), skipped by
+        # the fused decoding kernel (kvcache_attention's cache_leftpad); None: no row is padded
+        self.leftpad: Optional[torch.Tensor] = None
 
     def buffers(self, layer: int, k: torch.Tensor):
         """Layer's (k, v) buffers (B, max_len, H_kv, Dh), made on first use like k (B, H_kv, T, Dh)."""
@@ -236,6 +239,12 @@ class KVCache:
         end = self.pos + ids.shape[-1]
         self.doc[:, self.pos:end] = ids
         return self.doc[:, :end]
+
+
+def fused_decoding(cfg: ModelConfig, training: bool) -> bool:
+    """True when a cached step of this model runs tfkernels.kvcache_attention (the fused kernels, no
+    attention dropout); documents and other masks take the general attention with the cache."""
+    return cfg.kernels == "tfkernels" and (cfg.dropout == 0.0 or not training)
 
 
 class SelfAttention(nn.Module):
@@ -273,13 +282,18 @@ class SelfAttention(nn.Module):
             raise ValueError("document masking is for causal attention without another attn_mask")
         is_causal = self.causal
         p = self.cfg.dropout if self.training else 0.0
-        if cache is not None and self.cfg.kernels == "tfkernels" and docs is None and attn_mask is None and p == 0.0:
+        if cache is not None and fused_decoding(self.cfg, self.training) and docs is None and attn_mask is None:
             # decoding: the new keys appended in place and attended with the cached ones by the split-KV
-            # kernel, the queries (bottom-right causal) in (B, T, H, Dh), the output in that layout too
+            # kernel, the queries (bottom-right causal) in (B, T, H, Dh), the output in that layout too;
+            # left padding (generate's) is skipped by the kernel, never read
             kc, vc = cache.buffers(layer, k)
             y = tf_kvcache_attention(q.transpose(1, 2), kc, vc, start, k.transpose(1, 2), v.transpose(1, 2),
-                                     causal=self.causal, backend=self.cfg.backend)  # (B, T, H, Dh)
+                                     causal=self.causal, cache_leftpad=cache.leftpad,
+                                     backend=self.cfg.backend)  # (B, T, H, Dh)
             return self.resid_dropout(self.c_proj(y.view(B, T, C)))
+        if cache is not None and cache.leftpad is not None:
+            raise ValueError("the KV cache has left padding (cache.leftpad), which only the fused decoding path "
+                             "reads; mask the padding with document_ids (-1) instead")
         if cache is not None:
             k, v = cache.append(layer, k, v)                                 # (B, H, start + T, Dh)
             if start > 0:  # the new queries sit at the end: the causal diagonal is aligned bottom-right
@@ -482,7 +496,9 @@ class GPT(_Base):
         a real token and 0 for padding, zeros before ones in each row (Hugging Face's convention). Padding
         is attended by nothing and each row's positions count from its first real token, so every row
         decodes as its prompt would alone (greedy: the same tokens) while the row fits in block_size;
-        past it, the window of the last block_size tokens slides over the padding first.
+        past it, the window of the last block_size tokens slides over the padding first. With the
+        cache on the fused kernels (no document masking) the decoding kernel skips the padding
+        (kvcache_attention's cache_leftpad); otherwise document ids of -1 mask it.
 
         With use_cache (and a torch that has SDPA's causal_lower_right), the prompt runs once and each
         new token attends to the cached keys and values: one token's work a step, not the whole
@@ -537,23 +553,29 @@ class GPT(_Base):
         return pad if bool(pad.any()) else None
 
     def _padded_inputs(self, idx, pad, start: int, cache: Optional[KVCache]) -> dict:
-        """forward's keywords for idx[:, start:] of a left-padded batch: document_ids (padding -1, so
-        nothing attends to it; real tokens their documents with cfg.document_mask, else 0) and
-        positions counted from each row's first real token.
+        """forward's keywords for idx[:, start:] of a left-padded batch: positions counted from each
+        row's first real token, and the padding kept out of attention. The fused decoding kernel skips
+        it (cache.leftpad, set here on the first cached step); otherwise document_ids (padding -1, so
+        nothing attends to it; real tokens their documents with cfg.document_mask, else 0).
         With `cache` the slice continues it at column `start`: after the prompt it holds only new
         tokens, whose documents continue the cache's (cache.next_doc). Without, it is a re-read window
         (past block_size): its positions start again at 0, as an unpadded window's do, after the
         padding it still holds (pad - start), and its documents are derived from its own tokens."""
         part = idx[:, start:]                                                # (B, L - start)
         col = torch.arange(start, idx.shape[1], device=idx.device)[None, :]  # its columns in idx
+        lead = pad if cache is not None else (pad - start).clamp(min=0) + start  # (B,): the column of position 0
+        positions = (col - lead[:, None]).clamp(min=0)
+        if cache is not None and not self.cfg.document_mask and fused_decoding(self.cfg, self.training):
+            if cache.leftpad is None:
+                cache.leftpad = pad.to(torch.int32)
+            return {"positions": positions, "check_positions": False}
         if self.cfg.document_mask:
             first = cache.next_doc if cache is not None and start > 0 else None
             ids = document_ids_from_tokens(part, self.cfg.eos_id, first)
         else:
             ids = torch.zeros_like(part, dtype=torch.int32)
         ids = torch.where(col >= pad[:, None], ids, -1)
-        lead = pad if cache is not None else (pad - start).clamp(min=0) + start  # (B,): the column of position 0
-        return {"document_ids": ids, "positions": (col - lead[:, None]).clamp(min=0), "check_positions": False}
+        return {"document_ids": ids, "positions": positions, "check_positions": False}
 
 
 # ----------------------------------------------------------------------------- BERT
