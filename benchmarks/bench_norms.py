@@ -19,10 +19,11 @@ Forward is timed under torch.no_grad() (inference: nothing saved beyond what the
 computes). Backward is timed alone: forward runs once with inputs that require grad, then
 `torch.autograd.grad(y, inputs, dy, retain_graph=True)` is what do_bench times.
 
-On CUDA each timed call is also replayed from a CUDA graph (`_util.bench_device`): the same work
-with no host side, so `ms_graph` against `ms` says how much of a small row's time is the host's
-(Python, launches, the autograd engine) rather than its kernels'. The graph replays run without
-an L2 flush, so at N <= ~2048 (under 50 MB moved) they may read from L2.
+On CUDA the tfkernels and torch calls at N <= 16384 are also replayed from a CUDA graph
+(`_util.bench_device`, ~0.3 s a case): the same work with no host side, so `ms_graph` against `ms`
+says how much of a row's time is the host's (Python, launches, the autograd engine) rather than its
+kernels'. The graph replays run without an L2 flush, so at N <= ~2048 (under 50 MB moved) they may
+read from L2.
 
 Providers: tfkernels-triton, tfkernels-cuda, torch (eager), torch.compile (of the eager function,
 `dynamic=False`, compiled per shape after a dynamo reset and warmed up by the correctness check),
@@ -40,6 +41,8 @@ from . import _util
 from ._util import BenchConfig, Unavailable
 
 OPS = ("layer_norm", "rms_norm", "softmax")
+GRAPH_PROVIDERS = ("tfkernels-triton", "tfkernels-cuda", "torch")  # device time alone: where host time is the question
+GRAPH_MAX_N = 16384
 PROVIDERS = ("tfkernels-triton", "tfkernels-cuda", "torch", "torch.compile", "liger", "apex")
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
@@ -275,7 +278,7 @@ def _time(fn, pass_, x, w, b, dy, cfg):
 def _device_time(r, fn, pass_, x, w, b, dy, cfg, copy_gbps) -> None:
     """Adds ms_graph / value_graph / pct_copy_graph to row r (or graph_note: why the call could not
     be captured -- itself a finding, e.g. a host sync in the op)."""
-    if not cfg.cuda:
+    if not cfg.cuda or r["provider"] not in GRAPH_PROVIDERS or r["N"] > GRAPH_MAX_N:
         return
     try:
         if pass_ == "fwd":
