@@ -445,6 +445,54 @@ def test_kvcache_reads_lengths_once_per_tensor_version(monkeypatch):
         tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, backend="torch")
 
 
+def test_kvcache_reads_nothing_while_a_cuda_graph_captures(monkeypatch, backend):
+    """While a CUDA graph captures, the host check of cache_seqlens (and the other index tensors) is
+    skipped: a read raises during capture, and a captured decode step is replayed with lengths changed
+    in place, which a check at capture time would not see. (Capture itself: the test below, on a GPU.)"""
+    from tfkernels import _validate
+
+    torch.manual_seed(6)
+    q, k_cache, v_cache = _rand(2, 1, 4, 16), _rand(2, 8, 2, 16), _rand(2, 8, 2, 16)
+    seqlens = torch.tensor([5, 3], dtype=torch.int32, device=DEVICE)
+    pad = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    want = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens, cache_leftpad=pad, backend=backend)
+    monkeypatch.setattr(_validate, "capturing", lambda t: True)
+    monkeypatch.setattr(_validate, "host_values", lambda t: pytest.fail("a host read while capturing"))
+    seqlens2 = seqlens.clone()  # a new tensor: nothing remembered for it
+    got = tfkernels.kvcache_attention(q, k_cache, v_cache, seqlens2, cache_leftpad=pad.clone(), backend=backend)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+def test_kvcache_decode_step_replays_from_a_cuda_graph():
+    """A decode step (append one token, attend) captured once and replayed with cache_seqlens advanced
+    in place, as a CUDA-graph decode loop runs it, gives what eager calls give."""
+    torch.manual_seed(7)
+    B, T, Hq, Hkv, D, S = 2, 6, 4, 2, 64, 32
+    q, k, v = (torch.randn(B, T, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    k_cache = torch.zeros(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    seqlens = torch.zeros(B, dtype=torch.int32, device="cuda")
+    q1, k1, v1 = q[:, :1].clone(), k[:, :1].clone(), v[:, :1].clone()  # the step's static inputs
+
+    def step():
+        return tfkernels.kvcache_attention(q1, k_cache, v_cache, seqlens, k1, v1, causal=True)
+
+    outs = [step().clone()]  # token 0 eagerly (this also compiles the kernels); capture runs nothing
+    seqlens += 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for t in range(1, T):
+        q1.copy_(q[:, t:t + 1]), k1.copy_(k[:, t:t + 1]), v1.copy_(v[:, t:t + 1])
+        graph.replay()
+        outs.append(out.clone())
+        seqlens += 1
+    full = tfkernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                               enable_gqa=True, backend="torch").transpose(1, 2)
+    assert_close(torch.cat(outs, 1), full.double(), torch.bfloat16, "replayed decode")
+
+
 def test_kvcache_bad_input():
     q, k_cache, v_cache = _rand(2, 1, 4, 16), _rand(2, 8, 2, 16), _rand(2, 8, 2, 16)
     lens = torch.tensor([3, 4], dtype=torch.int32, device=DEVICE)

@@ -120,12 +120,18 @@ def _version(t: torch.Tensor):
     return None if t.is_inference() else t._version
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph captures on t's device's current stream: no host read of a device value
+    may happen then (it raises), and nothing computed must be reused across replays."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def eager_memo(t: torch.Tensor, kind, fn, partner: Optional[torch.Tensor] = None):
     """per_version(t, kind, fn, partner=partner) for device work an eager model repeats in every layer
     (document ids' conversion and ranges), else fn(t): while torch.compile traces (the memo is Python
     state the graph must not depend on) and while a CUDA graph captures (the captured graph must hold
     the work, or a replay on new values in the same tensor would reuse the old result)."""
-    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or capturing(t):
         return fn(t)
     return per_version(t, kind, fn, partner=partner)
 

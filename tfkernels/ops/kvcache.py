@@ -33,8 +33,9 @@ B * H_kv row blocks do not, with at least 256 keys per split (the combine's read
 
 Eager calls read cache_seqlens (and the block table, cache_batch_idx) on the host once per tensor
 and version to check them (the cache's capacity, the pages); an int cache_seqlens needs no read.
-Under torch.compile nothing is read; the kernel clamps lengths to the capacity and page ids to the
-pages, so that a bad value never reads outside the cache.
+Under torch.compile and while a CUDA graph captures nothing is read (a captured decode step can be
+replayed with cache_seqlens updated in place); the kernel clamps lengths to the capacity and page
+ids to the pages, so that a bad value never reads outside the cache.
 
 The "cuda" backend has the same kernels in CUDA C++ (csrc/kvcache.cu: 16 query rows a block, fp32
 FMAs from shared memory, the same split ranges and combine) for up to CUDA_DECODE_ROWS query rows per
@@ -542,8 +543,10 @@ def kvcache_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
         raise TypeError(f"kvcache_attention: cache_seqlens must be an int or an integer tensor (B,), got "
                         f"{type(cache_seqlens).__name__}")
     # the values are checked on the host in eager calls (a sync, once per tensor and version); under
-    # torch.compile only an int cache_seqlens is (the kernels clamp the rest: never a read outside)
-    compiling = torch.compiler.is_compiling()
+    # torch.compile and while a CUDA graph captures (a decode step replayed with lengths updated in
+    # place, where a host read would raise) only an int cache_seqlens is: the kernels clamp the rest,
+    # so a bad value never reads outside the cache
+    compiling = torch.compiler.is_compiling() or _validate.capturing(q)
 
     def read(t):
         return None if t is None or compiling else _validate.host_values(t)
