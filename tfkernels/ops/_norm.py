@@ -331,9 +331,12 @@ def norm_bwd(dy, x, weight, mean, rstd, has_bias: bool, is_rms: bool):
     w = weight.contiguous() if has_w else dx  # unit stride, as in norm_fwd; dx: a dummy pointer
     if N <= MAX_FUSED_N:
         block_m, block_n, num_warps = _bwd_fused_config(N, x.element_size())
-        # a few row tiles per program amortises the partial write; enough programs to fill the GPU
+        # persistent programs, as many as are resident at once (~64 registers a thread: 32 warps an
+        # SM): each writes one (N,) row of dw/db partials, 8N bytes written and read again, so a
+        # second wave of programs would only add partials (528 of them were 35 % of the traffic at
+        # M = 4096, N = 1024)
         num_tiles = _grid.cdiv(M, block_m)
-        G = max(1, min(num_tiles, 4 * _num_sms(dev)))
+        G = max(1, min(num_tiles, max(1, 32 // num_warps) * _num_sms(dev)))
         dwp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_w else empty()
         dbp = torch.empty((G, N), dtype=torch.float32, device=dev) if has_bias else empty()
         _norm_bwd_fused[(G,)](
