@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -47,14 +48,17 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sums K values over the whole block; every thread gets the totals. blockDim.x must be a multiple
-// of 32 (at most 1024) and every thread of the block must call it.
+// Sums K values over each row's threads (threadIdx.x, one row per threadIdx.y); every thread gets
+// its row's totals, in the same order on every thread. blockDim.x must be a multiple of 32, and
+// every thread of the block must call it.
 template <int K>
-__device__ __forceinline__ void block_sum(float (&v)[K]) {
+__device__ __forceinline__ void row_sum(float (&v)[K]) {
   __shared__ float sh[K][32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int wpr = blockDim.x >> 5;  // warps per row, the same for the whole block
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  if (wpr == 1) return;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
   __syncthreads();  // a previous call's readers are done with sh
   if (lane == 0) {
 #pragma unroll
@@ -62,19 +66,29 @@ __device__ __forceinline__ void block_sum(float (&v)[K]) {
   }
   __syncthreads();
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < nwarps ? sh[k][lane] : 0.0f);
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < wpr ? sh[k][threadIdx.y * wpr + lane] : 0.0f);
 }
 
-// Maximum over the block (NaN-ignoring, as fmaxf); same rules as block_sum.
-__device__ __forceinline__ float block_max(float v) {
+// Maximum over each row's threads (NaN-ignoring, as fmaxf); same rules as row_sum.
+__device__ __forceinline__ float row_max(float v) {
   __shared__ float sh[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int wpr = blockDim.x >> 5;
   v = warp_max(v);
+  if (wpr == 1) return v;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
   __syncthreads();
   if (lane == 0) sh[warp] = v;
   __syncthreads();
-  return warp_max(lane < nwarps ? sh[lane] : -INFINITY);
+  return warp_max(lane < wpr ? sh[threadIdx.y * wpr + lane] : -INFINITY);
 }
+
+// Sums K values over the whole block (one-dimensional, blockDim.x a multiple of 32, at most 1024);
+// every thread gets the totals and every thread of the block must call it.
+template <int K>
+__device__ __forceinline__ void block_sum(float (&v)[K]) { row_sum(v); }
+
+// Maximum over the whole block (NaN-ignoring, as fmaxf); same rules as block_sum.
+__device__ __forceinline__ float block_max(float v) { return row_max(v); }
 
 // ------------------------------------------------------------------------- row iteration
 // One block walks one row of n elements; each thread visits a subset of the columns. When the
@@ -228,40 +242,6 @@ __device__ __forceinline__ void load_f32(const float* p, float (&out)[V]) {
   }
 }
 
-// Sums K values over each row's threads (threadIdx.x, one row per threadIdx.y); every thread gets
-// its row's totals, in the same order on every thread. blockDim.x must be a multiple of 32, and
-// every thread of the block must call it.
-template <int K>
-__device__ __forceinline__ void row_sum(float (&v)[K]) {
-  __shared__ float sh[K][32];
-  const int wpr = blockDim.x >> 5;  // warps per row, the same for the whole block
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
-  if (wpr == 1) return;
-  const int lane = threadIdx.x & 31, warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
-  __syncthreads();  // a previous call's readers are done with sh
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) sh[k][warp] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < wpr ? sh[k][threadIdx.y * wpr + lane] : 0.0f);
-}
-
-// Maximum over each row's threads (NaN-ignoring, as fmaxf); same rules as row_sum.
-__device__ __forceinline__ float row_max(float v) {
-  __shared__ float sh[32];
-  const int wpr = blockDim.x >> 5;
-  v = warp_max(v);
-  if (wpr == 1) return v;
-  const int lane = threadIdx.x & 31, warp = (threadIdx.y * blockDim.x + threadIdx.x) >> 5;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  return warp_max(lane < wpr ? sh[threadIdx.y * wpr + lane] : -INFINITY);
-}
-
 // ------------------------------------------------------------------------- launch helpers
 
 // Threads for a block that walks a row of n elements: ~8 elements per thread, 32..1024.
@@ -311,6 +291,17 @@ inline bool reg_rows_ok(const void* p, int64_t stride_m, int64_t stride_n, int64
 }
 
 inline bool aligned16_or_null(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Calls f(std::integral_constant<int, VPT>) for vpt in {1, 2, 4}, VPT <= MAX_VPT: only the kernels a
+// reg_plan with that element budget can ask for are instantiated.
+template <int MAX_VPT, typename F>
+void with_vpt(int vpt, F&& f) {
+  if (vpt == 1) f(std::integral_constant<int, 1>{});
+  if constexpr (MAX_VPT >= 2) if (vpt == 2) f(std::integral_constant<int, 2>{});
+  if constexpr (MAX_VPT >= 4) if (vpt == 4) f(std::integral_constant<int, 4>{});
+}
+
+inline int elem_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
 
 inline int num_sms() {
   int dev = 0, sms = 0;

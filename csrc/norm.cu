@@ -21,8 +21,6 @@
 //   kernel that re-reads x and dy.
 // Both reduce dw/db in two stages (partials (G, N), then a column sum): no atomics, so results
 // are deterministic. Offsets are int64.
-#include <type_traits>
-
 #include "common.cuh"
 
 namespace tfk {
@@ -336,17 +334,6 @@ __global__ void __launch_bounds__(kBwdRegThreads) norm_bwd_regs_kernel(
 
 constexpr int kFwdRegElems = 32;  // elements a thread holds in the forward (x; 32 fp32 registers)
 constexpr int kBwdRegElems = 16;  // and in the backward (x, dy and the dw/db partials: 64 registers)
-
-// Calls f(std::integral_constant<int, VPT>) for vpt in {1, 2, 4}, VPT <= MAX_VPT (only those
-// kernels are instantiated: reg_plan never asks for more).
-template <int MAX_VPT, typename F>
-void with_vpt(int vpt, F&& f) {
-  if (vpt == 1) f(std::integral_constant<int, 1>{});
-  if constexpr (MAX_VPT >= 2) if (vpt == 2) f(std::integral_constant<int, 2>{});
-  if constexpr (MAX_VPT >= 4) if (vpt == 4) f(std::integral_constant<int, 4>{});
-}
-
-int elem_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
 
 // The backward's register plan and its number of persistent blocks (= partial rows): those resident
 // at once (the occupancy calculator knows the kernel's registers), at most two an SM, at most one

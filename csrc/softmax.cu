@@ -10,8 +10,6 @@
 // sum, write; the re-reads mostly hit L1/L2). Generic: one block per row, rows of any length
 // (~8 elements per thread, up to 1024 threads), 16-byte vector accesses on contiguous aligned rows,
 // any strides otherwise (0 included).
-#include <type_traits>
-
 #include "common.cuh"
 
 namespace tfk {
@@ -120,16 +118,6 @@ __global__ void __launch_bounds__(1024) softmax_bwd_regs_kernel(
 
 constexpr int kFwdRegElems = 32;  // elements of a row a thread holds: x (forward)
 constexpr int kBwdRegElems = 16;  // dy and y (backward)
-
-// Calls f(std::integral_constant<int, VPT>) for vpt in {1, 2, 4}, VPT <= MAX_VPT.
-template <int MAX_VPT, typename F>
-void with_vpt(int vpt, F&& f) {
-  if (vpt == 1) f(std::integral_constant<int, 1>{});
-  if constexpr (MAX_VPT >= 2) if (vpt == 2) f(std::integral_constant<int, 2>{});
-  if constexpr (MAX_VPT >= 4) if (vpt == 4) f(std::integral_constant<int, 4>{});
-}
-
-int elem_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
 
 }  // namespace
 
