@@ -205,6 +205,12 @@ def test_decode_bench_smoke(tmp_path):
     md = (tmp_path / "decode.md").read_text()
     assert "| 4/2 | 2 | 40 | tfkernels-triton-paged |" in md
     assert "| 4/2 left-padded | 3 | 40 | tfkernels-triton |" in md  # cache_leftpad against the masked providers
+    # the CUDA-graph column (GPU only): built from rows by hand
+    row = dict(kind="gqa", B=1, Hq=32, Hkv=8, L=4096, D=128, status="ok", ms=0.414, GBps=40.5)
+    md = bench_decode.table([dict(row, provider="tfkernels-triton", ms_graph=0.021),
+                             dict(row, provider="tfkernels-cuda", graph_note="RuntimeError: capture")], {}, "bf16")
+    assert "| 32/8 | 1 | 4096 | tfkernels-triton | 414 | 21.0 |" in md
+    assert "| 32/8 | 1 | 4096 | tfkernels-cuda | 414 | not captured |" in md
 
 
 @pytest.mark.skipif("cuda" not in kernel_backends(), reason="needs the cuda backend (built, or emulated on CPU)")
