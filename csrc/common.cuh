@@ -195,15 +195,29 @@ __device__ __forceinline__ void row_map2(const T* a, int64_t sa, const T* b, int
 // Vector k of this thread's share of a row: its index in the row (in vectors).
 __device__ __forceinline__ int64_t reg_vec(int k) { return threadIdx.x + static_cast<int64_t>(k) * blockDim.x; }
 
-// v[k][:] = row p's vector reg_vec(k) as fp32 when `valid` and it exists (< nvec), else `fill`.
+// Calls f(row, ok) for each row this thread's block holds: row blockIdx.x * blockDim.y + threadIdx.y,
+// then a grid's rows further, while the block has rows below M; ok = row < M. The whole block runs
+// the loop together (the rows' reductions have barriers), so rows past M still take part.
+template <typename F>
+__device__ __forceinline__ void for_reg_rows(int64_t M, F&& f) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; r0 < M; r0 += step) {
+    const int64_t row = r0 + threadIdx.y;
+    f(row, row < M);
+  }
+}
+
+// v[k][:] = vector reg_vec(k) of row `row` (at base + row * stride) as fp32 when ok and the vector
+// exists (< nvec), else `fill`; nothing is read for a row that is not ok.
 template <typename T, int VPT>
-__device__ __forceinline__ void reg_load(const T* p, int64_t nvec, bool valid, float fill,
+__device__ __forceinline__ void reg_load(const T* base, int64_t row, int64_t stride, int64_t nvec, bool ok, float fill,
                                          float (&v)[VPT][Vec<T>::N]) {
   constexpr int V = Vec<T>::N;
+  const T* p = ok ? base + row * stride : base;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int64_t i = reg_vec(k);
-    if (valid && i < nvec) {
+    if (ok && i < nvec) {
       Vec<T> t;
       t.load(p + i * V);
 #pragma unroll
@@ -215,11 +229,13 @@ __device__ __forceinline__ void reg_load(const T* p, int64_t nvec, bool valid, f
   }
 }
 
-// Stores v[k][:] (converted to T) to row p's vector reg_vec(k), for the vectors that exist.
+// Stores v[k][:] (converted to T) as vector reg_vec(k) of contiguous row `row` of out (n = nvec
+// vectors a row), for the vectors that exist; nothing for a row that is not ok.
 template <typename T, int VPT>
-__device__ __forceinline__ void reg_store(T* p, int64_t nvec, bool valid, const float (&v)[VPT][Vec<T>::N]) {
+__device__ __forceinline__ void reg_store(T* out, int64_t row, int64_t nvec, bool ok, const float (&v)[VPT][Vec<T>::N]) {
   constexpr int V = Vec<T>::N;
-  if (!valid) return;
+  if (!ok) return;
+  T* p = out + row * nvec * V;
 #pragma unroll
   for (int k = 0; k < VPT; ++k) {
     const int64_t i = reg_vec(k);

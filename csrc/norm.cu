@@ -183,12 +183,9 @@ __global__ void __launch_bounds__(1024) norm_fwd_regs_kernel(
   constexpr int V = Vec<T>::N;
   const int64_t nvec = N / V;
   const float inv_n = 1.0f / static_cast<float>(N);
-  // the whole block walks the rows together (row_sum's barriers); rows past M load nothing
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; r0 < M; r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t row = r0 + threadIdx.y;
-    const bool ok = row < M;
+  for_reg_rows(M, [&](int64_t row, bool ok) {
     float v[VPT][V];
-    reg_load<T, VPT>(ok ? x + row * sxm : x, nvec, ok, 0.0f, v);
+    reg_load<T, VPT>(x, row, sxm, nvec, ok, 0.0f, v);
     float mu = 0.0f;
     if (!IS_RMS) {
       float s[1] = {0.0f};
@@ -228,8 +225,8 @@ __global__ void __launch_bounds__(1024) norm_fwd_regs_kernel(
 #pragma unroll
       for (int j = 0; j < V; ++j) v[k][j] = (v[k][j] - mu) * rstd * wv[j] + bv[j];
     }
-    reg_store<T, VPT>(ok ? y + row * N : y, nvec, ok, v);
-  }
+    reg_store<T, VPT>(y, row, nvec, ok, v);
+  });
 }
 
 constexpr int kBwdRegThreads = 512;  // the backward's register budget: 128 per thread at 512 threads
@@ -253,12 +250,10 @@ __global__ void __launch_bounds__(kBwdRegThreads) norm_bwd_regs_kernel(
   for (int k = 0; k < VPT; ++k)
 #pragma unroll
     for (int j = 0; j < V; ++j) aw[k][j] = ab[k][j] = 0.0f;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; r0 < M; r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t row = r0 + threadIdx.y;
-    const bool ok = row < M;
+  for_reg_rows(M, [&](int64_t row, bool ok) {
     float xv[VPT][V], g[VPT][V];
-    reg_load<T, VPT>(ok ? x + row * sxm : x, nvec, ok, 0.0f, xv);
-    reg_load<T, VPT>(ok ? dy + row * sdym : dy, nvec, ok, 0.0f, g);  // dy = 0 where nothing is loaded
+    reg_load<T, VPT>(x, row, sxm, nvec, ok, 0.0f, xv);
+    reg_load<T, VPT>(dy, row, sdym, nvec, ok, 0.0f, g);  // dy = 0 where nothing is loaded
     // a row past M: rs = 0 makes its xhat 0, and its dy is 0, so it adds nothing anywhere
     const float mu = (IS_RMS || !ok) ? 0.0f : mean[row];
     const float rs = ok ? rstd[row] : 0.0f;
@@ -288,8 +283,8 @@ __global__ void __launch_bounds__(kBwdRegThreads) norm_bwd_regs_kernel(
     for (int k = 0; k < VPT; ++k)
 #pragma unroll
       for (int j = 0; j < V; ++j) g[k][j] = (g[k][j] - xv[k][j] * c1 - c2) * rs;
-    reg_store<T, VPT>(ok ? dx + row * N : dx, nvec, ok, g);
-  }
+    reg_store<T, VPT>(dx, row, nvec, ok, g);
+  });
   if (dw_part == nullptr && db_part == nullptr) return;
   // the block's rows (threadIdx.y) hold partials for the same columns: row 0 adds the others' in
   // row order (deterministic), 4 columns a round through shared memory, then writes the block's row

@@ -57,11 +57,9 @@ __global__ void __launch_bounds__(1024) softmax_fwd_regs_kernel(
     int64_t M, int64_t N) {
   constexpr int V = Vec<T>::N;
   const int64_t nvec = N / V;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; r0 < M; r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t row = r0 + threadIdx.y;
-    const bool ok = row < M;
+  for_reg_rows(M, [&](int64_t row, bool ok) {
     float v[VPT][V];
-    reg_load<T, VPT>(ok ? x + row * sxm : x, nvec, ok, -INFINITY, v);  // -inf: no effect on the max
+    reg_load<T, VPT>(x, row, sxm, nvec, ok, -INFINITY, v);  // -inf: no effect on the max
     float m = -INFINITY;
 #pragma unroll
     for (int k = 0; k < VPT; ++k)
@@ -84,8 +82,8 @@ __global__ void __launch_bounds__(1024) softmax_fwd_regs_kernel(
     for (int k = 0; k < VPT; ++k)
 #pragma unroll
       for (int j = 0; j < V; ++j) v[k][j] *= inv;
-    reg_store<T, VPT>(ok ? y + row * N : y, nvec, ok, v);
-  }
+    reg_store<T, VPT>(y, row, nvec, ok, v);
+  });
 }
 
 template <typename T, int VPT>
@@ -96,12 +94,10 @@ __global__ void __launch_bounds__(1024) softmax_bwd_regs_kernel(
     int64_t M, int64_t N) {
   constexpr int V = Vec<T>::N;
   const int64_t nvec = N / V;
-  for (int64_t r0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; r0 < M; r0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t row = r0 + threadIdx.y;
-    const bool ok = row < M;
+  for_reg_rows(M, [&](int64_t row, bool ok) {
     float g[VPT][V], p[VPT][V];
-    reg_load<T, VPT>(ok ? dy + row * sdym : dy, nvec, ok, 0.0f, g);
-    reg_load<T, VPT>(ok ? y + row * sym : y, nvec, ok, 0.0f, p);
+    reg_load<T, VPT>(dy, row, sdym, nvec, ok, 0.0f, g);
+    reg_load<T, VPT>(y, row, sym, nvec, ok, 0.0f, p);
     float d[1] = {0.0f};
 #pragma unroll
     for (int k = 0; k < VPT; ++k)
@@ -112,8 +108,8 @@ __global__ void __launch_bounds__(1024) softmax_bwd_regs_kernel(
     for (int k = 0; k < VPT; ++k)
 #pragma unroll
       for (int j = 0; j < V; ++j) g[k][j] = p[k][j] * (g[k][j] - d[0]);
-    reg_store<T, VPT>(ok ? dx + row * N : dx, nvec, ok, g);
-  }
+    reg_store<T, VPT>(dx, row, nvec, ok, g);
+  });
 }
 
 constexpr int kFwdRegElems = 32;  // elements of a row a thread holds: x (forward)

@@ -1168,9 +1168,9 @@ def _cuda_bwd(dout, q, k, v, mask, q_doc, k_doc, out, lse, dlse, dropout_p, seed
 
 def _stride_exact_op(name: str):
     """torch.library.custom_op (with `_eager.op`'s eager shortcut) for an op whose results' strides
-    follow its inputs' (_like_layout): tagged so that Inductor hands it inputs with exactly the strides it was traced with (by default
-    it may pick other layouts for a custom op's inputs, and the fake implementation's predicted
-    output strides would then be wrong at run time). needs_exact_strides where torch has it, else
+    follow its inputs' (_like_layout): tagged so that Inductor hands it inputs with exactly the
+    strides it was traced with (by default it may pick other layouts for a custom op's inputs, and
+    the fake implementation's predicted output strides would then be wrong at run time). needs_exact_strides where torch has it, else
     needs_fixed_stride_order (the same stride order, which is all _like_layout compares)."""
     tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
     if tag is not None and "tags" in inspect.signature(torch.library.custom_op).parameters:
