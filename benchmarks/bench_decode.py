@@ -12,7 +12,10 @@ providers take cache_leftpad, the attention ones the (B, 1, 1, L) boolean mask. 
   tfkernels-triton          kvcache_attention, automatic split count (`_auto_splits`)
   tfkernels-triton-nosplit  kvcache_attention, num_splits=1: what the splits buy at small batch
   tfkernels-triton-paged    kvcache_attention on a paged cache (16-key pages, shuffled)
-  tfkernels-cuda(-paged)    the same op on backend="cuda" (csrc/kvcache.cu), dense and paged
+  tfkernels-cuda(-paged)    the same op on backend="cuda" (csrc/kvcache.cu), dense and paged: its
+                            tensor-core kernel (fp16/bf16, D <= 128)
+  tfkernels-cuda-fma        the cuda backend's FMA kernel (TFKERNELS_CUDA_DECODE=fma; fp32's and
+                            D = 256's), dense: what the tensor cores buy
   tfkernels-attention       tfkernels.attention with T_q = 1 (the training kernel; what a model
                             without the decoding op runs): one program per query head
   sdpa                      F.scaled_dot_product_attention, (B, H, L, D) cache, enable_gqa
@@ -87,6 +90,18 @@ class Inputs:
                                               enable_gqa=True).transpose(1, 2)
 
 
+def _fma_kernel(fn):
+    """fn with the cuda backend's decoding kernel forced to its FMA variant (csrc/kvcache.cu reads
+    TFKERNELS_CUDA_DECODE at every launch; a CUDA graph keeps the kernel it captured)."""
+    def call(x):
+        os.environ["TFKERNELS_CUDA_DECODE"] = "fma"
+        try:
+            return fn(x)
+        finally:
+            os.environ.pop("TFKERNELS_CUDA_DECODE", None)
+    return call
+
+
 def providers(cfg: BenchConfig) -> dict:
     """name -> fn(inputs) -> out (B, 1, H_q, D); an Unavailable says why one is skipped."""
     import tfkernels
@@ -110,8 +125,10 @@ def providers(cfg: BenchConfig) -> dict:
                                                                       backend="cuda")
         out["tfkernels-cuda-paged"] = lambda x: tfkernels.kvcache_attention(
             x.q, x.k_pages, x.v_pages, x.lens, block_table=x.table, cache_leftpad=x.pad, backend="cuda")
+        out["tfkernels-cuda-fma"] = _fma_kernel(out["tfkernels-cuda"])
     else:
-        out["tfkernels-cuda"] = out["tfkernels-cuda-paged"] = Unavailable("the CUDA C++ backend needs a GPU")
+        for name in ("tfkernels-cuda", "tfkernels-cuda-paged", "tfkernels-cuda-fma"):
+            out[name] = Unavailable("the CUDA C++ backend needs a GPU")
     out["sdpa"] = lambda x: F.scaled_dot_product_attention(x.q.transpose(1, 2), x.k_sdpa, x.v_sdpa, attn_mask=x.mask,
                                                            enable_gqa=True).transpose(1, 2)
     try:

@@ -224,6 +224,13 @@ case "$STAGE" in
       train+=(--preset tiny --batch-size 4 --steps 4 --only torch,tfkernels)
       ft+=(--preset tiny --batch 4 --seq 32 --steps 2 --warmup 1)
     fi
+    # host time per op call with real launches (seconds): is the small-shape floor the host's?
+    if ((GPU)); then
+      step "host_overhead: host us per op call on the GPU, launches included (triton, then cuda)" 60 \
+        bash -c '"$0" -m benchmarks.host_overhead --device cuda --calls 500 &&
+                 { ! "$0" -c "import sys; from tfkernels import _cuda_ext as c; sys.exit(0 if c.is_available() else 1)" ||
+                   "$0" -m benchmarks.host_overhead --device cuda --backend cuda --calls 500; }' "$PY"
+    fi
     # fine-tuning first: no other stage measures it (the bench stage's suite can rerun bench_train)
     step "bench_finetune: bert-base classifier step, tfkernels vs torch, eager and compiled" 180 \
       "$PY" benchmarks/bench_finetune.py "${ft[@]}"

@@ -52,7 +52,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kTcThreads = 32 * kWarps;
 constexpr int kRows = 16 * kWarps;  // rows of the block's own tile: queries (fwd, dQ) or keys (dK/dV)
-constexpr int kPad = 8;             // elements (16 bytes) of padding per shared-memory row
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int DP>
@@ -87,83 +86,12 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t s_t, int
   }
 }
 
-// acc (16 x 8*NT) += A (16 x DP) B^T, B (8*NT x DP): A's 16 rows and B's rows are row-major shared
-// tiles (the A fragment address `arow` from a_row(), B's tile `b`). Q K^T, dO V^T, K Q^T, V dO^T.
-template <typename T, int DP, int NT>
-__device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const T* arow, const T* b, int lane) {
-  constexpr int LD = DP + kPad;
-  // ldmatrix x4 over B: matrices (rows 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) of a
-  // 16-row slab = b0, b1 of n-tile 2n and b0, b1 of n-tile 2n+1
-  const T* brow = b + ((lane & 7) + (lane >> 4) * 8) * LD + ((lane >> 3) & 1) * 8;
-#pragma unroll
-  for (int kk = 0; kk < DP / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4<false>(a, arow + kk * 16);
-#pragma unroll
-    for (int n = 0; n < NT / 2; ++n) {
-      uint32_t bf[4];
-      ldmatrix_x4<false>(bf, brow + n * 16 * LD + kk * 16);
-      mma_16816<T>(acc[2 * n], a, bf[0], bf[1]);
-      mma_16816<T>(acc[2 * n + 1], a, bf[2], bf[3]);
-    }
-  }
-}
-
-// acc (16 x DP) += P B, P (16 x 8*NT) given as the fp32 C fragments `p` of the product that made
-// it (rounded to T here), B (8*NT x DP) a row-major shared tile read transposed. P V, dS K, P^T dO,
-// dS^T Q.
-template <typename T, int DP, int NT>
-__device__ __forceinline__ void mma_pb(float (&acc)[DP / 8][4], const float (&p)[NT][4], const T* b, int lane) {
-  constexpr int LD = DP + kPad;
-  // ldmatrix x4 .trans: matrices (k 0-7, n 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = b0, b1 of
-  // n-tile 2d and b0, b1 of n-tile 2d+1
-  const T* brow = b + (lane & 15) * LD + (lane >> 4) * 8;
-#pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {
-    uint32_t a[4];
-    c_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-    for (int d = 0; d < DP / 16; ++d) {
-      uint32_t bf[4];
-      ldmatrix_x4<true>(bf, brow + kk * 16 * LD + d * 16);
-      mma_16816<T>(acc[2 * d], a, bf[0], bf[1]);
-      mma_16816<T>(acc[2 * d + 1], a, bf[2], bf[3]);
-    }
-  }
-}
-
-// This lane's ldmatrix row address for the A fragments of rows r0..r0+15 of a shared tile.
-template <int DP, typename T>
-__device__ __forceinline__ const T* a_row(const T* tile, int r0, int lane) {
-  return tile + (r0 + (lane & 15)) * (DP + kPad) + (lane >> 4) * 8;
-}
-
 // The kPad elements after a shared tile's first row, which no ldmatrix reads (nor any copy writes):
 // 16 bytes of scratch in shared memory the kernels have anyway (see QueryBlock::key_end).
 template <int DP, typename T>
 __device__ __forceinline__ volatile int* row_padding(T* tile) {
   static_assert(kPad * sizeof(T) >= sizeof(int) && DP * sizeof(T) % sizeof(int) == 0, "an aligned int");
   return reinterpret_cast<volatile int*>(tile + DP);
-}
-
-// The two-stage pipeline shared by the kernels: before step `it` is computed, its tile is in
-// shared memory (stage it % STAGES) and, with two stages, the next one is on its way.
-// `load(step, stage)` issues the copies of one step.
-template <int STAGES, typename Load>
-__device__ __forceinline__ void pipeline_step(int it, int steps, Load&& load) {
-  __syncthreads();  // every warp is done with the stage refilled below
-  if (STAGES == 1) {
-    load(it, 0);
-    cp_async_commit();
-    cp_async_wait<0>();
-  } else if (it + 1 < steps) {
-    load(it + 1, (it + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // all but the copies just issued: step it's tile has landed
-  } else {
-    cp_async_wait<0>();
-  }
-  __syncthreads();  // the tile is visible to every warp
 }
 
 // Whether every row of a (B, H, T, D) tensor can be copied in 16-byte pieces.

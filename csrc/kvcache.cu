@@ -3,9 +3,10 @@
 //
 // One block per (16 query rows, b * H_kv + h_kv, split). A block's rows are the group's query rows
 // r = t * GROUP + g (t < T_q, g < GROUP = H_q / H_kv): the K/V of a head is read once for all the
-// query heads that share it. Decoding has few rows (T_q * GROUP, 4-16 for T_q = 1), so the dot
-// products are fp32 FMAs from shared memory, not tensor-core tiles: the cache read is the work.
-// Per key tile (BN keys of K and V, gathered per key from the pages when paged):
+// query heads that share it. fp16/bf16 at head dims up to 128 on sm_80+ take the tensor-core kernel
+// (kvcache_split_tc_kernel, below); fp32, D > 128 and older GPUs the FMA kernel, whose dot products
+// are fp32 FMAs from shared memory. Per key tile of the FMA kernel (BN keys of K and V, gathered per
+// key from the pages when paged):
 //   1. S = scale q.k (soft-capped), -inf where the key is outside the row's range: one thread per
 //      (key, row group), each dotting its key's row against its rows;
 //   2. the online softmax, one warp per row: running max m, sum l, P = exp2(S - m) (in place of S);
@@ -13,8 +14,10 @@
 // Splits cut the key range into num_splits chunks; each writes its rows' fp32 partial output and
 // log-sum-exp, and kvcache_combine_kernel merges them (out = sum_s exp(lse_s - lse) o_s).
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace tfk {
 namespace {
@@ -74,7 +77,8 @@ __device__ __forceinline__ void kv_split_range(const KvParams& p, int b, int L, 
 
 // Copies key rows [n0, n0 + BN) of head hk (those < end; zeros past it) into sX (BN, DP + pad),
 // zeros in the columns past D. Paged: each key's page from the block table, clamped to the pages.
-template <typename T, int DP, int BN>
+// ASYNC (the tensor-core kernel): the 16-byte pieces by cp.async, which the caller commits and waits for.
+template <typename T, int DP, int BN, bool ASYNC = false>
 __device__ __forceinline__ void kv_load_tile(T* sX, const KvParams& p, const T* X, const int64_t (&s)[4], int b,
                                              int64_t cb, int hk, int n0, int end, bool vec) {
   constexpr int V = Vec<T>::N, LD = DP + V;
@@ -82,14 +86,19 @@ __device__ __forceinline__ void kv_load_tile(T* sX, const KvParams& p, const T* 
   if (vec) {
     for (int idx = threadIdx.x; idx < BN * (DP / V); idx += kKvThreads) {
       const int c = idx / (DP / V), d = (idx - c * (DP / V)) * V, n = n0 + c;
-      Vec<T> x;
-      if (n < end && d < p.D) {
-        x.load(Xh + kv_key_offset(p, s, b, cb, n) + d);
+      if constexpr (ASYNC) {
+        const bool ok = n < end && d < p.D;  // zeros otherwise: a masked key's P is 0, and 0 * V must be 0
+        cp_async_16(sX + c * LD + d, ok ? Xh + kv_key_offset(p, s, b, cb, n) + d : X, ok);
       } else {
+        Vec<T> x;
+        if (n < end && d < p.D) {
+          x.load(Xh + kv_key_offset(p, s, b, cb, n) + d);
+        } else {
 #pragma unroll
-        for (int e = 0; e < V; ++e) x.e[e] = from_f<T>(0.0f);
+          for (int e = 0; e < V; ++e) x.e[e] = from_f<T>(0.0f);
+        }
+        x.store(sX + c * LD + d);
       }
-      x.store(sX + c * LD + d);
     }
   } else {
     for (int idx = threadIdx.x; idx < BN * DP; idx += kKvThreads) {
@@ -256,6 +265,192 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_kernel(const KvParam
   }
 }
 
+// ------------------------------------------------------------------------------ tensor cores
+
+// fp16/bf16 at head dims up to 128 on sm_80+: the same blocks (16 query rows, one K/V head, one
+// split) with the products on tensor cores. The FMA kernel above reads every K and V element from
+// shared memory once per row group and does 2 x 16 x D FMAs per key: at 16 rows that, not the cache
+// read, bounds it (the H100 run of 2026-11-24: 1.13 TB/s at B = 16, against 3.02 for the Triton
+// kernel, whose tl.dot is a tensor-core product). Here each of the 4 warps owns 16 keys of every
+// 64-key tile and runs FlashAttention's loop on them alone: S = Q K^T (mma.sync, 16 rows x 16 keys),
+// its own online softmax in registers (row max and sum over the 4 lanes of a group), O += P V with
+// P rounded to 16 bits as the A fragment (attention_tc.cu's register-resident P). No warp waits for
+// another within a tile; the K/V tiles are double-buffered with cp.async, the next one copied while
+// this one is used. At the end the 4 warps' (max, sum, O) are merged through shared memory (the
+// tiles' space, no longer needed) as the splits are merged by the combine kernel.
+constexpr int kKvTcKeys = 64;  // keys per tile, 16 per warp
+
+template <int DP>
+constexpr size_t kv_tc_smem() {
+  constexpr size_t tiles = (kKvRows + 2 * 2 * kKvTcKeys) * (DP + kPad) * 2;          // sQ, 2 x (sK, sV)
+  constexpr size_t merge = (4 * kKvRows * DP + 2 * 4 * kKvRows) * sizeof(float);    // O, max, sum per warp
+  return tiles > merge ? tiles : merge;
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kKvThreads) kvcache_split_tc_kernel(const KvParams p) {
+  static_assert(kKvThreads == 128 && kKvRows == 16, "4 warps of 16 keys; 16 rows = one m16 tile");
+  constexpr int LD = DP + kPad, BN = kKvTcKeys, DT = DP / 8;
+  extern __shared__ __align__(128) float4 kv_smem[];
+  T* sQ = reinterpret_cast<T*>(kv_smem);  // (16, LD), then 2 stages of K (BN, LD), then 2 of V
+  T* sK = sQ + kKvRows * LD;
+  T* sV = sK + 2 * BN * LD;
+
+  const int group = p.Hq / p.Hkv, n_rows = p.Tq * group;
+  const int row0 = blockIdx.y * kKvRows;
+  const int b = blockIdx.x / p.Hkv, hk = blockIdx.x - b * p.Hkv;
+  const int L = min(max(p.seqlens[b], 0), p.cap);
+  const int64_t cb = p.batch_idx != nullptr ? min(max(p.batch_idx[b], 0), p.cache_rows - 1) : b;
+  const int rows = min(kKvRows, n_rows - row0);
+  int start, end;
+  kv_split_range(p, b, L, row0, n_rows, group, BN, start, end);
+  const int steps = end > start ? (end - start + BN - 1) / BN : 0;
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  auto load = [&](int it, int stage) {
+    kv_load_tile<T, DP, BN, true>(sK + stage * BN * LD, p, k, p.k_s, b, cb, hk, start + it * BN, end, p.k_vec);
+    kv_load_tile<T, DP, BN, true>(sV + stage * BN * LD, p, v, p.v_s, b, cb, hk, start + it * BN, end, p.v_vec);
+  };
+  if (steps > 0) load(0, 0);
+  cp_async_commit();
+  // the rows' queries (zeros past the rows and past D), element-wise: 16 rows, read once
+  const T* q = static_cast<const T*>(p.q);
+  for (int idx = threadIdx.x; idx < kKvRows * DP; idx += kKvThreads) {
+    const int r = idx / DP, d = idx - r * DP, rr = row0 + r, t = rr / group, h = hk * group + rr % group;
+    sQ[r * LD + d] = r < rows && d < p.D ? q[b * p.q_s[0] + t * p.q_s[1] + h * p.q_s[2] + d * p.q_s[3]]
+                                         : from_f<T>(0.0f);
+  }
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const float qk_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kKvLog2e;
+  const float cap_log2 = p.softcap * kKvLog2e;
+  const int win_r = p.causal ? 0 : p.window_right;
+  const bool right = p.causal || p.window_right >= 0, left = p.window_left >= 0;
+  int pos[2];  // key positions of this lane's rows g and g + 8 (padding rows past `rows` included: unused)
+#pragma unroll
+  for (int r = 0; r < 2; ++r) pos[r] = L - p.Tq + (row0 + g + 8 * r) / group;
+  const T* qrow = a_row<DP>(sQ, 0, lane);
+  float o[DT][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};  // base 2 (scores carry log2 e)
+  float row_sum[2] = {0.0f, 0.0f};            // this lane's part; the group's 4 lanes are summed at the end
+  for (int it = 0; it < steps; ++it) {
+    pipeline_step<2>(it, steps, load);  // also makes sQ visible on the first step
+    const int n0 = start + it * BN + warp * 16;  // this warp's 16 keys
+    if (n0 >= end) continue;  // all past the split (warp-uniform): nothing to add
+    float s[2][4] = {};
+    mma_abt<T, DP, 2>(s, qrow, sK + (it & 1) * BN * LD + warp * 16 * LD, lane);  // S = Q K^T
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + n * 8 + 2 * t + (e & 1), r = e >> 1;
+        bool ok = key < end;
+        if (right) ok = ok && key <= pos[r] + win_r;
+        if (left) ok = ok && key >= pos[r] - p.window_left;
+        float x = s[n][e] * qk_scale;
+        if (p.softcap > 0.0f) x = cap_log2 * tanhf(x);
+        s[n][e] = ok ? x : -INFINITY;
+        mx[r] = fmaxf(mx[r], s[n][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(row_max[r], mx[r]);
+      alpha[r] = m_new == -INFINITY ? 1.0f : exp2f(row_max[r] - m_new);  // a row with no key yet keeps -inf
+      row_max[r] = m_new;
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = row_max[r] == -INFINITY ? 0.0f : exp2f(s[n][e] - row_max[r]);
+        row_sum[r] += pr;
+        s[n][e] = pr;
+      }
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= alpha[0];
+      o[d][1] *= alpha[0];
+      o[d][2] *= alpha[1];
+      o[d][3] *= alpha[1];
+    }
+    mma_pb<T, DP, 2>(o, s, sV + (it & 1) * BN * LD + warp * 16 * LD, lane);  // O += P V
+  }
+  cp_async_wait<0>();  // with no tile the first (empty) group is still outstanding
+  __syncthreads();     // every warp is done with the tiles: their memory holds the merge now
+
+  // each warp's rows: O unnormalised, the base-2 max and the sum (over the group's 4 lanes)
+  float* sO = reinterpret_cast<float*>(kv_smem);  // (4 warps, 16 rows, DP)
+  float* sMw = sO + 4 * kKvRows * DP;             // (4, 16)
+  float* sLw = sMw + 4 * kKvRows;                 // (4, 16)
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (t == 0) {
+      sMw[warp * kKvRows + g + 8 * r] = row_max[r];
+      sLw[warp * kKvRows + g + 8 * r] = l;
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < DT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sO[(warp * kKvRows + g + 8 * (e >> 1)) * DP + d * 8 + 2 * t + (e & 1)] = o[d][e];
+  __syncthreads();
+
+  // a thread per (row, column): out = sum_w 2^(m_w - m) O_w / sum_w 2^(m_w - m) l_w (0 for a row that saw
+  // no key), lse = (m + log2 l) ln 2 (-inf there), as the FMA kernel writes them
+  for (int idx = threadIdx.x; idx < rows * DP; idx += kKvThreads) {
+    const int r = idx / DP, d = idx - r * DP;
+    if (d >= p.D) continue;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m = fmaxf(m, sMw[w * kKvRows + r]);
+    const float m_safe = m == -INFINITY ? 0.0f : m;
+    float l = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float wt = exp2f(sMw[w * kKvRows + r] - m_safe);  // 0 for a warp that saw no key of the row
+      l = fmaf(wt, sLw[w * kKvRows + r], l);
+      acc = fmaf(wt, sO[(w * kKvRows + r) * DP + d], acc);
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float lse = l > 0.0f ? (m + log2f(l)) * kKvLn2 : -INFINITY;
+    const int rr = row0 + r, tq = rr / group, h = hk * group + rr % group;
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + h) * p.Tq + tq;  // (b, h, t) of lse (B, H_q, T_q)
+    if (p.num_splits > 1) {
+      const int64_t part = static_cast<int64_t>(blockIdx.z) * p.B * p.Hq * p.Tq + row;
+      p.o_part[part * p.D + d] = acc * inv;
+      if (d == 0) p.lse_part[part] = lse;
+    } else {
+      T* out = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Tq + tq) * p.Hq + h) * p.D;
+      out[d] = from_f<T>(acc * inv);
+      if (d == 0) p.lse[row] = lse;
+    }
+  }
+}
+
+// sm_80 or newer (mma.sync m16n8k16 for fp16 and bf16, cp.async); an attribute query per launch.
+bool kv_tensor_cores() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 8;
+}
+
+// TFKERNELS_CUDA_DECODE=fma: the FMA kernel for fp16/bf16 too (read at every call: a benchmark can
+// flip it between timings, as TFKERNELS_CUDA_DKDV_PASSES).
+bool kv_fma_forced() {
+  const char* v = std::getenv("TFKERNELS_CUDA_DECODE");
+  return v != nullptr && std::string(v) == "fma";
+}
+
 // One block per (b, h, t) row: the splits' partial outputs weighted by exp(lse_s - lse). The
 // weights are computed once into shared memory, not once per column.
 template <typename T>
@@ -287,7 +482,19 @@ template <typename T, int DP>
 cudaError_t kvcache_launch(const KvParams& p, cudaStream_t stream) {
   // (b, h_kv) on x (no 65535 limit), the row blocks on y, the splits on z
   const dim3 grid(p.B * p.Hkv, (p.Tq * (p.Hq / p.Hkv) + kKvRows - 1) / kKvRows, p.num_splits);
-  kvcache_split_kernel<T, DP><<<grid, kKvThreads, 0, stream>>>(p);
+  bool tc = false;
+  if constexpr (sizeof(T) == 2 && DP <= 128) tc = kv_tensor_cores() && !kv_fma_forced();
+  if (tc) {
+    if constexpr (sizeof(T) == 2 && DP <= 128) {
+      constexpr size_t bytes = kv_tc_smem<DP>();  // 74 KB at DP = 128: within every sm_80+ opt-in
+      if (bytes > 48 * 1024)
+        cudaFuncSetAttribute(kvcache_split_tc_kernel<T, DP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+      kvcache_split_tc_kernel<T, DP><<<grid, kKvThreads, bytes, stream>>>(p);
+    }
+  } else {
+    kvcache_split_kernel<T, DP><<<grid, kKvThreads, 0, stream>>>(p);
+  }
   if (p.num_splits > 1) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

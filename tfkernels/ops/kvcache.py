@@ -37,9 +37,10 @@ Under torch.compile and while a CUDA graph captures nothing is read (a captured 
 replayed with cache_seqlens updated in place); the kernel clamps lengths to the capacity and page
 ids to the pages, so that a bad value never reads outside the cache.
 
-The "cuda" backend has the same kernels in CUDA C++ (csrc/kvcache.cu: 16 query rows a block, fp32
-FMAs from shared memory, the same split ranges and combine) for up to CUDA_DECODE_ROWS query rows per
-K/V head; a longer T_q (chunked prefill) runs its tensor-core attention on the gathered cache.
+The "cuda" backend has the same kernels in CUDA C++ (csrc/kvcache.cu: 16 query rows a block, on
+tensor cores for fp16/bf16 up to D = 128 and fp32 FMAs otherwise, the same split ranges and combine)
+for up to CUDA_DECODE_ROWS query rows per K/V head; a longer T_q (chunked prefill) runs its
+tensor-core attention on the gathered cache.
 
 Backward: this op is for inference. A query or cache that requires grad (in grad mode) runs
 `attention` on the gathered cache with the equivalent bool mask, which has autograd (so does the
@@ -382,7 +383,7 @@ def kvcache_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: 
 
 
 # Query rows per K/V head (T_q * GROUP) up to which the cuda backend runs its decoding kernel
-# (csrc/kvcache.cu, fp32 FMAs on 16-row blocks); past it (a chunked prefill) every 16 rows would
+# (csrc/kvcache.cu, 16-row blocks); past it (a chunked prefill) every 16 rows would
 # read the cache again, and the tensor-core attention on the gathered cache does the work better.
 CUDA_DECODE_ROWS = 64
 
