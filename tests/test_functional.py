@@ -142,3 +142,31 @@ def test_swapped_functional_sdpa_compiles(kernel_calls):
     assert graphs and any("tfkernels.attention_fwd" in g for g in graphs)
     assert not any("scaled_dot_product_attention" in g for g in graphs)
     assert F.scaled_dot_product_attention is ORIGINAL
+
+
+def test_sdpa_override_is_per_thread(kernel_calls):
+    """An override routes its own thread's calls: another thread calling F.sdpa meanwhile (a server
+    running a second model) keeps SDPA, and its own override has its own backend."""
+    import threading
+
+    q = torch.randn(1, 2, 9, 16, device=DEVICE)
+    inside, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def other_thread():
+        inside.wait()
+        seen["plain"] = F.scaled_dot_product_attention(q, q, q)  # the main thread's override is active
+        with tfkernels.sdpa_override(backend="torch"):  # its own, with its own backend
+            F.scaled_dot_product_attention(q, q, q)
+        done.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with tfkernels.sdpa_override(backend="triton" if DEVICE == "cpu" else None):
+        inside.set()
+        assert done.wait(60)
+        F.scaled_dot_product_attention(q, q, q)
+    t.join()
+    assert kernel_calls == ["torch", "triton" if DEVICE == "cpu" else None]
+    torch.testing.assert_close(seen["plain"], ORIGINAL(q, q, q))
+    assert F.scaled_dot_product_attention is ORIGINAL

@@ -14,10 +14,12 @@ the Triton or CUDA kernels run on), and the original SDPA elsewhere, so nothing 
 before (on a CPU without the interpreter, for instance, SDPA keeps its CPU kernels). With a
 backend named (`sdpa_override(backend="cuda")`), every call runs that backend.
 
-It patches the attribute on the `torch.nn.functional` module, process-wide, for the duration
-(nested and re-entrant: what was there before, torch's function or another library's patch, comes
-back when the outermost exit runs, and serves the calls no kernel takes; a forward that raises
-still restores it). Code that bound the function before (`from torch.nn.functional import
+It patches the attribute on the `torch.nn.functional` module while any thread is inside an
+override (nested and re-entrant: what was there before, torch's function or another library's
+patch, comes back when the outermost exit runs, and serves the calls no kernel takes; a forward
+that raises still restores it), but routes only the calls of the threads inside one, each with its
+own backend, like torch.no_grad: another thread calling SDPA meanwhile (a second model served
+beside the first) gets what was there before. Code that bound the function before (`from torch.nn.functional import
 scaled_dot_product_attention`) keeps the original. Under torch.compile the patch is traced like
 any other Python: the compiled graph holds the tfkernels op. Activation checkpointing recomputes
 its segment in the backward, outside the override: the recomputation uses SDPA (the same math,
@@ -39,8 +41,15 @@ _ORIGINAL = F.scaled_dot_product_attention
 _saved = [_ORIGINAL]  # what the outermost override replaced (another library's patch, maybe) and restores
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _lock = threading.Lock()
-_depth = [0]  # active overrides (a list: mutated in place, also from traced code)
-_backends: list = []  # the innermost active override's backend last
+_depth = [0]  # active overrides in every thread: the patch is installed while > 0 (mutated in place)
+_local = threading.local()  # per thread: .backends, its active overrides' backends, the innermost last
+
+
+def _thread_backends() -> list:
+    stack = getattr(_local, "backends", None)
+    if stack is None:
+        stack = _local.backends = []
+    return stack
 
 
 def _kernel_eligible(q, k, v) -> bool:
@@ -58,8 +67,10 @@ def _kernel_eligible(q, k, v) -> bool:
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """SDPA's signature; tfkernels.attention where a kernel runs it, the original SDPA elsewhere."""
-    backend = _backends[-1] if _backends else None
-    if backend is None and not _kernel_eligible(query, key, value):
+    stack = _thread_backends()
+    backend = stack[-1] if stack else None
+    if not stack or (backend is None and not _kernel_eligible(query, key, value)):
+        # not stack: a thread outside any override, while another thread is inside one, keeps SDPA
         return _saved[0](query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
     return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend)
@@ -76,13 +87,13 @@ def _exit() -> None:
 def _push(backend) -> None:
     if _depth[0] == 0 and F.scaled_dot_product_attention is not scaled_dot_product_attention:
         _saved[0] = F.scaled_dot_product_attention
-    _backends.append(backend)
+    _thread_backends().append(backend)
     _depth[0] += 1
     F.scaled_dot_product_attention = scaled_dot_product_attention
 
 
 def _pop() -> None:
-    _backends.pop()
+    _thread_backends().pop()
     _depth[0] -= 1
     if _depth[0] == 0:
         F.scaled_dot_product_attention = _saved[0]
