@@ -319,13 +319,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(const AttnParam
           s[n][e] = pr == 0.0f ? 0.0f : pr * dropout_scale<R>(p, b, h, i0 + r * 8, n0 + n * 8 + 2 * t + (e & 1));
         }
     }
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-      o[d][0] *= alpha[0];
-      o[d][1] *= alpha[0];
-      o[d][2] *= alpha[1];
-      o[d][3] *= alpha[1];
-    }
+    scale_rows<DP>(o, alpha);
     mma_pb<T, DP, NT>(o, s, blk.value_tile(it), lane);  // O += P V
   }
   if (R & kWindowCap) cp_async_wait<0>();  // with no key tile (a window past Tk) Q was never waited for

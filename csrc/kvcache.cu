@@ -108,6 +108,25 @@ __device__ __forceinline__ void kv_load_tile(T* sX, const KvParams& p, const T* 
   }
 }
 
+// What a block of either kernel works on: 16 rows of batch row b's query rows for K/V head hk, and the
+// keys [start, end) of its split (tiles of bn keys).
+struct KvBlock {
+  int group, n_rows, row0, b, hk, L, rows, start, end;
+  int64_t cb;  // the cache row (batch_idx) of batch row b
+  __device__ KvBlock(const KvParams& p, int bn) {
+    group = p.Hq / p.Hkv;
+    n_rows = p.Tq * group;
+    row0 = blockIdx.y * kKvRows;
+    b = blockIdx.x / p.Hkv;
+    hk = blockIdx.x - b * p.Hkv;
+    // clamped: a bad length, page id or batch index never reads outside the cache
+    L = min(max(p.seqlens[b], 0), p.cap);
+    cb = p.batch_idx != nullptr ? min(max(p.batch_idx[b], 0), p.cache_rows - 1) : b;
+    rows = min(kKvRows, n_rows - row0);
+    kv_split_range(p, b, L, row0, n_rows, group, bn, start, end);
+  }
+};
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(kKvThreads) kvcache_split_kernel(const KvParams p) {
   constexpr int V = Vec<T>::N, LD = DP + V, BN = kv_tile_keys<T, DP>();
@@ -123,15 +142,10 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_kernel(const KvParam
   __shared__ float sS[kKvRows][BN];
   __shared__ float sM[kKvRows], sL[kKvRows], sAlpha[kKvRows];
 
-  const int group = p.Hq / p.Hkv, n_rows = p.Tq * group;
-  const int row0 = blockIdx.y * kKvRows;
-  const int b = blockIdx.x / p.Hkv, hk = blockIdx.x - b * p.Hkv;
-  // clamped: a bad length, page id or batch index never reads outside the cache
-  const int L = min(max(p.seqlens[b], 0), p.cap);
-  const int64_t cb = p.batch_idx != nullptr ? min(max(p.batch_idx[b], 0), p.cache_rows - 1) : b;
-  const int rows = min(kKvRows, n_rows - row0);
-  int start, end;
-  kv_split_range(p, b, L, row0, n_rows, group, BN, start, end);
+  const KvBlock blk(p, BN);
+  const int group = blk.group, row0 = blk.row0, b = blk.b, hk = blk.hk, L = blk.L, rows = blk.rows;
+  const int start = blk.start, end = blk.end;
+  const int64_t cb = blk.cb;
 
   // the rows' queries (zeros past the rows and past D), running max and sum
   const T* q = static_cast<const T*>(p.q);
@@ -296,14 +310,10 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_tc_kernel(const KvPa
   T* sK = sQ + kKvRows * LD;
   T* sV = sK + 2 * BN * LD;
 
-  const int group = p.Hq / p.Hkv, n_rows = p.Tq * group;
-  const int row0 = blockIdx.y * kKvRows;
-  const int b = blockIdx.x / p.Hkv, hk = blockIdx.x - b * p.Hkv;
-  const int L = min(max(p.seqlens[b], 0), p.cap);
-  const int64_t cb = p.batch_idx != nullptr ? min(max(p.batch_idx[b], 0), p.cache_rows - 1) : b;
-  const int rows = min(kKvRows, n_rows - row0);
-  int start, end;
-  kv_split_range(p, b, L, row0, n_rows, group, BN, start, end);
+  const KvBlock blk(p, BN);
+  const int group = blk.group, row0 = blk.row0, b = blk.b, hk = blk.hk, L = blk.L, rows = blk.rows;
+  const int start = blk.start, end = blk.end;
+  const int64_t cb = blk.cb;
   const int steps = end > start ? (end - start + BN - 1) / BN : 0;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -372,13 +382,7 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_tc_kernel(const KvPa
         row_sum[r] += pr;
         s[n][e] = pr;
       }
-#pragma unroll
-    for (int d = 0; d < DT; ++d) {
-      o[d][0] *= alpha[0];
-      o[d][1] *= alpha[0];
-      o[d][2] *= alpha[1];
-      o[d][3] *= alpha[1];
-    }
+    scale_rows<DP>(o, alpha);
     mma_pb<T, DP, 2>(o, s, sV + (it & 1) * BN * LD + warp * 16 * LD, lane);  // O += P V
   }
   cp_async_wait<0>();  // with no tile the first (empty) group is still outstanding

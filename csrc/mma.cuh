@@ -170,6 +170,19 @@ __device__ __forceinline__ void mma_pb(float (&acc)[DP / 8][4], const float (&p)
   }
 }
 
+// Rows g and g + 8 of a 16 x DP fp32 fragment accumulator (this lane's two rows) times f[0], f[1]:
+// the online softmax's rescale of O when a row's running max moves.
+template <int DP>
+__device__ __forceinline__ void scale_rows(float (&acc)[DP / 8][4], const float (&f)[2]) {
+#pragma unroll
+  for (int d = 0; d < DP / 8; ++d) {
+    acc[d][0] *= f[0];
+    acc[d][1] *= f[0];
+    acc[d][2] *= f[1];
+    acc[d][3] *= f[1];
+  }
+}
+
 // This lane's ldmatrix row address for the A fragments of rows r0..r0+15 of a shared tile.
 template <int DP, typename T>
 __device__ __forceinline__ const T* a_row(const T* tile, int r0, int lane) {
