@@ -19,8 +19,8 @@ override (nested and re-entrant: what was there before, torch's function or anot
 patch, comes back when the outermost exit runs, and serves the calls no kernel takes; a forward
 that raises still restores it), but routes only the calls of the threads inside one, each with its
 own backend, like torch.no_grad: another thread calling SDPA meanwhile (a second model served
-beside the first) gets what was there before. Code that bound the function before (`from torch.nn.functional import
-scaled_dot_product_attention`) keeps the original. Under torch.compile the patch is traced like
+beside the first) gets what was there before. Code that bound the function before
+(`from torch.nn.functional import scaled_dot_product_attention`) keeps the original. Under torch.compile the patch is traced like
 any other Python: the compiled graph holds the tfkernels op. Activation checkpointing recomputes
 its segment in the backward, outside the override: the recomputation uses SDPA (the same math,
 so the gradients agree to rounding).
