@@ -484,14 +484,8 @@ cudaError_t doc_spans(const AttnParams& p, bool backward, cudaStream_t stream) {
 
 int padded_dim(int D) { return (D + 15) / 16 * 16; }
 
-// The tensor-core kernels need sm_80 (mma.sync m16n8k16 for fp16 and bf16, cp.async); before that
-// fp16/bf16 take the FMA path too (converted to fp32 as the tiles are loaded).
-bool has_tensor_core_path() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  return major >= 8;
-}
+// The tensor-core kernels need sm_80 (has_tensor_cores); before that fp16/bf16 take the FMA path
+// too (converted to fp32 as the tiles are loaded).
 
 }  // namespace
 
@@ -502,7 +496,7 @@ cudaError_t attention_fwd(const AttnParams& params, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const cudaError_t err = doc_spans(p, false, stream);
   if (err != cudaSuccess) return err;
-  if (p.dtype != DType::F32 && has_tensor_core_path()) return attention_fwd_tc(p, stream);
+  if (p.dtype != DType::F32 && has_tensor_cores()) return attention_fwd_tc(p, stream);
   const int dp = padded_dim(p.D);
   const unsigned grid_x = static_cast<unsigned>(p.B) * p.Hq;
   TFK_DISPATCH(p.dtype, [&] { TFK_ATTN_LAUNCH(attn_fwd_kernel, fwd_smem, grid_x, p.Tq, scalar_t); });
@@ -521,7 +515,7 @@ cudaError_t attention_bwd(const AttnParams& params, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) err = doc_spans(p, true, stream);
   if (err != cudaSuccess) return err;
-  if (p.dtype != DType::F32 && has_tensor_core_path()) return attention_bwd_tc(p, stream);
+  if (p.dtype != DType::F32 && has_tensor_cores()) return attention_bwd_tc(p, stream);
   const int dp = padded_dim(p.D);
   TFK_DISPATCH(p.dtype, [&] {
     TFK_ATTN_LAUNCH(attn_bwd_dkdv_kernel, dkdv_smem, static_cast<unsigned>(p.B) * p.Hkv, p.Tk, scalar_t);

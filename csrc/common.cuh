@@ -319,6 +319,15 @@ void with_vpt(int vpt, F&& f) {
 
 inline int elem_size(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
 
+// Whether the current device has sm_80's tensor-core instructions for fp16 and bf16 (mma.sync
+// m16n8k16, ldmatrix, cp.async): an attribute query, cheap next to a launch.
+inline bool has_tensor_cores() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  return major >= 8;
+}
+
 inline int num_sms() {
   int dev = 0, sms = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 108;

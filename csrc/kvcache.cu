@@ -440,14 +440,6 @@ __global__ void __launch_bounds__(kKvThreads) kvcache_split_tc_kernel(const KvPa
   }
 }
 
-// sm_80 or newer (mma.sync m16n8k16 for fp16 and bf16, cp.async); an attribute query per launch.
-bool kv_tensor_cores() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  return major >= 8;
-}
-
 // TFKERNELS_CUDA_DECODE=fma: the FMA kernel for fp16/bf16 too (read at every call: a benchmark can
 // flip it between timings, as TFKERNELS_CUDA_DKDV_PASSES).
 bool kv_fma_forced() {
@@ -487,7 +479,7 @@ cudaError_t kvcache_launch(const KvParams& p, cudaStream_t stream) {
   // (b, h_kv) on x (no 65535 limit), the row blocks on y, the splits on z
   const dim3 grid(p.B * p.Hkv, (p.Tq * (p.Hq / p.Hkv) + kKvRows - 1) / kKvRows, p.num_splits);
   bool tc = false;
-  if constexpr (sizeof(T) == 2 && DP <= 128) tc = kv_tensor_cores() && !kv_fma_forced();
+  if constexpr (sizeof(T) == 2 && DP <= 128) tc = has_tensor_cores() && !kv_fma_forced();
   if (tc) {
     if constexpr (sizeof(T) == 2 && DP <= 128) {
       constexpr size_t bytes = kv_tc_smem<DP>();  // 74 KB at DP = 128: within every sm_80+ opt-in
