@@ -229,15 +229,19 @@ def test_shared_libstdcxx_is_named_where_the_compiler_finds_it(tmp_path):
 
 
 STATIC_REPRO = r'''
-import sys, torch
-from torch.utils.cpp_extension import load_inline
-src = """
-#include <torch/extension.h>
-void boom(int64_t n) { TORCH_CHECK(false, "n is ", n, ", sizes ", torch::IntArrayRef({2, n})); }
+import os, sys, torch
+from torch.utils.cpp_extension import load
+# torch/library.h alone, at -O0 (not load_inline, which puts the whole <torch/extension.h> first):
+# a third of the compile time, and TORCH_CHECK's message formatting is the same code
+src = os.path.join(sys.argv[1], "repro.cpp")
+with open(src, "w") as f:
+    f.write("""
+#include <torch/library.h>
+void boom(int64_t n) { TORCH_CHECK(false, "n is ", n, ", sizes ", c10::IntArrayRef({2, n})); }
 TORCH_LIBRARY(tfk_static_repro, m) { m.def("boom(int n) -> ()", &boom); }
-"""
-load_inline(name="tfk_static_repro", cpp_sources=[src], extra_ldflags=sys.argv[2:], is_python_module=False,
-            build_directory=sys.argv[1])
+""")
+load(name="tfk_static_repro", sources=[src], extra_cflags=["-O0"], extra_ldflags=sys.argv[2:],
+     is_python_module=False, build_directory=sys.argv[1])
 try:
     torch.ops.tfk_static_repro.boom(7)
 except RuntimeError as e:
