@@ -85,18 +85,46 @@ def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, na
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e} ({dtype})"
 
 
-_COMPILE_GUARD = []  # test_cuda_build, when its compiles were started early
+_STOP_BACKGROUND = []  # what to end at the session's end, for the jobs started below
 
 
+def _start_emulated_build(items):
+    """The emulated CUDA backend is built (~1 min of g++ on 2 cores) by its first test, which would
+    otherwise wait for it: build it on a thread from the start and run the Triton-only tile tests
+    (test_attention_gpu_tiles, ~2 min) first, so the build overlaps them. A test that needs the
+    backend before the build is done waits on _cuda_ext's lock, as it would have waited anyway."""
+    if not (CUDA_EMULATED and CUDA_BACKEND_DEVICE) or not any("cuda" in item.nodeid for item in items):
+        return
+    import threading
+
+    from tfkernels import _cuda_ext
+
+    threading.Thread(target=_cuda_ext.is_available, kwargs={"load": True}, name="tfkernels-emulated-build",
+                     daemon=True).start()
+    first = [item for item in items if item.path.name == "test_attention_gpu_tiles.py"]
+    rest = [item for item in items if item.path.name != "test_attention_gpu_tiles.py"]
+    items[:] = first + rest
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected: start only what will run
 def pytest_collection_modifyitems(config, items):
-    # the nvcc compile guard (minutes of CPU on 2 cores): start its compiles now, in the background,
-    # and run the test last, so that they overlap the rest of the suite instead of adding to it
-    # (not under pytest-xdist: every worker collects every test, and each would start the compiles)
-    compile_guard = [item for item in items if item.name == "test_kernels_compile"]
-    if compile_guard and not config.option.collectonly and "PYTEST_XDIST_WORKER" not in os.environ:
-        items[:] = [item for item in items if item not in compile_guard] + compile_guard
-        _COMPILE_GUARD.append(compile_guard[0].module)
-        compile_guard[0].module.start_compile()
+    # CPU-bound checks that need no test to run first start now, in the background (niced), so that
+    # they overlap the single-threaded tests on CI's second core instead of adding to the suite:
+    # the Triton static reports (test_triton_static, ~1.5 min), then the nvcc compile guard
+    # (test_cuda_build, minutes), whose test runs last. Not under pytest-xdist: every worker
+    # collects every test, and each would start them.
+    if not config.option.collectonly and "PYTEST_XDIST_WORKER" not in os.environ:
+        static = [item for item in items if item.path.name == "test_triton_static.py"
+                  and "report" in getattr(item, "fixturenames", ())]
+        if static:
+            static[0].module.start_reports()
+            _STOP_BACKGROUND.append(static[0].module.stop_reports)
+        _start_emulated_build(items)
+        compile_guard = [item for item in items if item.name == "test_kernels_compile"]
+        if compile_guard:
+            items[:] = [item for item in items if item not in compile_guard] + compile_guard
+            _STOP_BACKGROUND.append(compile_guard[0].module.stop_compile)
+            compile_guard[0].module.start_compile()
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -108,8 +136,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for module in _COMPILE_GUARD:
-        module.stop_compile()  # a run that stopped before the guard (-x, Ctrl-C) leaves no nvcc behind
+    for stop in _STOP_BACKGROUND:
+        stop()  # a run that stopped early (-x, Ctrl-C, -k) leaves no compiler behind
 
 
 def visible_keys(diag, n_keys, causal, window):
