@@ -99,8 +99,15 @@ def _start_emulated_build(items):
 
     from tfkernels import _cuda_ext
 
-    threading.Thread(target=_cuda_ext.is_available, kwargs={"load": True}, name="tfkernels-emulated-build",
-                     daemon=True).start()
+    def build():
+        try:  # niced like the other background jobs: on Linux a thread's nice value is its own, and the
+            # compilers it starts inherit it, so the tests running meanwhile keep their core
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        _cuda_ext.is_available(load=True)
+
+    threading.Thread(target=build, name="tfkernels-emulated-build", daemon=True).start()
     first = [item for item in items if item.path.name == "test_attention_gpu_tiles.py"]
     rest = [item for item in items if item.path.name != "test_attention_gpu_tiles.py"]
     items[:] = first + rest
